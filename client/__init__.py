@@ -1,0 +1,36 @@
+"""Python client for the Expunge service (needs grpcio, protobuf and numpy; no torch)."""
+
+from .client import Client
+from .errors import (
+    AlreadyExistsError,
+    ExpungeError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from .types import ForgetReceipt, ModelInfo, Operation, Prediction, ScanResult, VersionInfo
+
+__all__ = [
+    "AlreadyExistsError",
+    "Client",
+    "ExpungeError",
+    "FailedPreconditionError",
+    "ForgetReceipt",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "NotFoundError",
+    "Operation",
+    "PermissionDeniedError",
+    "Prediction",
+    "ResourceExhaustedError",
+    "ScanResult",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "VersionInfo",
+]

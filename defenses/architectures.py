@@ -19,7 +19,7 @@ ARCHITECTURES = ("logreg", "mlp", "cnn", "resnet")
 class ArchitectureSpec:
     """What to build: a named architecture with its input shape and class count."""
 
-    name: str = field(metadata={"help": "one of logreg, mlp, cnn, resnet"})
+    name: str = field(metadata={"help": "logreg, mlp, cnn, resnet, or a trusted factory's name"})
     input_shape: tuple[int, ...] = field(metadata={"help": "shape of one input, no batch axis"})
     num_classes: int = field(metadata={"help": "number of output classes"})
     hidden: tuple[int, ...] = field(default=(32,), metadata={"help": "MLP hidden widths"})
@@ -27,8 +27,7 @@ class ArchitectureSpec:
     channels: int = field(default=8, metadata={"help": "CNN/ResNet base channels"})
 
     def __post_init__(self) -> None:
-        if self.name not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.name!r}; expected one of {ARCHITECTURES}")
+        # Names outside ARCHITECTURES are allowed: a server may map them to trusted factories.
         if self.num_classes < 2:
             raise ValueError("num_classes must be at least 2")
         if self.name in ("cnn", "resnet") and len(self.input_shape) != 3:
@@ -106,6 +105,8 @@ def build_model(spec: ArchitectureSpec, seed: int = 0) -> nn.Module:
 
 
 def _build(spec: ArchitectureSpec) -> nn.Module:
+    if spec.name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {spec.name!r}; expected one of {ARCHITECTURES}")
     if spec.name == "logreg":
         return nn.Sequential(nn.Flatten(), nn.Linear(_input_size(spec.input_shape), spec.num_classes))
     if spec.name == "mlp":

@@ -1,0 +1,238 @@
+"""The ``expunge`` command line: serve, train and demo (server extra), and client calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .client import Client
+from .errors import ExpungeError
+
+SERVER_HINT = "this command needs the server extra: pip install 'expunge[server]'"
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.target,
+        token=args.token or os.environ.get("EXPUNGE_TOKEN"),
+        root_certificates=Path(args.tls_ca) if args.tls_ca else None,
+        timeout=args.timeout,
+    )
+
+
+def _load_inputs(path: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as data:
+        key = "inputs" if "inputs" in data else "features"
+        return np.asarray(data[key], dtype=np.float32)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from expunge.server.main import serve
+        from expunge.server.settings import load_settings
+    except ImportError:
+        print(SERVER_HINT, file=sys.stderr)
+        return 2
+    settings = load_settings(
+        Path(args.config) if args.config else None,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        host=args.host,
+        port=args.port,
+    )
+    serve(settings)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from expunge.server.training_job import train_model
+    except ImportError:
+        print(SERVER_HINT, file=sys.stderr)
+        return 2
+    info = train_model(
+        state_dir=Path(args.state_dir),
+        name=args.name,
+        dataset=args.dataset,
+        architecture=args.architecture,
+        epochs=args.epochs,
+        seed=args.seed,
+        hidden=tuple(args.hidden),
+    )
+    print(f"trained models/{info.row.name} version 1: {json.dumps(info.version.metrics, sort_keys=True)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from expunge.server.demo import run_demo
+    except ImportError:
+        print(SERVER_HINT, file=sys.stderr)
+        return 2
+    return run_demo(state_dir=Path(args.state_dir) if args.state_dir else None)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for m in client.list_models():
+            acc = m.metrics.get("test_accuracy", float("nan"))
+            print(
+                f"{m.name}  {m.architecture}  v{m.current_version}  samples={m.num_training_samples}"
+                f"  owners={m.num_owners}  checkpoints={m.num_checkpoints}  test_acc={acc:.3f}"
+            )
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for v in client.list_versions(args.model):
+            note = "  (superseded by a forget)" if v.superseded_by_forget else ""
+            print(f"{v.name}  parent={v.parent_version}  by={v.created_by}  {v.weights_sha256[:12]}{note}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    inputs = _load_inputs(args.inputs)
+    with _client(args) as client:
+        result = client.predict(args.model, inputs, version=args.version)
+    for i, (label, probs) in enumerate(zip(result.labels, result.probabilities, strict=True)):
+        print(f"{i}\t{label}\t{float(probs.max()):.3f}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    def progress(op: object) -> None:
+        phase = getattr(op, "phase", "")
+        done, total = getattr(op, "completed", 0), getattr(op, "total", 0)
+        bar = "#" * int(20 * done / total) if total else ""
+        print(f"\r{phase:<12} [{bar:<20}] {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    with _client(args) as client:
+        op = client.forget(
+            args.model, sample_ids=args.sample, owner_ids=args.owner, request_id=args.request_id,
+            wait=not args.no_wait, on_progress=progress,
+        )
+    print(file=sys.stderr)
+    print(f"{op.name}: {op.state}")
+    if op.error_message:
+        print(f"error: {op.error_message}", file=sys.stderr)
+        return 1
+    if op.receipt is not None:
+        r = op.receipt
+        print(
+            f"version {r.parent_version} -> {r.new_version}: removed {len(r.removed_sample_ids)} samples "
+            f"of {len(r.removed_owner_ids)} owners; updated {r.parameters_updated}/{r.parameters_total} "
+            f"parameters; test accuracy {r.before.test_accuracy:.3f} -> {r.after.test_accuracy:.3f}; "
+            f"MIA AUC {r.before.mia_auc:.3f} -> {r.after.mia_auc:.3f}; {r.seconds:.2f} s"
+        )
+        print(r.certificate.statement)
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    inputs = _load_inputs(args.inputs)
+    with _client(args) as client:
+        results = list(client.scan(args.model, inputs, estimator=args.estimator, mitigate=args.mitigate))
+    for r in results:
+        flag = "FLAGGED" if r.flagged else "clean"
+        print(f"{r.index}\tlabel={r.predicted_label}\tscore={r.target_score:.2f}\t{flag}")
+    if args.report:
+        from expunge.client.report import write_scan_report
+
+        write_scan_report(Path(args.report), inputs, results)
+        print(f"report written to {args.report}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for e in client.audit(args.model or ""):
+            print(f"{e.time}  {e.actor}  {e.action}  {e.resource}  {json.dumps(e.details, sort_keys=True)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="expunge",
+        description="Expunge: make a served model forget training data, and scan inputs for "
+        "training-set attacks.",
+    )
+    parser.add_argument("--target", default=os.environ.get("EXPUNGE_TARGET", "127.0.0.1:50051"),
+                        help="server address (default: %(default)s; env EXPUNGE_TARGET)")
+    parser.add_argument("--token", default=None, help="bearer token (or env EXPUNGE_TOKEN)")
+    parser.add_argument("--tls-ca", default=None, help="CA certificate: connect with TLS")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the server")
+    p.add_argument("--config", help="TOML settings file")
+    p.add_argument("--state-dir", help="state directory (database and blobs)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 50051)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="train a digits model, serve it, and call it (self-contained)")
+    p.add_argument("--state-dir", help="keep the demo's state here (default: a temp dir)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model into a state directory (version 1)")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--name", required=True, help="model name, e.g. digits")
+    p.add_argument("--dataset", default="digits", help="digits, breast_cancer, wine, or a .npz path")
+    p.add_argument("--architecture", default="mlp", help="logreg, mlp, cnn or resnet")
+    p.add_argument("--hidden", type=int, nargs="*", default=[32], help="MLP hidden widths")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list the served models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("versions", help="list a model's versions")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("predict", help="predict labels for inputs in a .npz ('inputs' array)")
+    p.add_argument("model")
+    p.add_argument("inputs")
+    p.add_argument("--version", type=int, default=0)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("forget", help="forget samples and/or owners, with progress")
+    p.add_argument("model")
+    p.add_argument("--owner", action="append", default=[], help="owner id (repeatable)")
+    p.add_argument("--sample", action="append", type=int, default=[], help="sample id (repeatable)")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
+    p.add_argument("--no-wait", action="store_true", help="return the operation at once")
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("scan", help="scan inputs for training-set attack targets")
+    p.add_argument("inputs", help=".npz with an 'inputs' array")
+    p.add_argument("--model", default="digits")
+    p.add_argument("--estimator", default="gas", help="gas, lgas or tracincp")
+    p.add_argument("--mitigate", action="store_true", help="forget implicated samples, then rescan")
+    p.add_argument("--report", help="write an HTML report here")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("audit", help="list audit events")
+    p.add_argument("--model", default="")
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ExpungeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

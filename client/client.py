@@ -1,0 +1,297 @@
+"""``expunge.client.Client``: a typed, retrying client for the Expunge service."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from expunge.v1 import expunge_pb2 as pb
+from expunge.v1 import expunge_pb2_grpc as pb_grpc
+
+from . import types as t
+from . import wire
+from .errors import ExpungeError, from_rpc_error
+
+T = TypeVar("T")
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class Client:
+    """Talks to one Expunge server.
+
+    ``timeout`` is the default per-call deadline in seconds; each method takes its own.
+    Calls that fail with UNAVAILABLE are retried ``retries`` times with jittered
+    exponential backoff; every other error is raised at once as an ``ExpungeError``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: Path | bytes | None = None,
+        client_certificate: Path | bytes | None = None,
+        client_key: Path | bytes | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(
+                _read(root_certificates), _read(client_key), _read(client_certificate)
+            )
+            self._channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self._channel = grpc.insecure_channel(target, options)
+        self._stub = pb_grpc.ExpungeStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # Plumbing ---------------------------------------------------------------------------
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:  # type: ignore[attr-defined]
+                    raise from_rpc_error(exc) from None
+                self._sleep(attempt)
+        raise AssertionError("unreachable")
+
+    def _stream(self, method: Callable[..., Iterator[T]], request: Any, timeout: float | None) -> Iterator[T]:
+        # A stream is retried only until its first message: later, a retry could repeat work.
+        for attempt in range(self.retries + 1):
+            received = False
+            try:
+                for item in method(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                    received = True
+                    yield item
+                return
+            except grpc.RpcError as exc:
+                retryable = exc.code() == grpc.StatusCode.UNAVAILABLE and not received  # type: ignore[attr-defined]
+                if not retryable or attempt == self.retries:
+                    raise from_rpc_error(exc) from None
+                self._sleep(attempt)
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... from the standard gRPC health service."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    # Models -----------------------------------------------------------------------------
+
+    def list_models(self, timeout: float | None = None) -> list[t.ModelInfo]:
+        reply = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [wire.model(m) for m in reply.models]
+
+    def get_model(self, name: str, timeout: float | None = None) -> t.ModelInfo:
+        return wire.model(self._call(self._stub.GetModel, pb.GetModelRequest(name=_model(name)), timeout))
+
+    def list_versions(self, model: str, page_size: int = 0, timeout: float | None = None) -> list[t.VersionInfo]:
+        """Every version of a model, following pages."""
+        versions: list[t.VersionInfo] = []
+        token = ""
+        while True:
+            request = pb.ListVersionsRequest(model=_model(model), page_size=page_size, page_token=token)
+            reply = self._call(self._stub.ListVersions, request, timeout)
+            versions += [wire.version(v) for v in reply.versions]
+            token = reply.next_page_token
+            if not token:
+                return versions
+
+    def export_model(self, model: str, version: int = 0, timeout: float | None = None) -> bytes:
+        """The weights of a version as safetensors bytes, checked against their SHA-256."""
+        name = _model(model) + (f"/versions/{version}" if version else "")
+        chunks: list[bytes] = []
+        expected = ""
+        for chunk in self._stream(self._stub.ExportModel, pb.ExportModelRequest(name=name), timeout):
+            chunks.append(chunk.data)
+            expected = chunk.weights_sha256
+        data = b"".join(chunks)
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ExpungeError(grpc.StatusCode.DATA_LOSS, "exported weights do not match their SHA-256")
+        return data
+
+    def rollback(self, model: str, version: int, timeout: float | None = None) -> t.ModelInfo:
+        request = pb.RollbackModelRequest(name=f"{_model(model)}/versions/{version}", request_id=_new_id())
+        return wire.model(self._call(self._stub.RollbackModel, request, timeout))
+
+    def predict(self, model: str, inputs: np.ndarray, version: int = 0, timeout: float | None = None) -> t.Prediction:
+        request = pb.PredictRequest(model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), version=version)
+        reply = self._call(self._stub.Predict, request, timeout)
+        return t.Prediction(np.array(reply.labels), wire.from_tensor(reply.probabilities), reply.version)
+
+    # Forgetting ----------------------------------------------------------------------------
+
+    def forget(
+        self,
+        model: str,
+        *,
+        sample_ids: Sequence[int] = (),
+        owner_ids: Sequence[str] = (),
+        request_id: str | None = None,
+        wait: bool = False,
+        on_progress: Callable[[t.Operation], None] | None = None,
+        parameter_budget: int = 0,
+        selection: str = "",
+        hessian: str = "",
+        newton_iterations: int = 0,
+        damping: float = 0.0,
+        epsilon: float = 0.0,
+        delta: float = 0.0,
+        timeout: float | None = None,
+        wait_timeout: float = 600.0,
+    ) -> t.Operation:
+        """Ask the server to forget samples and/or owners.
+
+        Returns the operation at once, or with ``wait=True`` once it is done (progress
+        through ``on_progress``). The ``request_id`` makes retries safe: a new one is
+        generated when omitted, and the same id is reused for every retry of this call.
+        """
+        request = pb.ForgetRequest(
+            model=_model(model),
+            sample_ids=list(sample_ids),
+            owner_ids=list(owner_ids),
+            request_id=request_id or _new_id(),
+            options=pb.ForgetOptions(
+                parameter_budget=parameter_budget, selection=selection, hessian=hessian,
+                newton_iterations=newton_iterations, damping=damping, epsilon=epsilon, delta=delta,
+            ),
+        )
+        op = wire.operation(self._call(self._stub.Forget, request, timeout))
+        if not wait:
+            return op
+        return self.wait(op.name, on_progress=on_progress, timeout=wait_timeout)
+
+    def get_operation(self, name: str, timeout: float | None = None) -> t.Operation:
+        return wire.operation(self._call(self._stub.GetOperation, pb.GetOperationRequest(name=_op(name)), timeout))
+
+    def watch_operation(self, name: str, timeout: float | None = 600.0) -> Iterator[t.Operation]:
+        for msg in self._stream(self._stub.WatchOperation, pb.GetOperationRequest(name=_op(name)), timeout):
+            yield wire.operation(msg)
+
+    def wait(
+        self, name: str, on_progress: Callable[[t.Operation], None] | None = None, timeout: float = 600.0
+    ) -> t.Operation:
+        """Follow an operation until it is done; return its final state."""
+        last = self.get_operation(name)
+        if last.done:
+            return last
+        for op in self.watch_operation(name, timeout=timeout):
+            last = op
+            if on_progress is not None:
+                on_progress(op)
+            if op.done:
+                break
+        return last
+
+    def cancel_operation(self, name: str, timeout: float | None = None) -> t.Operation:
+        request = pb.CancelOperationRequest(name=_op(name))
+        return wire.operation(self._call(self._stub.CancelOperation, request, timeout))
+
+    # Scanning and neighbours -----------------------------------------------------------------
+
+    def scan(
+        self,
+        model: str,
+        inputs: np.ndarray,
+        *,
+        estimator: str = "",
+        max_implicated: int = 0,
+        mitigate: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = 600.0,
+    ) -> Iterator[t.ScanResult]:
+        """Per-input target-identification results, streamed as the server computes them."""
+        request = pb.ScanRequest(
+            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), estimator=estimator,
+            max_implicated=max_implicated, mitigate=mitigate,
+            request_id=request_id or (_new_id() if mitigate else ""),
+        )
+        for msg in self._stream(self._stub.Scan, request, timeout):
+            yield wire.scan_result(msg)
+
+    def estimate_scan(self, model: str, inputs: np.ndarray, estimator: str = "", timeout: float | None = None) -> t.ScanEstimate:
+        request = pb.ScanRequest(model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), estimator=estimator)
+        r = self._call(self._stub.EstimateScan, request, timeout)
+        return t.ScanEstimate(r.inputs, r.training_samples, r.checkpoints, r.estimated_seconds, r.estimated_bytes)
+
+    def neighbors(
+        self,
+        model: str,
+        inputs: np.ndarray,
+        k: int = 10,
+        *,
+        mode: str = "proponents",
+        label: int | None = None,
+        timeout: float | None = None,
+    ) -> t.NeighborsResult:
+        request = pb.NeighborsRequest(
+            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), k=k, mode=mode,
+            filter_label=label is not None, label=label or 0,
+        )
+        r = self._call(self._stub.Neighbors, request, timeout)
+        return t.NeighborsResult(
+            [[t.Neighbor(n.sample_id, n.owner_id, n.label, n.score) for n in lst.neighbors] for lst in r.results],
+            r.stale, r.embedded_version, r.model_version,
+        )
+
+    def audit(self, model: str = "", page_size: int = 0, timeout: float | None = None) -> list[t.AuditEvent]:
+        events: list[t.AuditEvent] = []
+        token = ""
+        while True:
+            request = pb.ListAuditRequest(model=_model(model) if model else "", page_size=page_size, page_token=token)
+            reply = self._call(self._stub.ListAudit, request, timeout)
+            events += [wire.audit_event(e) for e in reply.events]
+            token = reply.next_page_token
+            if not token:
+                return events
+
+
+def _model(name: str) -> str:
+    return name if name.startswith("models/") else f"models/{name}"
+
+
+def _op(name: str) -> str:
+    return name if name.startswith("operations/") else f"operations/{name}"
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _read(value: Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()

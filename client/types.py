@@ -1,0 +1,178 @@
+"""Typed results of client calls (dataclasses; no protobuf leaks to callers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    state: str
+    embedded_version: int
+    size: int
+    progress: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    num_classes: int
+    current_version: int
+    num_training_samples: int
+    num_owners: int
+    num_checkpoints: int
+    forgotten_samples: int
+    metrics: dict[str, float]
+    index: IndexInfo
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: int
+    parent_version: int
+    created_by: str
+    weights_sha256: str
+    create_time: str
+    metrics: dict[str, float]
+    num_training_samples: int
+    superseded_by_forget: bool
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: np.ndarray  # (B,) int
+    probabilities: np.ndarray  # (B, C) float32
+    version: int
+
+
+@dataclass(frozen=True)
+class Certificate:
+    residual_norm_selected: float
+    residual_norm_all: float
+    noise_scale: float
+    budget_total: float
+    budget_used: float
+    budget_remaining: float
+    budget_exhausted: bool
+    convex: bool
+    statement: str
+
+
+@dataclass(frozen=True)
+class DeletionMetrics:
+    forget_loss: float
+    forget_accuracy: float
+    retained_accuracy: float
+    test_accuracy: float
+    mia_auc: float
+
+
+@dataclass(frozen=True)
+class ForgetReceipt:
+    new_version: int
+    parent_version: int
+    removed_sample_ids: list[int]
+    removed_owner_ids: list[str]
+    already_forgotten_sample_ids: list[int]
+    units_selected: int
+    parameters_updated: int
+    parameters_total: int
+    certificate: Certificate
+    before: DeletionMetrics
+    after: DeletionMetrics
+    seconds: float
+    weights_sha256: str
+    environment: str
+    damping: float
+    step_accepted: bool
+    accuracy_cost_flagged: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    kind: str
+    state: str
+    done: bool
+    phase: str
+    completed: int
+    total: int
+    message: str
+    error_code: str
+    error_message: str
+    receipt: ForgetReceipt | None
+    model: str
+
+
+@dataclass(frozen=True)
+class ImplicatedSample:
+    sample_id: int
+    owner_id: str
+    label: int
+    influence: float
+    z: float
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    operation: str
+    new_version: int
+    predicted_label_after: int
+    prediction_changed: bool
+    test_accuracy_before: float
+    test_accuracy_after: float
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    index: int
+    predicted_label: int
+    target_score: float
+    threshold: float
+    flagged: bool
+    counterfactual_drop: float
+    implicated: list[ImplicatedSample]
+    mitigation: Mitigation | None
+    model_version: int
+
+
+@dataclass(frozen=True)
+class ScanEstimate:
+    inputs: int
+    training_samples: int
+    checkpoints: int
+    estimated_seconds: float
+    estimated_bytes: int
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    sample_id: int
+    owner_id: str
+    label: int
+    score: float
+
+
+@dataclass(frozen=True)
+class NeighborsResult:
+    neighbors: list[list[Neighbor]]
+    stale: bool
+    embedded_version: int
+    model_version: int
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    time: str
+    actor: str
+    action: str
+    resource: str
+    details: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,96 @@
+"""Content-addressed blob files, written atomically.
+
+A blob is written to a temporary file in the same directory, fsynced, renamed to
+its SHA-256 name and the directory fsynced; only then may a database transaction
+reference it. A crash mid-write leaves at most an unreferenced temp file, which
+``collect_garbage`` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import FailedPrecondition
+
+_HEX = set("0123456789abcdef")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore:
+    """Immutable files named by their SHA-256 under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or not set(digest) <= _HEX:
+            raise ValueError("not a SHA-256 digest")
+        return self.root / digest[:2] / digest[2:]
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` durably; return its digest (idempotent)."""
+        digest = sha256_hex(data)
+        target = self.path(digest)
+        if target.exists():
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return digest
+
+    def get(self, digest: str, verify: bool = True) -> bytes:
+        """Read a blob; with ``verify`` a corrupted file is refused, never used."""
+        data = self.path(digest).read_bytes()
+        if verify and sha256_hex(data) != digest:
+            raise FailedPrecondition(
+                f"stored artefact {digest[:12]} is corrupt (hash mismatch); restore it from backup"
+            )
+        return data
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def digests(self) -> list[str]:
+        found = []
+        for sub in self.root.iterdir():
+            if sub.is_dir() and len(sub.name) == 2:
+                found += [sub.name + f.name for f in sub.iterdir() if not f.name.startswith(".")]
+        return found
+
+    def collect_garbage(self, referenced: Iterable[str]) -> int:
+        """Delete blobs no row references and stray temp files; return how many went."""
+        keep = set(referenced)
+        removed = 0
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith(".tmp-") or (sub.name + f.name) not in keep:
+                    f.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

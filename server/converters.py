@@ -1,0 +1,101 @@
+"""Protobuf <-> domain conversion: the only module that knows both sides."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from expunge.v1 import expunge_pb2 as pb
+
+from .engine import ModelInfo
+from .errors import ResourceExhausted, invalid_field
+from .store import AuditRow, VersionRow
+
+# Tensor dtypes the API accepts, by their wire name.
+DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "uint8": np.dtype("u1"),
+}
+MAX_TENSOR_DIMS = 8
+
+
+def tensor_to_numpy(msg: pb.Tensor, field: str, max_bytes: int) -> np.ndarray:
+    """Decode a Tensor message, checking dtype, shape and byte count before touching data."""
+    dtype = DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise invalid_field(f"{field}.dtype", f"{msg.dtype!r} is not one of {sorted(DTYPES)}")
+    shape = tuple(int(d) for d in msg.shape)
+    if not shape or len(shape) > MAX_TENSOR_DIMS or any(d < 0 for d in shape):
+        raise invalid_field(f"{field}.shape", f"{list(shape)} is not a shape of 1 to {MAX_TENSOR_DIMS} non-negative dims")
+    count = 1
+    for d in shape:
+        count *= d
+        if count * dtype.itemsize > max_bytes:
+            raise ResourceExhausted(f"{field} would need more than the {max_bytes}-byte limit")
+    if len(msg.data) != count * dtype.itemsize:
+        raise invalid_field(
+            f"{field}.data",
+            f"holds {len(msg.data)} bytes; shape {list(shape)} of {msg.dtype} needs {count * dtype.itemsize}",
+        )
+    return np.frombuffer(msg.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def numpy_to_tensor(array: np.ndarray) -> pb.Tensor:
+    name = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items()}.get(array.dtype.newbyteorder("="))
+    if name is None:
+        raise TypeError(f"unsupported dtype {array.dtype}")
+    data = np.ascontiguousarray(array, dtype=DTYPES[name]).tobytes()
+    return pb.Tensor(dtype=name, shape=list(array.shape), data=data)
+
+
+def model_to_proto(info: ModelInfo, index: pb.IndexStatus | None = None) -> pb.Model:
+    spec = info.row.spec
+    return pb.Model(
+        name=f"models/{info.row.name}",
+        architecture=str(spec["name"]),
+        input_spec=pb.InputSpec(dtype="float32", shape=[int(d) for d in spec["input_shape"]]),
+        num_classes=int(spec["num_classes"]),
+        current_version=info.row.current_version,
+        num_training_samples=info.num_training_samples,
+        num_owners=info.num_owners,
+        num_checkpoints=info.num_checkpoints,
+        metrics=info.version.metrics,
+        index=index or pb.IndexStatus(state=pb.IndexStatus.ABSENT),
+        forgotten_samples=info.forgotten_samples,
+        weight_decay=float(info.row.train_config.get("weight_decay", 0.0)),
+    )
+
+
+def version_to_proto(row: VersionRow) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=f"models/{row.model}/versions/{row.version}",
+        version=row.version,
+        parent_version=row.parent,
+        created_by=row.created_by,
+        weights_sha256=row.weights_blob,
+        create_time=row.created_at,
+        metrics=row.metrics,
+        num_training_samples=row.num_samples,
+        superseded_by_forget=row.superseded_by_forget,
+    )
+
+
+def audit_to_proto(row: AuditRow) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=row.id,
+        time=row.time,
+        actor=row.actor,
+        action=row.action,
+        resource=row.resource,
+        details_json=json.dumps(row.details, sort_keys=True),
+    )
+
+
+def struct_fields(message: Any, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(message, n) for n in names}

@@ -1,0 +1,350 @@
+"""The operations of the service, free of gRPC: models, versions, prediction, export.
+
+The servicer converts protobuf to these calls and back; the CLI's ``train`` uses
+them directly. Forgetting lives in ``forgetting.py`` and scanning in ``scanning.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.training import Checkpoint, TrainConfig, accuracy, objective, train
+
+from . import weights as weights_io
+from .datasets import Dataset, train_test_split
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, invalid_field
+from .model_factory import build_architecture
+from .settings import Settings
+from .store import ModelRow, Store, VersionRow, utc_now
+
+MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+EXPORT_CHUNK_BYTES = 1 << 20
+
+
+def parse_model_name(name: str) -> str:
+    """Accept ``digits`` or ``models/digits``; return ``digits``."""
+    short = name.removeprefix("models/")
+    if not MODEL_NAME.match(short):
+        raise invalid_field("model", f"{name!r} is not a model name like 'models/digits'")
+    return short
+
+
+def parse_version_name(name: str) -> tuple[str, int]:
+    """``models/{m}/versions/{v}`` -> (m, v); ``models/{m}`` -> (m, 0) meaning current."""
+    match = re.match(r"^(?:models/)?([a-z][a-z0-9-]{0,62})(?:/versions/(\d{1,12}))?$", name)
+    if not match:
+        raise invalid_field("name", f"{name!r} is not 'models/{{model}}' or 'models/{{model}}/versions/{{n}}'")
+    return match.group(1), int(match.group(2) or 0)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One immutable version, loaded: Predict reads it while a forget builds the next."""
+
+    name: str
+    version: int
+    spec: ArchitectureSpec
+    module: nn.Module
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    row: ModelRow
+    version: VersionRow
+    num_training_samples: int
+    num_owners: int
+    num_checkpoints: int
+    forgotten_samples: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: np.ndarray  # (B,) int64
+    probabilities: np.ndarray  # (B, C) float32
+    version: int
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The current training shard with owners, as tensors ready for the algorithms."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: np.ndarray
+    owner_ids: np.ndarray
+    blob: str
+
+
+class Engine:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._snapshots: dict[tuple[str, int], ModelSnapshot] = {}
+        self._data_cache: dict[str, TrainingData] = {}
+
+    # Creating a model ---------------------------------------------------------------
+
+    def create_model(
+        self,
+        name: str,
+        dataset: Dataset,
+        spec: ArchitectureSpec,
+        config: TrainConfig,
+        test_fraction: float = 0.2,
+        actor: str = "admin",
+    ) -> ModelInfo:
+        """Split, train with checkpoints, and store everything as version 1 in one commit."""
+        name = parse_model_name(name)
+        if self.store.model(name) is not None:
+            raise AlreadyExists(f"model {name!r} exists; choose another name")
+        if spec.input_shape != dataset.input_shape:
+            raise InvalidArgument(
+                f"architecture expects inputs {spec.input_shape}, data has {dataset.input_shape}"
+            )
+        if spec.num_classes < dataset.num_classes:
+            raise InvalidArgument(f"data has {dataset.num_classes} classes, model {spec.num_classes}")
+        train_set, test_set = train_test_split(dataset, test_fraction, config.seed)
+        model = build_architecture(spec, self.settings.trusted_factories, seed=config.seed)
+        x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
+        result = train(model, x, y, config)
+        metrics = self.evaluate(model, x, y, test_set, config.weight_decay)
+        blobs = self.store.blobs
+        weights_blob = blobs.put(weights_io.model_to_bytes(model))
+        checkpoints_blob = blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
+        train_blob = blobs.put(_shard_bytes(train_set))
+        test_blob = blobs.put(_shard_bytes(test_set))
+        now = utc_now()
+        with self.store.transaction() as tx:
+            tx.insert_model(
+                ModelRow(
+                    name=name,
+                    spec=spec.to_dict(),
+                    train_config=config.to_dict(),
+                    current_version=1,
+                    train_blob=train_blob,
+                    test_blob=test_blob,
+                    checkpoints_blob=checkpoints_blob,
+                    num_samples=len(train_set),
+                    ledger={},
+                    created_at=now,
+                )
+            )
+            tx.insert_version(
+                VersionRow(name, 1, 0, weights_blob, "train", now, metrics, len(train_set), False)
+            )
+            tx.insert_samples(
+                name,
+                [
+                    (int(s), str(o), int(lab))
+                    for s, o, lab in zip(train_set.sample_ids, train_set.owner_ids, train_set.labels, strict=True)
+                ],
+            )
+            tx.audit(
+                actor,
+                "create_model",
+                f"models/{name}",
+                {"training_samples": len(train_set), "test_samples": len(test_set),
+                 "architecture": spec.name, "checkpoints": len(result.checkpoints)},
+            )
+        return self.model_info(name)
+
+    @staticmethod
+    def evaluate(
+        model: nn.Module, x: torch.Tensor, y: torch.Tensor, test_set: Dataset, weight_decay: float
+    ) -> dict[str, float]:
+        model.eval()
+        tx, ty = torch.from_numpy(test_set.features), torch.from_numpy(test_set.labels)
+        with torch.no_grad():
+            return {
+                "train_accuracy": accuracy(model, x, y),
+                "test_accuracy": accuracy(model, tx, ty),
+                "train_objective": float(objective(model, x, y, weight_decay)),
+                "test_loss": float(nn.functional.cross_entropy(model(tx), ty)),
+            }
+
+    # Reading ---------------------------------------------------------------------------
+
+    def model_row(self, name: str) -> ModelRow:
+        row = self.store.model(parse_model_name(name))
+        if row is None:
+            raise NotFound(f"model {name!r} not found; ListModels shows the models this server holds")
+        return row
+
+    def version_row(self, name: str, version: int) -> VersionRow:
+        row = self.model_row(name)
+        number = version or row.current_version
+        found = self.store.version(row.name, number)
+        if found is None:
+            raise NotFound(
+                f"version {number} of model {row.name!r} not found; current is {row.current_version}"
+            )
+        return found
+
+    def model_info(self, name: str) -> ModelInfo:
+        row = self.model_row(name)
+        return ModelInfo(
+            row=row,
+            version=self.version_row(row.name, 0),
+            num_training_samples=self.store.sample_count(row.name),
+            num_owners=self.store.owner_count(row.name),
+            num_checkpoints=len(self.checkpoints(row.name)) if row.checkpoints_blob else 0,
+            forgotten_samples=self.store.forgotten_count(row.name),
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        return [self.model_info(r.name) for r in self.store.models()]
+
+    def list_versions(self, name: str, page_size: int, page_token: str) -> tuple[list[VersionRow], str]:
+        row = self.model_row(name)
+        if page_size < 0 or page_size > 1000:
+            raise invalid_field("page_size", "must lie in [0, 1000] (0: default 100)")
+        size = page_size or 100
+        try:
+            after = int(page_token) if page_token else 0
+        except ValueError as exc:
+            raise invalid_field("page_token", "not a token this server issued") from exc
+        rows = self.store.versions(row.name, after, size + 1)
+        next_token = str(rows[size - 1].version) if len(rows) > size else ""
+        return rows[:size], next_token
+
+    def snapshot(self, name: str, version: int = 0) -> ModelSnapshot:
+        """The loaded model of a version (cached; versions are immutable)."""
+        vrow = self.version_row(name, version)
+        key = (vrow.model, vrow.version)
+        with self._lock:
+            cached = self._snapshots.get(key)
+        if cached is not None:
+            return cached
+        row = self.model_row(vrow.model)
+        spec = ArchitectureSpec.from_dict(row.spec)
+        module = build_architecture(spec, self.settings.trusted_factories, seed=0)
+        weights_io.load_into(module, self.store.blobs.get(vrow.weights_blob))
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        snap = ModelSnapshot(vrow.model, vrow.version, spec, module, vrow.weights_blob)
+        with self._lock:
+            self._snapshots[key] = snap
+        return snap
+
+    def checkpoints(self, name: str) -> list[Checkpoint]:
+        row = self.model_row(name)
+        if not row.checkpoints_blob:
+            return []
+        return weights_io.checkpoints_from_bytes(self.store.blobs.get(row.checkpoints_blob))
+
+    def training_data(self, name: str) -> TrainingData:
+        row = self.model_row(name)
+        with self._lock:
+            cached = self._data_cache.get(row.name)
+        if cached is not None and cached.blob == row.train_blob:
+            return cached
+        arrays = weights_io.arrays_from_bytes(self.store.blobs.get(row.train_blob))
+        ids = arrays["sample_ids"]
+        owners = self.store.owners_of(row.name, ids.tolist())
+        data = TrainingData(
+            torch.from_numpy(arrays["features"]),
+            torch.from_numpy(arrays["labels"]),
+            ids,
+            np.array([owners[int(i)] for i in ids], dtype=str),
+            row.train_blob,
+        )
+        with self._lock:
+            self._data_cache[row.name] = data
+        return data
+
+    def test_data(self, name: str) -> Dataset:
+        row = self.model_row(name)
+        arrays = weights_io.arrays_from_bytes(self.store.blobs.get(row.test_blob))
+        n = arrays["labels"].shape[0]
+        spec = ArchitectureSpec.from_dict(row.spec)
+        return Dataset(
+            arrays["features"], arrays["labels"], arrays["sample_ids"], np.full(n, "-"), spec.num_classes
+        )
+
+    # Serving ---------------------------------------------------------------------------
+
+    def check_inputs(self, spec: ArchitectureSpec, inputs: np.ndarray, field: str = "inputs") -> None:
+        """Inputs must be float32 of shape (B, *input_shape) with 1 <= B <= max_batch."""
+        expected = ("float32", (-1, *spec.input_shape))
+        if inputs.dtype != np.float32:
+            raise invalid_field(field, f"dtype is {inputs.dtype}; expected float32 of shape (batch, {', '.join(map(str, spec.input_shape))})")
+        if tuple(inputs.shape[1:]) != spec.input_shape or inputs.ndim != len(spec.input_shape) + 1:
+            raise invalid_field(
+                field,
+                f"shape is {tuple(inputs.shape)}; expected (batch, {', '.join(map(str, spec.input_shape))})",
+            )
+        if inputs.shape[0] == 0:
+            raise invalid_field(field, "batch is empty; send at least one input")
+        if inputs.shape[0] > self.settings.max_batch:
+            raise invalid_field(field, f"batch of {inputs.shape[0]} exceeds the limit of {self.settings.max_batch}")
+        if not np.isfinite(inputs).all():
+            raise invalid_field(field, "contains NaN or infinite values")
+        del expected
+
+    def predict(self, name: str, inputs: np.ndarray, version: int = 0) -> Prediction:
+        snap = self.snapshot(name, version)
+        self._refuse_superseded(snap.name, snap.version)
+        self.check_inputs(snap.spec, inputs)
+        with torch.no_grad():
+            probs = torch.softmax(snap.module(torch.from_numpy(inputs)), dim=1)
+        return Prediction(probs.argmax(dim=1).numpy(), probs.numpy().astype(np.float32), snap.version)
+
+    def export(self, name: str, version: int = 0) -> tuple[bytes, VersionRow]:
+        vrow = self.version_row(name, version)
+        self._refuse_superseded(vrow.model, vrow.version)
+        return self.store.blobs.get(vrow.weights_blob), vrow
+
+    def _refuse_superseded(self, model: str, version: int) -> None:
+        vrow = self.store.version(model, version)
+        if vrow is not None and vrow.superseded_by_forget:
+            raise FailedPrecondition(
+                f"version {version} of {model!r} was trained on samples forgotten since; "
+                "it is kept for the record but cannot be served, exported or restored"
+            )
+
+    def rollback(self, name: str, version: int, actor: str) -> ModelInfo:
+        vrow = self.version_row(name, version)
+        if version == 0:
+            raise invalid_field("name", "name a version: models/{model}/versions/{n}")
+        self._refuse_superseded(vrow.model, vrow.version)
+        with self.store.transaction() as tx:
+            tx.execute("UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model))
+            tx.audit(actor, "rollback", f"models/{vrow.model}", {"version": vrow.version})
+        return self.model_info(vrow.model)
+
+    def audit(self, model: str, page_size: int, page_token: str) -> tuple[list[Any], str]:
+        if model:
+            self.model_row(model)
+        if page_size < 0 or page_size > 1000:
+            raise invalid_field("page_size", "must lie in [0, 1000] (0: default 100)")
+        size = page_size or 100
+        try:
+            after = int(page_token) if page_token else 0
+        except ValueError as exc:
+            raise invalid_field("page_token", "not a token this server issued") from exc
+        rows = self.store.audit_events(parse_model_name(model) if model else None, after, size + 1)
+        token = str(rows[size - 1].id) if len(rows) > size else ""
+        return rows[:size], token
+
+    def forget_snapshot_cache(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._snapshots if k[0] == name]:
+                del self._snapshots[key]
+            self._data_cache.pop(name, None)
+
+
+def _shard_bytes(dataset: Dataset) -> bytes:
+    return weights_io.arrays_to_bytes(
+        {"features": dataset.features, "labels": dataset.labels, "sample_ids": dataset.sample_ids}
+    )

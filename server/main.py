@@ -1,0 +1,122 @@
+"""Start the server: ``serve(settings)`` (blocking) or ``start(settings)`` (for tests and the demo)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from expunge.v1 import expunge_pb2, expunge_pb2_grpc
+
+from .engine import Engine
+from .servicer import ExpungeServicer
+from .settings import LOOPBACK_HOSTS, Settings
+from .store import Store
+
+log = logging.getLogger("expunge.server")
+SERVICE_NAME = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"].full_name
+
+
+class InsecureBindRefused(RuntimeError):
+    pass
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    engine: Engine
+    health: health.HealthServicer
+    settings: Settings
+
+    @property
+    def target(self) -> str:
+        host = self.settings.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+        self.engine.store.close()
+
+
+def configure_torch(settings: Settings) -> None:
+    """Fixed threads and deterministic kernels: the same request gives the same bytes."""
+    torch.set_num_threads(settings.torch_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def start(settings: Settings) -> RunningServer:
+    """Open the store, bind, and start serving; returns once the port is bound."""
+    if settings.host not in LOOPBACK_HOSTS and not settings.uses_tls:
+        raise InsecureBindRefused(
+            f"refusing to bind {settings.host} without TLS: training-set membership is sensitive. "
+            "Set tls_cert and tls_key, or bind 127.0.0.1."
+        )
+    configure_torch(settings)
+    store = Store(settings.state_dir)
+    engine = Engine(store, settings)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+    if settings.uses_tls:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
+            require_client_auth=settings.tls_client_ca is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    server.start()
+    running = RunningServer(server, port, engine, health_servicer, settings)
+    running.set_serving(True)
+    log.info("serving on %s (state in %s)", running.target, settings.state_dir)
+    return running
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT: health goes NOT_SERVING at once, then drain for the grace period."""
+    running = start(settings)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: draining for %.1f s", signum, settings.grace_period_s)
+        running.set_serving(False)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"expunge: serving on {running.target}", flush=True)
+    stopped.wait()
+    running.stop(settings.grace_period_s)

@@ -1,0 +1,123 @@
+"""The gRPC servicer: thin. Validate and convert the request, call the engine, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from expunge.v1 import expunge_pb2 as pb
+from expunge.v1 import expunge_pb2_grpc as pb_grpc
+
+from . import converters as conv
+from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
+from .errors import Unimplemented, invalid_field
+from .rpc_status import handles_errors
+
+
+def actor_of(context: grpc.ServicerContext) -> str:
+    """Who is calling, as the auth interceptor recorded it (never the token itself)."""
+    for key, value in context.invocation_metadata():
+        if key == "x-expunge-actor":
+            return str(value)
+    return "anonymous"
+
+
+class ExpungeServicer(pb_grpc.ExpungeServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.max_bytes = engine.settings.max_message_bytes
+
+    @handles_errors
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[conv.model_to_proto(i) for i in self.engine.list_models()])
+
+    @handles_errors
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
+        return conv.model_to_proto(self.engine.model_info(parse_model_name(request.name)))
+
+    @handles_errors
+    def ListVersions(
+        self, request: pb.ListVersionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListVersionsResponse:
+        rows, token = self.engine.list_versions(request.model, request.page_size, request.page_token)
+        return pb.ListVersionsResponse(
+            versions=[conv.version_to_proto(r) for r in rows], next_page_token=token
+        )
+
+    @handles_errors
+    def ExportModel(
+        self, request: pb.ExportModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExportChunk]:
+        model, version = parse_version_name(request.name)
+        data, vrow = self.engine.export(model, version)
+        for offset in range(0, len(data), EXPORT_CHUNK_BYTES):
+            yield pb.ExportChunk(
+                data=data[offset : offset + EXPORT_CHUNK_BYTES],
+                offset=offset,
+                total_bytes=len(data),
+                weights_sha256=vrow.weights_blob,
+                version=vrow.version,
+            )
+
+    @handles_errors
+    def RollbackModel(self, request: pb.RollbackModelRequest, context: grpc.ServicerContext) -> pb.Model:
+        model, version = parse_version_name(request.name)
+        if version == 0:
+            raise invalid_field("name", "name a version to roll back to: models/{model}/versions/{n}")
+        return conv.model_to_proto(self.engine.rollback(model, version, actor_of(context)))
+
+    @handles_errors
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        if not request.HasField("inputs"):
+            raise invalid_field("inputs", "required: a tensor of shape (batch, *input_spec.shape)")
+        if request.version < 0:
+            raise invalid_field("version", "must be 0 (current) or a version number")
+        inputs = conv.tensor_to_numpy(request.inputs, "inputs", self.max_bytes)
+        result = self.engine.predict(parse_model_name(request.model), inputs, request.version)
+        return pb.PredictResponse(
+            labels=result.labels.tolist(),
+            probabilities=conv.numpy_to_tensor(result.probabilities),
+            version=result.version,
+        )
+
+    @handles_errors
+    def ListAudit(self, request: pb.ListAuditRequest, context: grpc.ServicerContext) -> pb.ListAuditResponse:
+        rows, token = self.engine.audit(request.model, request.page_size, request.page_token)
+        return pb.ListAuditResponse(events=[conv.audit_to_proto(r) for r in rows], next_page_token=token)
+
+    # Capabilities that later work fills in answer UNIMPLEMENTED, naming what is missing.
+
+    @handles_errors
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.Operation:
+        raise Unimplemented("Forget (L-CODEC + Newton unlearning) is not available in this build yet")
+
+    @handles_errors
+    def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
+        raise Unimplemented("operations belong to Forget, which is not available in this build yet")
+
+    @handles_errors
+    def WatchOperation(
+        self, request: pb.GetOperationRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Operation]:
+        raise Unimplemented("operations belong to Forget, which is not available in this build yet")
+        yield  # pragma: no cover
+
+    @handles_errors
+    def CancelOperation(
+        self, request: pb.CancelOperationRequest, context: grpc.ServicerContext
+    ) -> pb.Operation:
+        raise Unimplemented("operations belong to Forget, which is not available in this build yet")
+
+    @handles_errors
+    def Scan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> Iterator[pb.ScanResult]:
+        raise Unimplemented("Scan (renormalized-influence target identification) is not available yet")
+        yield  # pragma: no cover
+
+    @handles_errors
+    def EstimateScan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> pb.ScanEstimate:
+        raise Unimplemented("Scan (renormalized-influence target identification) is not available yet")
+
+    @handles_errors
+    def Neighbors(self, request: pb.NeighborsRequest, context: grpc.ServicerContext) -> pb.NeighborsResponse:
+        raise Unimplemented("Neighbors (the gradient index) is not available in this build yet")

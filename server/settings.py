@@ -1,0 +1,82 @@
+"""Server settings: a TOML file, then ``EXPUNGE_*`` environment variables on top."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = field(default=Path(".expunge"), metadata={"help": "database and blobs"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address (loopback by default)"})
+    port: int = field(default=50051, metadata={"help": "0 picks a free port"})
+    max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "per message"})
+    max_batch: int = field(default=4096, metadata={"help": "inputs per Predict/Scan/Neighbors call"})
+    max_concurrent_rpcs: int = field(default=64, metadata={"help": "beyond: RESOURCE_EXHAUSTED"})
+    workers: int = field(default=8, metadata={"help": "gRPC thread pool size"})
+    torch_threads: int = field(default=1, metadata={"help": "fixed for deterministic results"})
+    reflection: bool = field(default=False, metadata={"help": "serve gRPC reflection"})
+    data_root: Path | None = field(default=None, metadata={"help": "files may be read only here"})
+    trusted_factories: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "architecture name -> 'module:function'"}
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = field(default=None, metadata={"help": "set: mutual TLS"})
+    # sha256(token) hex -> role; empty: authentication off (loopback only).
+    token_sha256_roles: dict[str, str] = field(default_factory=dict)
+    rate_limit_per_s: float = field(default=50.0, metadata={"help": "membership-revealing calls"})
+    forget_parameter_budget: int = field(default=2000, metadata={"help": "Newton parameters"})
+    forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
+    grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+
+_PATHS = {"state_dir", "data_root", "tls_cert", "tls_key", "tls_client_ca"}
+
+
+def _coerce(name: str, value: Any, current: Any) -> Any:
+    if name in _PATHS:
+        return Path(value) if value not in (None, "") else None
+    if isinstance(current, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, dict):
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        # env form: "a=b,c=d"
+        return dict(item.split("=", 1) for item in str(value).split(",") if item)
+    return value
+
+
+def load_settings(path: Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Defaults < TOML file (``[server]`` table or top level) < ``EXPUNGE_*`` env < overrides."""
+    settings = Settings()
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+        values.update(data.get("server", data))
+    environ = os.environ if env is None else env
+    for f in fields(Settings):
+        key = f"EXPUNGE_{f.name.upper()}"
+        if key in environ:
+            values[f.name] = environ[key]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - {f.name for f in fields(Settings)})
+    if unknown:
+        raise ValueError(f"unknown settings: {unknown}")
+    coerced = {k: _coerce(k, v, getattr(settings, k)) for k, v in values.items()}
+    return replace(settings, **coerced)

@@ -1,0 +1,430 @@
+"""The state store: SQLite (WAL, synchronous=FULL) plus content-addressed blobs.
+
+Everything that must survive a crash is a row here or a blob referenced by one.
+Rows that reference blobs are written in the same transaction as the state they
+describe, after the blobs are durable (see ``blobs.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .blobs import BlobStore
+
+SCHEMA_VERSION = 1
+
+# Each entry migrates from version i to i + 1; never edit a released one, append.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE models (
+        name TEXT PRIMARY KEY,
+        spec_json TEXT NOT NULL,
+        train_config_json TEXT NOT NULL,
+        current_version INTEGER NOT NULL,
+        train_blob TEXT NOT NULL,
+        test_blob TEXT NOT NULL,
+        checkpoints_blob TEXT,
+        num_samples INTEGER NOT NULL,
+        ledger_json TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE versions (
+        model TEXT NOT NULL REFERENCES models(name),
+        version INTEGER NOT NULL,
+        parent INTEGER NOT NULL,
+        weights_blob TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        metrics_json TEXT NOT NULL,
+        num_samples INTEGER NOT NULL,
+        superseded_by_forget INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (model, version)
+    );
+    CREATE TABLE samples (
+        model TEXT NOT NULL REFERENCES models(name),
+        sample_id INTEGER NOT NULL,
+        owner_id TEXT NOT NULL,
+        label INTEGER NOT NULL,
+        PRIMARY KEY (model, sample_id)
+    );
+    CREATE INDEX samples_by_owner ON samples(model, owner_id);
+    CREATE TABLE forgotten (
+        model TEXT NOT NULL,
+        sample_id INTEGER NOT NULL,
+        owner_sha256 TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (model, sample_id)
+    );
+    CREATE INDEX forgotten_by_owner ON forgotten(model, owner_sha256);
+    CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload_sha256 TEXT NOT NULL,
+        payload_json TEXT NOT NULL,
+        state TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        progress_json TEXT NOT NULL DEFAULT '{}',
+        result_json TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX requests_by_state ON requests(state, seq);
+    CREATE TABLE artefacts (
+        model TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        meta_json TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (model, kind)
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        details_json TEXT NOT NULL
+    );
+    """,
+]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    spec: dict[str, Any]
+    train_config: dict[str, Any]
+    current_version: int
+    train_blob: str
+    test_blob: str
+    checkpoints_blob: str | None
+    num_samples: int
+    ledger: dict[str, Any]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    model: str
+    version: int
+    parent: int
+    weights_blob: str
+    created_by: str
+    created_at: str
+    metrics: dict[str, float]
+    num_samples: int
+    superseded_by_forget: bool
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    request_id: str
+    model: str
+    kind: str
+    payload_sha256: str
+    payload: dict[str, Any]
+    state: str
+    seq: int
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    time: str
+    actor: str
+    action: str
+    resource: str
+    details: dict[str, Any]
+
+
+class Store:
+    """SQLite database and blob directory under one state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root / "blobs")
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.root / "expunge.db", check_same_thread=False, isolation_level=None
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            current = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"state directory has schema {current}, newer than this server's "
+                    f"{SCHEMA_VERSION}; upgrade Expunge"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                with self.transaction() as db:
+                    db.executescript_in_tx(MIGRATIONS[version])
+                    db.execute(f"PRAGMA user_version={version + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Tx]:
+        """One atomic, durable unit of change (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, params).fetchall())
+
+    # Models and versions -------------------------------------------------------------
+
+    def model(self, name: str) -> ModelRow | None:
+        rows = self.query("SELECT * FROM models WHERE name = ?", (name,))
+        return _model_row(rows[0]) if rows else None
+
+    def models(self) -> list[ModelRow]:
+        return [_model_row(r) for r in self.query("SELECT * FROM models ORDER BY name")]
+
+    def version(self, model: str, version: int) -> VersionRow | None:
+        rows = self.query(
+            "SELECT * FROM versions WHERE model = ? AND version = ?", (model, version)
+        )
+        return _version_row(rows[0]) if rows else None
+
+    def versions(self, model: str, after: int = 0, limit: int = 1000) -> list[VersionRow]:
+        rows = self.query(
+            "SELECT * FROM versions WHERE model = ? AND version > ? ORDER BY version LIMIT ?",
+            (model, after, limit),
+        )
+        return [_version_row(r) for r in rows]
+
+    def sample_count(self, model: str) -> int:
+        return int(self.query("SELECT COUNT(*) FROM samples WHERE model = ?", (model,))[0][0])
+
+    def owner_count(self, model: str) -> int:
+        rows = self.query("SELECT COUNT(DISTINCT owner_id) FROM samples WHERE model = ?", (model,))
+        return int(rows[0][0])
+
+    def forgotten_count(self, model: str) -> int:
+        return int(self.query("SELECT COUNT(*) FROM forgotten WHERE model = ?", (model,))[0][0])
+
+    def owners_of(self, model: str, sample_ids: list[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        for start in range(0, len(sample_ids), 500):
+            chunk = sample_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.query(
+                f"SELECT sample_id, owner_id FROM samples WHERE model = ? AND sample_id IN ({marks})",
+                (model, *chunk),
+            ):
+                found[int(row[0])] = str(row[1])
+        return found
+
+    def referenced_blobs(self) -> set[str]:
+        refs: set[str] = set()
+        for sql in (
+            "SELECT train_blob FROM models",
+            "SELECT test_blob FROM models",
+            "SELECT checkpoints_blob FROM models WHERE checkpoints_blob IS NOT NULL",
+            "SELECT weights_blob FROM versions",
+            "SELECT blob FROM artefacts",
+        ):
+            refs |= {str(r[0]) for r in self.query(sql)}
+        return refs
+
+    # Requests (the journal) -----------------------------------------------------------
+
+    def request(self, request_id: str) -> RequestRow | None:
+        rows = self.query("SELECT * FROM requests WHERE request_id = ?", (request_id,))
+        return _request_row(rows[0]) if rows else None
+
+    def requests_in_state(self, *states: str) -> list[RequestRow]:
+        marks = ",".join("?" * len(states))
+        rows = self.query(f"SELECT * FROM requests WHERE state IN ({marks}) ORDER BY seq", states)
+        return [_request_row(r) for r in rows]
+
+    # Audit ------------------------------------------------------------------------------
+
+    def audit_events(self, model: str | None, after_id: int, limit: int) -> list[AuditRow]:
+        if model:
+            rows = self.query(
+                "SELECT * FROM audit WHERE id > ? AND (resource = ? OR resource LIKE ?) "
+                "ORDER BY id LIMIT ?",
+                (after_id, f"models/{model}", f"models/{model}/%", limit),
+            )
+        else:
+            rows = self.query("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [
+            AuditRow(int(r["id"]), r["time"], r["actor"], r["action"], r["resource"],
+                     json.loads(r["details_json"]))
+            for r in rows
+        ]
+
+    def record_audit(self, actor: str, action: str, resource: str, details: dict[str, Any]) -> None:
+        with self.transaction() as tx:
+            tx.audit(actor, action, resource, details)
+
+
+class _Tx:
+    """The statements one transaction may run; keeps SQL out of the engine."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    def executescript_in_tx(self, script: str) -> None:
+        # executescript would COMMIT first; run statement by statement inside the tx.
+        for statement in script.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    def audit(self, actor: str, action: str, resource: str, details: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT INTO audit (time, actor, action, resource, details_json) VALUES (?,?,?,?,?)",
+            (utc_now(), actor, action, resource, json.dumps(details, sort_keys=True)),
+        )
+
+    def insert_model(self, row: ModelRow) -> None:
+        self._db.execute(
+            "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                row.name, json.dumps(row.spec), json.dumps(row.train_config), row.current_version,
+                row.train_blob, row.test_blob, row.checkpoints_blob, row.num_samples,
+                json.dumps(row.ledger), row.created_at,
+            ),
+        )
+
+    def insert_version(self, row: VersionRow) -> None:
+        self._db.execute(
+            "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                row.model, row.version, row.parent, row.weights_blob, row.created_by,
+                row.created_at, json.dumps(row.metrics), row.num_samples,
+                int(row.superseded_by_forget),
+            ),
+        )
+
+    def insert_samples(self, model: str, rows: list[tuple[int, str, int]]) -> None:
+        self._db.executemany(
+            "INSERT INTO samples (model, sample_id, owner_id, label) VALUES (?,?,?,?)",
+            [(model, sid, owner, label) for sid, owner, label in rows],
+        )
+
+    def set_request_state(
+        self,
+        request_id: str,
+        state: str,
+        result: dict[str, Any] | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        self._db.execute(
+            "UPDATE requests SET state = ?, result_json = COALESCE(?, result_json), "
+            "error_code = ?, error_message = ?, updated_at = ? WHERE request_id = ?",
+            (
+                state,
+                json.dumps(result) if result is not None else None,
+                error[0] if error else None,
+                error[1] if error else None,
+                utc_now(),
+                request_id,
+            ),
+        )
+
+    def insert_request(
+        self, request_id: str, model: str, kind: str, payload_sha256: str, payload: dict[str, Any]
+    ) -> None:
+        seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM requests").fetchone()[0]
+        now = utc_now()
+        self._db.execute(
+            "INSERT INTO requests (request_id, model, kind, payload_sha256, payload_json, state,"
+            " seq, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (request_id, model, kind, payload_sha256, json.dumps(payload, sort_keys=True),
+             "PENDING", seq, now, now),
+        )
+
+
+def _model_row(r: sqlite3.Row) -> ModelRow:
+    return ModelRow(
+        name=r["name"],
+        spec=json.loads(r["spec_json"]),
+        train_config=json.loads(r["train_config_json"]),
+        current_version=int(r["current_version"]),
+        train_blob=r["train_blob"],
+        test_blob=r["test_blob"],
+        checkpoints_blob=r["checkpoints_blob"],
+        num_samples=int(r["num_samples"]),
+        ledger=json.loads(r["ledger_json"]),
+        created_at=r["created_at"],
+    )
+
+
+def _version_row(r: sqlite3.Row) -> VersionRow:
+    return VersionRow(
+        model=r["model"],
+        version=int(r["version"]),
+        parent=int(r["parent"]),
+        weights_blob=r["weights_blob"],
+        created_by=r["created_by"],
+        created_at=r["created_at"],
+        metrics=json.loads(r["metrics_json"]),
+        num_samples=int(r["num_samples"]),
+        superseded_by_forget=bool(r["superseded_by_forget"]),
+    )
+
+
+def _request_row(r: sqlite3.Row) -> RequestRow:
+    return RequestRow(
+        request_id=r["request_id"],
+        model=r["model"],
+        kind=r["kind"],
+        payload_sha256=r["payload_sha256"],
+        payload=json.loads(r["payload_json"]),
+        state=r["state"],
+        seq=int(r["seq"]),
+        progress=json.loads(r["progress_json"]),
+        result=json.loads(r["result_json"]) if r["result_json"] else None,
+        error_code=r["error_code"],
+        error_message=r["error_message"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )

@@ -1,0 +1,46 @@
+"""Train a model into a state directory: the offline path behind ``expunge train`` and the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.training import TrainConfig
+
+from .datasets import BUILTIN_DATASETS, Dataset, builtin, load_npz
+from .engine import Engine, ModelInfo
+from .main import configure_torch
+from .settings import Settings
+from .store import Store
+
+
+def resolve_dataset(dataset: str, seed: int, data_root: Path | None = None) -> Dataset:
+    if dataset in BUILTIN_DATASETS:
+        return builtin(dataset, seed)
+    path = Path(dataset).resolve()
+    if data_root is not None and not path.is_relative_to(data_root.resolve()):
+        raise ValueError(f"data files must lie under the data root {data_root}")
+    return load_npz(path)
+
+
+def train_model(
+    state_dir: Path,
+    name: str,
+    dataset: str = "digits",
+    architecture: str = "mlp",
+    epochs: int = 30,
+    seed: int = 0,
+    hidden: tuple[int, ...] = (32,),
+    config: TrainConfig | None = None,
+    settings: Settings | None = None,
+) -> ModelInfo:
+    settings = settings or Settings(state_dir=state_dir)
+    configure_torch(settings)
+    data = resolve_dataset(dataset, seed, settings.data_root)
+    spec = ArchitectureSpec(architecture, data.input_shape, data.num_classes, hidden=hidden)
+    store = Store(state_dir)
+    try:
+        engine = Engine(store, settings)
+        return engine.create_model(name, data, spec, config or TrainConfig(epochs=epochs, seed=seed))
+    finally:
+        store.close()

@@ -1,0 +1,114 @@
+"""Weights, checkpoints and data shards as safetensors bytes: never pickle.
+
+Loading checks the header strictly: a pickle, a truncated file, or a tensor that
+does not match the architecture is refused with a clear error and never executed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as np_load
+from safetensors.numpy import save as np_save
+from safetensors.torch import load as torch_load
+from safetensors.torch import save as torch_save
+from torch import nn
+
+from expunge.defenses.training import Checkpoint
+
+from .errors import InvalidArgument
+
+
+def state_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise a state dict (contiguous CPU copies, names sorted for stable bytes)."""
+    tensors = {k: state[k].detach().cpu().contiguous() for k in sorted(state)}
+    return bytes(torch_save(tensors, metadata=metadata))
+
+
+def model_to_bytes(model: nn.Module) -> bytes:
+    return state_to_bytes(model.state_dict(), {"format": "expunge-weights-v1"})
+
+
+def parse_state(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything else is an INVALID_ARGUMENT, not an exception."""
+    try:
+        return dict(torch_load(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise InvalidArgument(
+            "weights are not a valid safetensors file (pickled or corrupt files are refused)"
+        ) from exc
+
+
+def load_into(model: nn.Module, data: bytes) -> nn.Module:
+    """Load safetensors bytes into ``model``; names, shapes and dtypes must match exactly."""
+    state = parse_state(data)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise InvalidArgument(
+            f"weights do not fit the architecture: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise InvalidArgument(
+                f"weights do not fit the architecture: {name} has shape {tuple(tensor.shape)} "
+                f"{tensor.dtype}, expected {tuple(expected[name].shape)} {expected[name].dtype}"
+            )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def checkpoints_to_bytes(checkpoints: list[Checkpoint]) -> bytes:
+    """All checkpoints of a run in one file: tensors ``t{index:04d}/{name}``."""
+    state = {
+        f"t{i:04d}/{name}": tensor for i, c in enumerate(checkpoints) for name, tensor in c.state.items()
+    }
+    meta = {
+        "format": "expunge-checkpoints-v1",
+        "learning_rates": json.dumps([c.learning_rate for c in checkpoints]),
+        "steps": json.dumps([c.step for c in checkpoints]),
+    }
+    return state_to_bytes(state, meta)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (8-byte length, then JSON; no pickle)."""
+    if len(data) < 8:
+        raise InvalidArgument("file is too short to be safetensors")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise InvalidArgument("safetensors header is truncated")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError as exc:
+        raise InvalidArgument("safetensors header is not JSON") from exc
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def checkpoints_from_bytes(data: bytes) -> list[Checkpoint]:
+    state = parse_state(data)
+    meta = safetensors_metadata(data)
+    rates = json.loads(meta.get("learning_rates", "[]"))
+    steps = json.loads(meta.get("steps", "[]"))
+    result = []
+    for i, (rate, step) in enumerate(zip(rates, steps, strict=True)):
+        prefix = f"t{i:04d}/"
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        result.append(Checkpoint(step=int(step), learning_rate=float(rate), state=sub))
+    return result
+
+
+def arrays_to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    return bytes(np_save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}))
+
+
+def arrays_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        return dict(np_load(data))
+    except (SafetensorError, ValueError) as exc:
+        raise InvalidArgument("data shard is not a valid safetensors file") from exc
