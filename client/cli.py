@@ -64,7 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         hidden=tuple(args.hidden),
     )
-    print(f"trained models/{info.row.name} version 1: {json.dumps(info.version.metrics, sort_keys=True)}")
+    print(
+        f"trained models/{info.row.name} version 1: {json.dumps(info.version.metrics, sort_keys=True)}"
+    )
     return 0
 
 
@@ -92,7 +94,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for v in client.list_versions(args.model):
             note = "  (superseded by a forget)" if v.superseded_by_forget else ""
-            print(f"{v.name}  parent={v.parent_version}  by={v.created_by}  {v.weights_sha256[:12]}{note}")
+            print(
+                f"{v.name}  parent={v.parent_version}  by={v.created_by}  {v.weights_sha256[:12]}{note}"
+            )
     return 0
 
 
@@ -114,8 +118,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         op = client.forget(
-            args.model, sample_ids=args.sample, owner_ids=args.owner, request_id=args.request_id,
-            wait=not args.no_wait, on_progress=progress,
+            args.model,
+            sample_ids=args.sample,
+            owner_ids=args.owner,
+            request_id=args.request_id,
+            wait=not args.no_wait,
+            on_progress=progress,
         )
     print(file=sys.stderr)
     print(f"{op.name}: {op.state}")
@@ -137,7 +145,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     inputs = _load_inputs(args.inputs)
     with _client(args) as client:
-        results = list(client.scan(args.model, inputs, estimator=args.estimator, mitigate=args.mitigate))
+        results = list(
+            client.scan(args.model, inputs, estimator=args.estimator, mitigate=args.mitigate)
+        )
     for r in results:
         flag = "FLAGGED" if r.flagged else "clean"
         print(f"{r.index}\tlabel={r.predicted_label}\tscore={r.target_score:.2f}\t{flag}")
@@ -152,7 +162,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for e in client.audit(args.model or ""):
-            print(f"{e.time}  {e.actor}  {e.action}  {e.resource}  {json.dumps(e.details, sort_keys=True)}")
+            print(
+                f"{e.time}  {e.actor}  {e.action}  {e.resource}  {json.dumps(e.details, sort_keys=True)}"
+            )
     return 0
 
 
@@ -162,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expunge: make a served model forget training data, and scan inputs for "
         "training-set attacks.",
     )
-    parser.add_argument("--target", default=os.environ.get("EXPUNGE_TARGET", "127.0.0.1:50051"),
-                        help="server address (default: %(default)s; env EXPUNGE_TARGET)")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("EXPUNGE_TARGET", "127.0.0.1:50051"),
+        help="server address (default: %(default)s; env EXPUNGE_TARGET)",
+    )
     parser.add_argument("--token", default=None, help="bearer token (or env EXPUNGE_TOKEN)")
     parser.add_argument("--tls-ca", default=None, help="CA certificate: connect with TLS")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
@@ -183,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a state directory (version 1)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--name", required=True, help="model name, e.g. digits")
-    p.add_argument("--dataset", default="digits", help="digits, breast_cancer, wine, or a .npz path")
+    p.add_argument(
+        "--dataset", default="digits", help="digits, breast_cancer, wine, or a .npz path"
+    )
     p.add_argument("--architecture", default="mlp", help="logreg, mlp, cnn or resnet")
     p.add_argument("--hidden", type=int, nargs="*", default=[32], help="MLP hidden widths")
     p.add_argument("--epochs", type=int, default=30)

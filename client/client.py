@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
@@ -83,12 +82,16 @@ class Client:
                 self._sleep(attempt)
         raise AssertionError("unreachable")
 
-    def _stream(self, method: Callable[..., Iterator[T]], request: Any, timeout: float | None) -> Iterator[T]:
+    def _stream(
+        self, method: Callable[..., Iterator[T]], request: Any, timeout: float | None
+    ) -> Iterator[T]:
         # A stream is retried only until its first message: later, a retry could repeat work.
         for attempt in range(self.retries + 1):
             received = False
             try:
-                for item in method(request, timeout=timeout or self.timeout, metadata=self._metadata):
+                for item in method(
+                    request, timeout=timeout or self.timeout, metadata=self._metadata
+                ):
                     received = True
                     yield item
                 return
@@ -116,14 +119,20 @@ class Client:
         return [wire.model(m) for m in reply.models]
 
     def get_model(self, name: str, timeout: float | None = None) -> t.ModelInfo:
-        return wire.model(self._call(self._stub.GetModel, pb.GetModelRequest(name=_model(name)), timeout))
+        return wire.model(
+            self._call(self._stub.GetModel, pb.GetModelRequest(name=_model(name)), timeout)
+        )
 
-    def list_versions(self, model: str, page_size: int = 0, timeout: float | None = None) -> list[t.VersionInfo]:
+    def list_versions(
+        self, model: str, page_size: int = 0, timeout: float | None = None
+    ) -> list[t.VersionInfo]:
         """Every version of a model, following pages."""
         versions: list[t.VersionInfo] = []
         token = ""
         while True:
-            request = pb.ListVersionsRequest(model=_model(model), page_size=page_size, page_token=token)
+            request = pb.ListVersionsRequest(
+                model=_model(model), page_size=page_size, page_token=token
+            )
             reply = self._call(self._stub.ListVersions, request, timeout)
             versions += [wire.version(v) for v in reply.versions]
             token = reply.next_page_token
@@ -135,22 +144,34 @@ class Client:
         name = _model(model) + (f"/versions/{version}" if version else "")
         chunks: list[bytes] = []
         expected = ""
-        for chunk in self._stream(self._stub.ExportModel, pb.ExportModelRequest(name=name), timeout):
+        for chunk in self._stream(
+            self._stub.ExportModel, pb.ExportModelRequest(name=name), timeout
+        ):
             chunks.append(chunk.data)
             expected = chunk.weights_sha256
         data = b"".join(chunks)
         if hashlib.sha256(data).hexdigest() != expected:
-            raise ExpungeError(grpc.StatusCode.DATA_LOSS, "exported weights do not match their SHA-256")
+            raise ExpungeError(
+                grpc.StatusCode.DATA_LOSS, "exported weights do not match their SHA-256"
+            )
         return data
 
     def rollback(self, model: str, version: int, timeout: float | None = None) -> t.ModelInfo:
-        request = pb.RollbackModelRequest(name=f"{_model(model)}/versions/{version}", request_id=_new_id())
+        request = pb.RollbackModelRequest(
+            name=f"{_model(model)}/versions/{version}", request_id=_new_id()
+        )
         return wire.model(self._call(self._stub.RollbackModel, request, timeout))
 
-    def predict(self, model: str, inputs: np.ndarray, version: int = 0, timeout: float | None = None) -> t.Prediction:
-        request = pb.PredictRequest(model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), version=version)
+    def predict(
+        self, model: str, inputs: np.ndarray, version: int = 0, timeout: float | None = None
+    ) -> t.Prediction:
+        request = pb.PredictRequest(
+            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), version=version
+        )
         reply = self._call(self._stub.Predict, request, timeout)
-        return t.Prediction(np.array(reply.labels), wire.from_tensor(reply.probabilities), reply.version)
+        return t.Prediction(
+            np.array(reply.labels), wire.from_tensor(reply.probabilities), reply.version
+        )
 
     # Forgetting ----------------------------------------------------------------------------
 
@@ -185,8 +206,13 @@ class Client:
             owner_ids=list(owner_ids),
             request_id=request_id or _new_id(),
             options=pb.ForgetOptions(
-                parameter_budget=parameter_budget, selection=selection, hessian=hessian,
-                newton_iterations=newton_iterations, damping=damping, epsilon=epsilon, delta=delta,
+                parameter_budget=parameter_budget,
+                selection=selection,
+                hessian=hessian,
+                newton_iterations=newton_iterations,
+                damping=damping,
+                epsilon=epsilon,
+                delta=delta,
             ),
         )
         op = wire.operation(self._call(self._stub.Forget, request, timeout))
@@ -195,14 +221,21 @@ class Client:
         return self.wait(op.name, on_progress=on_progress, timeout=wait_timeout)
 
     def get_operation(self, name: str, timeout: float | None = None) -> t.Operation:
-        return wire.operation(self._call(self._stub.GetOperation, pb.GetOperationRequest(name=_op(name)), timeout))
+        return wire.operation(
+            self._call(self._stub.GetOperation, pb.GetOperationRequest(name=_op(name)), timeout)
+        )
 
     def watch_operation(self, name: str, timeout: float | None = 600.0) -> Iterator[t.Operation]:
-        for msg in self._stream(self._stub.WatchOperation, pb.GetOperationRequest(name=_op(name)), timeout):
+        for msg in self._stream(
+            self._stub.WatchOperation, pb.GetOperationRequest(name=_op(name)), timeout
+        ):
             yield wire.operation(msg)
 
     def wait(
-        self, name: str, on_progress: Callable[[t.Operation], None] | None = None, timeout: float = 600.0
+        self,
+        name: str,
+        on_progress: Callable[[t.Operation], None] | None = None,
+        timeout: float = 600.0,
     ) -> t.Operation:
         """Follow an operation until it is done; return its final state."""
         last = self.get_operation(name)
@@ -235,17 +268,26 @@ class Client:
     ) -> Iterator[t.ScanResult]:
         """Per-input target-identification results, streamed as the server computes them."""
         request = pb.ScanRequest(
-            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), estimator=estimator,
-            max_implicated=max_implicated, mitigate=mitigate,
+            model=_model(model),
+            inputs=wire.to_tensor(np.asarray(inputs)),
+            estimator=estimator,
+            max_implicated=max_implicated,
+            mitigate=mitigate,
             request_id=request_id or (_new_id() if mitigate else ""),
         )
         for msg in self._stream(self._stub.Scan, request, timeout):
             yield wire.scan_result(msg)
 
-    def estimate_scan(self, model: str, inputs: np.ndarray, estimator: str = "", timeout: float | None = None) -> t.ScanEstimate:
-        request = pb.ScanRequest(model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), estimator=estimator)
+    def estimate_scan(
+        self, model: str, inputs: np.ndarray, estimator: str = "", timeout: float | None = None
+    ) -> t.ScanEstimate:
+        request = pb.ScanRequest(
+            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), estimator=estimator
+        )
         r = self._call(self._stub.EstimateScan, request, timeout)
-        return t.ScanEstimate(r.inputs, r.training_samples, r.checkpoints, r.estimated_seconds, r.estimated_bytes)
+        return t.ScanEstimate(
+            r.inputs, r.training_samples, r.checkpoints, r.estimated_seconds, r.estimated_bytes
+        )
 
     def neighbors(
         self,
@@ -258,20 +300,33 @@ class Client:
         timeout: float | None = None,
     ) -> t.NeighborsResult:
         request = pb.NeighborsRequest(
-            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), k=k, mode=mode,
-            filter_label=label is not None, label=label or 0,
+            model=_model(model),
+            inputs=wire.to_tensor(np.asarray(inputs)),
+            k=k,
+            mode=mode,
+            filter_label=label is not None,
+            label=label or 0,
         )
         r = self._call(self._stub.Neighbors, request, timeout)
         return t.NeighborsResult(
-            [[t.Neighbor(n.sample_id, n.owner_id, n.label, n.score) for n in lst.neighbors] for lst in r.results],
-            r.stale, r.embedded_version, r.model_version,
+            [
+                [t.Neighbor(n.sample_id, n.owner_id, n.label, n.score) for n in lst.neighbors]
+                for lst in r.results
+            ],
+            r.stale,
+            r.embedded_version,
+            r.model_version,
         )
 
-    def audit(self, model: str = "", page_size: int = 0, timeout: float | None = None) -> list[t.AuditEvent]:
+    def audit(
+        self, model: str = "", page_size: int = 0, timeout: float | None = None
+    ) -> list[t.AuditEvent]:
         events: list[t.AuditEvent] = []
         token = ""
         while True:
-            request = pb.ListAuditRequest(model=_model(model) if model else "", page_size=page_size, page_token=token)
+            request = pb.ListAuditRequest(
+                model=_model(model) if model else "", page_size=page_size, page_token=token
+            )
             reply = self._call(self._stub.ListAudit, request, timeout)
             events += [wire.audit_event(e) for e in reply.events]
             token = reply.next_page_token

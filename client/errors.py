@@ -16,7 +16,9 @@ class FieldViolation:
 class ExpungeError(Exception):
     """A call failed; ``code`` is the gRPC status code, ``message`` the server's explanation."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = ()):
+    def __init__(
+        self, code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = ()
+    ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message

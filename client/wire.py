@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from expunge.v1 import expunge_pb2 as pb
 
 from . import types as t
 
-_WIRE_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1"}
+_WIRE_DTYPES = {
+    "float32": "<f4",
+    "float64": "<f8",
+    "float16": "<f2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "uint8": "u1",
+}
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
@@ -23,7 +29,11 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
 
 def from_tensor(msg: pb.Tensor) -> np.ndarray:
     dtype = np.dtype(_WIRE_DTYPES[msg.dtype])
-    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(msg.data, dtype=dtype)
+        .reshape(tuple(msg.shape))
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def model(msg: pb.Model) -> t.ModelInfo:
@@ -80,8 +90,15 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
         parameters_updated=msg.parameters_updated,
         parameters_total=msg.parameters_total,
         certificate=t.Certificate(
-            c.residual_norm_selected, c.residual_norm_all, c.noise_scale, c.budget_total,
-            c.budget_used, c.budget_remaining, c.budget_exhausted, c.convex, c.statement,
+            c.residual_norm_selected,
+            c.residual_norm_all,
+            c.noise_scale,
+            c.budget_total,
+            c.budget_used,
+            c.budget_remaining,
+            c.budget_exhausted,
+            c.convex,
+            c.statement,
         ),
         before=_metrics(msg.before),
         after=_metrics(msg.after),
@@ -105,7 +122,7 @@ def operation(msg: pb.Operation) -> t.Operation:
         completed=msg.progress.completed,
         total=msg.progress.total,
         message=msg.progress.message,
-        error_code=msg.error.message and str(msg.error.code) or "",
+        error_code=(msg.error.message and str(msg.error.code)) or "",
         error_message=msg.error.message,
         receipt=receipt(msg.receipt) if msg.HasField("receipt") else None,
         model=msg.model,
@@ -122,11 +139,16 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
         flagged=msg.flagged,
         counterfactual_drop=msg.counterfactual_drop,
         implicated=[
-            t.ImplicatedSample(s.sample_id, s.owner_id, s.label, s.influence, s.z) for s in msg.implicated
+            t.ImplicatedSample(s.sample_id, s.owner_id, s.label, s.influence, s.z)
+            for s in msg.implicated
         ],
         mitigation=t.Mitigation(
-            m.operation, m.new_version, m.predicted_label_after, m.prediction_changed,
-            m.test_accuracy_before, m.test_accuracy_after,
+            m.operation,
+            m.new_version,
+            m.predicted_label_after,
+            m.prediction_changed,
+            m.test_accuracy_before,
+            m.test_accuracy_after,
         )
         if msg.HasField("mitigation")
         else None,
@@ -135,4 +157,6 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
 
 
 def audit_event(msg: pb.AuditEvent) -> t.AuditEvent:
-    return t.AuditEvent(msg.id, msg.time, msg.actor, msg.action, msg.resource, json.loads(msg.details_json or "{}"))
+    return t.AuditEvent(
+        msg.id, msg.time, msg.actor, msg.action, msg.resource, json.loads(msg.details_json or "{}")
+    )

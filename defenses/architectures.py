@@ -108,7 +108,9 @@ def _build(spec: ArchitectureSpec) -> nn.Module:
     if spec.name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {spec.name!r}; expected one of {ARCHITECTURES}")
     if spec.name == "logreg":
-        return nn.Sequential(nn.Flatten(), nn.Linear(_input_size(spec.input_shape), spec.num_classes))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(_input_size(spec.input_shape), spec.num_classes)
+        )
     if spec.name == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
         width = _input_size(spec.input_shape)
@@ -123,6 +125,7 @@ def _build(spec: ArchitectureSpec) -> nn.Module:
         return nn.Sequential(
             nn.Conv2d(channels_in, c, 3, padding=1),
             nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Conv2d(c, 2 * c, 3, padding=1),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),

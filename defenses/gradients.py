@@ -52,7 +52,9 @@ def per_sample_gradients(
     per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for start in range(0, inputs.shape[0], batch_size):
-        grads = per_sample(varying, inputs[start : start + batch_size], labels[start : start + batch_size])
+        grads = per_sample(
+            varying, inputs[start : start + batch_size], labels[start : start + batch_size]
+        )
         for n in names:
             chunks[n].append(grads[n].detach())
     if inputs.shape[0] == 0:
@@ -60,14 +62,21 @@ def per_sample_gradients(
     return {n: torch.cat(chunks[n]) for n in names}
 
 
-def flatten_gradients(grads: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
+def flatten_gradients(
+    grads: dict[str, torch.Tensor], names: Sequence[str] | None = None
+) -> torch.Tensor:
     """Concatenate per-sample gradients into ``(n, p)`` in the order of ``names``."""
     keys = list(names) if names is not None else list(grads)
     return torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in keys], dim=1)
 
 
-def predicted_labels(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def predicted_labels(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024
+) -> torch.Tensor:
     """Arg-max class of each input: ``(n, *input_shape)`` -> ``(n,)``."""
     with torch.no_grad():
-        outs = [model(inputs[i : i + batch_size]).argmax(dim=1) for i in range(0, len(inputs), batch_size)]
+        outs = [
+            model(inputs[i : i + batch_size]).argmax(dim=1)
+            for i in range(0, len(inputs), batch_size)
+        ]
     return torch.cat(outs) if outs else torch.zeros(0, dtype=torch.long)

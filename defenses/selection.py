@@ -41,7 +41,9 @@ class ParameterSelection:
 
     def gather_batched(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample version of ``gather``: ``{name: (n, *shape)}`` -> ``(n, p)``."""
-        parts = [tensors[n].reshape(tensors[n].shape[0], -1)[:, self.indices[n]] for n in self.names]
+        parts = [
+            tensors[n].reshape(tensors[n].shape[0], -1)[:, self.indices[n]] for n in self.names
+        ]
         return torch.cat(parts, dim=1)
 
     def scatter_add_(self, model: nn.Module, delta: torch.Tensor) -> None:

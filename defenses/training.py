@@ -81,7 +81,9 @@ def objective(
     return loss + 0.5 * weight_decay * l2
 
 
-def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> TrainResult:
+def train(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+) -> TrainResult:
     """Train ``model`` in place on inputs ``(n, *shape)`` and labels ``(n,)``."""
     n = inputs.shape[0]
     if n == 0:
@@ -95,9 +97,7 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: 
     )
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = config.epochs * steps_per_epoch
-    checkpoint_steps = {
-        round(total * k / config.checkpoints) for k in range(config.checkpoints)
-    }
+    checkpoint_steps = {round(total * k / config.checkpoints) for k in range(config.checkpoints)}
     checkpoints: list[Checkpoint] = []
     step = 0
     model.train()
@@ -125,7 +125,9 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: 
     return TrainResult(model=model, checkpoints=checkpoints, final_loss=final)
 
 
-def _polish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> None:
+def _polish(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+) -> None:
     """Full-batch L-BFGS on J so the Newton update starts from (near) the optimum."""
     optimizer = torch.optim.LBFGS(
         model.parameters(),

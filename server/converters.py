@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import numpy as np
-
 from expunge.v1 import expunge_pb2 as pb
 
 from .engine import ModelInfo
@@ -14,7 +13,7 @@ from .errors import ResourceExhausted, invalid_field
 from .store import AuditRow, VersionRow
 
 # Tensor dtypes the API accepts, by their wire name.
-DTYPES = {
+DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "float16": np.dtype("<f2"),
@@ -32,7 +31,10 @@ def tensor_to_numpy(msg: pb.Tensor, field: str, max_bytes: int) -> np.ndarray:
         raise invalid_field(f"{field}.dtype", f"{msg.dtype!r} is not one of {sorted(DTYPES)}")
     shape = tuple(int(d) for d in msg.shape)
     if not shape or len(shape) > MAX_TENSOR_DIMS or any(d < 0 for d in shape):
-        raise invalid_field(f"{field}.shape", f"{list(shape)} is not a shape of 1 to {MAX_TENSOR_DIMS} non-negative dims")
+        raise invalid_field(
+            f"{field}.shape",
+            f"{list(shape)} is not a shape of 1 to {MAX_TENSOR_DIMS} non-negative dims",
+        )
     count = 1
     for d in shape:
         count *= d
@@ -47,7 +49,9 @@ def tensor_to_numpy(msg: pb.Tensor, field: str, max_bytes: int) -> np.ndarray:
 
 
 def numpy_to_tensor(array: np.ndarray) -> pb.Tensor:
-    name = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items()}.get(array.dtype.newbyteorder("="))
+    name = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items()}.get(
+        array.dtype.newbyteorder("=")
+    )
     if name is None:
         raise TypeError(f"unsupported dtype {array.dtype}")
     data = np.ascontiguousarray(array, dtype=DTYPES[name]).tobytes()

@@ -35,7 +35,10 @@ class Dataset:
 
     def subset(self, rows: np.ndarray) -> Dataset:
         return Dataset(
-            self.features[rows], self.labels[rows], self.sample_ids[rows], self.owner_ids[rows],
+            self.features[rows],
+            self.labels[rows],
+            self.sample_ids[rows],
+            self.owner_ids[rows],
             self.num_classes,
         )
 
@@ -49,7 +52,9 @@ def validate(
 ) -> Dataset:
     """Check shapes, dtypes, label range, id uniqueness and owners; return a Dataset."""
     if features.ndim < 2 or features.shape[0] == 0:
-        raise invalid_field("features", f"expected (n, *input_shape) with n > 0, got {features.shape}")
+        raise invalid_field(
+            "features", f"expected (n, *input_shape) with n > 0, got {features.shape}"
+        )
     n = features.shape[0]
     if not np.issubdtype(features.dtype, np.floating):
         raise invalid_field("features", f"expected a floating dtype, got {features.dtype}")
@@ -64,7 +69,9 @@ def validate(
         raise invalid_field("sample_ids", f"expected an integer dtype, got {sample_ids.dtype}")
     classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if labels.min() < 0 or labels.max() >= classes:
-        raise invalid_field("labels", f"labels must lie in [0, {classes}); got [{labels.min()}, {labels.max()}]")
+        raise invalid_field(
+            "labels", f"labels must lie in [0, {classes}); got [{labels.min()}, {labels.max()}]"
+        )
     if classes < 2:
         raise invalid_field("labels", "need at least two classes")
     unique, counts = np.unique(sample_ids, return_counts=True)
@@ -75,9 +82,15 @@ def validate(
     missing = np.flatnonzero(np.char.str_len(owners) == 0)
     if missing.size:
         ids = sample_ids[missing[:5]].tolist()
-        raise invalid_field("owner_ids", f"{missing.size} samples have no owner, e.g. sample ids {ids}")
+        raise invalid_field(
+            "owner_ids", f"{missing.size} samples have no owner, e.g. sample ids {ids}"
+        )
     return Dataset(
-        features.astype(np.float32), labels.astype(np.int64), sample_ids.astype(np.int64), owners, classes
+        features.astype(np.float32),
+        labels.astype(np.int64),
+        sample_ids.astype(np.int64),
+        owners,
+        classes,
     )
 
 
@@ -85,7 +98,9 @@ def load_npz(path: Path) -> Dataset:
     """Load ``features``, ``labels``, ``sample_ids``, ``owner_ids`` from an ``.npz`` (no pickle)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("features", "labels", "sample_ids", "owner_ids") if k not in data]
+            missing = [
+                k for k in ("features", "labels", "sample_ids", "owner_ids") if k not in data
+            ]
             if missing:
                 raise InvalidArgument(f"the .npz lacks arrays {missing}")
             arrays = {k: data[k] for k in ("features", "labels", "sample_ids", "owner_ids")}
@@ -124,7 +139,9 @@ def builtin(name: str, seed: int = 0) -> Dataset:
         raw = sk.load_wine()
         features = (raw.data - raw.data.mean(0)) / raw.data.std(0)
     else:
-        raise invalid_field("dataset", f"unknown built-in data set {name!r}; choose from {BUILTIN_DATASETS}")
+        raise invalid_field(
+            "dataset", f"unknown built-in data set {name!r}; choose from {BUILTIN_DATASETS}"
+        )
     n = features.shape[0]
     return validate(
         features.astype(np.float32),
@@ -139,5 +156,5 @@ def train_test_split(dataset: Dataset, test_fraction: float, seed: int) -> tuple
     if not 0 < test_fraction < 1:
         raise invalid_field("test_fraction", "must lie strictly between 0 and 1")
     order = np.random.default_rng(seed).permutation(len(dataset))
-    cut = int(round(len(dataset) * (1 - test_fraction)))
+    cut = round(len(dataset) * (1 - test_fraction))
     return dataset.subset(np.sort(order[:cut])), dataset.subset(np.sort(order[cut:]))

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from expunge.client import Client
 
 from .main import start
@@ -36,7 +35,9 @@ def run_demo(state_dir: Path | None = None) -> int:
                         f"{m.num_checkpoints} checkpoints, current version {m.current_version}"
                     )
                 for v in client.list_versions("digits"):
-                    print(f"  {v.name}: created by {v.created_by}, weights sha256 {v.weights_sha256[:16]}...")
+                    print(
+                        f"  {v.name}: created by {v.created_by}, weights sha256 {v.weights_sha256[:16]}..."
+                    )
                 test = server.engine.test_data("digits")
                 prediction = client.predict("digits", test.features)
                 shown = min(10, len(test.labels))
@@ -45,7 +46,9 @@ def run_demo(state_dir: Path | None = None) -> int:
                     p = float(prediction.probabilities[i].max())
                     print(f"  {int(test.labels[i])} -> {int(prediction.labels[i])}  ({p:.2f})")
                 acc = float(np.mean(prediction.labels == test.labels))
-                print(f"held-out accuracy through the server: {acc:.3f} on {len(test.labels)} digits")
+                print(
+                    f"held-out accuracy through the server: {acc:.3f} on {len(test.labels)} digits"
+                )
         finally:
             server.stop(grace=1.0)
     return 0

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import Checkpoint, TrainConfig, accuracy, objective, train
+from torch import nn
 
 from . import weights as weights_io
 from .datasets import Dataset, train_test_split
@@ -41,7 +40,9 @@ def parse_version_name(name: str) -> tuple[str, int]:
     """``models/{m}/versions/{v}`` -> (m, v); ``models/{m}`` -> (m, 0) meaning current."""
     match = re.match(r"^(?:models/)?([a-z][a-z0-9-]{0,62})(?:/versions/(\d{1,12}))?$", name)
     if not match:
-        raise invalid_field("name", f"{name!r} is not 'models/{{model}}' or 'models/{{model}}/versions/{{n}}'")
+        raise invalid_field(
+            "name", f"{name!r} is not 'models/{{model}}' or 'models/{{model}}/versions/{{n}}'"
+        )
     return match.group(1), int(match.group(2) or 0)
 
 
@@ -112,7 +113,9 @@ class Engine:
                 f"architecture expects inputs {spec.input_shape}, data has {dataset.input_shape}"
             )
         if spec.num_classes < dataset.num_classes:
-            raise InvalidArgument(f"data has {dataset.num_classes} classes, model {spec.num_classes}")
+            raise InvalidArgument(
+                f"data has {dataset.num_classes} classes, model {spec.num_classes}"
+            )
         train_set, test_set = train_test_split(dataset, test_fraction, config.seed)
         model = build_architecture(spec, self.settings.trusted_factories, seed=config.seed)
         x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
@@ -146,15 +149,21 @@ class Engine:
                 name,
                 [
                     (int(s), str(o), int(lab))
-                    for s, o, lab in zip(train_set.sample_ids, train_set.owner_ids, train_set.labels, strict=True)
+                    for s, o, lab in zip(
+                        train_set.sample_ids, train_set.owner_ids, train_set.labels, strict=True
+                    )
                 ],
             )
             tx.audit(
                 actor,
                 "create_model",
                 f"models/{name}",
-                {"training_samples": len(train_set), "test_samples": len(test_set),
-                 "architecture": spec.name, "checkpoints": len(result.checkpoints)},
+                {
+                    "training_samples": len(train_set),
+                    "test_samples": len(test_set),
+                    "architecture": spec.name,
+                    "checkpoints": len(result.checkpoints),
+                },
             )
         return self.model_info(name)
 
@@ -177,7 +186,9 @@ class Engine:
     def model_row(self, name: str) -> ModelRow:
         row = self.store.model(parse_model_name(name))
         if row is None:
-            raise NotFound(f"model {name!r} not found; ListModels shows the models this server holds")
+            raise NotFound(
+                f"model {name!r} not found; ListModels shows the models this server holds"
+            )
         return row
 
     def version_row(self, name: str, version: int) -> VersionRow:
@@ -204,7 +215,9 @@ class Engine:
     def list_models(self) -> list[ModelInfo]:
         return [self.model_info(r.name) for r in self.store.models()]
 
-    def list_versions(self, name: str, page_size: int, page_token: str) -> tuple[list[VersionRow], str]:
+    def list_versions(
+        self, name: str, page_size: int, page_token: str
+    ) -> tuple[list[VersionRow], str]:
         row = self.model_row(name)
         if page_size < 0 or page_size > 1000:
             raise invalid_field("page_size", "must lie in [0, 1000] (0: default 100)")
@@ -269,16 +282,25 @@ class Engine:
         n = arrays["labels"].shape[0]
         spec = ArchitectureSpec.from_dict(row.spec)
         return Dataset(
-            arrays["features"], arrays["labels"], arrays["sample_ids"], np.full(n, "-"), spec.num_classes
+            arrays["features"],
+            arrays["labels"],
+            arrays["sample_ids"],
+            np.full(n, "-"),
+            spec.num_classes,
         )
 
     # Serving ---------------------------------------------------------------------------
 
-    def check_inputs(self, spec: ArchitectureSpec, inputs: np.ndarray, field: str = "inputs") -> None:
+    def check_inputs(
+        self, spec: ArchitectureSpec, inputs: np.ndarray, field: str = "inputs"
+    ) -> None:
         """Inputs must be float32 of shape (B, *input_shape) with 1 <= B <= max_batch."""
         expected = ("float32", (-1, *spec.input_shape))
         if inputs.dtype != np.float32:
-            raise invalid_field(field, f"dtype is {inputs.dtype}; expected float32 of shape (batch, {', '.join(map(str, spec.input_shape))})")
+            raise invalid_field(
+                field,
+                f"dtype is {inputs.dtype}; expected float32 of shape (batch, {', '.join(map(str, spec.input_shape))})",
+            )
         if tuple(inputs.shape[1:]) != spec.input_shape or inputs.ndim != len(spec.input_shape) + 1:
             raise invalid_field(
                 field,
@@ -287,7 +309,9 @@ class Engine:
         if inputs.shape[0] == 0:
             raise invalid_field(field, "batch is empty; send at least one input")
         if inputs.shape[0] > self.settings.max_batch:
-            raise invalid_field(field, f"batch of {inputs.shape[0]} exceeds the limit of {self.settings.max_batch}")
+            raise invalid_field(
+                field, f"batch of {inputs.shape[0]} exceeds the limit of {self.settings.max_batch}"
+            )
         if not np.isfinite(inputs).all():
             raise invalid_field(field, "contains NaN or infinite values")
         del expected
@@ -298,7 +322,9 @@ class Engine:
         self.check_inputs(snap.spec, inputs)
         with torch.no_grad():
             probs = torch.softmax(snap.module(torch.from_numpy(inputs)), dim=1)
-        return Prediction(probs.argmax(dim=1).numpy(), probs.numpy().astype(np.float32), snap.version)
+        return Prediction(
+            probs.argmax(dim=1).numpy(), probs.numpy().astype(np.float32), snap.version
+        )
 
     def export(self, name: str, version: int = 0) -> tuple[bytes, VersionRow]:
         vrow = self.version_row(name, version)
@@ -319,7 +345,9 @@ class Engine:
             raise invalid_field("name", "name a version: models/{model}/versions/{n}")
         self._refuse_superseded(vrow.model, vrow.version)
         with self.store.transaction() as tx:
-            tx.execute("UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model))
+            tx.execute(
+                "UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model)
+            )
             tx.audit(actor, "rollback", f"models/{vrow.model}", {"version": vrow.version})
         return self.model_info(vrow.model)
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from expunge.v1 import expunge_pb2, expunge_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .engine import Engine
 from .servicer import ExpungeServicer
@@ -42,7 +41,9 @@ class RunningServer:
 
     def set_serving(self, serving: bool) -> None:
         status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
@@ -87,12 +88,18 @@ def start(settings: Settings) -> RunningServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    address = f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"
+    address = (
+        f"[{settings.host}]:{settings.port}"
+        if ":" in settings.host
+        else f"{settings.host}:{settings.port}"
+    )
     if settings.uses_tls:
         assert settings.tls_cert is not None and settings.tls_key is not None
         credentials = grpc.ssl_server_credentials(
             [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-            root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
+            root_certificates=settings.tls_client_ca.read_bytes()
+            if settings.tls_client_ca
+            else None,
             require_client_auth=settings.tls_client_ca is not None,
         )
         port = server.add_secure_port(address, credentials)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from torch import nn
-
 from expunge.defenses.architectures import ARCHITECTURES, ArchitectureSpec, build_model
+from torch import nn
 
 from .errors import FailedPrecondition
 

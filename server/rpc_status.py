@@ -26,7 +26,9 @@ def to_status(error: ExpungeError) -> grpc.Status:
     if error.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )
@@ -42,7 +44,9 @@ def to_status(error: ExpungeError) -> grpc.Status:
 def _internal(context: grpc.ServicerContext, exc: BaseException) -> None:
     incident = uuid.uuid4().hex[:12]
     log.exception("internal error %s", incident, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details")
+    context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details"
+    )
 
 
 def handles_errors(method: F) -> F:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
@@ -29,8 +28,12 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         self.max_bytes = engine.settings.max_message_bytes
 
     @handles_errors
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[conv.model_to_proto(i) for i in self.engine.list_models()])
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[conv.model_to_proto(i) for i in self.engine.list_models()]
+        )
 
     @handles_errors
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
@@ -40,7 +43,9 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
     def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.ServicerContext
     ) -> pb.ListVersionsResponse:
-        rows, token = self.engine.list_versions(request.model, request.page_size, request.page_token)
+        rows, token = self.engine.list_versions(
+            request.model, request.page_size, request.page_token
+        )
         return pb.ListVersionsResponse(
             versions=[conv.version_to_proto(r) for r in rows], next_page_token=token
         )
@@ -61,14 +66,20 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             )
 
     @handles_errors
-    def RollbackModel(self, request: pb.RollbackModelRequest, context: grpc.ServicerContext) -> pb.Model:
+    def RollbackModel(
+        self, request: pb.RollbackModelRequest, context: grpc.ServicerContext
+    ) -> pb.Model:
         model, version = parse_version_name(request.name)
         if version == 0:
-            raise invalid_field("name", "name a version to roll back to: models/{model}/versions/{n}")
+            raise invalid_field(
+                "name", "name a version to roll back to: models/{model}/versions/{n}"
+            )
         return conv.model_to_proto(self.engine.rollback(model, version, actor_of(context)))
 
     @handles_errors
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+    def Predict(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext
+    ) -> pb.PredictResponse:
         if not request.HasField("inputs"):
             raise invalid_field("inputs", "required: a tensor of shape (batch, *input_spec.shape)")
         if request.version < 0:
@@ -82,18 +93,26 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         )
 
     @handles_errors
-    def ListAudit(self, request: pb.ListAuditRequest, context: grpc.ServicerContext) -> pb.ListAuditResponse:
+    def ListAudit(
+        self, request: pb.ListAuditRequest, context: grpc.ServicerContext
+    ) -> pb.ListAuditResponse:
         rows, token = self.engine.audit(request.model, request.page_size, request.page_token)
-        return pb.ListAuditResponse(events=[conv.audit_to_proto(r) for r in rows], next_page_token=token)
+        return pb.ListAuditResponse(
+            events=[conv.audit_to_proto(r) for r in rows], next_page_token=token
+        )
 
     # Capabilities that later work fills in answer UNIMPLEMENTED, naming what is missing.
 
     @handles_errors
     def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.Operation:
-        raise Unimplemented("Forget (L-CODEC + Newton unlearning) is not available in this build yet")
+        raise Unimplemented(
+            "Forget (L-CODEC + Newton unlearning) is not available in this build yet"
+        )
 
     @handles_errors
-    def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
+    def GetOperation(
+        self, request: pb.GetOperationRequest, context: grpc.ServicerContext
+    ) -> pb.Operation:
         raise Unimplemented("operations belong to Forget, which is not available in this build yet")
 
     @handles_errors
@@ -110,14 +129,24 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         raise Unimplemented("operations belong to Forget, which is not available in this build yet")
 
     @handles_errors
-    def Scan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> Iterator[pb.ScanResult]:
-        raise Unimplemented("Scan (renormalized-influence target identification) is not available yet")
+    def Scan(
+        self, request: pb.ScanRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ScanResult]:
+        raise Unimplemented(
+            "Scan (renormalized-influence target identification) is not available yet"
+        )
         yield  # pragma: no cover
 
     @handles_errors
-    def EstimateScan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> pb.ScanEstimate:
-        raise Unimplemented("Scan (renormalized-influence target identification) is not available yet")
+    def EstimateScan(
+        self, request: pb.ScanRequest, context: grpc.ServicerContext
+    ) -> pb.ScanEstimate:
+        raise Unimplemented(
+            "Scan (renormalized-influence target identification) is not available yet"
+        )
 
     @handles_errors
-    def Neighbors(self, request: pb.NeighborsRequest, context: grpc.ServicerContext) -> pb.NeighborsResponse:
+    def Neighbors(
+        self, request: pb.NeighborsRequest, context: grpc.ServicerContext
+    ) -> pb.NeighborsResponse:
         raise Unimplemented("Neighbors (the gradient index) is not available in this build yet")

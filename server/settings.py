@@ -17,7 +17,9 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address (loopback by default)"})
     port: int = field(default=50051, metadata={"help": "0 picks a free port"})
     max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "per message"})
-    max_batch: int = field(default=4096, metadata={"help": "inputs per Predict/Scan/Neighbors call"})
+    max_batch: int = field(
+        default=4096, metadata={"help": "inputs per Predict/Scan/Neighbors call"}
+    )
     max_concurrent_rpcs: int = field(default=64, metadata={"help": "beyond: RESOURCE_EXHAUSTED"})
     workers: int = field(default=8, metadata={"help": "gRPC thread pool size"})
     torch_threads: int = field(default=1, metadata={"help": "fixed for deterministic results"})
@@ -61,7 +63,9 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
     return value
 
 
-def load_settings(path: Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    path: Path | None = None, env: dict[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Defaults < TOML file (``[server]`` table or top level) < ``EXPUNGE_*`` env < overrides."""
     settings = Settings()
     values: dict[str, Any] = {}

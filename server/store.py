@@ -291,10 +291,18 @@ class Store:
                 (after_id, f"models/{model}", f"models/{model}/%", limit),
             )
         else:
-            rows = self.query("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+            rows = self.query(
+                "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            )
         return [
-            AuditRow(int(r["id"]), r["time"], r["actor"], r["action"], r["resource"],
-                     json.loads(r["details_json"]))
+            AuditRow(
+                int(r["id"]),
+                r["time"],
+                r["actor"],
+                r["action"],
+                r["resource"],
+                json.loads(r["details_json"]),
+            )
             for r in rows
         ]
 
@@ -328,9 +336,16 @@ class _Tx:
         self._db.execute(
             "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
-                row.name, json.dumps(row.spec), json.dumps(row.train_config), row.current_version,
-                row.train_blob, row.test_blob, row.checkpoints_blob, row.num_samples,
-                json.dumps(row.ledger), row.created_at,
+                row.name,
+                json.dumps(row.spec),
+                json.dumps(row.train_config),
+                row.current_version,
+                row.train_blob,
+                row.test_blob,
+                row.checkpoints_blob,
+                row.num_samples,
+                json.dumps(row.ledger),
+                row.created_at,
             ),
         )
 
@@ -338,8 +353,14 @@ class _Tx:
         self._db.execute(
             "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
             (
-                row.model, row.version, row.parent, row.weights_blob, row.created_by,
-                row.created_at, json.dumps(row.metrics), row.num_samples,
+                row.model,
+                row.version,
+                row.parent,
+                row.weights_blob,
+                row.created_by,
+                row.created_at,
+                json.dumps(row.metrics),
+                row.num_samples,
                 int(row.superseded_by_forget),
             ),
         )
@@ -378,8 +399,17 @@ class _Tx:
         self._db.execute(
             "INSERT INTO requests (request_id, model, kind, payload_sha256, payload_json, state,"
             " seq, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-            (request_id, model, kind, payload_sha256, json.dumps(payload, sort_keys=True),
-             "PENDING", seq, now, now),
+            (
+                request_id,
+                model,
+                kind,
+                payload_sha256,
+                json.dumps(payload, sort_keys=True),
+                "PENDING",
+                seq,
+                now,
+                now,
+            ),
         )
 
 

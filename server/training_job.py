@@ -41,6 +41,8 @@ def train_model(
     store = Store(state_dir)
     try:
         engine = Engine(store, settings)
-        return engine.create_model(name, data, spec, config or TrainConfig(epochs=epochs, seed=seed))
+        return engine.create_model(
+            name, data, spec, config or TrainConfig(epochs=epochs, seed=seed)
+        )
     finally:
         store.close()

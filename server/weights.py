@@ -10,14 +10,13 @@ import json
 
 import numpy as np
 import torch
+from expunge.defenses.training import Checkpoint
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 from torch import nn
-
-from expunge.defenses.training import Checkpoint
 
 from .errors import InvalidArgument
 
@@ -65,7 +64,9 @@ def load_into(model: nn.Module, data: bytes) -> nn.Module:
 def checkpoints_to_bytes(checkpoints: list[Checkpoint]) -> bytes:
     """All checkpoints of a run in one file: tensors ``t{index:04d}/{name}``."""
     state = {
-        f"t{i:04d}/{name}": tensor for i, c in enumerate(checkpoints) for name, tensor in c.state.items()
+        f"t{i:04d}/{name}": tensor
+        for i, c in enumerate(checkpoints)
+        for name, tensor in c.state.items()
     }
     meta = {
         "format": "expunge-checkpoints-v1",

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny model trained on real digits, a state directory, a running server."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+DEMO_EPOCHS = 8
+
+
+@pytest.fixture(scope="session")
+def trained_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory holding models/digits (MLP, 8 epochs) trained once per session."""
+    from expunge.server.settings import Settings
+    from expunge.server.training_job import train_model
+
+    root = tmp_path_factory.mktemp("trained-state")
+    train_model(
+        root,
+        "digits",
+        "digits",
+        "mlp",
+        epochs=DEMO_EPOCHS,
+        seed=0,
+        settings=Settings(state_dir=root),
+    )
+    return root
+
+
+@pytest.fixture
+def state_dir(trained_state: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained state, so a test may change it."""
+    target = tmp_path / "state"
+    shutil.copytree(trained_state, target)
+    return target
+
+
+@pytest.fixture
+def server(state_dir: Path) -> Iterator[object]:
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+
+    running = start(Settings(state_dir=state_dir, port=0))
+    yield running
+    running.stop(grace=0.5)
+
+
+@pytest.fixture
+def client(server: object) -> Iterator[object]:
+    from expunge.client import Client
+
+    with Client(server.target, timeout=60.0, retries=1) as c:  # type: ignore[attr-defined]
+        yield c

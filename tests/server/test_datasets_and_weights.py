@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from expunge.defenses.architectures import ArchitectureSpec, build_model
+from expunge.server import weights as weights_io
+from expunge.server.datasets import builtin, load_npz, synthetic_owners, validate
+from expunge.server.errors import InvalidArgument
+
+
+def _arrays(n: int = 6) -> dict[str, np.ndarray]:
+    return {
+        "features": np.zeros((n, 3), np.float32),
+        "labels": np.arange(n) % 2,
+        "sample_ids": np.arange(n, dtype=np.int64),
+        "owner_ids": np.array([f"u{i}" for i in range(n)]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"features": np.zeros((6,), np.float32)}, "features"),
+        ({"features": np.zeros((6, 3), np.int64)}, "floating"),
+        ({"labels": np.arange(5)}, "labels"),
+        ({"labels": np.array([0, 1, 2, 0, 1, -1])}, "lie in"),
+        ({"sample_ids": np.array([0, 1, 2, 3, 3, 5])}, "duplicate"),
+        ({"owner_ids": np.array(["a", "b", "", "d", "e", "f"])}, "no owner"),
+        ({"features": np.full((6, 3), np.nan, np.float32)}, "NaN"),
+    ],
+)
+def test_bad_arrays_are_refused_with_a_clear_error(
+    change: dict[str, np.ndarray], message: str
+) -> None:
+    arrays = {**_arrays(), **change}
+    with pytest.raises(InvalidArgument, match=message):
+        validate(**arrays)
+
+
+def test_npz_import_round_trip_and_object_arrays_refused(tmp_path: Path) -> None:
+    good = tmp_path / "good.npz"
+    np.savez(good, **_arrays())
+    assert len(load_npz(good)) == 6
+    bad = tmp_path / "bad.npz"
+    arrays = _arrays()
+    arrays["owner_ids"] = arrays["owner_ids"].astype(object)
+    np.savez(bad, **arrays)
+    with pytest.raises(InvalidArgument, match="pickle"):
+        load_npz(bad)
+
+
+def test_builtin_datasets_have_owners_of_one_to_twenty_samples() -> None:
+    for name, n in (("digits", 1797), ("breast_cancer", 569), ("wine", 178)):
+        data = builtin(name, seed=3)
+        assert len(data) == n
+        _, counts = np.unique(data.owner_ids, return_counts=True)
+        assert counts.min() >= 1 and counts.max() <= 20
+    assert (synthetic_owners(100, 1) == synthetic_owners(100, 1)).all()
+    assert (synthetic_owners(100, 1) != synthetic_owners(100, 2)).any()
+
+
+def test_weights_round_trip_and_mismatch_refused() -> None:
+    spec = ArchitectureSpec("mlp", (4,), 3)
+    model = build_model(spec, 0)
+    data = weights_io.model_to_bytes(model)
+    other = weights_io.load_into(build_model(spec, 1), data)
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(InvalidArgument, match="do not fit"):
+        weights_io.load_into(build_model(ArchitectureSpec("mlp", (5,), 3), 0), data)
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+def test_a_pickle_payload_is_refused_and_never_executed(capsys: pytest.CaptureFixture[str]) -> None:
+    payload = pickle.dumps({"1.weight": _Exploit()})
+    with pytest.raises(InvalidArgument, match="safetensors"):
+        weights_io.load_into(build_model(ArchitectureSpec("mlp", (4,), 3), 0), payload)
+    buf = torch.zeros(1)
+    import io
+
+    torch_file = io.BytesIO()
+    torch.save({"w": buf, "x": _Exploit()}, torch_file)
+    with pytest.raises(InvalidArgument):
+        weights_io.parse_state(torch_file.getvalue())
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_truncated_weights_are_refused() -> None:
+    data = weights_io.model_to_bytes(build_model(ArchitectureSpec("mlp", (4,), 3), 0))
+    with pytest.raises(InvalidArgument):
+        weights_io.parse_state(data[: len(data) // 2])

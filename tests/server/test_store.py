@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from expunge.server.blobs import BlobStore, sha256_hex
+from expunge.server.errors import FailedPrecondition
+from expunge.server.store import SCHEMA_VERSION, Store
+
+
+def test_database_is_wal_with_full_sync_and_versioned_schema(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert store.query("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert store.schema_version == SCHEMA_VERSION
+    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"models", "versions", "samples", "requests", "audit", "forgotten"} <= tables
+    store.close()
+    # Reopening does not re-run migrations.
+    again = Store(tmp_path)
+    assert again.schema_version == SCHEMA_VERSION
+    again.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "expunge.db")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(tmp_path)
+
+
+def test_blobs_are_content_addressed_and_verified(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    digest = blobs.put(b"weights")
+    assert digest == sha256_hex(b"weights") and blobs.get(digest) == b"weights"
+    assert blobs.put(b"weights") == digest
+    blobs.path(digest).write_bytes(b"tampered")
+    with pytest.raises(FailedPrecondition, match="corrupt"):
+        blobs.get(digest)
+
+
+def test_a_half_written_blob_is_never_referenced_and_is_collected(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    kept = store.blobs.put(b"kept")
+    # A crash mid-write leaves a temp file behind, never a file under a digest name.
+    partial = store.blobs.path(sha256_hex(b"x")).parent / ".tmp-crashed"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"half")
+    orphan = store.blobs.put(b"orphan")
+    assert set(store.blobs.digests()) == {kept, orphan}
+    removed = store.blobs.collect_garbage({kept})
+    assert removed == 2 and store.blobs.digests() == [kept]
+    assert not partial.exists()
+    store.close()
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(ZeroDivisionError), store.transaction() as tx:
+        tx.audit("admin", "something", "models/x", {})
+        _ = 1 / 0
+    assert store.audit_events(None, 0, 10) == []
+    store.record_audit("admin", "something", "models/x", {"n": 1})
+    assert [e.details for e in store.audit_events(None, 0, 10)] == [{"n": 1}]
+    store.close()
+
+
+def test_blob_writes_are_fsynced_before_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("rename"), real_replace(a, b))[1])
+    BlobStore(tmp_path).put(b"data")
+    assert calls == ["fsync", "rename", "fsync"]  # file, rename, directory

@@ -1,0 +1,76 @@
+"""Package boundaries: defenses is pure, the client installs without torch, protos do not drift."""
+
+from __future__ import annotations
+
+import ast
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN_IN_DEFENSES = (
+    "grpc",
+    "sqlite3",
+    "expunge.server",
+    "expunge.client",
+    "expunge.v1",
+    "google.protobuf",
+)
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_defenses_never_imports_transport_or_storage() -> None:
+    offenders = {
+        f"{path.name}: {name}"
+        for path in (ROOT / "defenses").glob("*.py")
+        for name in _imports(path)
+        if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN_IN_DEFENSES)
+    }
+    assert not offenders, offenders
+
+
+def test_importing_every_defenses_module_loads_no_grpc() -> None:
+    modules = [
+        f"expunge.defenses.{p.stem}"
+        for p in (ROOT / "defenses").glob("*.py")
+        if p.stem != "__init__"
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + (
+            "bad = [m for m in sys.modules if m == 'grpc' or m.startswith('grpc.') or m == 'sqlite3']\n"
+            "assert not bad, bad\n"
+        )
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_client_does_not_import_torch() -> None:
+    code = (
+        "import sys, expunge.client, expunge.client.cli\n"
+        "assert 'torch' not in sys.modules, 'client imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
+    from expunge.server.protogen import generate
+
+    written = generate(tmp_path)
+    assert written, "protoc wrote nothing"
+    committed = ROOT / "proto" / "expunge" / "v1"
+    for fresh in written:
+        assert filecmp.cmp(fresh, committed / fresh.name, shallow=False), (
+            f"{fresh.name} is stale: run `make proto` and commit the result"
+        )
