@@ -10,7 +10,8 @@ from expunge.v1 import expunge_pb2 as pb
 
 from .engine import ModelInfo
 from .errors import ResourceExhausted, invalid_field
-from .store import AuditRow, VersionRow
+from .jobs import Progress
+from .store import AuditRow, RequestRow, VersionRow
 
 # Tensor dtypes the API accepts, by their wire name.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -103,3 +104,43 @@ def audit_to_proto(row: AuditRow) -> pb.AuditEvent:
 
 def struct_fields(message: Any, names: list[str]) -> dict[str, Any]:
     return {n: getattr(message, n) for n in names}
+
+
+_STATES = {
+    "PENDING": pb.Operation.PENDING,
+    "APPLYING": pb.Operation.RUNNING,
+    "SUCCEEDED": pb.Operation.SUCCEEDED,
+    "FAILED": pb.Operation.FAILED,
+    "CANCELLED": pb.Operation.CANCELLED,
+}
+
+
+def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
+    """A journalled request and its live progress as an Operation."""
+    from google.protobuf import json_format
+    from google.rpc import code_pb2
+
+    state = _STATES[row.state]
+    done = row.state in ("SUCCEEDED", "FAILED", "CANCELLED")
+    op = pb.Operation(
+        name=f"operations/{row.request_id}",
+        kind=row.kind,
+        state=state,
+        done=done,
+        progress=pb.OperationProgress(
+            phase="done" if done else ("queued" if row.state == "PENDING" else progress.phase),
+            completed=progress.completed,
+            total=progress.total,
+            message=progress.message,
+        ),
+        create_time=row.created_at,
+        update_time=row.updated_at,
+        model=f"models/{row.model}",
+    )
+    if row.error_code:
+        op.error.CopyFrom(
+            pb.OperationError(code=getattr(code_pb2, row.error_code, code_pb2.UNKNOWN), message=row.error_message or "")
+        )
+    if row.state == "SUCCEEDED" and row.result:
+        op.receipt.CopyFrom(json_format.ParseDict(row.result, pb.ForgetReceipt(), ignore_unknown_fields=True))
+    return op

@@ -14,6 +14,7 @@ from expunge.v1 import expunge_pb2, expunge_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .engine import Engine
+from .forgetting import ForgetService
 from .servicer import ExpungeServicer
 from .settings import LOOPBACK_HOSTS, Settings
 from .store import Store
@@ -31,6 +32,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     engine: Engine
+    forget: ForgetService
     health: health.HealthServicer
     settings: Settings
 
@@ -49,8 +51,10 @@ class RunningServer:
             self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING at once, drain in-flight calls for ``grace`` seconds, then close."""
         self.set_serving(False)
         self.server.stop(grace).wait()
+        self.forget.jobs.stop(timeout=grace)
         self.engine.store.close()
 
 
@@ -70,6 +74,7 @@ def start(settings: Settings) -> RunningServer:
     configure_torch(settings)
     store = Store(settings.state_dir)
     engine = Engine(store, settings)
+    forget = ForgetService(engine)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -79,7 +84,7 @@ def start(settings: Settings) -> RunningServer:
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine), server)
+    expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine, forget), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
@@ -105,8 +110,17 @@ def start(settings: Settings) -> RunningServer:
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
+    running = RunningServer(server, port, engine, forget, health_servicer, settings)
+    # Health says NOT_SERVING until interrupted requests are requeued and stray blobs collected.
+    running.set_serving(False)
     server.start()
-    running = RunningServer(server, port, engine, health_servicer, settings)
+    with store.write_lock:
+        waiting = forget.jobs.recover()
+        store.blobs.collect_garbage(store.referenced_blobs())
+    forget.jobs.start()
+    if waiting:
+        log.info("redoing %d journalled forget requests before serving", waiting)
+        forget.jobs.wait_idle(timeout=settings.recovery_timeout_s)
     running.set_serving(True)
     log.info("serving on %s (state in %s)", running.target, settings.state_dir)
     return running

@@ -10,8 +10,16 @@ from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
 from . import converters as conv
 from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
-from .errors import Unimplemented, invalid_field
+from .errors import NotFound, Unimplemented, invalid_field
+from .forgetting import ForgetService
 from .rpc_status import handles_errors
+
+
+def parse_operation_name(name: str) -> str:
+    request_id = name.removeprefix("operations/")
+    if not request_id:
+        raise invalid_field("name", "expected 'operations/{request_id}'")
+    return request_id
 
 
 def actor_of(context: grpc.ServicerContext) -> str:
@@ -23,8 +31,9 @@ def actor_of(context: grpc.ServicerContext) -> str:
 
 
 class ExpungeServicer(pb_grpc.ExpungeServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, forget: ForgetService) -> None:
         self.engine = engine
+        self.forget = forget
         self.max_bytes = engine.settings.max_message_bytes
 
     @handles_errors
@@ -101,32 +110,56 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             events=[conv.audit_to_proto(r) for r in rows], next_page_token=token
         )
 
-    # Capabilities that later work fills in answer UNIMPLEMENTED, naming what is missing.
+    # Forgetting -------------------------------------------------------------------------
+
+    def _operation(self, request_id: str) -> pb.Operation:
+        row = self.forget.engine.store.request(request_id)
+        if row is None:
+            raise NotFound(f"operation {request_id!r} not found")
+        progress, _ = self.forget.jobs.progress(request_id)
+        return conv.operation_to_proto(row, progress)
 
     @handles_errors
     def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.Operation:
-        raise Unimplemented(
-            "Forget (L-CODEC + Newton unlearning) is not available in this build yet"
+        options = conv.forget_options(request.options)
+        row = self.forget.submit(
+            request.model,
+            list(request.sample_ids),
+            list(request.owner_ids),
+            request.request_id,
+            options,
+            actor_of(context),
         )
+        return self._operation(row.request_id)
 
     @handles_errors
-    def GetOperation(
-        self, request: pb.GetOperationRequest, context: grpc.ServicerContext
-    ) -> pb.Operation:
-        raise Unimplemented("operations belong to Forget, which is not available in this build yet")
+    def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
+        return self._operation(parse_operation_name(request.name))
 
     @handles_errors
     def WatchOperation(
         self, request: pb.GetOperationRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Operation]:
-        raise Unimplemented("operations belong to Forget, which is not available in this build yet")
-        yield  # pragma: no cover
+        request_id = parse_operation_name(request.name)
+        op = self._operation(request_id)
+        yield op
+        seen = -1
+        while not op.done and context.is_active():
+            _, seen = self.forget.jobs.progress(request_id)
+            self.forget.jobs.wait_for_change(request_id, seen, timeout=1.0)
+            latest = self._operation(request_id)
+            if latest != op:
+                op = latest
+                yield op
 
     @handles_errors
     def CancelOperation(
         self, request: pb.CancelOperationRequest, context: grpc.ServicerContext
     ) -> pb.Operation:
-        raise Unimplemented("operations belong to Forget, which is not available in this build yet")
+        request_id = parse_operation_name(request.name)
+        self._operation(request_id)
+        self.forget.jobs.cancel(request_id)
+        return self._operation(request_id)
 
     @handles_errors
     def Scan(

@@ -167,6 +167,9 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.root / "blobs")
         self._lock = threading.RLock()
+        # Held from writing a blob until a committed row references it, and by garbage
+        # collection, so a blob in flight is never collected.
+        self.write_lock = threading.RLock()
         self._db = sqlite3.connect(
             self.root / "expunge.db", check_same_thread=False, isolation_level=None
         )

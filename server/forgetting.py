@@ -1,0 +1,283 @@
+"""Forget: validate and journal a request, then (in the worker) select, update, verify, commit.
+
+The update runs on a scratch copy of the current model; nothing becomes visible
+until one SQLite transaction writes the new version, the rewritten data shard,
+the removed sample rows, the forgotten-id ledger, the request's receipt and the
+audit event together.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.training import TrainConfig
+
+from . import weights as weights_io
+from .engine import Engine, parse_model_name
+from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
+from .jobs import SUCCEEDED, JobRunner, ProgressReporter
+from .store import RequestRow, VersionRow, utc_now
+from .unlearning import UnlearningOptions, unlearn
+
+MAX_IDS_PER_REQUEST = 100_000
+REQUEST_ID_MAX = 128
+
+
+@dataclass(frozen=True)
+class ForgetPayload:
+    """The canonical form of a request: what the idempotency hash covers."""
+
+    model: str
+    sample_ids: tuple[int, ...]
+    owner_ids: tuple[str, ...]
+    options: UnlearningOptions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "sample_ids": list(self.sample_ids),
+            "owner_ids": list(self.owner_ids),
+            "options": self.options.to_dict(),
+        }
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ForgetPayload:
+        return cls(
+            data["model"],
+            tuple(data["sample_ids"]),
+            tuple(data["owner_ids"]),
+            UnlearningOptions.from_dict(data["options"]),
+        )
+
+
+def owner_digest(owner_id: str) -> str:
+    """Forgotten owners are remembered only by digest, to answer 'already forgotten'."""
+    return hashlib.sha256(owner_id.encode()).hexdigest()
+
+
+def request_seed(request_id: str, version: int) -> int:
+    """Deterministic seed of one request on one model version."""
+    return int.from_bytes(hashlib.sha256(f"{request_id}:{version}".encode()).digest()[:4], "little")
+
+
+class ForgetService:
+    """Submission (in the RPC thread) and application (in the worker) of forget requests."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.jobs = JobRunner(engine.store, self._apply)
+
+    # Submission --------------------------------------------------------------------------
+
+    def submit(
+        self,
+        model: str,
+        sample_ids: list[int],
+        owner_ids: list[str],
+        request_id: str,
+        options: UnlearningOptions,
+        actor: str,
+    ) -> RequestRow:
+        """Validate, check idempotency, resolve ids, journal durably; return the request row."""
+        if not request_id or len(request_id) > REQUEST_ID_MAX or not request_id.isprintable():
+            raise invalid_field("request_id", f"required: a printable idempotency key of at most {REQUEST_ID_MAX} characters")
+        name = parse_model_name(model)
+        if not sample_ids and not owner_ids:
+            raise invalid_field("sample_ids", "name at least one sample id or owner id to forget")
+        if len(sample_ids) + len(owner_ids) > MAX_IDS_PER_REQUEST:
+            raise invalid_field("sample_ids", f"at most {MAX_IDS_PER_REQUEST} ids per request; split it")
+        if any(not o for o in owner_ids):
+            raise invalid_field("owner_ids", "owner ids must be non-empty strings")
+        payload = ForgetPayload(name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options)
+        existing = self.engine.store.request(request_id)
+        if existing is not None:
+            if existing.payload_sha256 != payload.sha256:
+                raise AlreadyExists(
+                    f"request id {request_id!r} was used for a different request; use a new id"
+                )
+            return existing
+        self.engine.model_row(name)
+        self._check_known(payload)
+        stored = {**payload.to_dict(), "actor": actor}
+        with self.engine.store.transaction() as tx:
+            tx.insert_request(request_id, name, "forget", payload.sha256, stored)
+            tx.audit(actor, "forget_requested", f"models/{name}", {
+                "request_id": request_id, "samples": len(payload.sample_ids), "owners": len(payload.owner_ids),
+            })
+        self.jobs.notify()
+        row = self.engine.store.request(request_id)
+        assert row is not None
+        return row
+
+    def _check_known(self, payload: ForgetPayload) -> None:
+        """Unknown ids are NOT_FOUND (listing them) and nothing is applied; forgotten ones are fine."""
+        store = self.engine.store
+        unknown_samples = []
+        for start in range(0, len(payload.sample_ids), 500):
+            chunk = list(payload.sample_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            known = {
+                int(r[0])
+                for r in store.query(
+                    f"SELECT sample_id FROM samples WHERE model = ? AND sample_id IN ({marks}) "
+                    f"UNION SELECT sample_id FROM forgotten WHERE model = ? AND sample_id IN ({marks})",
+                    (payload.model, *chunk, payload.model, *chunk),
+                )
+            }
+            unknown_samples += [s for s in chunk if s not in known]
+        unknown_owners = [
+            o
+            for o in payload.owner_ids
+            if not store.query(
+                "SELECT 1 FROM samples WHERE model = ? AND owner_id = ? LIMIT 1", (payload.model, o)
+            )
+            and not store.query(
+                "SELECT 1 FROM forgotten WHERE model = ? AND owner_sha256 = ? LIMIT 1",
+                (payload.model, owner_digest(o)),
+            )
+        ]
+        if unknown_samples or unknown_owners:
+            parts = []
+            if unknown_samples:
+                parts.append(f"sample ids {unknown_samples[:20]}" + (" ..." if len(unknown_samples) > 20 else ""))
+            if unknown_owners:
+                parts.append(f"owner ids {unknown_owners[:20]}" + (" ..." if len(unknown_owners) > 20 else ""))
+            raise NotFound(f"unknown {' and '.join(parts)} in models/{payload.model}; nothing was applied")
+
+    # Application (worker thread) -----------------------------------------------------------
+
+    def _apply(self, request: RequestRow, reporter: ProgressReporter) -> None:
+        started = time.perf_counter()
+        payload = ForgetPayload.from_dict(request.payload)
+        engine, store = self.engine, self.engine.store
+        row = engine.model_row(payload.model)
+        data = engine.training_data(payload.model)
+        owners_set = set(payload.owner_ids)
+        id_set = set(payload.sample_ids)
+        mask = np.array(
+            [int(s) in id_set or str(o) in owners_set for s, o in zip(data.sample_ids, data.owner_ids, strict=True)],
+            dtype=bool,
+        )
+        removed_ids = [int(s) for s in data.sample_ids[mask]]
+        removed_owners = sorted({str(o) for o in data.owner_ids[mask]} | (owners_set & set(map(str, data.owner_ids[mask]))))
+        already = sorted(id_set - set(removed_ids))
+        if not removed_ids:
+            result = {
+                "new_version": row.current_version,
+                "parent_version": row.current_version,
+                "already_forgotten_sample_ids": already,
+                "note": "everything named had been forgotten already; nothing changed",
+                "seconds": time.perf_counter() - started,
+            }
+            with store.transaction() as tx:
+                tx.set_request_state(request.request_id, SUCCEEDED, result)
+                tx.audit(request.payload.get("actor", "anonymous"), "forget", f"models/{payload.model}",
+                         {"request_id": request.request_id, "already_forgotten": len(already), "removed": 0})
+            return
+
+        snapshot = engine.snapshot(payload.model)
+        spec = ArchitectureSpec.from_dict(row.spec)
+        config = TrainConfig.from_dict(row.train_config)
+        model = copy.deepcopy(snapshot.module)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        keep = torch.from_numpy(~mask)
+        forget_idx = torch.from_numpy(mask)
+        test = engine.test_data(payload.model)
+        outcome = unlearn(
+            model=model,
+            spec=spec,
+            forget_x=data.features[forget_idx],
+            forget_y=data.labels[forget_idx],
+            retained_x=data.features[keep],
+            retained_y=data.labels[keep],
+            test_x=torch.from_numpy(test.features),
+            test_y=torch.from_numpy(test.labels),
+            weight_decay=config.weight_decay,
+            options=payload.options,
+            ledger=row.ledger,
+            default_budget=engine.settings.forget_budget,
+            default_parameter_budget=engine.settings.forget_parameter_budget,
+            seed=request_seed(request.request_id, row.current_version),
+            reporter=reporter,
+        )
+        reporter.phase("committing")
+        with store.write_lock:
+            weights = weights_io.model_to_bytes(model)
+            weights_blob = store.blobs.put(weights)
+            shard = weights_io.arrays_to_bytes({
+                "features": data.features[keep].numpy(),
+                "labels": data.labels[keep].numpy(),
+                "sample_ids": data.sample_ids[~mask],
+            })
+            train_blob = store.blobs.put(shard)
+            new_version = row.current_version + 1
+            receipt = {
+                **outcome.receipt,
+                "new_version": new_version,
+                "parent_version": row.current_version,
+                "removed_sample_ids": removed_ids,
+                "removed_owner_ids": removed_owners if payload.owner_ids else [],
+                "already_forgotten_sample_ids": already,
+                "weights_sha256": weights_blob,
+                "environment": environment(),
+                "seconds": time.perf_counter() - started,
+            }
+            metrics = engine.evaluate(model, data.features[keep], data.labels[keep], test, config.weight_decay)
+            actor = request.payload.get("actor", "anonymous")
+            with store.transaction() as tx:
+                current = tx.execute("SELECT current_version FROM models WHERE name = ?", (payload.model,)).fetchone()[0]
+                if int(current) != row.current_version:
+                    raise FailedPrecondition("the model changed while the forget ran; it will be redone")
+                tx.insert_version(VersionRow(
+                    payload.model, new_version, row.current_version, weights_blob, request.request_id,
+                    utc_now(), metrics, int(keep.sum()), False,
+                ))
+                tx.execute(
+                    "UPDATE models SET current_version = ?, train_blob = ?, num_samples = ?, ledger_json = ? WHERE name = ?",
+                    (new_version, train_blob, row.num_samples - len(removed_ids), json.dumps(outcome.ledger), payload.model),
+                )
+                tx.execute("UPDATE versions SET superseded_by_forget = 1 WHERE model = ? AND version < ?",
+                           (payload.model, new_version))
+                owners_by_id = dict(zip(data.sample_ids[mask].tolist(), data.owner_ids[mask].tolist(), strict=True))
+                for start in range(0, len(removed_ids), 500):
+                    chunk = removed_ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    tx.execute(f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})", (payload.model, *chunk))
+                for sid in removed_ids:
+                    tx.execute(
+                        "INSERT INTO forgotten (model, sample_id, owner_sha256, request_id, version) VALUES (?,?,?,?,?)",
+                        (payload.model, sid, owner_digest(owners_by_id[sid]), request.request_id, new_version),
+                    )
+                tx.set_request_state(request.request_id, SUCCEEDED, receipt)
+                tx.audit(actor, "forget", f"models/{payload.model}", {
+                    "request_id": request.request_id,
+                    "removed_samples": len(removed_ids),
+                    "removed_sample_ids": removed_ids,
+                    "owners": len(receipt["removed_owner_ids"]),
+                    "new_version": new_version,
+                    "parameters_updated": receipt.get("parameters_updated", 0),
+                })
+            store.blobs.collect_garbage(store.referenced_blobs())
+        engine.forget_snapshot_cache(payload.model)
+
+
+def environment() -> str:
+    device = "cpu"
+    return (
+        f"torch {torch.__version__}; device {device}; threads {torch.get_num_threads()}; "
+        f"deterministic {torch.are_deterministic_algorithms_enabled()}"
+    )

@@ -1,0 +1,191 @@
+"""Long-running operations: one worker applies journalled forget requests in order.
+
+A request is journalled (PENDING, in SQLite with synchronous=FULL) before Forget
+answers. The worker moves it to APPLYING, computes the update on a scratch copy,
+and commits the new state and SUCCEEDED in one transaction. On start, requests
+left APPLYING by a crash are redone from scratch: nothing was committed for them,
+and the computation is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import Cancelled, ExpungeError
+from .store import RequestRow, Store
+
+log = logging.getLogger("expunge.server.jobs")
+
+PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "APPLYING", "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str = "queued"
+    completed: int = 0
+    total: int = 0
+    message: str = ""
+
+
+@dataclass
+class _Live:
+    progress: Progress = field(default_factory=Progress)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    version: int = 0  # bumps on every change so watchers know when to send
+
+
+class ProgressReporter:
+    """Handed to the apply function: reports phases and raises if cancellation was asked."""
+
+    def __init__(self, jobs: JobRunner, request_id: str) -> None:
+        self._jobs = jobs
+        self._request_id = request_id
+
+    def phase(self, name: str, completed: int = 0, total: int = 0, message: str = "") -> None:
+        self.check_cancelled()
+        self._jobs._set_progress(self._request_id, Progress(name, completed, total, message))
+
+    def check_cancelled(self) -> None:
+        if self._jobs._live(self._request_id).cancel.is_set():
+            raise Cancelled("cancelled at the caller's request before commit")
+
+
+# apply(request, reporter) commits the result itself (inside its final transaction,
+# which must also set the request SUCCEEDED) and returns nothing.
+ApplyFunction = Callable[[RequestRow, ProgressReporter], None]
+
+
+class JobRunner:
+    def __init__(self, store: Store, apply: ApplyFunction) -> None:
+        self.store = store
+        self.apply = apply
+        self._lock = threading.Condition()
+        self._live_state: dict[str, _Live] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # Lifecycle ---------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Requeue requests a crash left APPLYING; return how many are waiting."""
+        with self.store.transaction() as tx:
+            tx.execute("UPDATE requests SET state = ? WHERE state = ?", (PENDING, APPLYING))
+        return len(self.store.requests_in_state(PENDING))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="forget-worker", daemon=True)
+        self._thread.start()
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until every journalled request is done (tests and graceful shutdown)."""
+        deadline = threading.Event()
+        timer = threading.Timer(timeout, deadline.set)
+        timer.start()
+        try:
+            while not deadline.is_set():
+                if not self.store.requests_in_state(PENDING, APPLYING):
+                    return True
+                self._idle.wait(0.05)
+            return False
+        finally:
+            timer.cancel()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    # Worker ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while not self._stopping.is_set():
+                pending = self.store.requests_in_state(PENDING)
+                if not pending:
+                    break
+                self._process(pending[0])
+            self._idle.set()
+
+    def _process(self, request: RequestRow) -> None:
+        live = self._live(request.request_id)
+        if live.cancel.is_set():
+            self._finish(request.request_id, CANCELLED, ("CANCELLED", "cancelled before it started"))
+            return
+        with self.store.transaction() as tx:
+            tx.set_request_state(request.request_id, APPLYING)
+        self._touch(request.request_id)
+        try:
+            self.apply(replace(request, state=APPLYING), ProgressReporter(self, request.request_id))
+            self._set_progress(request.request_id, Progress("done"))
+        except Cancelled as exc:
+            self._finish(request.request_id, CANCELLED, ("CANCELLED", exc.message))
+        except ExpungeError as exc:
+            self._finish(request.request_id, FAILED, (exc.code, exc.message))
+        except Exception:
+            log.exception("forget %s failed", request.request_id)
+            self._finish(
+                request.request_id, FAILED, ("INTERNAL", "the update failed; the server log has details")
+            )
+
+    def _finish(self, request_id: str, state: str, error: tuple[str, str] | None) -> None:
+        with self.store.transaction() as tx:
+            tx.set_request_state(request_id, state, error=error)
+        self._set_progress(request_id, Progress("done"))
+
+    # Live state for GetOperation / WatchOperation / CancelOperation --------------------
+
+    def _live(self, request_id: str) -> _Live:
+        with self._lock:
+            return self._live_state.setdefault(request_id, _Live())
+
+    def _touch(self, request_id: str) -> None:
+        with self._lock:
+            self._live_state.setdefault(request_id, _Live()).version += 1
+            self._lock.notify_all()
+
+    def _set_progress(self, request_id: str, progress: Progress) -> None:
+        with self._lock:
+            live = self._live_state.setdefault(request_id, _Live())
+            live.progress = progress
+            live.version += 1
+            self._lock.notify_all()
+
+    def progress(self, request_id: str) -> tuple[Progress, int]:
+        live = self._live(request_id)
+        return live.progress, live.version
+
+    def wait_for_change(self, request_id: str, seen: int, timeout: float) -> int:
+        """Block until the operation changes past ``seen`` or ``timeout``; return the new version."""
+        with self._lock:
+            live = self._live_state.setdefault(request_id, _Live())
+            self._lock.wait_for(lambda: live.version != seen, timeout)
+            return live.version
+
+    def cancel(self, request_id: str) -> None:
+        """Ask for cancellation: a PENDING request is cancelled at once, an applying one before commit."""
+        self._live(request_id).cancel.set()
+        with self.store.transaction() as tx:
+            tx.execute(
+                "UPDATE requests SET state = ?, error_code = ?, error_message = ? "
+                "WHERE request_id = ? AND state = ?",
+                (CANCELLED, "CANCELLED", "cancelled before it started", request_id, PENDING),
+            )
+        self._touch(request_id)
+
+    def result(self, request_id: str) -> dict[str, Any] | None:
+        row = self.store.request(request_id)
+        return row.result if row else None
