@@ -12,6 +12,7 @@ from .engine import ModelInfo
 from .errors import ResourceExhausted, invalid_field
 from .jobs import Progress
 from .store import AuditRow, RequestRow, VersionRow
+from .unlearning import UnlearningOptions
 
 # Tensor dtypes the API accepts, by their wire name.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -139,8 +140,25 @@ def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
     )
     if row.error_code:
         op.error.CopyFrom(
-            pb.OperationError(code=getattr(code_pb2, row.error_code, code_pb2.UNKNOWN), message=row.error_message or "")
+            pb.OperationError(
+                code=getattr(code_pb2, row.error_code, code_pb2.UNKNOWN),
+                message=row.error_message or "",
+            )
         )
     if row.state == "SUCCEEDED" and row.result:
-        op.receipt.CopyFrom(json_format.ParseDict(row.result, pb.ForgetReceipt(), ignore_unknown_fields=True))
+        op.receipt.CopyFrom(
+            json_format.ParseDict(row.result, pb.ForgetReceipt(), ignore_unknown_fields=True)
+        )
     return op
+
+
+def forget_options(msg: pb.ForgetOptions) -> UnlearningOptions:
+    return UnlearningOptions.validated(
+        selection=msg.selection,
+        parameter_budget=msg.parameter_budget,
+        hessian=msg.hessian,
+        newton_iterations=msg.newton_iterations,
+        damping=msg.damping,
+        epsilon=msg.epsilon,
+        delta=msg.delta,
+    )

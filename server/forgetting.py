@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
 
@@ -93,15 +92,22 @@ class ForgetService:
     ) -> RequestRow:
         """Validate, check idempotency, resolve ids, journal durably; return the request row."""
         if not request_id or len(request_id) > REQUEST_ID_MAX or not request_id.isprintable():
-            raise invalid_field("request_id", f"required: a printable idempotency key of at most {REQUEST_ID_MAX} characters")
+            raise invalid_field(
+                "request_id",
+                f"required: a printable idempotency key of at most {REQUEST_ID_MAX} characters",
+            )
         name = parse_model_name(model)
         if not sample_ids and not owner_ids:
             raise invalid_field("sample_ids", "name at least one sample id or owner id to forget")
         if len(sample_ids) + len(owner_ids) > MAX_IDS_PER_REQUEST:
-            raise invalid_field("sample_ids", f"at most {MAX_IDS_PER_REQUEST} ids per request; split it")
+            raise invalid_field(
+                "sample_ids", f"at most {MAX_IDS_PER_REQUEST} ids per request; split it"
+            )
         if any(not o for o in owner_ids):
             raise invalid_field("owner_ids", "owner ids must be non-empty strings")
-        payload = ForgetPayload(name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options)
+        payload = ForgetPayload(
+            name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options
+        )
         existing = self.engine.store.request(request_id)
         if existing is not None:
             if existing.payload_sha256 != payload.sha256:
@@ -114,9 +120,16 @@ class ForgetService:
         stored = {**payload.to_dict(), "actor": actor}
         with self.engine.store.transaction() as tx:
             tx.insert_request(request_id, name, "forget", payload.sha256, stored)
-            tx.audit(actor, "forget_requested", f"models/{name}", {
-                "request_id": request_id, "samples": len(payload.sample_ids), "owners": len(payload.owner_ids),
-            })
+            tx.audit(
+                actor,
+                "forget_requested",
+                f"models/{name}",
+                {
+                    "request_id": request_id,
+                    "samples": len(payload.sample_ids),
+                    "owners": len(payload.owner_ids),
+                },
+            )
         self.jobs.notify()
         row = self.engine.store.request(request_id)
         assert row is not None
@@ -152,10 +165,18 @@ class ForgetService:
         if unknown_samples or unknown_owners:
             parts = []
             if unknown_samples:
-                parts.append(f"sample ids {unknown_samples[:20]}" + (" ..." if len(unknown_samples) > 20 else ""))
+                parts.append(
+                    f"sample ids {unknown_samples[:20]}"
+                    + (" ..." if len(unknown_samples) > 20 else "")
+                )
             if unknown_owners:
-                parts.append(f"owner ids {unknown_owners[:20]}" + (" ..." if len(unknown_owners) > 20 else ""))
-            raise NotFound(f"unknown {' and '.join(parts)} in models/{payload.model}; nothing was applied")
+                parts.append(
+                    f"owner ids {unknown_owners[:20]}"
+                    + (" ..." if len(unknown_owners) > 20 else "")
+                )
+            raise NotFound(
+                f"unknown {' and '.join(parts)} in models/{payload.model}; nothing was applied"
+            )
 
     # Application (worker thread) -----------------------------------------------------------
 
@@ -168,11 +189,17 @@ class ForgetService:
         owners_set = set(payload.owner_ids)
         id_set = set(payload.sample_ids)
         mask = np.array(
-            [int(s) in id_set or str(o) in owners_set for s, o in zip(data.sample_ids, data.owner_ids, strict=True)],
+            [
+                int(s) in id_set or str(o) in owners_set
+                for s, o in zip(data.sample_ids, data.owner_ids, strict=True)
+            ],
             dtype=bool,
         )
         removed_ids = [int(s) for s in data.sample_ids[mask]]
-        removed_owners = sorted({str(o) for o in data.owner_ids[mask]} | (owners_set & set(map(str, data.owner_ids[mask]))))
+        removed_owners = sorted(
+            {str(o) for o in data.owner_ids[mask]}
+            | (owners_set & set(map(str, data.owner_ids[mask])))
+        )
         already = sorted(id_set - set(removed_ids))
         if not removed_ids:
             result = {
@@ -184,8 +211,16 @@ class ForgetService:
             }
             with store.transaction() as tx:
                 tx.set_request_state(request.request_id, SUCCEEDED, result)
-                tx.audit(request.payload.get("actor", "anonymous"), "forget", f"models/{payload.model}",
-                         {"request_id": request.request_id, "already_forgotten": len(already), "removed": 0})
+                tx.audit(
+                    request.payload.get("actor", "anonymous"),
+                    "forget",
+                    f"models/{payload.model}",
+                    {
+                        "request_id": request.request_id,
+                        "already_forgotten": len(already),
+                        "removed": 0,
+                    },
+                )
             return
 
         snapshot = engine.snapshot(payload.model)
@@ -218,11 +253,13 @@ class ForgetService:
         with store.write_lock:
             weights = weights_io.model_to_bytes(model)
             weights_blob = store.blobs.put(weights)
-            shard = weights_io.arrays_to_bytes({
-                "features": data.features[keep].numpy(),
-                "labels": data.labels[keep].numpy(),
-                "sample_ids": data.sample_ids[~mask],
-            })
+            shard = weights_io.arrays_to_bytes(
+                {
+                    "features": data.features[keep].numpy(),
+                    "labels": data.labels[keep].numpy(),
+                    "sample_ids": data.sample_ids[~mask],
+                }
+            )
             train_blob = store.blobs.put(shard)
             new_version = row.current_version + 1
             receipt = {
@@ -236,41 +273,80 @@ class ForgetService:
                 "environment": environment(),
                 "seconds": time.perf_counter() - started,
             }
-            metrics = engine.evaluate(model, data.features[keep], data.labels[keep], test, config.weight_decay)
+            metrics = engine.evaluate(
+                model, data.features[keep], data.labels[keep], test, config.weight_decay
+            )
             actor = request.payload.get("actor", "anonymous")
             with store.transaction() as tx:
-                current = tx.execute("SELECT current_version FROM models WHERE name = ?", (payload.model,)).fetchone()[0]
+                current = tx.execute(
+                    "SELECT current_version FROM models WHERE name = ?", (payload.model,)
+                ).fetchone()[0]
                 if int(current) != row.current_version:
-                    raise FailedPrecondition("the model changed while the forget ran; it will be redone")
-                tx.insert_version(VersionRow(
-                    payload.model, new_version, row.current_version, weights_blob, request.request_id,
-                    utc_now(), metrics, int(keep.sum()), False,
-                ))
+                    raise FailedPrecondition(
+                        "the model changed while the forget ran; it will be redone"
+                    )
+                tx.insert_version(
+                    VersionRow(
+                        payload.model,
+                        new_version,
+                        row.current_version,
+                        weights_blob,
+                        request.request_id,
+                        utc_now(),
+                        metrics,
+                        int(keep.sum()),
+                        False,
+                    )
+                )
                 tx.execute(
                     "UPDATE models SET current_version = ?, train_blob = ?, num_samples = ?, ledger_json = ? WHERE name = ?",
-                    (new_version, train_blob, row.num_samples - len(removed_ids), json.dumps(outcome.ledger), payload.model),
+                    (
+                        new_version,
+                        train_blob,
+                        row.num_samples - len(removed_ids),
+                        json.dumps(outcome.ledger),
+                        payload.model,
+                    ),
                 )
-                tx.execute("UPDATE versions SET superseded_by_forget = 1 WHERE model = ? AND version < ?",
-                           (payload.model, new_version))
-                owners_by_id = dict(zip(data.sample_ids[mask].tolist(), data.owner_ids[mask].tolist(), strict=True))
+                tx.execute(
+                    "UPDATE versions SET superseded_by_forget = 1 WHERE model = ? AND version < ?",
+                    (payload.model, new_version),
+                )
+                owners_by_id = dict(
+                    zip(data.sample_ids[mask].tolist(), data.owner_ids[mask].tolist(), strict=True)
+                )
                 for start in range(0, len(removed_ids), 500):
                     chunk = removed_ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    tx.execute(f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})", (payload.model, *chunk))
+                    tx.execute(
+                        f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})",
+                        (payload.model, *chunk),
+                    )
                 for sid in removed_ids:
                     tx.execute(
                         "INSERT INTO forgotten (model, sample_id, owner_sha256, request_id, version) VALUES (?,?,?,?,?)",
-                        (payload.model, sid, owner_digest(owners_by_id[sid]), request.request_id, new_version),
+                        (
+                            payload.model,
+                            sid,
+                            owner_digest(owners_by_id[sid]),
+                            request.request_id,
+                            new_version,
+                        ),
                     )
                 tx.set_request_state(request.request_id, SUCCEEDED, receipt)
-                tx.audit(actor, "forget", f"models/{payload.model}", {
-                    "request_id": request.request_id,
-                    "removed_samples": len(removed_ids),
-                    "removed_sample_ids": removed_ids,
-                    "owners": len(receipt["removed_owner_ids"]),
-                    "new_version": new_version,
-                    "parameters_updated": receipt.get("parameters_updated", 0),
-                })
+                tx.audit(
+                    actor,
+                    "forget",
+                    f"models/{payload.model}",
+                    {
+                        "request_id": request.request_id,
+                        "removed_samples": len(removed_ids),
+                        "removed_sample_ids": removed_ids,
+                        "owners": len(receipt["removed_owner_ids"]),
+                        "new_version": new_version,
+                        "parameters_updated": receipt.get("parameters_updated", 0),
+                    },
+                )
             store.blobs.collect_garbage(store.referenced_blobs())
         engine.forget_snapshot_cache(payload.model)
 

@@ -20,7 +20,13 @@ from .store import RequestRow, Store
 
 log = logging.getLogger("expunge.server.jobs")
 
-PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "APPLYING", "SUCCEEDED", "FAILED", "CANCELLED"
+PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = (
+    "PENDING",
+    "APPLYING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -123,7 +129,9 @@ class JobRunner:
     def _process(self, request: RequestRow) -> None:
         live = self._live(request.request_id)
         if live.cancel.is_set():
-            self._finish(request.request_id, CANCELLED, ("CANCELLED", "cancelled before it started"))
+            self._finish(
+                request.request_id, CANCELLED, ("CANCELLED", "cancelled before it started")
+            )
             return
         with self.store.transaction() as tx:
             tx.set_request_state(request.request_id, APPLYING)
@@ -138,7 +146,9 @@ class JobRunner:
         except Exception:
             log.exception("forget %s failed", request.request_id)
             self._finish(
-                request.request_id, FAILED, ("INTERNAL", "the update failed; the server log has details")
+                request.request_id,
+                FAILED,
+                ("INTERNAL", "the update failed; the server log has details"),
             )
 
     def _finish(self, request_id: str, state: str, error: tuple[str, str] | None) -> None:

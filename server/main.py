@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .engine import Engine
 from .forgetting import ForgetService
+from .interceptors import AuthInterceptor
 from .servicer import ExpungeServicer
 from .settings import LOOPBACK_HOSTS, Settings
 from .store import Store
@@ -83,6 +84,7 @@ def start(settings: Settings) -> RunningServer:
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=[AuthInterceptor(settings.token_sha256_roles, settings.rate_limit_per_s)],
     )
     expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine, forget), server)
     health_servicer = health.HealthServicer()

@@ -12,6 +12,7 @@ from . import converters as conv
 from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
 from .errors import NotFound, Unimplemented, invalid_field
 from .forgetting import ForgetService
+from .interceptors import current_actor
 from .rpc_status import handles_errors
 
 
@@ -23,11 +24,8 @@ def parse_operation_name(name: str) -> str:
 
 
 def actor_of(context: grpc.ServicerContext) -> str:
-    """Who is calling, as the auth interceptor recorded it (never the token itself)."""
-    for key, value in context.invocation_metadata():
-        if key == "x-expunge-actor":
-            return str(value)
-    return "anonymous"
+    """Who is calling, as the auth interceptor identified it (never the token itself)."""
+    return current_actor()
 
 
 class ExpungeServicer(pb_grpc.ExpungeServicer):
@@ -133,7 +131,9 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         return self._operation(row.request_id)
 
     @handles_errors
-    def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
+    def GetOperation(
+        self, request: pb.GetOperationRequest, context: grpc.ServicerContext
+    ) -> pb.Operation:
         return self._operation(parse_operation_name(request.name))
 
     @handles_errors

@@ -1,0 +1,193 @@
+"""Authentication, roles and rate limits: one interceptor that denies by default.
+
+Every RPC of the Expunge service must have a rule in ``METHOD_ROLES``; the table is
+checked against the service descriptor when the server starts, so a new RPC cannot
+ship without one. Decisions are made before any handler runs, so a refusal never
+reveals whether a sample, owner or model exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from expunge.v1 import expunge_pb2
+
+ROLES = ("admin", "forget", "scan", "read")
+SERVICE = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"]
+
+# Which roles may call which method; admin may call everything.
+METHOD_ROLES: dict[str, frozenset[str]] = {
+    "ListModels": frozenset({"read", "forget", "scan"}),
+    "GetModel": frozenset({"read", "forget", "scan"}),
+    "ListVersions": frozenset({"read", "forget", "scan"}),
+    "Predict": frozenset({"read", "scan"}),
+    "ExportModel": frozenset(),
+    "RollbackModel": frozenset(),
+    "Forget": frozenset({"forget"}),
+    "GetOperation": frozenset({"forget"}),
+    "WatchOperation": frozenset({"forget"}),
+    "CancelOperation": frozenset({"forget"}),
+    "Scan": frozenset({"scan"}),
+    "EstimateScan": frozenset({"scan"}),
+    "Neighbors": frozenset({"scan"}),
+    "ListAudit": frozenset(),
+}
+# Calls whose answers reveal training-set membership: rate-limited per token.
+MEMBERSHIP_REVEALING = frozenset({"Scan", "Neighbors", "Forget", "GetOperation", "WatchOperation"})
+# Standard services anyone on the channel may call.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_actor = threading.local()
+
+
+def current_actor() -> str:
+    """The caller as the interceptor identified it (role and token digest prefix), or 'local'."""
+    return str(getattr(_actor, "name", "local"))
+
+
+def check_rules_cover_service() -> None:
+    methods = {m.name for m in SERVICE.methods}
+    missing = sorted(methods - set(METHOD_ROLES))
+    stale = sorted(set(METHOD_ROLES) - methods)
+    if missing or stale:
+        raise RuntimeError(
+            f"authorization rules out of date: no rule for {missing}, rules for unknown {stale}"
+        )
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """Token bucket per caller: ``rate`` per second with a burst of ``2 * rate``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, 2 * rate)
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.setdefault(key, _Bucket(self.burst, now))
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+            if bucket.tokens < 1:
+                return False
+            bucket.tokens -= 1
+            return True
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Bearer-token authentication with roles; tokens are stored and compared as SHA-256 digests."""
+
+    def __init__(self, token_roles: dict[str, str], rate_per_s: float) -> None:
+        check_rules_cover_service()
+        bad = sorted({r for r in token_roles.values() if r not in ROLES})
+        if bad:
+            raise ValueError(f"unknown roles {bad}; roles are {ROLES}")
+        self._digests = [(bytes.fromhex(d), role) for d, role in token_roles.items()]
+        self.enabled = bool(self._digests)
+        self.limiter = RateLimiter(rate_per_s)
+
+    def _role_of(self, metadata: tuple[tuple[str, Any], ...]) -> tuple[str | None, str]:
+        header = next((str(v) for k, v in metadata if k == "authorization"), "")
+        if not header.startswith("Bearer "):
+            return None, ""
+        digest = hashlib.sha256(header[len("Bearer ") :].encode()).digest()
+        role = None
+        # Compare with every stored digest, in constant time each, without an early exit.
+        for stored, stored_role in self._digests:
+            if hmac.compare_digest(digest, stored):
+                role = stored_role
+        return role, digest.hex()[:8]
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        method_path = details.method
+        if method_path.startswith(OPEN_SERVICES):
+            return continuation(details)
+        prefix = f"/{SERVICE.full_name}/"
+        method = method_path[len(prefix) :] if method_path.startswith(prefix) else None
+        if not self.enabled:
+            return _with_actor(continuation(details), "local")
+        if method is None or method not in METHOD_ROLES:
+            return _deny(grpc.StatusCode.PERMISSION_DENIED, "no rule allows this method")
+        role, digest = self._role_of(tuple(details.invocation_metadata or ()))
+        if role is None:
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown bearer token: send 'authorization: Bearer <token>'",
+            )
+        if role != "admin" and role not in METHOD_ROLES[method]:
+            allowed = sorted(METHOD_ROLES[method] | {"admin"})
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role '{role}' may not call {method}; it needs one of {allowed}",
+            )
+        actor = f"{role}:{digest}"
+        if method in MEMBERSHIP_REVEALING and not self.limiter.allow(actor):
+            return _deny(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit of {self.limiter.rate:g} membership-revealing calls per second for this token; retry shortly",
+            )
+        return _with_actor(continuation(details), actor)
+
+
+def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def _with_actor(handler: Any, actor: str) -> Any:
+    """Run the handler's behaviour with ``current_actor()`` set, in the thread that runs it."""
+    if handler is None:
+        return None
+
+    def wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            _actor.name = actor
+            try:
+                return behavior(request, context)
+            finally:
+                _actor.name = "local"
+
+        return run
+
+    def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            _actor.name = actor
+            try:
+                yield from behavior(request, context)
+            finally:
+                _actor.name = "local"
+
+        return run
+
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    return handler

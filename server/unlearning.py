@@ -1,0 +1,238 @@
+"""One forget computation on a scratch model: select, solve, (noise), certify, verify.
+
+Pure orchestration over ``expunge.defenses``; the forget service calls it from the
+worker and the scan counterfactual calls it with ``commit`` left to no one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from expunge.defenses.architectures import ArchitectureSpec
+from torch import nn
+
+from .errors import invalid_field
+
+SELECTIONS = ("lcodec", "all", "output")
+HESSIANS = ("exact", "gauss_newton")
+
+
+class PhaseReporter(Protocol):
+    def phase(self, name: str, completed: int = 0, total: int = 0, message: str = "") -> None: ...
+
+
+class SilentReporter:
+    def phase(self, name: str, completed: int = 0, total: int = 0, message: str = "") -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class UnlearningOptions:
+    """What the caller may choose for one forget; zero values mean the server's defaults."""
+
+    selection: str = field(default="lcodec", metadata={"help": "lcodec, all or output"})
+    parameter_budget: int = field(default=0, metadata={"help": "0: server default"})
+    hessian: str = field(default="exact", metadata={"help": "exact or gauss_newton"})
+    newton_iterations: int = field(default=1, metadata={"help": "Newton steps on the slice"})
+    damping: float = field(default=0.0, metadata={"help": "0: default floor"})
+    epsilon: float = field(default=0.0, metadata={"help": "> 0: certified noise"})
+    delta: float = field(default=0.0, metadata={"help": "with epsilon"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnlearningOptions:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def validated(
+        cls,
+        selection: str,
+        parameter_budget: int,
+        hessian: str,
+        newton_iterations: int,
+        damping: float,
+        epsilon: float,
+        delta: float,
+    ) -> UnlearningOptions:
+        """Check a caller's options; contradictory or out-of-range ones are INVALID_ARGUMENT."""
+        selection = selection or "lcodec"
+        hessian = hessian or "exact"
+        if selection not in SELECTIONS:
+            raise invalid_field("options.selection", f"{selection!r} is not one of {SELECTIONS}")
+        if hessian not in HESSIANS:
+            raise invalid_field("options.hessian", f"{hessian!r} is not one of {HESSIANS}")
+        if parameter_budget < 0 or parameter_budget > 10_000_000:
+            raise invalid_field(
+                "options.parameter_budget", "must lie in [0, 10,000,000] (0: default)"
+            )
+        if parameter_budget and selection == "all":
+            raise invalid_field("options.parameter_budget", "contradicts selection 'all'; drop one")
+        if not 0 <= newton_iterations <= 20:
+            raise invalid_field("options.newton_iterations", "must lie in [0, 20] (0: default 1)")
+        if not (0 <= damping < 1e6):
+            raise invalid_field("options.damping", "must be >= 0 and finite (0: default floor)")
+        if epsilon < 0 or epsilon != epsilon or epsilon > 1e6:
+            raise invalid_field("options.epsilon", "must be >= 0 (0: no noise)")
+        if epsilon > 0 and not 0 < delta < 1:
+            raise invalid_field("options.delta", "with epsilon > 0, delta must lie in (0, 1)")
+        if epsilon == 0 and delta != 0:
+            raise invalid_field(
+                "options.delta", "delta without epsilon means nothing; set epsilon too"
+            )
+        return cls(
+            selection, parameter_budget, hessian, newton_iterations or 1, damping, epsilon, delta
+        )
+
+
+@dataclass(frozen=True)
+class UnlearningOutcome:
+    receipt: dict[str, Any]  # receipt fields (proto ForgetReceipt names) this step knows
+    ledger: dict[str, Any]  # the model's budget ledger after this forget
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """Module name of the last Linear layer (the output layer)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("model has no Linear output layer")
+    return names[-1]
+
+
+def is_convex(spec: ArchitectureSpec, selection: str) -> bool:
+    return spec.name == "logreg" and selection == "all"
+
+
+def deletion_metrics(
+    model: nn.Module,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    retained_x: torch.Tensor,
+    retained_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+) -> dict[str, float]:
+    """Forget-set loss/accuracy, retained and test accuracy, loss-threshold MIA AUC."""
+    from expunge.defenses.evaluate import membership_auc, per_sample_losses
+    from expunge.defenses.training import accuracy
+
+    with torch.no_grad():
+        forget_losses = per_sample_losses(model, forget_x, forget_y)
+        test_losses = per_sample_losses(model, test_x, test_y)
+    return {
+        "forget_loss": float(forget_losses.mean()),
+        "forget_accuracy": accuracy(model, forget_x, forget_y),
+        "retained_accuracy": accuracy(model, retained_x, retained_y),
+        "test_accuracy": accuracy(model, test_x, test_y),
+        "mia_auc": float(membership_auc(forget_losses, test_losses)),
+    }
+
+
+def unlearn(
+    *,
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    retained_x: torch.Tensor,
+    retained_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    weight_decay: float,
+    options: UnlearningOptions,
+    ledger: dict[str, Any],
+    default_budget: float,
+    default_parameter_budget: int,
+    seed: int,
+    reporter: PhaseReporter | None = None,
+) -> UnlearningOutcome:
+    """Update ``model`` in place so it behaves as if trained without the forget set.
+
+    forget ``(m, *shape)``/``(m,)``, retained ``(n - m, *shape)``/``(n - m,)``, test likewise.
+    Never skips: a step that costs accuracy is applied and flagged in the receipt.
+    """
+    from expunge.defenses.certificate import (
+        BudgetLedger,
+        add_certified_noise,
+        make_certificate,
+        noise_scale,
+    )
+    from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
+    from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
+    from expunge.defenses.selection import ParameterSelection
+
+    report = reporter or SilentReporter()
+    model.eval()
+    report.phase("verifying", message="measuring the model before the update")
+    before = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    total_params = sum(p.numel() for p in model.parameters())
+    budget = options.parameter_budget or default_parameter_budget
+    units: tuple[str, ...]
+    if options.selection == "all":
+        selection = ParameterSelection.everything(model)
+    elif options.selection == "output":
+        layer = output_layer_name(model)
+        selection = ParameterSelection(
+            {
+                n: torch.arange(p.numel())
+                for n, p in model.named_parameters()
+                if n.startswith(layer + ".")
+            },
+            (f"{layer}:*",),
+        )
+    else:
+        report.phase("selecting", message="L-CODEC Markov blanket over units")
+        chosen = select_markov_blanket(
+            model, forget_x, forget_y, LcodecConfig(parameter_budget=budget, seed=seed)
+        )
+        selection = chosen.selection
+    units = selection.units
+    report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
+    config = NewtonConfig(
+        damping=options.damping or NewtonConfig().damping,
+        hessian=options.hessian,
+        iterations=options.newton_iterations,
+        seed=seed,
+    )
+    result = newton_update(
+        model, selection, forget_x, forget_y, retained_x, retained_y, weight_decay, config
+    )
+    apply_update(model, selection, result)
+    scale = 0.0
+    if options.epsilon > 0:
+        scale = noise_scale(result.residual_norm_all, options.epsilon, options.delta)
+        add_certified_noise(model, selection, scale, seed)
+    spent = BudgetLedger.from_dict(ledger, default_budget).spend(result.residual_norm_all)
+    certificate = make_certificate(result, scale, spent, convex=is_convex(spec, options.selection))
+    report.phase("verifying", message="measuring the model after the update")
+    after = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    flagged = before["test_accuracy"] - after["test_accuracy"] > 0.01
+    receipt = {
+        "units_selected": len(units),
+        "parameters_updated": selection.num_parameters,
+        "parameters_total": total_params,
+        "certificate": asdict(certificate),
+        "before": before,
+        "after": after,
+        "damping": result.damping,
+        "step_accepted": result.accepted,
+        "accuracy_cost_flagged": flagged,
+        "note": _note(result.accepted, flagged, certificate.budget_exhausted),
+    }
+    return UnlearningOutcome(receipt, spent.to_dict())
+
+
+def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:
+    notes = []
+    if not accepted:
+        notes.append(
+            "the damped step did not lower the retained objective within the trust region; the smallest safe step was applied"
+        )
+    if flagged:
+        notes.append("the update cost more than one point of test accuracy (applied, not skipped)")
+    if exhausted:
+        notes.append("the certificate budget is spent: request an exact retrain")
+    return "; ".join(notes)
