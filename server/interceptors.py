@@ -95,11 +95,38 @@ class RateLimiter:
             return True
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Bearer-token authentication with roles; tokens are stored and compared as SHA-256 digests."""
+class ConcurrencyLimiter:
+    """At most ``limit`` service calls at once; beyond, RESOURCE_EXHAUSTED at once instead of a queue."""
 
-    def __init__(self, token_roles: dict[str, str], rate_per_s: float) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._active >= self.limit:
+                return False
+            self._active += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Bearer-token authentication with roles; tokens are stored and compared as SHA-256 digests.
+
+    It also bounds the service calls in flight (health and reflection are exempt, so a
+    saturated server still answers its health checks).
+    """
+
+    def __init__(
+        self, token_roles: dict[str, str], rate_per_s: float, max_in_flight: int = 1 << 30
+    ) -> None:
         check_rules_cover_service()
+        self.concurrency = ConcurrencyLimiter(max_in_flight)
         bad = sorted({r for r in token_roles.values() if r not in ROLES})
         if bad:
             raise ValueError(f"unknown roles {bad}; roles are {ROLES}")
@@ -130,7 +157,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         prefix = f"/{SERVICE.full_name}/"
         method = method_path[len(prefix) :] if method_path.startswith(prefix) else None
         if not self.enabled:
-            return _with_actor(continuation(details), "local")
+            return self._admit(continuation(details), "local")
         if method is None or method not in METHOD_ROLES:
             return _deny(grpc.StatusCode.PERMISSION_DENIED, "no rule allows this method")
         role, digest = self._role_of(tuple(details.invocation_metadata or ()))
@@ -151,7 +178,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit of {self.limiter.rate:g} membership-revealing calls per second for this token; retry shortly",
             )
-        return _with_actor(continuation(details), actor)
+        return self._admit(continuation(details), actor)
+
+    def _admit(self, handler: Any, actor: str) -> Any:
+        if handler is None:
+            return None
+        if not self.concurrency.acquire():
+            return _deny(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.concurrency.limit} calls in flight; retry with backoff",
+            )
+        return _with_actor(handler, actor, self.concurrency.release)
 
 
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -161,10 +198,8 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-def _with_actor(handler: Any, actor: str) -> Any:
-    """Run the handler's behaviour with ``current_actor()`` set, in the thread that runs it."""
-    if handler is None:
-        return None
+def _with_actor(handler: Any, actor: str, done: Callable[[], None]) -> Any:
+    """Run the handler's behaviour with ``current_actor()`` set, then call ``done`` once."""
 
     def wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
@@ -173,6 +208,7 @@ def _with_actor(handler: Any, actor: str) -> Any:
                 return behavior(request, context)
             finally:
                 _actor.name = "local"
+                done()
 
         return run
 
@@ -183,6 +219,7 @@ def _with_actor(handler: Any, actor: str) -> Any:
                 yield from behavior(request, context)
             finally:
                 _actor.name = "local"
+                done()
 
         return run
 
@@ -190,4 +227,5 @@ def _with_actor(handler: Any, actor: str) -> Any:
         return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
     if handler.unary_stream:
         return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    done()
     return handler

@@ -21,6 +21,7 @@ from .settings import LOOPBACK_HOSTS, Settings
 from .store import Store
 
 log = logging.getLogger("expunge.server")
+HEALTH_RESERVE = 8
 SERVICE_NAME = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"].full_name
 
 
@@ -80,11 +81,18 @@ def start(settings: Settings) -> RunningServer:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
+    # Threads for every admitted call plus a reserve, so health checks never queue behind
+    # a saturated service; the interceptor refuses service calls beyond the limit.
+    threads = max(settings.workers, settings.max_concurrent_rpcs + HEALTH_RESERVE)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        interceptors=[AuthInterceptor(settings.token_sha256_roles, settings.rate_limit_per_s)],
+        maximum_concurrent_rpcs=threads,
+        interceptors=[
+            AuthInterceptor(
+                settings.token_sha256_roles, settings.rate_limit_per_s, settings.max_concurrent_rpcs
+            )
+        ],
     )
     expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine, forget), server)
     health_servicer = health.HealthServicer()

@@ -1,0 +1,155 @@
+"""Load on loopback with grpc.aio: throughput and latency at fixed numbers in flight.
+
+``python -m benchmarks.load [--seconds S]`` trains a digits model into a temp state
+directory, starts the server in this process, and measures Predict, GetOperation and
+Forget acknowledgement at 1, 16, 32 and 64 requests in flight, then drives Predict past
+``max_concurrent_rpcs`` and checks that the only errors are RESOURCE_EXHAUSTED while
+health keeps answering. Every loop is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from expunge.v1 import expunge_pb2 as pb
+from expunge.v1 import expunge_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+MAX_REQUESTS = 200_000
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    name: str
+    in_flight: int
+    requests: int
+    errors: dict[str, int]
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def drive(name: str, make_call, in_flight: int, seconds: float) -> LoadResult:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    deadline = time.perf_counter() + seconds
+    sent = 0
+
+    async def worker() -> None:
+        nonlocal sent
+        while time.perf_counter() < deadline and sent < MAX_REQUESTS:
+            sent += 1
+            started = time.perf_counter()
+            try:
+                await make_call(sent)
+                latencies.append(time.perf_counter() - started)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    lat = sorted(latencies) or [float("nan")]
+    return LoadResult(
+        name,
+        in_flight,
+        len(latencies),
+        dict(errors),
+        len(latencies) / elapsed,
+        1000 * statistics.median(lat),
+        1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    )
+
+
+async def run(
+    target: str, seconds: float, sample_ids: list[int], inputs: np.ndarray
+) -> list[LoadResult]:
+    results = []
+    tensor = pb.Tensor(dtype="float32", shape=list(inputs.shape), data=inputs.tobytes())
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ExpungeStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        op = await stub.Forget(
+            pb.ForgetRequest(model="digits", sample_ids=[sample_ids[0]], request_id="load-op")
+        )
+
+        async def predict(i: int) -> None:
+            await stub.Predict(pb.PredictRequest(model="digits", inputs=tensor), timeout=10)
+
+        async def get_operation(i: int) -> None:
+            await stub.GetOperation(pb.GetOperationRequest(name=op.name), timeout=10)
+
+        ids = iter(sample_ids[1:])
+
+        async def forget_ack(i: int) -> None:
+            sid = next(ids, sample_ids[1])
+            await stub.Forget(
+                pb.ForgetRequest(model="digits", sample_ids=[sid], request_id=f"load-{sid}"),
+                timeout=10,
+            )
+
+        for in_flight in (1, 16, 32, 64):
+            results.append(await drive("Predict", predict, in_flight, seconds))
+            results.append(await drive("GetOperation", get_operation, in_flight, seconds))
+        for in_flight in (1, 16, 64):
+            results.append(await drive("Forget ack", forget_ack, in_flight, seconds / 2))
+        # Past saturation: more in flight than max_concurrent_rpcs.
+        saturation = asyncio.create_task(drive("Predict past saturation", predict, 256, seconds))
+        await asyncio.sleep(seconds / 2)
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        results.append(await saturation)
+        results.append(
+            LoadResult(
+                f"health during saturation: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
+                0,
+                1,
+                {},
+                0,
+                0,
+                0,
+            )
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    args = parser.parse_args()
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+    from expunge.server.training_job import train_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        settings = Settings(state_dir=root, port=0, max_concurrent_rpcs=64, workers=16)
+        train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
+        server = start(settings)
+        try:
+            data = server.engine.training_data("digits")
+            inputs = server.engine.test_data("digits").features[:1]
+            results = asyncio.run(
+                run(server.target, args.seconds, data.sample_ids.tolist(), inputs)
+            )
+        finally:
+            server.stop(1)
+    print(
+        f"{'call':<28}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  errors"
+    )
+    for r in results:
+        print(
+            f"{r.name:<28}{r.in_flight:>10}{r.requests:>10}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}  {r.errors}"
+        )
+
+
+if __name__ == "__main__":
+    main()
