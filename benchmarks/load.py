@@ -125,23 +125,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     args = parser.parse_args()
-    from expunge.server.main import start
+    import socket
+    import subprocess
+    import sys
+
     from expunge.server.settings import Settings
     from expunge.server.training_job import train_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        settings = Settings(state_dir=root, port=0, max_concurrent_rpcs=64, workers=16)
-        train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
-        server = start(settings)
+        settings = Settings(state_dir=root)
+        info = train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
+        del info
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # The server runs in its own process so the load generator does not share its GIL.
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "expunge.client.cli",
+                "serve",
+                "--state-dir",
+                str(root),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         try:
-            data = server.engine.training_data("digits")
-            inputs = server.engine.test_data("digits").features[:1]
-            results = asyncio.run(
-                run(server.target, args.seconds, data.sample_ids.tolist(), inputs)
-            )
+            target = f"127.0.0.1:{port}"
+            _wait_serving(target)
+            from expunge.server.store import Store
+
+            store = Store(root)
+            ids = [
+                int(r[0]) for r in store.query("SELECT sample_id FROM samples ORDER BY sample_id")
+            ]
+            store.close()
+            from expunge.server.datasets import builtin
+
+            inputs = builtin("digits").features[:1]
+            results = asyncio.run(run(target, args.seconds, ids, inputs))
         finally:
-            server.stop(1)
+            server.terminate()
+            server.wait(30)
     print(
         f"{'call':<28}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  errors"
     )
@@ -149,6 +178,21 @@ def main() -> None:
         print(
             f"{r.name:<28}{r.in_flight:>10}{r.requests:>10}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}  {r.errors}"
         )
+
+
+def _wait_serving(target: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import FailedPrecondition
+from .faults import crash_point
 
 _HEX = set("0123456789abcdef")
 
@@ -45,7 +46,10 @@ class BlobStore:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                crash_point("blob_mid_write")
+                handle.write(data[len(data) // 2 :])
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)

@@ -23,6 +23,7 @@ from expunge.defenses.training import TrainConfig
 from . import weights as weights_io
 from .engine import Engine, parse_model_name
 from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
+from .faults import crash_point
 from .jobs import SUCCEEDED, JobRunner, ProgressReporter
 from .store import RequestRow, VersionRow, utc_now
 from .unlearning import UnlearningOptions, unlearn
@@ -251,8 +252,10 @@ class ForgetService:
         )
         reporter.phase("committing")
         with store.write_lock:
+            crash_point("forget_before_weights")
             weights = weights_io.model_to_bytes(model)
             weights_blob = store.blobs.put(weights)
+            crash_point("forget_after_weights")
             shard = weights_io.arrays_to_bytes(
                 {
                     "features": data.features[keep].numpy(),
@@ -261,6 +264,7 @@ class ForgetService:
                 }
             )
             train_blob = store.blobs.put(shard)
+            crash_point("forget_after_shard")
             new_version = row.current_version + 1
             receipt = {
                 **outcome.receipt,
@@ -277,6 +281,7 @@ class ForgetService:
                 model, data.features[keep], data.labels[keep], test, config.weight_decay
             )
             actor = request.payload.get("actor", "anonymous")
+            crash_point("forget_before_commit")
             with store.transaction() as tx:
                 current = tx.execute(
                     "SELECT current_version FROM models WHERE name = ?", (payload.model,)
@@ -347,6 +352,7 @@ class ForgetService:
                         "parameters_updated": receipt.get("parameters_updated", 0),
                     },
                 )
+            crash_point("forget_after_commit")
             store.blobs.collect_garbage(store.referenced_blobs())
         engine.forget_snapshot_cache(payload.model)
 
