@@ -91,6 +91,8 @@ class Engine:
         self.settings = settings
         self._lock = threading.RLock()
         self._snapshots: dict[tuple[str, int], ModelSnapshot] = {}
+        # The current version's snapshot per model: Predict's hot path reads no database.
+        self._current: dict[str, ModelSnapshot] = {}
         self._data_cache: dict[str, TrainingData] = {}
 
     # Creating a model ---------------------------------------------------------------
@@ -232,6 +234,11 @@ class Engine:
 
     def snapshot(self, name: str, version: int = 0) -> ModelSnapshot:
         """The loaded model of a version (cached; versions are immutable)."""
+        if version == 0:
+            with self._lock:
+                current = self._current.get(name)
+            if current is not None:
+                return current
         vrow = self.version_row(name, version)
         key = (vrow.model, vrow.version)
         with self._lock:
@@ -248,6 +255,8 @@ class Engine:
         snap = ModelSnapshot(vrow.model, vrow.version, spec, module, vrow.weights_blob)
         with self._lock:
             self._snapshots[key] = snap
+            if version == 0:
+                self._current[vrow.model] = snap
         return snap
 
     def checkpoints(self, name: str) -> list[Checkpoint]:
@@ -318,7 +327,8 @@ class Engine:
 
     def predict(self, name: str, inputs: np.ndarray, version: int = 0) -> Prediction:
         snap = self.snapshot(name, version)
-        self._refuse_superseded(snap.name, snap.version)
+        if version:
+            self._refuse_superseded(snap.name, snap.version)
         self.check_inputs(snap.spec, inputs)
         with torch.no_grad():
             probs = torch.softmax(snap.module(torch.from_numpy(inputs)), dim=1)
@@ -349,6 +359,7 @@ class Engine:
                 "UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model)
             )
             tx.audit(actor, "rollback", f"models/{vrow.model}", {"version": vrow.version})
+        self.forget_snapshot_cache(vrow.model)
         return self.model_info(vrow.model)
 
     def audit(self, model: str, page_size: int, page_token: str) -> tuple[list[Any], str]:
@@ -369,6 +380,7 @@ class Engine:
         with self._lock:
             for key in [k for k in self._snapshots if k[0] == name]:
                 del self._snapshots[key]
+            self._current.pop(name, None)
             self._data_cache.pop(name, None)
 
 

@@ -206,7 +206,13 @@ def unlearn(
         scale = noise_scale(result.residual_norm_all, options.epsilon, options.delta)
         add_certified_noise(model, selection, scale, seed)
     spent = BudgetLedger.from_dict(ledger, default_budget).spend(result.residual_norm_all)
-    certificate = make_certificate(result, scale, spent, convex=is_convex(spec, options.selection))
+    certificate = make_certificate(
+        result.residual_norm_selected,
+        result.residual_norm_all,
+        scale,
+        spent,
+        convex=is_convex(spec, options.selection),
+    )
     report.phase("verifying", message="measuring the model after the update")
     after = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
     flagged = before["test_accuracy"] - after["test_accuracy"] > 0.01

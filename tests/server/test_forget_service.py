@@ -1,0 +1,196 @@
+"""Forget through the real server and client: durable, idempotent, purging, audited."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from expunge.client import (
+    AlreadyExistsError,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+
+
+def _owner_with_samples(state_dir: Path, minimum: int = 3) -> tuple[str, list[int]]:
+    db = sqlite3.connect(state_dir / "expunge.db")
+    owner = db.execute(
+        "SELECT owner_id FROM samples GROUP BY owner_id HAVING COUNT(*) >= ? ORDER BY owner_id LIMIT 1",
+        (minimum,),
+    ).fetchone()[0]
+    ids = [r[0] for r in db.execute("SELECT sample_id FROM samples WHERE owner_id = ?", (owner,))]
+    db.close()
+    return owner, sorted(ids)
+
+
+def test_forgetting_an_owner_purges_and_versions(
+    client: Client, server: object, state_dir: Path
+) -> None:
+    owner, ids = _owner_with_samples(state_dir)
+    before = client.get_model("digits")
+    old_shard = server.engine.model_row("digits").train_blob  # type: ignore[attr-defined]
+    phases: list[str] = []
+    op = client.forget(
+        "digits",
+        owner_ids=[owner],
+        request_id="r-owner",
+        wait=True,
+        on_progress=lambda o: phases.append(o.phase),
+    )
+    assert op.state == "SUCCEEDED" and op.done and op.receipt is not None
+    receipt = op.receipt
+    assert receipt.parent_version == 1 and receipt.new_version == 2
+    assert sorted(receipt.removed_sample_ids) == ids
+    assert receipt.removed_owner_ids == [owner]
+    assert 0 < receipt.parameters_updated <= receipt.parameters_total
+    assert receipt.weights_sha256 and "torch" in receipt.environment
+    assert receipt.certificate.statement
+    assert 0.0 <= receipt.after.mia_auc <= 1.0 and receipt.after.test_accuracy > 0.7
+    after = client.get_model("digits")
+    assert after.current_version == 2
+    assert after.num_training_samples == before.num_training_samples - len(ids)
+    assert after.forgotten_samples == len(ids)
+    # The raw rows are gone: the old shard file is deleted and no row names the owner.
+    assert not server.engine.store.blobs.exists(old_shard)  # type: ignore[attr-defined]
+    data = server.engine.training_data("digits")  # type: ignore[attr-defined]
+    assert not set(ids) & set(data.sample_ids.tolist())
+    assert owner not in set(data.owner_ids.tolist())
+    db = sqlite3.connect(state_dir / "expunge.db")
+    assert (
+        db.execute("SELECT COUNT(*) FROM samples WHERE owner_id = ?", (owner,)).fetchone()[0] == 0
+    )
+    db.close()
+    # Phases were streamed.
+    assert "done" in phases or op.phase == "done"
+    # The version it was trained on cannot come back.
+    versions = client.list_versions("digits")
+    assert [v.version for v in versions] == [1, 2] and versions[0].superseded_by_forget
+    assert versions[1].created_by == "r-owner" and versions[1].parent_version == 1
+    with pytest.raises(FailedPreconditionError, match="forgotten since"):
+        client.rollback("digits", 1)
+    with pytest.raises(FailedPreconditionError):
+        client.predict("digits", np.zeros((1, 1, 8, 8), np.float32), version=1)
+    events = [e for e in client.audit("digits") if e.action == "forget"]
+    assert events and events[-1].details["removed_samples"] == len(ids)
+    assert "features" not in str(events[-1].details)
+
+
+def test_request_ids_make_retries_safe(client: Client, state_dir: Path) -> None:
+    _, ids = _owner_with_samples(state_dir)
+    first = client.forget("digits", sample_ids=ids[:1], request_id="same", wait=True)
+    again = client.forget("digits", sample_ids=ids[:1], request_id="same", wait=True)
+    assert first.receipt == again.receipt and again.receipt is not None
+    assert [v.version for v in client.list_versions("digits")] == [1, 2]
+    with pytest.raises(AlreadyExistsError, match="different request"):
+        client.forget("digits", sample_ids=ids[1:2], request_id="same")
+
+
+def test_unknown_ids_are_not_found_and_nothing_is_applied(client: Client, state_dir: Path) -> None:
+    _, ids = _owner_with_samples(state_dir)
+    with pytest.raises(NotFoundError, match=r"999999") as info:
+        client.forget("digits", sample_ids=[ids[0], 999999], owner_ids=["nobody"], request_id="bad")
+    assert "nobody" in info.value.message
+    assert client.get_model("digits").current_version == 1
+    with pytest.raises(NotFoundError):
+        client.get_operation("bad")
+
+
+def test_already_forgotten_is_a_success_that_says_so(client: Client, state_dir: Path) -> None:
+    owner, ids = _owner_with_samples(state_dir)
+    client.forget("digits", owner_ids=[owner], request_id="a1", wait=True)
+    op = client.forget("digits", sample_ids=ids[:2], owner_ids=[owner], request_id="a2", wait=True)
+    assert op.state == "SUCCEEDED" and op.receipt is not None
+    assert op.receipt.already_forgotten_sample_ids == ids[:2]
+    assert "already" in op.receipt.note
+    assert client.get_model("digits").current_version == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({}, "sample_ids"),
+        ({"sample_ids": [1], "selection": "magic"}, "options.selection"),
+        (
+            {"sample_ids": [1], "selection": "all", "parameter_budget": 10},
+            "options.parameter_budget",
+        ),
+        ({"sample_ids": [1], "epsilon": 1.0}, "options.delta"),
+        ({"sample_ids": [1], "delta": 0.1}, "options.delta"),
+        ({"sample_ids": [1], "newton_iterations": 99}, "options.newton_iterations"),
+    ],
+)
+def test_bad_forget_requests_are_invalid_argument(client: Client, kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        client.forget("digits", request_id="x", **kwargs)
+    assert info.value.violations[0].field == field
+
+
+def test_predict_keeps_answering_while_a_forget_runs(
+    client: Client, server: object, state_dir: Path
+) -> None:
+    owner, _ = _owner_with_samples(state_dir)
+    inputs = server.engine.test_data("digits").features[:8]  # type: ignore[attr-defined]
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def keep_predicting() -> None:
+        with Client(server.target) as other:  # type: ignore[attr-defined]
+            while not stop.is_set():
+                answered.append(other.predict("digits", inputs).version)
+
+    thread = threading.Thread(target=keep_predicting)
+    thread.start()
+    try:
+        client.forget("digits", owner_ids=[owner], request_id="concurrent", wait=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert answered and set(answered) <= {1, 2}
+
+
+def test_cancel_a_queued_request(client: Client, state_dir: Path, server: object) -> None:
+    owner, ids = _owner_with_samples(state_dir)
+    # Hold the worker so the second request stays queued.
+    jobs = server.forget.jobs  # type: ignore[attr-defined]
+    with server.engine.store.write_lock:  # type: ignore[attr-defined]
+        client.forget("digits", owner_ids=[owner], request_id="first")
+        queued = client.forget("digits", sample_ids=[ids[0]], request_id="second")
+        assert queued.state == "PENDING"
+        cancelled = client.cancel_operation("second")
+        assert cancelled.state == "CANCELLED" and cancelled.done
+    assert jobs.wait_idle(120)
+    assert client.get_operation("second").state == "CANCELLED"
+    assert client.get_operation("first").state == "SUCCEEDED"
+
+
+def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> None:
+    from expunge.server.forgetting import ForgetPayload
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+    from expunge.server.store import Store
+    from expunge.server.unlearning import UnlearningOptions
+
+    owner, ids = _owner_with_samples(state_dir)
+    payload = ForgetPayload("digits", (), (owner,), UnlearningOptions())
+    store = Store(state_dir)
+    with store.transaction() as tx:  # as a crash mid-apply leaves it
+        tx.insert_request(
+            "crashed", "digits", "forget", payload.sha256, {**payload.to_dict(), "actor": "t"}
+        )
+        tx.set_request_state("crashed", "APPLYING")
+    store.close()
+    running = start(Settings(state_dir=state_dir, port=0))
+    try:
+        with Client(running.target) as client:
+            assert client.health() == "SERVING"
+            op = client.get_operation("crashed")
+            assert op.state == "SUCCEEDED" and op.receipt is not None
+            assert sorted(op.receipt.removed_sample_ids) == ids
+            assert client.get_model("digits").current_version == 2
+    finally:
+        running.stop(0)
