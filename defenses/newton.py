@@ -131,7 +131,7 @@ class _SliceObjective:
             xb, yb = x[i : i + batch], y[i : i + batch]
             if mode == "exact":
                 grad_fn: Callable[[torch.Tensor], torch.Tensor] = torch.func.grad(
-                    lambda w: self.loss_sum(w, xb, yb)
+                    lambda w, xb=xb, yb=yb: self.loss_sum(w, xb, yb)
                 )
                 h += torch.func.jacfwd(grad_fn)(v)
             else:
@@ -231,7 +231,7 @@ def newton_update(
     accepted = False
     v = v0
     after = before
-    for tries in range(config.max_damping_increases + 1):
+    for tries in range(config.max_damping_increases + 1):  # noqa: B007 - read after the loop
         step = solve(g, mu)
         candidate = v0 + step
         value = objective.value(candidate, rx, ry, batch)
@@ -333,8 +333,8 @@ def newton_cg_update(
     step = torch.zeros_like(v0)
     after = before
     tries = 0
-    for tries in range(config.max_damping_increases + 1):
-        step = _conjugate_gradient(lambda s: hvp(s) + mu * s, -g, config.cg_iterations)
+    for tries in range(config.max_damping_increases + 1):  # noqa: B007 - read after the loop
+        step = _conjugate_gradient(lambda s, mu=mu: hvp(s) + mu * s, -g, config.cg_iterations)
         value = objective.value(v0 + step, retained_inputs, retained_labels, batch)
         if float(step.norm()) <= radius and value <= before + 1e-12 * abs(before):
             accepted, after = True, value

@@ -90,11 +90,18 @@ class JobRunner:
         self._thread.start()
         self._wake.set()
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let the request in progress finish (up to ``timeout``); True once the worker is gone.
+
+        A request still running past the timeout stays APPLYING in the journal and is
+        redone from scratch at the next start.
+        """
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until every journalled request is done (tests and graceful shutdown)."""
@@ -144,6 +151,8 @@ class JobRunner:
         except ExpungeError as exc:
             self._finish(request.request_id, FAILED, (exc.code, exc.message))
         except Exception:
+            if self._stopping.is_set():
+                return  # shutting down: leave it APPLYING, to be redone at the next start
             log.exception("forget %s failed", request.request_id)
             self._finish(
                 request.request_id,

@@ -56,8 +56,8 @@ class RunningServer:
         """NOT_SERVING at once, drain in-flight calls for ``grace`` seconds, then close."""
         self.set_serving(False)
         self.server.stop(grace).wait()
-        self.forget.jobs.stop(timeout=grace)
-        self.engine.store.close()
+        if self.forget.jobs.stop(timeout=grace):
+            self.engine.store.close()
 
 
 def configure_torch(settings: Settings) -> None:
