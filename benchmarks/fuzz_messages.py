@@ -10,14 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from expunge.v1 import expunge_pb2 as pb
 from google.protobuf import descriptor as d
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
-from expunge.v1 import expunge_pb2 as pb
-
 SERVICE = pb.DESCRIPTOR.services_by_name["Expunge"]
-MODEL_NAMES = st.sampled_from(["digits", "models/digits", "models/digits/versions/1", "", "nosuch", "models/", "DIGITS", "models/digits/versions/99999999999"])
+MODEL_NAMES = st.sampled_from(
+    [
+        "digits",
+        "models/digits",
+        "models/digits/versions/1",
+        "",
+        "nosuch",
+        "models/",
+        "DIGITS",
+        "models/digits/versions/99999999999",
+    ]
+)
 INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-3, 2000))
 INT32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 50))
 FLOATS = st.floats(allow_nan=True, allow_infinity=True)
@@ -26,10 +36,19 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True)
 def _tensor() -> st.SearchStrategy[pb.Tensor]:
     def build(dtype: str, shape: list[int], fill: float, fuzz_bytes: bytes | None) -> pb.Tensor:
         sizes = {"float32": 4, "float64": 8, "int64": 8, "uint8": 1, "float16": 2, "int32": 4}
-        if fuzz_bytes is not None or dtype not in sizes or any(s < 0 for s in shape) or np.prod(shape or [0]) > 10_000:
+        if (
+            fuzz_bytes is not None
+            or dtype not in sizes
+            or any(s < 0 for s in shape)
+            or np.prod(shape or [0]) > 10_000
+        ):
             return pb.Tensor(dtype=dtype, shape=shape, data=fuzz_bytes or b"")
         count = int(np.prod(shape)) if shape else 0
-        data = np.full(count, fill, dtype=np.dtype(dtype)).tobytes() if np.isfinite(fill) or dtype.startswith("float") else b""
+        data = (
+            np.full(count, fill, dtype=np.dtype(dtype)).tobytes()
+            if np.isfinite(fill) or dtype.startswith("float")
+            else b""
+        )
         return pb.Tensor(dtype=dtype, shape=shape, data=data)
 
     shapes = st.one_of(
@@ -40,7 +59,9 @@ def _tensor() -> st.SearchStrategy[pb.Tensor]:
     )
     return st.builds(
         build,
-        st.sampled_from(["float32", "float32", "float64", "int64", "uint8", "complex64", "", "float16"]),
+        st.sampled_from(
+            ["float32", "float32", "float64", "int64", "uint8", "complex64", "", "float16"]
+        ),
         shapes,
         st.one_of(st.floats(0, 1), FLOATS),
         st.one_of(st.none(), st.none(), st.binary(max_size=64)),
@@ -67,7 +88,11 @@ def _field_value(field: d.FieldDescriptor, depth: int) -> st.SearchStrategy[Any]
         return FLOATS
     if t == d.FieldDescriptor.TYPE_ENUM:
         return st.sampled_from([v.number for v in field.enum_type.values])
-    if t in (d.FieldDescriptor.TYPE_INT32, d.FieldDescriptor.TYPE_SINT32, d.FieldDescriptor.TYPE_SFIXED32):
+    if t in (
+        d.FieldDescriptor.TYPE_INT32,
+        d.FieldDescriptor.TYPE_SINT32,
+        d.FieldDescriptor.TYPE_SFIXED32,
+    ):
         return INT32
     return INT64
 
@@ -77,7 +102,11 @@ def message_strategy(descriptor: d.Descriptor, depth: int = 0) -> st.SearchStrat
     cls = _message_class(descriptor)
     if depth > 3:
         return st.just(cls())
-    fields = [f for f in descriptor.fields if not (f.message_type and f.message_type.GetOptions().map_entry)]
+    fields = [
+        f
+        for f in descriptor.fields
+        if not (f.message_type and f.message_type.GetOptions().map_entry)
+    ]
 
     @st.composite
     def build(draw: st.DrawFn) -> Message:

@@ -18,12 +18,22 @@ def test_fuzzed_requests_get_clear_statuses(server: object, method: str) -> None
     channel = grpc.insecure_channel(server.target)  # type: ignore[attr-defined]
     path = f"/{SERVICE.full_name}/{method}"
     if descriptor.server_streaming:
-        call = channel.unary_stream(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b)
+        call = channel.unary_stream(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=lambda b: b,
+        )
     else:
-        call = channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=lambda b: b,
+        )
     seen: list[grpc.StatusCode] = []
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(
+        max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+    )
     @given(request=request_strategy(descriptor), _=st.just(None))
     def one(request: object, _: None) -> None:
         try:
