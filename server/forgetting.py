@@ -24,6 +24,8 @@ from . import weights as weights_io
 from .engine import Engine, parse_model_name
 from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
 from .faults import crash_point
+from .indexing import ARTEFACT as INDEX_ARTEFACT
+from .indexing import IndexService
 from .jobs import SUCCEEDED, JobRunner, ProgressReporter
 from .store import RequestRow, VersionRow, utc_now
 from .unlearning import UnlearningOptions, unlearn
@@ -76,8 +78,9 @@ def request_seed(request_id: str, version: int) -> int:
 class ForgetService:
     """Submission (in the RPC thread) and application (in the worker) of forget requests."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, index: IndexService | None = None) -> None:
         self.engine = engine
+        self.index = index
         self.jobs = JobRunner(engine.store, self._apply)
 
     # Submission --------------------------------------------------------------------------
@@ -265,6 +268,10 @@ class ForgetService:
             )
             train_blob = store.blobs.put(shard)
             crash_point("forget_after_shard")
+            index_blob = (
+                self.index.remove_for_commit(payload.model, removed_ids) if self.index else None
+            )
+            crash_point("forget_after_index")
             new_version = row.current_version + 1
             receipt = {
                 **outcome.receipt,
@@ -338,6 +345,11 @@ class ForgetService:
                             new_version,
                         ),
                     )
+                if index_blob is not None:
+                    tx.execute(
+                        "UPDATE artefacts SET blob = ? WHERE model = ? AND kind = ?",
+                        (index_blob, payload.model, INDEX_ARTEFACT),
+                    )
                 tx.set_request_state(request.request_id, SUCCEEDED, receipt)
                 tx.audit(
                     actor,
@@ -355,6 +367,8 @@ class ForgetService:
             crash_point("forget_after_commit")
             store.blobs.collect_garbage(store.referenced_blobs())
         engine.forget_snapshot_cache(payload.model)
+        if self.index is not None:
+            self.index.after_commit(payload.model)
 
 
 def environment() -> str:

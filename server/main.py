@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .engine import Engine
 from .forgetting import ForgetService
+from .indexing import IndexService
 from .interceptors import AuthInterceptor
 from .servicer import ExpungeServicer
 from .settings import LOOPBACK_HOSTS, Settings
@@ -56,6 +57,8 @@ class RunningServer:
         """NOT_SERVING at once, drain in-flight calls for ``grace`` seconds, then close."""
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self.forget.index is not None:
+            self.forget.index.stop()
         if self.forget.jobs.stop(timeout=grace):
             self.engine.store.close()
 
@@ -76,7 +79,8 @@ def start(settings: Settings) -> RunningServer:
     configure_torch(settings)
     store = Store(settings.state_dir)
     engine = Engine(store, settings)
-    forget = ForgetService(engine)
+    index = IndexService(engine) if settings.build_index else None
+    forget = ForgetService(engine, index)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -131,6 +135,8 @@ def start(settings: Settings) -> RunningServer:
     if waiting:
         log.info("redoing %d journalled forget requests before serving", waiting)
         forget.jobs.wait_idle(timeout=settings.recovery_timeout_s)
+    if index is not None:
+        index.start()
     running.set_serving(True)
     log.info("serving on %s (state in %s)", running.target, settings.state_dir)
     return running

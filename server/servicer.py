@@ -10,7 +10,7 @@ from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
 from . import converters as conv
 from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
-from .errors import NotFound, Unimplemented, invalid_field
+from .errors import FailedPrecondition, NotFound, Unimplemented, invalid_field
 from .forgetting import ForgetService
 from .interceptors import current_actor
 from .rpc_status import handles_errors
@@ -39,12 +39,27 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[conv.model_to_proto(i) for i in self.engine.list_models()]
+            models=[
+                conv.model_to_proto(i, self._index_status(i.row.name))
+                for i in self.engine.list_models()
+            ]
+        )
+
+    def _index_status(self, model: str) -> pb.IndexStatus:
+        if self.forget.index is None:
+            return pb.IndexStatus(state=pb.IndexStatus.ABSENT)
+        s = self.forget.index.state(model)
+        return pb.IndexStatus(
+            state=pb.IndexStatus.State.Value(s.state),
+            embedded_version=s.embedded_version,
+            size=s.size,
+            progress=s.progress,
         )
 
     @handles_errors
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
-        return conv.model_to_proto(self.engine.model_info(parse_model_name(request.name)))
+        name = parse_model_name(request.name)
+        return conv.model_to_proto(self.engine.model_info(name), self._index_status(name))
 
     @handles_errors
     def ListVersions(
@@ -182,4 +197,40 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
     def Neighbors(
         self, request: pb.NeighborsRequest, context: grpc.ServicerContext
     ) -> pb.NeighborsResponse:
-        raise Unimplemented("Neighbors (the gradient index) is not available in this build yet")
+        if self.forget.index is None:
+            raise FailedPrecondition(
+                "this server runs without a gradient index (build_index = false)"
+            )
+        if not request.HasField("inputs"):
+            raise invalid_field("inputs", "required: a tensor of shape (batch, *input_spec.shape)")
+        model = parse_model_name(request.model)
+        inputs = conv.tensor_to_numpy(request.inputs, "inputs", self.max_bytes)
+        hits, state, version = self.forget.index.neighbors(
+            model,
+            inputs,
+            request.k,
+            request.mode or "proponents",
+            request.label if request.filter_label else None,
+        )
+        self.engine.store.record_audit(
+            actor_of(context),
+            "neighbors",
+            f"models/{model}",
+            {"inputs": int(inputs.shape[0]), "k": request.k},
+        )
+        return pb.NeighborsResponse(
+            results=[
+                pb.NeighborList(
+                    neighbors=[
+                        pb.Neighbor(
+                            sample_id=h.sample_id, owner_id=h.owner_id, label=h.label, score=h.score
+                        )
+                        for h in row
+                    ]
+                )
+                for row in hits
+            ],
+            stale=state.state != "READY",
+            embedded_version=state.embedded_version,
+            model_version=version,
+        )

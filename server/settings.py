@@ -36,6 +36,7 @@ class Settings:
     rate_limit_per_s: float = field(default=50.0, metadata={"help": "membership-revealing calls"})
     forget_parameter_budget: int = field(default=2000, metadata={"help": "Newton parameters"})
     forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
+    build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
 

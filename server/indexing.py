@@ -1,0 +1,300 @@
+"""The gradient index of each model: built in the background, persisted, kept in sync.
+
+Embeddings (DESIGN 4.9) use the training checkpoints plus the served version's weights
+as the last checkpoint, so GAS neighbours reflect the model as it is served. Forgetting
+removes the forgotten ids from the index in the same commit (always in sync); the new
+version's weights make the last block stale, and a background job re-embeds.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
+from expunge.defenses.gradients import predicted_labels
+from expunge.defenses.index import FaissIndex, GradientIndex, IndexMetadata, load_index
+from expunge.defenses.training import Checkpoint
+
+from .engine import Engine
+from .errors import FailedPrecondition, invalid_field
+
+log = logging.getLogger("expunge.server.index")
+ARTEFACT = "gradient_index"
+PROJECTION_DIM = 128
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class IndexState:
+    state: str = "ABSENT"  # ABSENT, BUILDING, READY, STALE
+    embedded_version: int = 0
+    size: int = 0
+    progress: float = 0.0
+
+
+@dataclass
+class _Loaded:
+    index: GradientIndex
+    embedder: GradientEmbedder
+    version: int
+
+
+@dataclass(frozen=True)
+class NeighborHit:
+    sample_id: int
+    owner_id: str
+    label: int
+    score: float
+
+
+class IndexService:
+    def __init__(self, engine: Engine, projection_dim: int = PROJECTION_DIM) -> None:
+        self.engine = engine
+        self.projection_dim = projection_dim
+        self._lock = threading.RLock()
+        self._loaded: dict[str, _Loaded] = {}
+        self._states: dict[str, IndexState] = {}
+        self._building: set[str] = set()
+        self._stopping = threading.Event()
+
+    # Lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load persisted indexes; build missing or stale ones in the background."""
+        for row in self.engine.store.models():
+            if not row.checkpoints_blob:
+                continue
+            try:
+                self._load_persisted(row.name)
+            except Exception:
+                log.exception("could not load the index of %s; rebuilding", row.name)
+            if self.state(row.name).state != "READY":
+                self.build_in_background(row.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def state(self, model: str) -> IndexState:
+        with self._lock:
+            return self._states.get(model, IndexState())
+
+    def _set_state(self, model: str, **changes: object) -> None:
+        with self._lock:
+            self._states[model] = replace(self._states.get(model, IndexState()), **changes)  # type: ignore[arg-type]
+
+    def _load_persisted(self, model: str) -> None:
+        rows = self.engine.store.query(
+            "SELECT blob, version FROM artefacts WHERE model = ? AND kind = ?", (model, ARTEFACT)
+        )
+        if not rows:
+            return
+        blob, version = str(rows[0][0]), int(rows[0][1])
+        index = unpack_index(self.engine.store.blobs.get(blob))
+        embedder = self._embedder(model, int(index.metadata.model_version or version))
+        current = self.engine.model_row(model).current_version
+        with self._lock:
+            self._loaded[model] = _Loaded(
+                index, embedder, int(index.metadata.model_version or version)
+            )
+        embedded = int(index.metadata.model_version or version)
+        self._set_state(
+            model,
+            state="READY" if embedded == current else "STALE",
+            embedded_version=embedded,
+            size=len(index),
+            progress=1.0,
+        )
+
+    # Building --------------------------------------------------------------------------
+
+    def _checkpoints(self, model: str, version: int) -> list[Checkpoint]:
+        trajectory = self.engine.checkpoints(model)
+        if not trajectory:
+            raise FailedPrecondition(
+                f"models/{model} has no training checkpoints; retrain it with Expunge so the "
+                "trajectory is saved"
+            )
+        served = self.engine.snapshot(model, version)
+        final = Checkpoint(
+            step=trajectory[-1].step + 1,
+            learning_rate=trajectory[-1].learning_rate,
+            state={k: v.detach().clone() for k, v in served.module.state_dict().items()},
+        )
+        return [*trajectory, final]
+
+    def _embedder(self, model: str, version: int) -> GradientEmbedder:
+        snapshot = self.engine.snapshot(model, version)
+        config = EmbeddingConfig(kind="gas", projection_dim=self.projection_dim, seed=0)
+        return GradientEmbedder(snapshot.module, self._checkpoints(model, version), config)
+
+    def build_in_background(self, model: str) -> None:
+        with self._lock:
+            if model in self._building:
+                return
+            self._building.add(model)
+        thread = threading.Thread(
+            target=self._build_guarded, args=(model,), name=f"index-{model}", daemon=True
+        )
+        thread.start()
+
+    def _build_guarded(self, model: str) -> None:
+        try:
+            self.build(model)
+        except Exception:
+            log.exception("building the index of %s failed", model)
+            self._set_state(model, state="ABSENT" if model not in self._loaded else "STALE")
+        finally:
+            with self._lock:
+                self._building.discard(model)
+
+    def build(self, model: str, shard_size: int = 512) -> IndexState:
+        """Embed every training sample for the current version and persist the index."""
+        row = self.engine.model_row(model)
+        version = row.current_version
+        previous = self.state(model)
+        self._set_state(
+            model, state="BUILDING" if previous.state == "ABSENT" else previous.state, progress=0.0
+        )
+        embedder = self._embedder(model, version)
+        data = self.engine.training_data(model)
+        metadata = IndexMetadata(
+            dim=embedder.dim,
+            embedding_kind="gas",
+            projection_seed=0,
+            projection_dim=self.projection_dim,
+            checkpoints=len(embedder.checkpoints),
+            model_version=str(version),
+        )
+        index = FaissIndex(embedder.dim, metadata=metadata)
+        n = len(data.labels)
+        for start in range(0, n, shard_size):
+            if self._stopping.is_set():
+                return self.state(model)
+            vectors = embedder.embed(
+                data.features[start : start + shard_size], data.labels[start : start + shard_size]
+            )
+            index.add(
+                data.sample_ids[start : start + shard_size],
+                vectors,
+                data.labels[start : start + shard_size].numpy(),
+            )
+            self._set_state(model, progress=min(1.0, (start + shard_size) / n))
+        store = self.engine.store
+        with store.write_lock:
+            # Samples forgotten while we embedded must not enter the index.
+            present = set(self.engine.training_data(model).sample_ids.tolist())
+            gone = [int(i) for i in data.sample_ids if int(i) not in present]
+            if gone:
+                index.remove(np.array(gone, dtype=np.int64))
+            if self.engine.model_row(model).current_version != version:
+                self._set_state(model, progress=0.0)
+                return self.build(model, shard_size)
+            blob = store.blobs.put(pack_index(index))
+            with store.transaction() as tx:
+                tx.execute(
+                    "INSERT OR REPLACE INTO artefacts (model, kind, blob, version, meta_json) VALUES (?,?,?,?,?)",
+                    (model, ARTEFACT, blob, version, "{}"),
+                )
+            with self._lock:
+                self._loaded[model] = _Loaded(index, embedder, version)
+            store.blobs.collect_garbage(store.referenced_blobs())
+        self._set_state(
+            model, state="READY", embedded_version=version, size=len(index), progress=1.0
+        )
+        return self.state(model)
+
+    # Forgetting -------------------------------------------------------------------------
+
+    def remove_for_commit(self, model: str, sample_ids: list[int]) -> str | None:
+        """Remove forgotten ids and write the index blob; the caller references it in its commit."""
+        with self._lock:
+            loaded = self._loaded.get(model)
+        if loaded is None:
+            return None
+        loaded.index.remove(np.array(sample_ids, dtype=np.int64))
+        return self.engine.store.blobs.put(pack_index(loaded.index))
+
+    def after_commit(self, model: str) -> None:
+        """The served weights changed: the last embedding block is stale until re-embedded."""
+        with self._lock:
+            loaded = self._loaded.get(model)
+        if loaded is None:
+            self.build_in_background(model)
+            return
+        self._set_state(model, state="STALE", size=len(loaded.index))
+        self.build_in_background(model)
+
+    # Queries ------------------------------------------------------------------------------
+
+    def neighbors(
+        self, model: str, inputs: np.ndarray, k: int, mode: str, label: int | None
+    ) -> tuple[list[list[NeighborHit]], IndexState, int]:
+        row = self.engine.model_row(model)
+        snapshot = self.engine.snapshot(model)
+        self.engine.check_inputs(snapshot.spec, inputs)
+        if mode not in ("proponents", "opponents"):
+            raise invalid_field("mode", f"{mode!r} is not 'proponents' or 'opponents'")
+        if label is not None and not 0 <= label < snapshot.spec.num_classes:
+            raise invalid_field(
+                "label",
+                f"{label} is not a class of this model (0..{snapshot.spec.num_classes - 1})",
+            )
+        with self._lock:
+            loaded = self._loaded.get(model)
+        state = self.state(model)
+        if loaded is None:
+            raise FailedPrecondition(
+                f"the gradient index of models/{model} is {state.state.lower()} "
+                f"({100 * state.progress:.0f}% embedded); retry shortly"
+            )
+        size = len(loaded.index)
+        if not 1 <= k <= min(MAX_K, size):
+            raise invalid_field("k", f"must lie in [1, {min(MAX_K, size)}]")
+        x = torch.from_numpy(inputs)
+        embedded_model = self.engine.snapshot(model, loaded.version).module
+        queries = loaded.embedder.embed(x, predicted_labels(embedded_model, x))
+        result = loaded.index.search(queries, k, mode=mode, label=label)  # type: ignore[arg-type]
+        data = self.engine.training_data(model)
+        position = {int(s): i for i, s in enumerate(data.sample_ids)}
+        hits: list[list[NeighborHit]] = []
+        for ids, scores in zip(result.ids.tolist(), result.scores.tolist(), strict=True):
+            row_hits = []
+            for sid, score in zip(ids, scores, strict=True):
+                where = position.get(int(sid))
+                if sid < 0 or where is None:
+                    continue
+                row_hits.append(
+                    NeighborHit(
+                        int(sid), str(data.owner_ids[where]), int(data.labels[where]), float(score)
+                    )
+                )
+            hits.append(row_hits)
+        return hits, state, row.current_version
+
+
+def pack_index(index: GradientIndex) -> bytes:
+    """An index directory as one zip blob (no pickle: faiss' own format plus JSON)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index.save(tmp)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for path in sorted(Path(tmp).iterdir()):
+                archive.write(path, path.name)
+        return buffer.getvalue()
+
+
+def unpack_index(data: bytes) -> GradientIndex:
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for member in archive.namelist():
+            if "/" in member or member.startswith("."):
+                raise FailedPrecondition("index artefact has an unexpected layout")
+            (Path(tmp) / member).write_bytes(archive.read(member))
+        return load_index(tmp)

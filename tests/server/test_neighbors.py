@@ -1,0 +1,121 @@
+"""Neighbors through the real server: exact answers, in sync with forgets, persisted, validated."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from expunge.client import Client, FailedPreconditionError, InvalidArgumentError
+from expunge.defenses.gradients import predicted_labels
+from expunge.defenses.index import ExactTorchIndex
+from expunge.server.main import start
+from expunge.server.settings import Settings
+
+
+def _wait_ready(client: Client, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get_model("digits").index.state != "READY":
+        assert time.monotonic() < deadline, "index never became READY"
+        time.sleep(0.1)
+
+
+def test_neighbors_equal_exact_search_over_the_same_embeddings(
+    client: Client, server: object
+) -> None:
+    _wait_ready(client)
+    engine = server.engine  # type: ignore[attr-defined]
+    loaded = server.forget.index._loaded["digits"]  # type: ignore[attr-defined]
+    data = engine.training_data("digits")
+    oracle = ExactTorchIndex(loaded.embedder.dim)
+    oracle.add(
+        data.sample_ids, loaded.embedder.embed(data.features, data.labels), data.labels.numpy()
+    )
+    x = engine.test_data("digits").features[:6]
+    queries = loaded.embedder.embed(
+        torch.from_numpy(x), predicted_labels(engine.snapshot("digits").module, torch.from_numpy(x))
+    )
+    for mode, label in (("proponents", None), ("opponents", None), ("proponents", 3)):
+        answer = client.neighbors("digits", x, 7, mode=mode, label=label)
+        expected = oracle.search(queries, 7, mode=mode, label=label)  # type: ignore[arg-type]
+        got = [[n.sample_id for n in row] for row in answer.neighbors]
+        assert got == expected.ids.tolist()
+        np.testing.assert_allclose(
+            [[n.score for n in row] for row in answer.neighbors],
+            expected.scores.numpy(),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+        if label is not None:
+            assert all(n.label == label for row in answer.neighbors for n in row)
+    owners = dict(zip(data.sample_ids.tolist(), data.owner_ids.tolist(), strict=True))
+    first = client.neighbors("digits", x[:1], 3).neighbors[0]
+    assert all(n.owner_id == owners[n.sample_id] for n in first)
+
+
+def test_forgotten_samples_leave_the_index_in_the_same_commit(
+    client: Client, server: object
+) -> None:
+    _wait_ready(client)
+    x = server.engine.test_data("digits").features[:20]  # type: ignore[attr-defined]
+    before = client.neighbors("digits", x, 10)
+    victims = sorted({n.sample_id for row in before.neighbors for n in row})[:15]
+    size = client.get_model("digits").index.size
+    jobs = server.forget.jobs  # type: ignore[attr-defined]
+    index = server.forget.index  # type: ignore[attr-defined]
+    index.stop()  # hold re-embedding back, to see the state right after the commit
+    client.forget("digits", sample_ids=victims, request_id="nb", wait=True)
+    assert jobs.wait_idle(60)
+    after = client.neighbors("digits", x, 10)
+    assert after.stale and after.embedded_version == 1 and after.model_version == 2
+    assert not {n.sample_id for row in after.neighbors for n in row} & set(victims)
+    assert client.get_model("digits").index.size == size - len(victims)
+
+
+def test_the_index_is_persisted_and_reloaded(state_dir: Path) -> None:
+    running = start(Settings(state_dir=state_dir, port=0))
+    try:
+        with Client(running.target) as client:
+            _wait_ready(client)
+    finally:
+        running.stop(0)
+    running = start(Settings(state_dir=state_dir, port=0))
+    try:
+        with Client(running.target) as client:
+            # Loaded from its blob during start-up: ready without a rebuild.
+            assert client.get_model("digits").index.state == "READY"
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"k": 0}, "k"),
+        ({"k": 100_000}, "k"),
+        ({"k": 3, "mode": "sideways"}, "mode"),
+        ({"k": 3, "label": 10}, "label"),
+    ],
+)
+def test_bad_neighbor_requests_are_invalid_argument(
+    client: Client, server: object, kwargs: dict, field: str
+) -> None:
+    _wait_ready(client)
+    x = server.engine.test_data("digits").features[:1]  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgumentError) as info:
+        client.neighbors("digits", x, **kwargs)
+    assert info.value.violations[0].field == field
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        client.neighbors("digits", np.zeros((1, 64), np.float32), 3)
+
+
+def test_no_index_is_failed_precondition(state_dir: Path) -> None:
+    running = start(Settings(state_dir=state_dir, port=0, build_index=False))
+    try:
+        with Client(running.target) as client:
+            with pytest.raises(FailedPreconditionError, match="without a gradient index"):
+                client.neighbors("digits", np.zeros((1, 1, 8, 8), np.float32), 3)
+    finally:
+        running.stop(0)
