@@ -7,6 +7,7 @@ values that reach deep code paths (a real model name, tensors of plausible shape
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,10 @@ def _tensor() -> st.SearchStrategy[pb.Tensor]:
             fuzz_bytes is not None
             or dtype not in sizes
             or any(s < 0 for s in shape)
-            or np.prod(shape or [0]) > 10_000
+            or math.prod(shape or [0]) > 10_000
         ):
             return pb.Tensor(dtype=dtype, shape=shape, data=fuzz_bytes or b"")
-        count = int(np.prod(shape)) if shape else 0
+        count = math.prod(shape) if shape else 0
         data = (
             np.full(count, fill, dtype=np.dtype(dtype)).tobytes()
             if np.isfinite(fill) or dtype.startswith("float")
