@@ -63,6 +63,7 @@ class IndexService:
         self._loaded: dict[str, _Loaded] = {}
         self._states: dict[str, IndexState] = {}
         self._building: set[str] = set()
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
 
     # Lifecycle -----------------------------------------------------------------------
@@ -79,8 +80,11 @@ class IndexService:
             if self.state(row.name).state != "READY":
                 self.build_in_background(row.name)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop background builds at their next shard and wait for them."""
         self._stopping.set()
+        for thread in list(self._threads):
+            thread.join(timeout)
 
     def state(self, model: str) -> IndexState:
         with self._lock:
@@ -136,6 +140,8 @@ class IndexService:
         return GradientEmbedder(snapshot.module, self._checkpoints(model, version), config)
 
     def build_in_background(self, model: str) -> None:
+        if self._stopping.is_set():
+            return
         with self._lock:
             if model in self._building:
                 return

@@ -57,8 +57,14 @@ class ProgressReporter:
         self._jobs._set_progress(self._request_id, Progress(name, completed, total, message))
 
     def check_cancelled(self) -> None:
+        if self._jobs._stopping.is_set():
+            raise ShuttingDown("the server is stopping; the request stays journalled")
         if self._jobs._live(self._request_id).cancel.is_set():
             raise Cancelled("cancelled at the caller's request before commit")
+
+
+class ShuttingDown(Exception):
+    """Raised at a phase boundary when the server stops: the request is redone at next start."""
 
 
 # apply(request, reporter) commits the result itself (inside its final transaction,
@@ -146,6 +152,8 @@ class JobRunner:
         try:
             self.apply(replace(request, state=APPLYING), ProgressReporter(self, request.request_id))
             self._set_progress(request.request_id, Progress("done"))
+        except ShuttingDown:
+            return
         except Cancelled as exc:
             self._finish(request.request_id, CANCELLED, ("CANCELLED", exc.message))
         except ExpungeError as exc:
