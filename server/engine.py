@@ -105,8 +105,9 @@ class Engine:
         config: TrainConfig,
         test_fraction: float = 0.2,
         actor: str = "admin",
+        test_set: Dataset | None = None,
     ) -> ModelInfo:
-        """Split, train with checkpoints, and store everything as version 1 in one commit."""
+        """Split (unless ``test_set`` is given), train with checkpoints, store as version 1 in one commit."""
         name = parse_model_name(name)
         if self.store.model(name) is not None:
             raise AlreadyExists(f"model {name!r} exists; choose another name")
@@ -118,7 +119,10 @@ class Engine:
             raise InvalidArgument(
                 f"data has {dataset.num_classes} classes, model {spec.num_classes}"
             )
-        train_set, test_set = train_test_split(dataset, test_fraction, config.seed)
+        if test_set is None:
+            train_set, test_set = train_test_split(dataset, test_fraction, config.seed)
+        else:
+            train_set = dataset
         model = build_architecture(spec, self.settings.trusted_factories, seed=config.seed)
         x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
         result = train(model, x, y, config)

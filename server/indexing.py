@@ -45,6 +45,9 @@ class _Loaded:
     index: GradientIndex
     embedder: GradientEmbedder
     version: int
+    # Training embeddings (n, dim) and their ids, kept for Scan's full influence vectors.
+    vectors: torch.Tensor | None = None
+    ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ class IndexService:
                     (model, ARTEFACT, blob, version, "{}"),
                 )
             with self._lock:
-                self._loaded[model] = _Loaded(index, embedder, version)
+                self._loaded[model] = _Loaded(index, embedder, version, all_vectors, data.sample_ids.copy())
             store.blobs.collect_garbage(store.referenced_blobs())
         self._set_state(
             model, state="READY", embedded_version=version, size=len(index), progress=1.0
@@ -237,6 +240,19 @@ class IndexService:
             return
         self._set_state(model, state="STALE", size=len(loaded.index))
         self.build_in_background(model)
+
+    def training_embeddings(self, model: str) -> tuple[GradientEmbedder, torch.Tensor, np.ndarray] | None:
+        """The embedder and the training embeddings ``(n, dim)`` with their ids, if an index is loaded."""
+        with self._lock:
+            loaded = self._loaded.get(model)
+        if loaded is None:
+            return None
+        if loaded.vectors is None:
+            data = self.engine.training_data(model)
+            loaded.vectors = loaded.embedder.embed(data.features, data.labels)
+            loaded.ids = data.sample_ids.copy()
+        assert loaded.ids is not None
+        return loaded.embedder, loaded.vectors, loaded.ids
 
     # Queries ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from .engine import Engine
 from .forgetting import ForgetService
 from .indexing import IndexService
 from .interceptors import AuthInterceptor
+from .scanning import ScanService
 from .servicer import ExpungeServicer
 from .settings import LOOPBACK_HOSTS, Settings
 from .store import Store
@@ -98,7 +99,7 @@ def start(settings: Settings) -> RunningServer:
             )
         ],
     )
-    expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine, forget), server)
+    expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine, forget, ScanService(engine, forget)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
 from . import converters as conv
 from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
-from .errors import FailedPrecondition, NotFound, Unimplemented, invalid_field
+from .errors import FailedPrecondition, NotFound, invalid_field
 from .forgetting import ForgetService
 from .interceptors import current_actor
+from .scanning import ScanService
 from .rpc_status import handles_errors
 
 
@@ -29,9 +31,10 @@ def actor_of(context: grpc.ServicerContext) -> str:
 
 
 class ExpungeServicer(pb_grpc.ExpungeServicer):
-    def __init__(self, engine: Engine, forget: ForgetService) -> None:
+    def __init__(self, engine: Engine, forget: ForgetService, scans: ScanService) -> None:
         self.engine = engine
         self.forget = forget
+        self.scans = scans
         self.max_bytes = engine.settings.max_message_bytes
 
     @handles_errors
@@ -177,21 +180,35 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         return self._operation(request_id)
 
     @handles_errors
-    def Scan(
-        self, request: pb.ScanRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ScanResult]:
-        raise Unimplemented(
-            "Scan (renormalized-influence target identification) is not available yet"
-        )
-        yield  # pragma: no cover
+    def Scan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> Iterator[pb.ScanResult]:
+        model, inputs = self._scan_inputs(request)
+        for outcome in self.scans.scan(
+            model, inputs, request.estimator or "gas", request.max_implicated, request.mitigate,
+            request.request_id, actor_of(context),
+        ):
+            result = pb.ScanResult(
+                index=outcome.index,
+                predicted_label=outcome.predicted_label,
+                target_score=outcome.target_score,
+                threshold=outcome.threshold,
+                flagged=outcome.flagged,
+                counterfactual_drop=outcome.counterfactual_drop,
+                implicated=[pb.ImplicatedSample(**s) for s in outcome.implicated],  # type: ignore[arg-type]
+                model_version=outcome.model_version,
+            )
+            if outcome.mitigation is not None:
+                result.mitigation.CopyFrom(pb.Mitigation(**outcome.mitigation))  # type: ignore[arg-type]
+            yield result
+
+    def _scan_inputs(self, request: pb.ScanRequest) -> tuple[str, np.ndarray]:
+        if not request.HasField("inputs"):
+            raise invalid_field("inputs", "required: a non-empty tensor of shape (batch, *input_spec.shape)")
+        return parse_model_name(request.model), conv.tensor_to_numpy(request.inputs, "inputs", self.max_bytes)
 
     @handles_errors
-    def EstimateScan(
-        self, request: pb.ScanRequest, context: grpc.ServicerContext
-    ) -> pb.ScanEstimate:
-        raise Unimplemented(
-            "Scan (renormalized-influence target identification) is not available yet"
-        )
+    def EstimateScan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> pb.ScanEstimate:
+        model, inputs = self._scan_inputs(request)
+        return pb.ScanEstimate(**self.scans.estimate(model, inputs, request.estimator or "gas"))  # type: ignore[arg-type]
 
     @handles_errors
     def Neighbors(

@@ -155,6 +155,7 @@ def unlearn(
     Never skips: a step that costs accuracy is applied and flagged in the receipt.
     """
     from expunge.defenses.certificate import (
+        parameter_distance_bound,
         BudgetLedger,
         add_certified_noise,
         make_certificate,
@@ -203,7 +204,9 @@ def unlearn(
     apply_update(model, selection, result)
     scale = 0.0
     if options.epsilon > 0:
-        scale = noise_scale(result.residual_norm_all, options.epsilon, options.delta)
+        # Noise goes on the parameters, so eps' bounds the distance to the retrained optimum: r / lambda.
+        bound = parameter_distance_bound(result.residual_norm_all, weight_decay) if weight_decay > 0 else result.residual_norm_all
+        scale = noise_scale(bound, options.epsilon, options.delta)
         add_certified_noise(model, selection, scale, seed)
     spent = BudgetLedger.from_dict(ledger, default_budget).spend(result.residual_norm_all)
     certificate = make_certificate(
@@ -212,6 +215,8 @@ def unlearn(
         scale,
         spent,
         convex=is_convex(spec, options.selection),
+        all_parameters=options.selection == "all",
+        weight_decay=weight_decay,
     )
     report.phase("verifying", message="measuring the model after the update")
     after = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)

@@ -1,0 +1,258 @@
+"""Scan: is each input the target of a training-set attack? (DESIGN 4.7-4.8)
+
+Per input: renormalized influence of every training sample (GAS by default, from the
+gradient index's embeddings when one is ready, else exactly over the checkpoints), the
+robust target score against a threshold calibrated on clean held-out inputs, and, for
+inputs that pass that first filter, a counterfactual confirmation: forget the input's
+top proponents on a scratch copy with the fast Newton path (no commit) and measure how
+far the predicted class's probability falls.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from expunge.defenses.gradients import predicted_labels
+from expunge.defenses.influence import InfluenceConfig, influence_scores
+from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
+from expunge.defenses.selection import ParameterSelection
+from expunge.defenses.targets import calibrate_threshold, implicated_samples, target_score
+from expunge.defenses.training import TrainConfig
+
+from .engine import Engine
+from .errors import FailedPrecondition, invalid_field
+from .forgetting import ForgetService
+from .jobs import TERMINAL
+from .unlearning import UnlearningOptions
+
+ESTIMATORS = ("gas", "lgas", "tracincp")
+CALIBRATION = "scan_calibration"
+CHUNK = 32
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    false_positive_rate: float = field(default=0.05, metadata={"help": "on clean held-out inputs"})
+    calibration_inputs: int = field(default=100, metadata={"help": "clean inputs for the threshold"})
+    k: int = field(default=10, metadata={"help": "k-th largest influence"})
+    implicated_cutoff: float = field(default=3.0, metadata={"help": "z above which a sample is implicated"})
+    proponents_removed: int = field(default=30, metadata={"help": "counterfactual removes this many"})
+    drop_threshold: float = field(default=0.1, metadata={"help": "probability drop that confirms"})
+    newton_iterations: int = field(default=3, metadata={"help": "fast counterfactual iterations"})
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    index: int
+    predicted_label: int
+    target_score: float
+    threshold: float
+    flagged: bool
+    counterfactual_drop: float
+    implicated: list[dict[str, object]]
+    model_version: int
+    mitigation: dict[str, object] | None = None
+
+
+class ScanService:
+    def __init__(self, engine: Engine, forget: ForgetService, settings: ScanSettings | None = None) -> None:
+        self.engine = engine
+        self.forget = forget
+        self.settings = settings or ScanSettings()
+
+    # Influence -------------------------------------------------------------------------
+
+    def _influences(self, model: str, estimator: str, x: torch.Tensor) -> torch.Tensor:
+        """(q, n_train) influences of the current training set on inputs x."""
+        snapshot = self.engine.snapshot(model)
+        data = self.engine.training_data(model)
+        index = self.forget.index
+        if estimator == "gas" and index is not None:
+            embedded = index.training_embeddings(model)
+            if embedded is not None:
+                embedder, vectors, ids = embedded
+                labels = predicted_labels(snapshot.module, x)
+                queries = embedder.embed(x, labels)
+                by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+                rows = torch.tensor([by_id[int(s)] for s in data.sample_ids])
+                return queries @ vectors[rows].T
+        checkpoints = self.engine.checkpoints(model)
+        config = InfluenceConfig(weight_decay=self._weight_decay(model))
+        return influence_scores(snapshot.module, checkpoints, data.features, data.labels, x, estimator, config)  # type: ignore[arg-type]
+
+    def _weight_decay(self, model: str) -> float:
+        return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
+
+    # Calibration -----------------------------------------------------------------------
+
+    def threshold(self, model: str, estimator: str) -> float:
+        """The score threshold of the current version, calibrated once per version and estimator."""
+        row = self.engine.model_row(model)
+        kind = f"{CALIBRATION}:{estimator}"
+        stored = self.engine.store.query(
+            "SELECT version, meta_json FROM artefacts WHERE model = ? AND kind = ?", (model, kind)
+        )
+        if stored and int(stored[0][0]) == row.current_version:
+            return float(json.loads(stored[0][1])["threshold"])
+        test = self.engine.test_data(model)
+        x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
+        scores = [s for s, _ in self._scores(model, estimator, x)]
+        threshold = calibrate_threshold(np.array(scores), self.settings.false_positive_rate)
+        meta = {"threshold": threshold, "false_positive_rate": self.settings.false_positive_rate, "inputs": len(scores)}
+        with self.engine.store.write_lock:
+            blob = self.engine.store.blobs.put(json.dumps(meta, sort_keys=True).encode())
+            with self.engine.store.transaction() as tx:
+                tx.execute(
+                    "INSERT OR REPLACE INTO artefacts (model, kind, blob, version, meta_json) VALUES (?,?,?,?,?)",
+                    (model, kind, blob, row.current_version, json.dumps(meta, sort_keys=True)),
+                )
+        return threshold
+
+    def _scores(self, model: str, estimator: str, x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        data = self.engine.training_data(model)
+        labels = predicted_labels(self.engine.snapshot(model).module, x)
+        influences = self._influences(model, estimator, x)
+        out = []
+        for i in range(len(x)):
+            score = target_score(influences[i].double(), data.labels, int(labels[i]), k=self.settings.k)
+            out.append((score.score if math.isfinite(score.score) else 0.0, influences[i]))
+        return out
+
+    # Counterfactual ---------------------------------------------------------------------
+
+    def counterfactual_drop(self, model: str, x: torch.Tensor, influences: torch.Tensor) -> float:
+        """Fall of the predicted class's probability after forgetting the top proponents (scratch copy)."""
+        snapshot = self.engine.snapshot(model)
+        data = self.engine.training_data(model)
+        top = torch.topk(influences, min(self.settings.proponents_removed, len(influences))).indices
+        forget = torch.zeros(len(data.labels), dtype=torch.bool)
+        forget[top] = True
+        scratch = copy.deepcopy(snapshot.module)
+        for p in scratch.parameters():
+            p.requires_grad_(True)
+        selection = ParameterSelection.everything(scratch)
+        config = NewtonConfig(iterations=self.settings.newton_iterations, hessian_samples=1000)
+        result = newton_update(
+            scratch, selection, data.features[forget], data.labels[forget], data.features[~forget],
+            data.labels[~forget], self._weight_decay(model), config,
+        )
+        apply_update(scratch, selection, result)
+        with torch.no_grad():
+            before = torch.softmax(snapshot.module(x.unsqueeze(0)), dim=1)[0]
+            label = int(before.argmax())
+            after = torch.softmax(scratch(x.unsqueeze(0)), dim=1)[0]
+        return float(before[label] - after[label])
+
+    # Scanning ---------------------------------------------------------------------------
+
+    def validate(self, model: str, inputs: np.ndarray, estimator: str) -> str:
+        if estimator not in ESTIMATORS:
+            raise invalid_field("estimator", f"{estimator!r} is not one of {ESTIMATORS}")
+        snapshot = self.engine.snapshot(model)
+        self.engine.check_inputs(snapshot.spec, inputs)
+        if not self.engine.checkpoints(model):
+            raise FailedPrecondition(
+                f"models/{model} has no training checkpoints; train it with `expunge train` so "
+                "the trajectory (checkpoints and learning rates) is saved"
+            )
+        return estimator
+
+    def estimate(self, model: str, inputs: np.ndarray, estimator: str) -> dict[str, float]:
+        estimator = self.validate(model, inputs, estimator)
+        data = self.engine.training_data(model)
+        checkpoints = len(self.engine.checkpoints(model))
+        params = sum(p.numel() for p in self.engine.snapshot(model).module.parameters())
+        probe = torch.from_numpy(inputs[:1])
+        started = time.perf_counter()
+        self._influences(model, estimator, probe)
+        one = time.perf_counter() - started
+        chunks = math.ceil(len(inputs) / CHUNK)
+        return {
+            "inputs": len(inputs),
+            "training_samples": len(data.labels),
+            "checkpoints": checkpoints,
+            "estimated_seconds": one * chunks * 1.2,
+            "estimated_bytes": 4 * (len(data.labels) * CHUNK + 256 * params),
+        }
+
+    def scan(
+        self,
+        model: str,
+        inputs: np.ndarray,
+        estimator: str,
+        max_implicated: int,
+        mitigate: bool,
+        request_id: str,
+        actor: str,
+    ) -> Iterator[ScanOutcome]:
+        estimator = self.validate(model, inputs, estimator or "gas")
+        if mitigate and not request_id:
+            raise invalid_field("request_id", "required with mitigate: it makes the forget idempotent")
+        if not 0 <= max_implicated <= 10_000:
+            raise invalid_field("max_implicated", "must lie in [0, 10000] (0: default 30)")
+        limit = max_implicated or 30
+        threshold = self.threshold(model, estimator)
+        self.engine.store.record_audit(actor, "scan", f"models/{model}", {"inputs": int(len(inputs)), "estimator": estimator})
+        for start in range(0, len(inputs), CHUNK):
+            x = torch.from_numpy(inputs[start : start + CHUNK])
+            snapshot = self.engine.snapshot(model)
+            data = self.engine.training_data(model)
+            labels = predicted_labels(snapshot.module, x)
+            for offset, (score, influences) in enumerate(self._scores(model, estimator, x)):
+                label = int(labels[offset])
+                drop = 0.0
+                flagged = False
+                if score >= threshold:
+                    drop = self.counterfactual_drop(model, x[offset], influences)
+                    flagged = drop >= self.settings.drop_threshold
+                chosen = implicated_samples(influences.double(), data.labels, label, self.settings.implicated_cutoff, limit=limit)
+                implicated = [
+                    {
+                        "sample_id": int(data.sample_ids[i]),
+                        "owner_id": str(data.owner_ids[i]),
+                        "label": int(data.labels[i]),
+                        "influence": float(v),
+                        "z": float(z),
+                    }
+                    for i, z, v in zip(chosen.indices.tolist(), chosen.z.tolist(), chosen.influence.tolist(), strict=True)
+                ]
+                outcome = ScanOutcome(
+                    start + offset, label, score, threshold, flagged, drop, implicated, snapshot.version
+                )
+                if mitigate and flagged and implicated:
+                    outcome = self._mitigate(model, outcome, x[offset], f"{request_id}:{start + offset}", actor)
+                yield outcome
+
+    def _mitigate(self, model: str, outcome: ScanOutcome, x: torch.Tensor, request_id: str, actor: str) -> ScanOutcome:
+        before = self.engine.model_info(model).version.metrics.get("test_accuracy", float("nan"))
+        ids = [int(s["sample_id"]) for s in outcome.implicated]  # type: ignore[call-overload]
+        self.forget.submit(model, ids, [], request_id, UnlearningOptions(), actor)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            row = self.engine.store.request(request_id)
+            if row is not None and row.state in TERMINAL:
+                break
+            time.sleep(0.05)
+        row = self.engine.store.request(request_id)
+        if row is None or row.state != "SUCCEEDED":
+            raise FailedPrecondition(f"mitigation forget {request_id} ended {row.state if row else 'missing'}")
+        info = self.engine.model_info(model)
+        with torch.no_grad():
+            after_label = int(self.engine.snapshot(model).module(x.unsqueeze(0)).argmax(dim=1))
+        mitigation = {
+            "operation": f"operations/{request_id}",
+            "new_version": info.row.current_version,
+            "predicted_label_after": after_label,
+            "prediction_changed": after_label != outcome.predicted_label,
+            "test_accuracy_before": before,
+            "test_accuracy_after": info.version.metrics.get("test_accuracy", float("nan")),
+        }
+        return ScanOutcome(**{**outcome.__dict__, "mitigation": mitigation})
