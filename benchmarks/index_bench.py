@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from sklearn.datasets import load_digits
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
 from expunge.defenses.gradients import predicted_labels
@@ -52,7 +54,6 @@ from expunge.defenses.index import (
     recall_at_k,
 )
 from expunge.defenses.training import TrainConfig, train
-from sklearn.datasets import load_digits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "index.json"
 DIM = 128

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
@@ -273,7 +274,7 @@ class Client:
             estimator=estimator,
             max_implicated=max_implicated,
             mitigate=mitigate,
-            request_id=request_id or (_new_id() if mitigate else ""),
+            request_id=_new_id() if request_id is None and mitigate else (request_id or ""),
         )
         for msg in self._stream(self._stub.Scan, request, timeout):
             yield wire.scan_result(msg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
 from expunge.v1 import expunge_pb2 as pb
 
 from . import types as t

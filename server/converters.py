@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import numpy as np
+
 from expunge.v1 import expunge_pb2 as pb
 
 from .engine import ModelInfo

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import Checkpoint, TrainConfig, accuracy, objective, train
-from torch import nn
 
 from . import weights as weights_io
 from .datasets import Dataset, train_test_split

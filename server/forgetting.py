@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
 

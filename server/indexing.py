@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.index import FaissIndex, GradientIndex, IndexMetadata, load_index
@@ -184,18 +185,21 @@ class IndexService:
         )
         index = FaissIndex(embedder.dim, metadata=metadata)
         n = len(data.labels)
+        parts = []
         for start in range(0, n, shard_size):
             if self._stopping.is_set():
                 return self.state(model)
             vectors = embedder.embed(
                 data.features[start : start + shard_size], data.labels[start : start + shard_size]
             )
+            parts.append(vectors)
             index.add(
                 data.sample_ids[start : start + shard_size],
                 vectors,
                 data.labels[start : start + shard_size].numpy(),
             )
             self._set_state(model, progress=min(1.0, (start + shard_size) / n))
+        all_vectors = torch.cat(parts) if parts else torch.zeros(0, embedder.dim)
         store = self.engine.store
         with store.write_lock:
             # Samples forgotten while we embedded must not enter the index.
@@ -213,7 +217,9 @@ class IndexService:
                     (model, ARTEFACT, blob, version, "{}"),
                 )
             with self._lock:
-                self._loaded[model] = _Loaded(index, embedder, version, all_vectors, data.sample_ids.copy())
+                self._loaded[model] = _Loaded(
+                    index, embedder, version, all_vectors, data.sample_ids.copy()
+                )
             store.blobs.collect_garbage(store.referenced_blobs())
         self._set_state(
             model, state="READY", embedded_version=version, size=len(index), progress=1.0
@@ -241,7 +247,9 @@ class IndexService:
         self._set_state(model, state="STALE", size=len(loaded.index))
         self.build_in_background(model)
 
-    def training_embeddings(self, model: str) -> tuple[GradientEmbedder, torch.Tensor, np.ndarray] | None:
+    def training_embeddings(
+        self, model: str
+    ) -> tuple[GradientEmbedder, torch.Tensor, np.ndarray] | None:
         """The embedder and the training embeddings ``(n, dim)`` with their ids, if an index is loaded."""
         with self._lock:
             loaded = self._loaded.get(model)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
 from expunge.v1 import expunge_pb2
 
 ROLES = ("admin", "forget", "scan", "read")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from expunge.v1 import expunge_pb2, expunge_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from expunge.v1 import expunge_pb2, expunge_pb2_grpc
 
 from .engine import Engine
 from .forgetting import ForgetService
@@ -99,7 +100,9 @@ def start(settings: Settings) -> RunningServer:
             )
         ],
     )
-    expunge_pb2_grpc.add_ExpungeServicer_to_server(ExpungeServicer(engine, forget, ScanService(engine, forget)), server)
+    expunge_pb2_grpc.add_ExpungeServicer_to_server(
+        ExpungeServicer(engine, forget, ScanService(engine, forget)), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from expunge.defenses.architectures import ARCHITECTURES, ArchitectureSpec, build_model
 from torch import nn
+
+from expunge.defenses.architectures import ARCHITECTURES, ArchitectureSpec, build_model
 
 from .errors import FailedPrecondition
 

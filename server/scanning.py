@@ -41,10 +41,16 @@ CHUNK = 32
 @dataclass(frozen=True)
 class ScanSettings:
     false_positive_rate: float = field(default=0.05, metadata={"help": "on clean held-out inputs"})
-    calibration_inputs: int = field(default=100, metadata={"help": "clean inputs for the threshold"})
+    calibration_inputs: int = field(
+        default=100, metadata={"help": "clean inputs for the threshold"}
+    )
     k: int = field(default=10, metadata={"help": "k-th largest influence"})
-    implicated_cutoff: float = field(default=3.0, metadata={"help": "z above which a sample is implicated"})
-    proponents_removed: int = field(default=30, metadata={"help": "counterfactual removes this many"})
+    implicated_cutoff: float = field(
+        default=3.0, metadata={"help": "z above which a sample is implicated"}
+    )
+    proponents_removed: int = field(
+        default=30, metadata={"help": "counterfactual removes this many"}
+    )
     drop_threshold: float = field(default=0.1, metadata={"help": "probability drop that confirms"})
     newton_iterations: int = field(default=3, metadata={"help": "fast counterfactual iterations"})
 
@@ -63,7 +69,9 @@ class ScanOutcome:
 
 
 class ScanService:
-    def __init__(self, engine: Engine, forget: ForgetService, settings: ScanSettings | None = None) -> None:
+    def __init__(
+        self, engine: Engine, forget: ForgetService, settings: ScanSettings | None = None
+    ) -> None:
         self.engine = engine
         self.forget = forget
         self.settings = settings or ScanSettings()
@@ -86,7 +94,15 @@ class ScanService:
                 return queries @ vectors[rows].T
         checkpoints = self.engine.checkpoints(model)
         config = InfluenceConfig(weight_decay=self._weight_decay(model))
-        return influence_scores(snapshot.module, checkpoints, data.features, data.labels, x, estimator, config)  # type: ignore[arg-type]
+        return influence_scores(
+            snapshot.module,
+            checkpoints,
+            data.features,
+            data.labels,
+            x,
+            estimator,  # type: ignore[arg-type]
+            config,
+        )  # type: ignore[arg-type]
 
     def _weight_decay(self, model: str) -> float:
         return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
@@ -106,7 +122,11 @@ class ScanService:
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
         scores = [s for s, _ in self._scores(model, estimator, x)]
         threshold = calibrate_threshold(np.array(scores), self.settings.false_positive_rate)
-        meta = {"threshold": threshold, "false_positive_rate": self.settings.false_positive_rate, "inputs": len(scores)}
+        meta = {
+            "threshold": threshold,
+            "false_positive_rate": self.settings.false_positive_rate,
+            "inputs": len(scores),
+        }
         with self.engine.store.write_lock:
             blob = self.engine.store.blobs.put(json.dumps(meta, sort_keys=True).encode())
             with self.engine.store.transaction() as tx:
@@ -116,13 +136,17 @@ class ScanService:
                 )
         return threshold
 
-    def _scores(self, model: str, estimator: str, x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    def _scores(
+        self, model: str, estimator: str, x: torch.Tensor
+    ) -> list[tuple[float, torch.Tensor]]:
         data = self.engine.training_data(model)
         labels = predicted_labels(self.engine.snapshot(model).module, x)
         influences = self._influences(model, estimator, x)
         out = []
         for i in range(len(x)):
-            score = target_score(influences[i].double(), data.labels, int(labels[i]), k=self.settings.k)
+            score = target_score(
+                influences[i].double(), data.labels, int(labels[i]), k=self.settings.k
+            )
             out.append((score.score if math.isfinite(score.score) else 0.0, influences[i]))
         return out
 
@@ -141,8 +165,14 @@ class ScanService:
         selection = ParameterSelection.everything(scratch)
         config = NewtonConfig(iterations=self.settings.newton_iterations, hessian_samples=1000)
         result = newton_update(
-            scratch, selection, data.features[forget], data.labels[forget], data.features[~forget],
-            data.labels[~forget], self._weight_decay(model), config,
+            scratch,
+            selection,
+            data.features[forget],
+            data.labels[forget],
+            data.features[~forget],
+            data.labels[~forget],
+            self._weight_decay(model),
+            config,
         )
         apply_update(scratch, selection, result)
         with torch.no_grad():
@@ -195,12 +225,16 @@ class ScanService:
     ) -> Iterator[ScanOutcome]:
         estimator = self.validate(model, inputs, estimator or "gas")
         if mitigate and not request_id:
-            raise invalid_field("request_id", "required with mitigate: it makes the forget idempotent")
+            raise invalid_field(
+                "request_id", "required with mitigate: it makes the forget idempotent"
+            )
         if not 0 <= max_implicated <= 10_000:
             raise invalid_field("max_implicated", "must lie in [0, 10000] (0: default 30)")
         limit = max_implicated or 30
         threshold = self.threshold(model, estimator)
-        self.engine.store.record_audit(actor, "scan", f"models/{model}", {"inputs": int(len(inputs)), "estimator": estimator})
+        self.engine.store.record_audit(
+            actor, "scan", f"models/{model}", {"inputs": len(inputs), "estimator": estimator}
+        )
         for start in range(0, len(inputs), CHUNK):
             x = torch.from_numpy(inputs[start : start + CHUNK])
             snapshot = self.engine.snapshot(model)
@@ -213,7 +247,13 @@ class ScanService:
                 if score >= threshold:
                     drop = self.counterfactual_drop(model, x[offset], influences)
                     flagged = drop >= self.settings.drop_threshold
-                chosen = implicated_samples(influences.double(), data.labels, label, self.settings.implicated_cutoff, limit=limit)
+                chosen = implicated_samples(
+                    influences.double(),
+                    data.labels,
+                    label,
+                    self.settings.implicated_cutoff,
+                    limit=limit,
+                )
                 implicated = [
                     {
                         "sample_id": int(data.sample_ids[i]),
@@ -222,16 +262,32 @@ class ScanService:
                         "influence": float(v),
                         "z": float(z),
                     }
-                    for i, z, v in zip(chosen.indices.tolist(), chosen.z.tolist(), chosen.influence.tolist(), strict=True)
+                    for i, z, v in zip(
+                        chosen.indices.tolist(),
+                        chosen.z.tolist(),
+                        chosen.influence.tolist(),
+                        strict=True,
+                    )
                 ]
                 outcome = ScanOutcome(
-                    start + offset, label, score, threshold, flagged, drop, implicated, snapshot.version
+                    start + offset,
+                    label,
+                    score,
+                    threshold,
+                    flagged,
+                    drop,
+                    implicated,
+                    snapshot.version,
                 )
                 if mitigate and flagged and implicated:
-                    outcome = self._mitigate(model, outcome, x[offset], f"{request_id}:{start + offset}", actor)
+                    outcome = self._mitigate(
+                        model, outcome, x[offset], f"{request_id}:{start + offset}", actor
+                    )
                 yield outcome
 
-    def _mitigate(self, model: str, outcome: ScanOutcome, x: torch.Tensor, request_id: str, actor: str) -> ScanOutcome:
+    def _mitigate(
+        self, model: str, outcome: ScanOutcome, x: torch.Tensor, request_id: str, actor: str
+    ) -> ScanOutcome:
         before = self.engine.model_info(model).version.metrics.get("test_accuracy", float("nan"))
         ids = [int(s["sample_id"]) for s in outcome.implicated]  # type: ignore[call-overload]
         self.forget.submit(model, ids, [], request_id, UnlearningOptions(), actor)
@@ -243,7 +299,9 @@ class ScanService:
             time.sleep(0.05)
         row = self.engine.store.request(request_id)
         if row is None or row.state != "SUCCEEDED":
-            raise FailedPrecondition(f"mitigation forget {request_id} ended {row.state if row else 'missing'}")
+            raise FailedPrecondition(
+                f"mitigation forget {request_id} ended {row.state if row else 'missing'}"
+            )
         info = self.engine.model_info(model)
         with torch.no_grad():
             after_label = int(self.engine.snapshot(model).module(x.unsqueeze(0)).argmax(dim=1))

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
+
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
@@ -14,8 +15,8 @@ from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_
 from .errors import FailedPrecondition, NotFound, invalid_field
 from .forgetting import ForgetService
 from .interceptors import current_actor
-from .scanning import ScanService
 from .rpc_status import handles_errors
+from .scanning import ScanService
 
 
 def parse_operation_name(name: str) -> str:
@@ -53,7 +54,7 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             return pb.IndexStatus(state=pb.IndexStatus.ABSENT)
         s = self.forget.index.state(model)
         return pb.IndexStatus(
-            state=pb.IndexStatus.State.Value(s.state),
+            state=pb.IndexStatus.State.Value(s.state),  # type: ignore[arg-type]
             embedded_version=s.embedded_version,
             size=s.size,
             progress=s.progress,
@@ -180,11 +181,18 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         return self._operation(request_id)
 
     @handles_errors
-    def Scan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> Iterator[pb.ScanResult]:
+    def Scan(
+        self, request: pb.ScanRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ScanResult]:
         model, inputs = self._scan_inputs(request)
         for outcome in self.scans.scan(
-            model, inputs, request.estimator or "gas", request.max_implicated, request.mitigate,
-            request.request_id, actor_of(context),
+            model,
+            inputs,
+            request.estimator or "gas",
+            request.max_implicated,
+            request.mitigate,
+            request.request_id,
+            actor_of(context),
         ):
             result = pb.ScanResult(
                 index=outcome.index,
@@ -202,11 +210,17 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
 
     def _scan_inputs(self, request: pb.ScanRequest) -> tuple[str, np.ndarray]:
         if not request.HasField("inputs"):
-            raise invalid_field("inputs", "required: a non-empty tensor of shape (batch, *input_spec.shape)")
-        return parse_model_name(request.model), conv.tensor_to_numpy(request.inputs, "inputs", self.max_bytes)
+            raise invalid_field(
+                "inputs", "required: a non-empty tensor of shape (batch, *input_spec.shape)"
+            )
+        return parse_model_name(request.model), conv.tensor_to_numpy(
+            request.inputs, "inputs", self.max_bytes
+        )
 
     @handles_errors
-    def EstimateScan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> pb.ScanEstimate:
+    def EstimateScan(
+        self, request: pb.ScanRequest, context: grpc.ServicerContext
+    ) -> pb.ScanEstimate:
         model, inputs = self._scan_inputs(request)
         return pb.ScanEstimate(**self.scans.estimate(model, inputs, request.estimator or "gas"))  # type: ignore[arg-type]
 

@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
-from expunge.defenses.architectures import ArchitectureSpec
 from torch import nn
+
+from expunge.defenses.architectures import ArchitectureSpec
 
 from .errors import invalid_field
 
@@ -155,11 +156,11 @@ def unlearn(
     Never skips: a step that costs accuracy is applied and flagged in the receipt.
     """
     from expunge.defenses.certificate import (
-        parameter_distance_bound,
         BudgetLedger,
         add_certified_noise,
         make_certificate,
         noise_scale,
+        parameter_distance_bound,
     )
     from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
     from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
@@ -205,7 +206,11 @@ def unlearn(
     scale = 0.0
     if options.epsilon > 0:
         # Noise goes on the parameters, so eps' bounds the distance to the retrained optimum: r / lambda.
-        bound = parameter_distance_bound(result.residual_norm_all, weight_decay) if weight_decay > 0 else result.residual_norm_all
+        bound = (
+            parameter_distance_bound(result.residual_norm_all, weight_decay)
+            if weight_decay > 0
+            else result.residual_norm_all
+        )
         scale = noise_scale(bound, options.epsilon, options.delta)
         add_certified_noise(model, selection, scale, seed)
     spent = BudgetLedger.from_dict(ledger, default_budget).spend(result.residual_norm_all)

@@ -10,13 +10,14 @@ import json
 
 import numpy as np
 import torch
-from expunge.defenses.training import Checkpoint
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 from torch import nn
+
+from expunge.defenses.training import Checkpoint
 
 from .errors import InvalidArgument
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from expunge.client import Client, NotFoundError, UnavailableError
 from expunge.client.cli import main as cli_main
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from expunge.client.report import MAX_UNFLAGGED_ROWS, write_scan_report
 from expunge.client.types import ImplicatedSample, Mitigation, ScanResult
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.datasets import load_digits
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.attacks import (
     AttackedDataset,
@@ -19,7 +21,6 @@ from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.influence import influence_scores
 from expunge.defenses.targets import precision_at_k
 from expunge.defenses.training import TrainConfig, accuracy, train
-from sklearn.datasets import load_digits
 
 
 def _digit_rows() -> set[bytes]:

@@ -7,6 +7,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from sklearn.datasets import load_wine
+from sklearn.preprocessing import StandardScaler
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.certificate import (
     BudgetLedger,
@@ -22,8 +25,6 @@ from expunge.defenses.certificate import (
 from expunge.defenses.newton import NewtonConfig, newton_update
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.training import TrainConfig, objective, train
-from sklearn.datasets import load_wine
-from sklearn.preprocessing import StandardScaler
 
 PROTO_CERTIFICATE_FIELDS = {
     "residual_norm_selected",

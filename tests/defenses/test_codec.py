@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from expunge.defenses.codec import FociResult, codec, foci
 
 

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.embeddings import (
     EmbeddingConfig,
@@ -19,7 +21,6 @@ from expunge.defenses.embeddings import (
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.projection import ProjectionKind, RandomProjector, derive_seed
 from expunge.defenses.training import Checkpoint, TrainConfig, train
-from torch import nn
 
 RTOL = 1e-9
 ATOL = 1e-10

@@ -7,6 +7,10 @@ import math
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.evaluate import (
     DeletionMetrics,
@@ -24,9 +28,6 @@ from expunge.defenses.evaluate import (
 )
 from expunge.defenses.training import TrainConfig, train
 from expunge.defenses.training import accuracy as training_accuracy
-from sklearn.datasets import load_digits
-from sklearn.metrics import roc_auc_score
-from torch import nn
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from sklearn.datasets import load_wine
+from torch import nn
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.influence import INFLUENCE_METHODS, InfluenceConfig, influence_scores
 from expunge.defenses.training import Checkpoint, TrainConfig, train
-from sklearn.datasets import load_wine
-from torch import nn
 
 RTOL = 1e-9
 ATOL = 1e-12

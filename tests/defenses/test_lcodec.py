@@ -7,6 +7,9 @@ from typing import TypeVar
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.lcodec import (
     LcodecConfig,
@@ -18,8 +21,6 @@ from expunge.defenses.lcodec import (
 )
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.training import TrainConfig, train
-from sklearn.datasets import load_digits
-from torch import nn
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 

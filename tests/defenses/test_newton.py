@@ -14,6 +14,11 @@ import itertools
 
 import pytest
 import torch
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.func import functional_call
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.evaluate import output_kl
 from expunge.defenses.newton import (
@@ -29,10 +34,6 @@ from expunge.defenses.newton import (
 )
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.training import TrainConfig, train
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.preprocessing import StandardScaler
-from torch import nn
-from torch.func import functional_call
 
 LOGREG_WD = 1e-2
 MLP_WD = 1e-3

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from expunge.defenses.projection import (
     TILE_ROWS,
     IdentityProjector,

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score
+
 from expunge.defenses.targets import (
     QN_CONSISTENCY,
     average_precision,
@@ -22,7 +24,6 @@ from expunge.defenses.targets import (
     reference_statistics,
     target_score,
 )
-from sklearn.metrics import average_precision_score
 
 
 def _brute_qn_raw(values: np.ndarray) -> float:

@@ -3,10 +3,11 @@ from __future__ import annotations
 import itertools
 
 import torch
+from sklearn.datasets import load_digits
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.training import TrainConfig, accuracy, train
 from expunge.server.weights import model_to_bytes
-from sklearn.datasets import load_digits
 
 
 def _digits(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:

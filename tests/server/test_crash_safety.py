@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from expunge.client import Client, UnavailableError
 from expunge.server.consistency import check_state
 from expunge.server.store import Store

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.server import weights as weights_io
 from expunge.server.datasets import builtin, load_npz, synthetic_owners, validate

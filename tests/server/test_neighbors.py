@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from expunge.client import Client, FailedPreconditionError, InvalidArgumentError
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.index import ExactTorchIndex

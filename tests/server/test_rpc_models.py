@@ -7,12 +7,12 @@ import hashlib
 import grpc
 import numpy as np
 import pytest
+
 from expunge.client import (
     Client,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
-    UnimplementedError,
 )
 from expunge.server.weights import parse_state
 
@@ -107,8 +107,3 @@ def test_audit_lists_the_model_creation(client: Client) -> None:
     events = client.audit("digits")
     assert events[0].action == "create_model" and events[0].resource == "models/digits"
     assert events[0].details["training_samples"] > 1000
-
-
-def test_capabilities_not_built_yet_say_so(client: Client) -> None:
-    with pytest.raises(UnimplementedError, match="Scan"):
-        list(client.scan("digits", np.zeros((1, 1, 8, 8), np.float32)))

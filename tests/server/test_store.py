@@ -5,6 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from expunge.server.blobs import BlobStore, sha256_hex
 from expunge.server.errors import FailedPrecondition
 from expunge.server.store import SCHEMA_VERSION, Store

@@ -1,0 +1,141 @@
+"""Scan through the real server on a backdoored digits model (ground truth from the attack suite)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from expunge.client import Client, FailedPreconditionError, InvalidArgumentError
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.attacks import AttackedDataset, BackdoorConfig, backdoor_digits
+from expunge.defenses.training import TrainConfig
+from expunge.server.datasets import synthetic_owners, validate
+from expunge.server.engine import Engine
+from expunge.server.main import start
+from expunge.server.settings import Settings
+from expunge.server.store import Store
+
+
+@pytest.fixture(scope="module")
+def attack() -> AttackedDataset:
+    return backdoor_digits(BackdoorConfig(source_label=1, seed=0))
+
+
+@pytest.fixture(scope="module")
+def backdoored_state(attack: AttackedDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("backdoored")
+    n = len(attack.train_y)
+    train = validate(
+        attack.train_x.numpy().astype(np.float32),
+        attack.train_y.numpy(),
+        np.arange(n),
+        synthetic_owners(n, 0),
+    )
+    clean = attack.clean_y.numpy()
+    test = validate(
+        attack.clean_x.numpy().astype(np.float32),
+        clean,
+        np.arange(n, n + len(clean)),
+        np.full(len(clean), "-"),
+        10,
+    )
+    store = Store(root)
+    Engine(store, Settings(state_dir=root)).create_model(
+        "bd", train, ArchitectureSpec("mlp", (1, 8, 8), 10), TrainConfig(epochs=30), test_set=test
+    )
+    store.close()
+    return root
+
+
+@pytest.fixture
+def scan_server(backdoored_state: Path, tmp_path: Path) -> Iterator[object]:
+    state = tmp_path / "state"
+    shutil.copytree(backdoored_state, state)
+    running = start(Settings(state_dir=state, port=0))
+    with Client(running.target) as client:
+        deadline = time.monotonic() + 120
+        while client.get_model("bd").index.state != "READY":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    yield running
+    running.stop(0)
+
+
+def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
+    scan_server: object, attack: AttackedDataset
+) -> None:
+    inputs = np.concatenate([attack.target_x.numpy(), attack.clean_x.numpy()[:30]]).astype(
+        np.float32
+    )
+    with Client(scan_server.target, timeout=600) as client:  # type: ignore[attr-defined]
+        estimate = client.estimate_scan("bd", inputs)
+        assert (
+            estimate.inputs == len(inputs)
+            and estimate.training_samples == 1200
+            and estimate.checkpoints == 10
+        )
+        results = list(client.scan("bd", inputs))
+    assert [r.index for r in results] == list(range(len(inputs)))
+    targets, clean = results[: len(attack.target_x)], results[len(attack.target_x) :]
+    assert np.median([r.target_score for r in targets]) > np.median([r.target_score for r in clean])
+    implicated = [s.sample_id for r in targets for s in r.implicated]
+    poison = attack.poison_mask.numpy()
+    assert implicated and np.mean(poison[implicated]) > 0.8  # implicated samples are the poisons
+    assert all(r.threshold == results[0].threshold for r in results)
+    assert sum(r.flagged for r in clean) <= 3  # calibrated at 5% false positives on clean data
+    for r in results:
+        assert r.flagged == (r.target_score >= r.threshold and r.counterfactual_drop >= 0.1)
+
+
+def test_mitigation_forgets_the_implicated_samples(
+    scan_server: object, attack: AttackedDataset
+) -> None:
+    with Client(scan_server.target, timeout=600) as client:  # type: ignore[attr-defined]
+        results = list(client.scan("bd", attack.target_x.numpy().astype(np.float32)))
+        strongest = max(range(len(results)), key=lambda i: results[i].target_score)
+        x = attack.target_x.numpy()[strongest : strongest + 1].astype(np.float32)
+        (result,) = client.scan("bd", x, mitigate=True, request_id="mitigate-1")
+        if not result.flagged:
+            pytest.skip(
+                "the strongest target was not confirmed on this machine; nothing to mitigate"
+            )
+        assert result.mitigation is not None and result.mitigation.new_version == 2
+        op = client.get_operation(result.mitigation.operation)
+        assert op.state == "SUCCEEDED" and op.receipt is not None
+        assert sorted(op.receipt.removed_sample_ids) == sorted(
+            s.sample_id for s in result.implicated
+        )
+        assert (
+            abs(result.mitigation.test_accuracy_after - result.mitigation.test_accuracy_before)
+            < 0.05
+        )
+
+
+def test_bad_scans_are_refused_clearly(scan_server: object) -> None:
+    good = np.zeros((1, 1, 8, 8), np.float32)
+    with Client(scan_server.target) as client:  # type: ignore[attr-defined]
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            list(client.scan("bd", np.zeros((0, 1, 8, 8), np.float32)))
+        with pytest.raises(InvalidArgumentError, match="shape"):
+            list(client.scan("bd", np.zeros((2, 64), np.float32)))
+        with pytest.raises(InvalidArgumentError) as info:
+            list(client.scan("bd", good, estimator="magic"))
+        assert info.value.violations[0].field == "estimator"
+        with pytest.raises(InvalidArgumentError, match="request_id"):
+            list(client.scan("bd", good, mitigate=True, request_id=""))
+
+
+def test_a_model_without_checkpoints_is_failed_precondition(scan_server: object) -> None:
+    db = sqlite3.connect(Path(scan_server.settings.state_dir) / "expunge.db")  # type: ignore[attr-defined]
+    db.execute("UPDATE models SET checkpoints_blob = NULL")
+    db.commit()
+    db.close()
+    with Client(scan_server.target) as client:  # type: ignore[attr-defined]
+        with pytest.raises(FailedPreconditionError, match="expunge train"):
+            list(client.scan("bd", np.zeros((1, 1, 8, 8), np.float32)))
