@@ -245,10 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
     except ExpungeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.command in ("serve", "demo") and argv is None:
+        # The server has stopped and everything is durable. Interpreter teardown with torch,
+        # faiss (OpenMP) and gRPC threads loaded can abort in native destructors, which would
+        # turn a clean exit into SIGABRT; end the process directly instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

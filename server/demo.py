@@ -15,6 +15,44 @@ from .settings import Settings
 from .training_job import train_model
 
 
+def _forget_neighbours_scan(client: Client, test_inputs: np.ndarray) -> None:
+    """The main jobs: who is closest in gradient space, forget that owner, scan inputs."""
+    deadline = time.monotonic() + 120
+    while client.get_model("digits").index.state != "READY" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    found = client.neighbors("digits", test_inputs[:1], k=5)
+    print("training samples closest to test digit 0 in gradient space (GAS):")
+    for n in found.neighbors[0]:
+        print(f"  sample {n.sample_id} (owner {n.owner_id}, label {n.label}): {n.score:.3f}")
+    owner = found.neighbors[0][0].owner_id
+    print(f"forgetting owner {owner} ...", flush=True)
+    op = client.forget("digits", owner_ids=[owner], wait=True)
+    r = op.receipt
+    if r is None:
+        print(f"  forget ended {op.state}: {op.error_message}")
+        return
+    print(
+        f"  {op.state}: version {r.parent_version} -> {r.new_version}, removed {len(r.removed_sample_ids)} samples, "
+        f"updated {r.parameters_updated}/{r.parameters_total} parameters ({r.units_selected} L-CODEC units), "
+        f"{r.seconds:.2f} s"
+    )
+    print(
+        f"  forget-set loss {r.before.forget_loss:.3f} -> {r.after.forget_loss:.3f}, test accuracy "
+        f"{r.before.test_accuracy:.3f} -> {r.after.test_accuracy:.3f}, MIA AUC {r.before.mia_auc:.3f} -> {r.after.mia_auc:.3f}"
+    )
+    print(f"  certificate: {r.certificate.statement}")
+    after = client.neighbors("digits", test_inputs[:1], k=5)
+    assert owner not in {n.owner_id for n in after.neighbors[0]}
+    print(
+        f"  owner {owner} is gone from the gradient index (stale until re-embedded: {after.stale})"
+    )
+    results = list(client.scan("digits", test_inputs[:8]))
+    flagged = sum(r.flagged for r in results)
+    print(
+        f"scanned 8 clean test digits for attack targets: {flagged} flagged (threshold {results[0].threshold:.2f})"
+    )
+
+
 def run_demo(state_dir: Path | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="expunge-demo-") as tmp:
         root = state_dir or Path(tmp)

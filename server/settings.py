@@ -34,7 +34,9 @@ class Settings:
     # sha256(token) hex -> role; empty: authentication off (loopback only).
     token_sha256_roles: dict[str, str] = field(default_factory=dict)
     rate_limit_per_s: float = field(default=50.0, metadata={"help": "membership-revealing calls"})
-    forget_parameter_budget: int = field(default=2000, metadata={"help": "Newton parameters"})
+    forget_parameter_budget: int = field(
+        default=0, metadata={"help": "Newton parameters; 0: 25% of the model, at most 4096"}
+    )
     forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
     build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
