@@ -11,10 +11,11 @@ import math
 from typing import Any
 
 import numpy as np
-from expunge.v1 import expunge_pb2 as pb
 from google.protobuf import descriptor as d
 from google.protobuf.message import Message
 from hypothesis import strategies as st
+
+from expunge.v1 import expunge_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Expunge"]
 MODEL_NAMES = st.sampled_from(

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 MAX_REQUESTS = 200_000
 
@@ -125,6 +126,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     args = parser.parse_args()
+    results = measure(args.seconds)
+    print(
+        f"{'call':<28}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  errors"
+    )
+    for r in results:
+        print(
+            f"{r.name:<28}{r.in_flight:>10}{r.requests:>10}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}  {r.errors}"
+        )
+
+
+def measure(seconds: float) -> list[LoadResult]:
+    """Train a demo model, serve it in a subprocess, drive it; return every measurement."""
     import socket
     import subprocess
     import sys
@@ -167,17 +180,11 @@ def main() -> None:
             from expunge.server.datasets import builtin
 
             inputs = builtin("digits").features[:1]
-            results = asyncio.run(run(target, args.seconds, ids, inputs))
+            results = asyncio.run(run(target, seconds, ids, inputs))
         finally:
             server.terminate()
             server.wait(30)
-    print(
-        f"{'call':<28}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  errors"
-    )
-    for r in results:
-        print(
-            f"{r.name:<28}{r.in_flight:>10}{r.requests:>10}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}  {r.errors}"
-        )
+    return results
 
 
 def _wait_serving(target: str, timeout: float = 60.0) -> None:

@@ -1,0 +1,264 @@
+"""Reliability: SIGKILL crash loop, long fuzz run, and loopback load, in one command.
+
+``python -m benchmarks.reliability [--kills 100] [--fuzz 10000] [--seconds 5]``
+
+1. Kills: a server process is killed with SIGKILL at a named crash point of forget
+   processing (mid blob write, after the weights, after the shard, after the index,
+   before and after the commit) or at a random moment, then restarted. After every
+   restart: each acknowledged request is applied exactly once, the state invariants
+   hold (blob hashes verify, shard and rows agree, nothing half applied), and at the
+   end the served weights equal an uninterrupted replay of the same requests.
+2. Fuzz: generated and mutated messages for every RPC; counts UNKNOWN/INTERNAL answers.
+3. Load: benchmarks.load at 32 in flight (Predict) and Forget acknowledgement.
+Writes benchmarks/results/reliability.json (DESIGN 7 keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.fuzz_messages import SERVICE, request_strategy
+from expunge.client import Client, UnavailableError
+from expunge.server.consistency import check_state
+from expunge.server.faults import POINTS
+from expunge.server.settings import Settings
+from expunge.server.store import Store
+from expunge.server.training_job import train_model
+
+RESULTS = Path(__file__).parent / "results" / "reliability.json"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(state: Path, port: int, fault: str | None) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k != "EXPUNGE_FAULT"}
+    env["EXPUNGE_BUILD_INDEX"] = "true"
+    if fault:
+        env["EXPUNGE_FAULT"] = fault
+    command = [
+        sys.executable,
+        "-m",
+        "expunge.client.cli",
+        "serve",
+        "--state-dir",
+        str(state),
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with Client(target, retries=0, timeout=2) as client:
+                if client.health() == "SERVING":
+                    return True
+        except Exception:
+            time.sleep(0.1)
+    return False
+
+
+def kill_loop(state: Path, kills: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    store = Store(state)
+    owners = [
+        str(r[0]) for r in store.query("SELECT DISTINCT owner_id FROM samples ORDER BY owner_id")
+    ]
+    store.close()
+    pristine = state.parent / "pristine"
+    shutil.copytree(state, pristine)
+    acknowledged: list[tuple[str, str]] = []
+    done_kills = lost = half = 0
+    next_owner = 0
+    while done_kills < kills and next_owner < len(owners) - 2:
+        port = _port()
+        target = f"127.0.0.1:{port}"
+        fault = rng.choice([*POINTS, None, None])
+        process = _serve(state, port, fault)
+        if not _wait_serving(target, process):
+            process.kill()
+            process.wait()
+            done_kills += 1  # killed during recovery by its own fault point: counts, recovery resumes next round
+            continue
+        with Client(target, retries=0, timeout=5) as client:
+            for _ in range(2):
+                owner = owners[next_owner]
+                request_id = f"kill-{next_owner}"
+                try:
+                    client.forget("digits", owner_ids=[owner], request_id=request_id)
+                except UnavailableError:
+                    break
+                acknowledged.append((request_id, owner))
+                next_owner += 1
+        if fault is None:
+            time.sleep(rng.uniform(0.0, 1.5))
+            process.send_signal(signal.SIGKILL)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        done_kills += 1
+        store = Store(state)
+        half += len(check_state(store))
+        store.close()
+    # Final recovery: everything acknowledged must be SUCCEEDED exactly once.
+    port = _port()
+    process = _serve(state, port, None)
+    target = f"127.0.0.1:{port}"
+    assert _wait_serving(target, process, timeout=600)
+    with Client(target, timeout=60) as client:
+        for request_id, _ in acknowledged:
+            op = client.wait(request_id, timeout=300)
+            lost += op.state != "SUCCEEDED"
+        served = client.list_versions("digits")[-1].weights_sha256
+        versions = len(client.list_versions("digits"))
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    store = Store(state)
+    half += len(check_state(store))
+    store.close()
+    lost += versions - 1 != len(acknowledged)
+    # Replay the same requests without interruption.
+    port = _port()
+    process = _serve(pristine, port, None)
+    target = f"127.0.0.1:{port}"
+    assert _wait_serving(target, process)
+    with Client(target, timeout=60) as client:
+        for request_id, owner in acknowledged:
+            client.forget("digits", owner_ids=[owner], request_id=request_id, wait=True)
+        replay = client.list_versions("digits")[-1].weights_sha256
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    return {
+        "kills": done_kills,
+        "acknowledged": len(acknowledged),
+        "acknowledged_lost": lost,
+        "half_applied": half,
+        "replay_matches": float(replay == served),
+    }
+
+
+def fuzz(target: str, requests: int) -> dict[str, float]:
+    channel = grpc.insecure_channel(target)
+    bad = 0
+    sent = 0
+    per_method = max(1, requests // len(SERVICE.methods))
+    for method in SERVICE.methods:
+        bad_here, sent_here = _fuzz_method(channel, method, per_method)
+        bad += bad_here
+        sent += sent_here
+    channel.close()
+    return {"fuzz_requests": sent, "fuzz_bad_status": bad}
+
+
+def _fuzz_method(channel: grpc.Channel, method: object, examples: int) -> tuple[int, int]:
+    path = f"/{SERVICE.full_name}/{method.name}"  # type: ignore[attr-defined]
+    streaming = bool(method.server_streaming)  # type: ignore[attr-defined]
+    factory = channel.unary_stream if streaming else channel.unary_unary
+    call = factory(
+        path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b
+    )
+    counts = {"bad": 0, "sent": 0}
+
+    @settings(
+        max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
+    @given(request=request_strategy(method), _=st.just(None))  # type: ignore[arg-type]
+    def one(request: object, _: None) -> None:
+        counts["sent"] += 1
+        try:
+            if streaming:
+                for _item in call(request, timeout=30):
+                    break
+            else:
+                call(request, timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):  # type: ignore[attr-defined]
+                counts["bad"] += 1
+
+    one()
+    return counts["bad"], counts["sent"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kills", type=int, default=100)
+    parser.add_argument("--fuzz", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "state"
+        train_model(root, "digits", "digits", "mlp", epochs=5, settings=Settings(state_dir=root))
+        base = Path(tmp) / "base"
+        shutil.copytree(root, base)
+        started = time.perf_counter()
+        results.update(kill_loop(root, args.kills, seed=0))
+        print(f"kill loop: {results} in {time.perf_counter() - started:.0f} s", flush=True)
+        fuzz_state = Path(tmp) / "fuzz"
+        shutil.copytree(base, fuzz_state)
+        port = _port()
+        process = _serve(fuzz_state, port, None)
+        assert _wait_serving(f"127.0.0.1:{port}", process)
+        started = time.perf_counter()
+        results.update(fuzz(f"127.0.0.1:{port}", args.fuzz))
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        print(
+            f"fuzz: {results['fuzz_requests']} requests, {results['fuzz_bad_status']} UNKNOWN/INTERNAL in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+    from benchmarks import load
+
+    load_results = load.measure(args.seconds)
+    for r in load_results:
+        print(
+            f"{r.name:<28}{r.in_flight:>6}{r.rps:>10.0f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {r.errors}"
+        )
+        if r.name == "Predict" and r.in_flight == 32:
+            results["predict_rps_32"] = round(r.rps, 1)
+            results["predict_p99_ms_32"] = round(r.p99_ms, 2)
+        if r.name == "Forget ack" and r.in_flight == 1:
+            results["forget_ack_p99_ms"] = round(r.p99_ms, 2)
+        if r.name == "Forget ack" and r.in_flight == 16:
+            results["forget_ack_p99_ms_16"] = round(r.p99_ms, 2)
+    results.update(
+        {
+            "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "command": "python -m benchmarks.reliability " + " ".join(sys.argv[1:]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
