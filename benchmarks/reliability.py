@@ -22,7 +22,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.fuzz_messages import SERVICE, request_strategy
+from benchmarks.processes import free_port, serve, wait_serving
 from expunge.client import Client, UnavailableError
 from expunge.server.consistency import check_state
 from expunge.server.faults import POINTS
@@ -43,44 +43,6 @@ from expunge.server.store import Store
 from expunge.server.training_job import train_model
 
 RESULTS = Path(__file__).parent / "results" / "reliability.json"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(state: Path, port: int, fault: str | None) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "EXPUNGE_FAULT"}
-    env["EXPUNGE_BUILD_INDEX"] = "true"
-    if fault:
-        env["EXPUNGE_FAULT"] = fault
-    command = [
-        sys.executable,
-        "-m",
-        "expunge.client.cli",
-        "serve",
-        "--state-dir",
-        str(state),
-        "--port",
-        str(port),
-    ]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 120) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            with Client(target, retries=0, timeout=2) as client:
-                if client.health() == "SERVING":
-                    return True
-        except Exception:
-            time.sleep(0.1)
-    return False
 
 
 def kill_loop(state: Path, kills: int, seed: int) -> dict[str, float]:
@@ -96,11 +58,11 @@ def kill_loop(state: Path, kills: int, seed: int) -> dict[str, float]:
     done_kills = lost = half = 0
     next_owner = 0
     while done_kills < kills and next_owner < len(owners) - 2:
-        port = _port()
+        port = free_port()
         target = f"127.0.0.1:{port}"
         fault = rng.choice([*POINTS, None, None])
-        process = _serve(state, port, fault)
-        if not _wait_serving(target, process):
+        process = serve(state, port, fault)
+        if not wait_serving(target, process):
             process.kill()
             process.wait()
             done_kills += 1  # killed during recovery by its own fault point: counts, recovery resumes next round
@@ -128,10 +90,10 @@ def kill_loop(state: Path, kills: int, seed: int) -> dict[str, float]:
         half += len(check_state(store))
         store.close()
     # Final recovery: everything acknowledged must be SUCCEEDED exactly once.
-    port = _port()
-    process = _serve(state, port, None)
+    port = free_port()
+    process = serve(state, port, None)
     target = f"127.0.0.1:{port}"
-    assert _wait_serving(target, process, timeout=600)
+    assert wait_serving(target, process, timeout=600)
     with Client(target, timeout=60) as client:
         for request_id, _ in acknowledged:
             op = client.wait(request_id, timeout=300)
@@ -145,10 +107,10 @@ def kill_loop(state: Path, kills: int, seed: int) -> dict[str, float]:
     store.close()
     lost += versions - 1 != len(acknowledged)
     # Replay the same requests without interruption.
-    port = _port()
-    process = _serve(pristine, port, None)
+    port = free_port()
+    process = serve(pristine, port, None)
     target = f"127.0.0.1:{port}"
-    assert _wait_serving(target, process)
+    assert wait_serving(target, process)
     with Client(target, timeout=60) as client:
         for request_id, owner in acknowledged:
             client.forget("digits", owner_ids=[owner], request_id=request_id, wait=True)
@@ -223,9 +185,9 @@ def main() -> None:
         print(f"kill loop: {results} in {time.perf_counter() - started:.0f} s", flush=True)
         fuzz_state = Path(tmp) / "fuzz"
         shutil.copytree(base, fuzz_state)
-        port = _port()
-        process = _serve(fuzz_state, port, None)
-        assert _wait_serving(f"127.0.0.1:{port}", process)
+        port = free_port()
+        process = serve(fuzz_state, port, None)
+        assert wait_serving(f"127.0.0.1:{port}", process)
         started = time.perf_counter()
         results.update(fuzz(f"127.0.0.1:{port}", args.fuzz))
         process.send_signal(signal.SIGTERM)
