@@ -21,7 +21,14 @@ import torch
 
 from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
 from expunge.defenses.gradients import predicted_labels
-from expunge.defenses.index import FaissIndex, GradientIndex, IndexMetadata, load_index
+from expunge.defenses.index import (
+    FaissIndex,
+    GradientIndex,
+    IndexBudgetError,
+    IndexMetadata,
+    check_index_fits,
+    load_index,
+)
 from expunge.defenses.training import Checkpoint
 
 from .engine import Engine
@@ -39,6 +46,7 @@ class IndexState:
     embedded_version: int = 0
     size: int = 0
     progress: float = 0.0
+    message: str = ""
 
 
 @dataclass
@@ -175,6 +183,18 @@ class IndexService:
         )
         embedder = self._embedder(model, version)
         data = self.engine.training_data(model)
+        try:
+            # Refuse a build that would not fit before spending any time on it.
+            check_index_fits(
+                len(data.labels),
+                embedder.dim,
+                "flat",
+                "float32",
+                self.engine.settings.index_memory_bytes,
+            )
+        except IndexBudgetError as exc:
+            self._set_state(model, state="ABSENT", progress=0.0, message=str(exc))
+            raise
         metadata = IndexMetadata(
             dim=embedder.dim,
             embedding_kind="gas",
@@ -281,9 +301,10 @@ class IndexService:
             loaded = self._loaded.get(model)
         state = self.state(model)
         if loaded is None:
+            detail = f": {state.message}" if state.message else "; retry shortly"
             raise FailedPrecondition(
                 f"the gradient index of models/{model} is {state.state.lower()} "
-                f"({100 * state.progress:.0f}% embedded); retry shortly"
+                f"({100 * state.progress:.0f}% embedded){detail}"
             )
         size = len(loaded.index)
         if not 1 <= k <= min(MAX_K, size):

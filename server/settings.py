@@ -38,6 +38,7 @@ class Settings:
         default=0, metadata={"help": "Newton parameters; 0: 25% of the model, at most 4096"}
     )
     forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
+    index_memory_bytes: int = field(default=8 << 30, metadata={"help": "largest index built"})
     build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})

@@ -120,3 +120,21 @@ def test_no_index_is_failed_precondition(state_dir: Path) -> None:
                 client.neighbors("digits", np.zeros((1, 1, 8, 8), np.float32), 3)
     finally:
         running.stop(0)
+
+
+def test_an_index_that_would_not_fit_is_refused_with_its_reason(state_dir: Path) -> None:
+    running = start(Settings(state_dir=state_dir, port=0, index_memory_bytes=1024))
+    try:
+        with Client(running.target) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.neighbors("digits", np.zeros((1, 1, 8, 8), np.float32), 3)
+                except FailedPreconditionError as exc:
+                    if "budget" in exc.message:
+                        break
+                assert time.monotonic() < deadline, "the refusal never surfaced"
+                time.sleep(0.1)
+            assert client.get_model("digits").index.state == "ABSENT"
+    finally:
+        running.stop(0)
