@@ -88,6 +88,7 @@ def run_demo(state_dir: Path | None = None) -> int:
                 print(
                     f"held-out accuracy through the server: {acc:.3f} on {len(test.labels)} digits"
                 )
+                _forget_neighbours_scan(client, test.features)
         finally:
             server.stop(grace=1.0)
     return 0
