@@ -8,8 +8,8 @@
   model is near an optimum of J, DESIGN 4.4), weight decay 1e-3, on an 80/20 split;
   each forgets (a) the owner with most training samples, (b) a seeded random 1% and
   (c) 5% of the training data;
-- (not with ``--quick``) an expensive case: the digits CNN on ~40k images (8 epochs,
-  batch 128, 15 L-BFGS iterations; exact Hessian on 500 retained samples) generated
+- (not with ``--quick``) an expensive case: the digits CNN on ~40k images (40 epochs,
+  batch 128, 50 L-BFGS iterations; exact Hessian on 500 retained samples) generated
   from the digits training split by seeded random shifts (-1..1 pixel) and Gaussian
   noise, forgetting every generated copy of a seeded random 1% of the source digits
   (about 1% of the data, but a real signal to forget since no near-duplicate stays).
@@ -244,17 +244,17 @@ def _cases(quick: bool) -> list[Case]:
         ax, ay, source = _augmented(digits_train.features, digits_train.labels, copies, seed=1)
         atx, aty, _ = _augmented(digits_test.features, digits_test.labels, 5, seed=2)
         big_cfg = TrainConfig(
-            epochs=8,
+            epochs=40,
             batch_size=128,
             learning_rate=0.05,
             weight_decay=WEIGHT_DECAY,
             checkpoints=1,
-            polish_iterations=15,
+            polish_iterations=50,
             seed=0,
         )
         cases.append(
             Case(
-                "aug_digits_cnn_30k",
+                "aug_digits_cnn_40k",
                 ArchitectureSpec("cnn", image, 10, channels=8),
                 big_cfg,
                 torch.from_numpy(ax),
