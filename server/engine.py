@@ -47,6 +47,17 @@ def parse_version_name(name: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2) or 0)
 
 
+def parse_page(page_size: int, page_token: str) -> tuple[int, int]:
+    """(page size, last id or version seen) from a list request; tokens are our own ids."""
+    if page_size < 0 or page_size > 1000:
+        raise invalid_field("page_size", "must lie in [0, 1000] (0: default 100)")
+    try:
+        after = int(page_token) if page_token else 0
+    except ValueError as exc:
+        raise invalid_field("page_token", "not a token this server issued") from exc
+    return page_size or 100, after
+
+
 @dataclass(frozen=True)
 class ModelSnapshot:
     """One immutable version, loaded: Predict reads it while a forget builds the next."""
@@ -226,13 +237,7 @@ class Engine:
         self, name: str, page_size: int, page_token: str
     ) -> tuple[list[VersionRow], str]:
         row = self.model_row(name)
-        if page_size < 0 or page_size > 1000:
-            raise invalid_field("page_size", "must lie in [0, 1000] (0: default 100)")
-        size = page_size or 100
-        try:
-            after = int(page_token) if page_token else 0
-        except ValueError as exc:
-            raise invalid_field("page_token", "not a token this server issued") from exc
+        size, after = parse_page(page_size, page_token)
         rows = self.store.versions(row.name, after, size + 1)
         next_token = str(rows[size - 1].version) if len(rows) > size else ""
         return rows[:size], next_token
@@ -370,13 +375,7 @@ class Engine:
     def audit(self, model: str, page_size: int, page_token: str) -> tuple[list[Any], str]:
         if model:
             self.model_row(model)
-        if page_size < 0 or page_size > 1000:
-            raise invalid_field("page_size", "must lie in [0, 1000] (0: default 100)")
-        size = page_size or 100
-        try:
-            after = int(page_token) if page_token else 0
-        except ValueError as exc:
-            raise invalid_field("page_token", "not a token this server issued") from exc
+        size, after = parse_page(page_size, page_token)
         rows = self.store.audit_events(parse_model_name(model) if model else None, after, size + 1)
         token = str(rows[size - 1].id) if len(rows) > size else ""
         return rows[:size], token

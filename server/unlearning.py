@@ -116,19 +116,16 @@ def deletion_metrics(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
 ) -> dict[str, float]:
-    """Forget-set loss/accuracy, retained and test accuracy, loss-threshold MIA AUC."""
-    from expunge.defenses.evaluate import membership_auc, per_sample_losses
-    from expunge.defenses.training import accuracy
+    """The receipt's DeletionMetrics (forget, retained, test sets) as proto field names."""
+    from expunge.defenses.evaluate import deletion_metrics as measure
 
-    with torch.no_grad():
-        forget_losses = per_sample_losses(model, forget_x, forget_y)
-        test_losses = per_sample_losses(model, test_x, test_y)
+    metrics = measure(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
     return {
-        "forget_loss": float(forget_losses.mean()),
-        "forget_accuracy": accuracy(model, forget_x, forget_y),
-        "retained_accuracy": accuracy(model, retained_x, retained_y),
-        "test_accuracy": accuracy(model, test_x, test_y),
-        "mia_auc": float(membership_auc(forget_losses, test_losses)),
+        "forget_loss": metrics.forget_loss,
+        "forget_accuracy": metrics.forget_accuracy,
+        "retained_accuracy": metrics.retained_accuracy,
+        "test_accuracy": metrics.test_accuracy,
+        "mia_auc": metrics.mia_auc,
     }
 
 

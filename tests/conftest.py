@@ -57,3 +57,23 @@ def client(server: object) -> Iterator[object]:
 
     with Client(server.target, timeout=60.0, retries=1) as c:  # type: ignore[attr-defined]
         yield c
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The summary is printed by now. With torch, faiss (OpenMP) and gRPC threads loaded, the
+    # interpreter's teardown can abort in native destructors and turn a finished run into
+    # SIGABRT; end the process with pytest's own exit status instead (as `expunge serve` does).
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
