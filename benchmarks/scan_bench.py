@@ -1,0 +1,461 @@
+"""Scan benchmark: target identification with influence estimators (DESIGN 4.7, 4.8, 7).
+
+``python -m benchmarks.scan_bench`` runs on CPU (float32, 2 torch threads) these cases:
+
+- ``digits_patch_src1``: digits patch backdoor (1.2k training samples, 30 poisons,
+  source label 1 -> 0), seed 0;
+- ``digits_patch_any``: digits patch backdoor, any source label -> 0, seed 1;
+- ``breast_cancer_targeted``: targeted poisoning of 10 held-out inputs, 10 label-flipped
+  near-duplicates each, seed 0.
+
+Each trains a tanh MLP (hidden 32) for 30 epochs with 10 checkpoints. Positives are the
+attack's targets that the model actually predicts with the adversarial label; negatives
+are 60 clean held-out inputs; 100 further clean inputs calibrate the score threshold
+(5% false-positive rate). Figures:
+
+- ``auprc_<estimator>``: AUPRC of the robust z-score target score alone (k = 10),
+  worst over cases (gas, lgas, tracincp; rif / rrepresenter only where one influence
+  computation takes under 20 s);
+- ``auprc_counterfactual_fast``: GAS filter then, for inputs whose score passes the
+  calibrated threshold, forget the top-30 GAS proponents (same label) with 3 Newton
+  iterations on every parameter of a scratch copy; score = drop of the predicted-class
+  probability, -1 for inputs that did not pass;
+- ``auprc_counterfactual_retrain`` (time permitting): retrain 15 epochs without the top-30
+  proponents, for the positives and the first 20 negatives (its own chance level);
+- ``poison_recall_at_zero_fp``: per turned target, share of its poisons whose GAS z-score
+  exceeds every clean training sample of the same label; mean over targets, worst case;
+- ``scan_inputs_per_s``: GAS influence over the whole training set plus the target score,
+  for 200 inputs, on a training set augmented to 10k digits by seeded pixel shifts.
+
+Writes ``benchmarks/results/scan.json`` (flat keys; a figure not measured is absent).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expunge.defenses.architectures import ArchitectureSpec, build_model
+from expunge.defenses.attacks import (
+    BackdoorConfig,
+    TargetedConfig,
+    backdoor_digits,
+    targeted_poisoning,
+)
+from expunge.defenses.gradients import predicted_labels
+from expunge.defenses.influence import InfluenceConfig, influence_scores
+from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
+from expunge.defenses.selection import ParameterSelection
+from expunge.defenses.targets import (
+    average_precision,
+    calibrate_threshold,
+    implicated_samples,
+    influence_z_scores,
+    target_score,
+)
+from expunge.defenses.training import TrainConfig, train
+
+THREADS = 2
+WEIGHT_DECAY = 1e-3
+N_NEG = 60
+N_CALIB = 100
+TOP = 30
+OPTIONAL_ESTIMATORS = ("rif", "rrepresenter")
+OPTIONAL_LIMIT_S = 20.0
+RETRAIN_BUDGET_S = 150.0  # total wall time allowed for the retraining counterfactual
+RESULTS = Path(__file__).resolve().parent / "results" / "scan.json"
+
+
+def _cases():
+    return [
+        (
+            "digits_patch_src1",
+            lambda: backdoor_digits(
+                BackdoorConfig(
+                    trigger="patch",
+                    n_train=1200,
+                    n_poison=30,
+                    n_targets=10,
+                    n_clean=200,
+                    source_label=1,
+                    seed=0,
+                )
+            ),
+            0,
+        ),
+        (
+            "digits_patch_any",
+            lambda: backdoor_digits(
+                BackdoorConfig(
+                    trigger="patch",
+                    n_train=1200,
+                    n_poison=30,
+                    n_targets=10,
+                    n_clean=200,
+                    source_label=None,
+                    seed=1,
+                )
+            ),
+            1,
+        ),
+        (
+            "breast_cancer_targeted",
+            lambda: targeted_poisoning(
+                TargetedConfig(
+                    dataset="breast_cancer",
+                    n_targets=10,
+                    n_poison_per_target=10,
+                    n_clean=N_NEG + N_CALIB,
+                    seed=0,
+                )
+            ),
+            0,
+        ),
+    ]
+
+
+def _spec(data) -> ArchitectureSpec:
+    return ArchitectureSpec("mlp", tuple(data.train_x.shape[1:]), data.num_classes)
+
+
+def _probs(model, x):
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)
+
+
+def _scores(infl, train_y, preds):
+    return np.array(
+        [target_score(infl[j], train_y, int(preds[j]), k=10).score for j in range(infl.shape[0])]
+    )
+
+
+def _run_case(name, make, seed, deadline):
+    out: dict[str, float] = {}
+    data = make()
+    spec = _spec(data)
+    t0 = time.perf_counter()
+    res = train(
+        build_model(spec, seed=seed),
+        data.train_x,
+        data.train_y,
+        TrainConfig(epochs=30, checkpoints=10, weight_decay=WEIGHT_DECAY, seed=seed),
+    )
+    train_s = time.perf_counter() - t0
+    model, ckpts = res.model, res.checkpoints
+    model.eval()
+    tpred = predicted_labels(model, data.target_x)
+    turned = torch.nonzero(tpred == data.target_adversarial_y).reshape(-1)
+    neg_x, calib_x = data.clean_x[:N_NEG], data.clean_x[N_NEG : N_NEG + N_CALIB]
+    eval_x = torch.cat([data.target_x[turned], neg_x])
+    labels = np.r_[np.ones(len(turned)), np.zeros(len(neg_x))]
+    all_x = torch.cat([eval_x, calib_x])
+    preds = predicted_labels(model, all_x)
+    n_eval = eval_x.shape[0]
+    out.update(
+        {
+            f"{name}_train_samples": int(data.train_x.shape[0]),
+            f"{name}_turned_targets": len(turned),
+            f"{name}_targets": int(data.target_x.shape[0]),
+            f"{name}_negatives": len(neg_x),
+            f"{name}_train_s": round(train_s, 2),
+        }
+    )
+    print(
+        f"[{name}] trained in {train_s:.1f}s; turned {len(turned)}/{data.target_x.shape[0]}"
+        f" targets; {len(neg_x)} negatives",
+        flush=True,
+    )
+    if len(turned) == 0:
+        return out
+    out[f"{name}_chance_auprc"] = float(labels.mean())
+    icfg = InfluenceConfig(weight_decay=WEIGHT_DECAY)
+    gas_infl = None
+    for method in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
+        x_in = all_x if method == "gas" else eval_x
+        if method in OPTIONAL_ESTIMATORS:
+            # Probe on 5 inputs; skip when the full set would take >= the limit.
+            t1 = time.perf_counter()
+            try:
+                influence_scores(model, ckpts, data.train_x, data.train_y, x_in[:5], method, icfg)
+            except Exception as exc:
+                print(f"[{name}] {method}: failed ({type(exc).__name__}: {exc})", flush=True)
+                continue
+            probe = time.perf_counter() - t1
+            if probe * x_in.shape[0] / 5 >= OPTIONAL_LIMIT_S:
+                print(
+                    f"[{name}] {method}: est. {probe * x_in.shape[0] / 5:.0f}s >= "
+                    f"{OPTIONAL_LIMIT_S}s, not reported",
+                    flush=True,
+                )
+                continue
+        t1 = time.perf_counter()
+        try:
+            infl = influence_scores(model, ckpts, data.train_x, data.train_y, x_in, method, icfg)
+        except Exception as exc:
+            print(f"[{name}] {method}: failed ({type(exc).__name__}: {exc})", flush=True)
+            continue
+        secs = time.perf_counter() - t1
+        if method in OPTIONAL_ESTIMATORS and secs >= OPTIONAL_LIMIT_S:
+            print(
+                f"[{name}] {method}: {secs:.1f}s >= {OPTIONAL_LIMIT_S}s, not reported", flush=True
+            )
+            continue
+        sc = _scores(infl[:n_eval], data.train_y, preds[:n_eval])
+        out[f"{name}_auprc_{method}"] = average_precision(labels, sc)
+        out[f"{name}_{method}_influence_s"] = round(secs, 2)
+        print(
+            f"[{name}] {method}: AUPRC {out[f'{name}_auprc_{method}']:.3f} ({secs:.1f}s)",
+            flush=True,
+        )
+        if method == "gas":
+            gas_infl, gas_scores = infl, sc
+            calib_scores = _scores(infl[n_eval:], data.train_y, preds[n_eval:])
+
+    if gas_infl is None:
+        return out
+    # ---- poison recall at zero clean false positives (GAS)
+    backdoor = bool((data.poison_target[data.poison_mask] == 0).all()) and "patch" in name
+    recalls = []
+    for t_pos, t_idx in enumerate(turned.tolist()):
+        y = int(preds[t_pos])
+        z = influence_z_scores(gas_infl[t_pos], data.train_y, y)
+        pool = data.train_y == y
+        cutoff = float(z[pool & ~data.poison_mask].max())
+        mine = data.poison_mask if backdoor else data.poison_mask & (data.poison_target == t_idx)
+        if mine.sum() == 0:
+            continue
+        recalls.append(float((z[mine] > cutoff).double().mean()))
+    if recalls:
+        out[f"{name}_poison_recall_at_zero_fp"] = float(np.mean(recalls))
+
+    # ---- fast counterfactual (GAS filter + 3 Newton iterations on a scratch copy)
+    threshold = calibrate_threshold(calib_scores, 0.05)
+    probs = _probs(model, eval_x)
+    fast = np.full(n_eval, -1.0)
+    ncfg = NewtonConfig(iterations=3, hessian_samples=1000)
+    tops = {}
+    t1 = time.perf_counter()
+    n_passed = 0
+    for j in range(n_eval):
+        y = int(preds[j])
+        top = implicated_samples(
+            gas_infl[j], data.train_y, y, cutoff=-float("inf"), limit=TOP
+        ).indices
+        tops[j] = top
+        if not gas_scores[j] >= threshold:
+            continue
+        n_passed += 1
+        keep = torch.ones(data.train_x.shape[0], dtype=torch.bool)
+        keep[top] = False
+        scratch = copy.deepcopy(model)
+        sel = ParameterSelection.everything(scratch)
+        r = newton_update(
+            scratch,
+            sel,
+            data.train_x[top],
+            data.train_y[top],
+            data.train_x[keep],
+            data.train_y[keep],
+            WEIGHT_DECAY,
+            ncfg,
+        )
+        apply_update(scratch, sel, r)
+        fast[j] = float(probs[j, y] - _probs(scratch, eval_x[j : j + 1])[0, y])
+    fast_s = time.perf_counter() - t1
+    out[f"{name}_auprc_counterfactual_fast"] = average_precision(labels, fast)
+    out[f"{name}_zscore_threshold"] = float(threshold)
+    out[f"{name}_passed_filter_pos"] = int((gas_scores[labels == 1] >= threshold).sum())
+    out[f"{name}_passed_filter_neg"] = int((gas_scores[labels == 0] >= threshold).sum())
+    out[f"{name}_counterfactual_fast_ms_per_input"] = round(1000 * fast_s / max(n_passed, 1), 1)
+    print(
+        f"[{name}] fast counterfactual: AUPRC {out[f'{name}_auprc_counterfactual_fast']:.3f};"
+        f" passed {n_passed}/{n_eval}; {fast_s:.1f}s",
+        flush=True,
+    )
+
+    # ---- retraining counterfactual (positives + 20 negatives), time permitting
+    subset = list(range(len(turned))) + list(range(len(turned), min(n_eval, len(turned) + 20)))
+    est = train_s / 2 * len(subset)
+    if time.perf_counter() + est < deadline:
+        t1 = time.perf_counter()
+        drops = []
+        for j in subset:
+            y = int(preds[j])
+            keep = torch.ones(data.train_x.shape[0], dtype=torch.bool)
+            keep[tops[j]] = False
+            m = train(
+                build_model(spec, seed=seed),
+                data.train_x[keep],
+                data.train_y[keep],
+                TrainConfig(epochs=15, checkpoints=1, weight_decay=WEIGHT_DECAY, seed=seed),
+            ).model
+            m.eval()
+            drops.append(float(probs[j, y] - _probs(m, eval_x[j : j + 1])[0, y]))
+        sub_labels = labels[subset]
+        out[f"{name}_auprc_counterfactual_retrain"] = average_precision(sub_labels, np.array(drops))
+        out[f"{name}_chance_auprc_retrain_subset"] = float(sub_labels.mean())
+        print(
+            f"[{name}] retrain counterfactual: AUPRC "
+            f"{out[f'{name}_auprc_counterfactual_retrain']:.3f} on {len(subset)} inputs"
+            f" ({time.perf_counter() - t1:.1f}s)",
+            flush=True,
+        )
+    else:
+        print(f"[{name}] retrain counterfactual skipped (est. {est:.0f}s, out of time)", flush=True)
+    return out
+
+
+def _augmented_digits(n_target: int = 10_000):
+    data = backdoor_digits(BackdoorConfig(trigger="patch", source_label=1, seed=0))
+    x, y = data.train_x, data.train_y
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [x], [y]
+    total = x.shape[0]
+    while total < n_target:
+        dy, dx = (torch.randint(-1, 2, (2,), generator=g)).tolist()
+        shifted = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+        if dy == 1:
+            shifted[..., 0, :] = 0
+        if dy == -1:
+            shifted[..., -1, :] = 0
+        if dx == 1:
+            shifted[..., :, 0] = 0
+        if dx == -1:
+            shifted[..., :, -1] = 0
+        take = min(x.shape[0], n_target - total)
+        xs.append(shifted[:take])
+        ys.append(y[:take])
+        total += take
+    return torch.cat(xs), torch.cat(ys), data
+
+
+def _throughput():
+    x, y, data = _augmented_digits()
+    spec = ArchitectureSpec("mlp", tuple(x.shape[1:]), 10)
+    t0 = time.perf_counter()
+    res = train(
+        build_model(spec, seed=0),
+        x,
+        y,
+        TrainConfig(epochs=5, checkpoints=10, weight_decay=WEIGHT_DECAY, seed=0),
+    )
+    train_s = time.perf_counter() - t0
+    model = res.model.eval()
+    inputs = data.clean_x[:200]
+    t1 = time.perf_counter()
+    preds = predicted_labels(model, inputs)
+    infl = influence_scores(
+        model, res.checkpoints, x, y, inputs, "gas", InfluenceConfig(weight_decay=WEIGHT_DECAY)
+    )
+    _scores(infl, y, preds)
+    secs = time.perf_counter() - t1
+    print(
+        f"[throughput] {inputs.shape[0]} inputs vs {x.shape[0]} training samples, "
+        f"10 checkpoints: {secs:.2f}s (model trained 5 epochs in {train_s:.1f}s)",
+        flush=True,
+    )
+    return {
+        "scan_inputs_per_s": inputs.shape[0] / secs,
+        "scan_train_samples": int(x.shape[0]),
+        "scan_inputs": int(inputs.shape[0]),
+        "scan_checkpoints": len(res.checkpoints),
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    results: dict[str, object] = {}
+    cases = _cases()
+    for _i, (name, make, seed) in enumerate(cases):
+        # Share the retraining budget: each case may spend up to its slice.
+        deadline = time.perf_counter() + 60 + RETRAIN_BUDGET_S / len(cases)
+        results.update(_run_case(name, make, seed, deadline))
+    results.update(_throughput())
+    names = [c[0] for c in cases]
+
+    def worst(suffix):
+        vals = [results[f"{n}_{suffix}"] for n in names if f"{n}_{suffix}" in results]
+        return min(vals) if len(vals) == len(names) else None
+
+    flat = {}
+    for est in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
+        v = worst(f"auprc_{est}")
+        if v is not None:
+            flat[f"auprc_{est}"] = v
+    if "auprc_gas" in flat:
+        flat["auprc_zscore_only"] = flat["auprc_gas"]
+    for key in (
+        "auprc_counterfactual_fast",
+        "auprc_counterfactual_retrain",
+        "poison_recall_at_zero_fp",
+    ):
+        v = worst(key)
+        if v is not None:
+            flat[key] = v
+    chances = [results[f"{n}_chance_auprc"] for n in names if f"{n}_chance_auprc" in results]
+    if chances:
+        flat["chance_auprc"] = float(np.mean(chances))
+        flat["chance_auprc_max"] = float(np.max(chances))
+    flat["scan_inputs_per_s"] = results.pop("scan_inputs_per_s")
+    flat.update(results)
+    flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in flat.items()}
+    flat["worst_case_over"] = ",".join(names)
+    flat["device"] = (
+        f"cpu ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores visible, torch threads {THREADS})"
+    )
+    flat["command"] = "python -m benchmarks.scan_bench"
+    flat["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    flat["wall_s"] = round(time.perf_counter() - start, 1)
+
+    cols = [
+        "chance_auprc",
+        "auprc_gas",
+        "auprc_lgas",
+        "auprc_tracincp",
+        "auprc_rif",
+        "auprc_rrepresenter",
+        "auprc_counterfactual_fast",
+        "auprc_counterfactual_retrain",
+        "chance_auprc_retrain_subset",
+        "poison_recall_at_zero_fp",
+    ]
+    print()
+    print(f"{'metric':32s}" + "".join(f"{n:>24s}" for n in names) + f"{'headline':>12s}")
+    for c in cols:
+        row = f"{c:32s}"
+        for n in names:
+            v = flat.get(f"{n}_{c}")
+            row += f"{v:>24.3f}" if isinstance(v, (int, float)) else f"{'-':>24s}"
+        h = flat.get(c)
+        row += f"{h:>12.3f}" if isinstance(h, (int, float)) else f"{'-':>12s}"
+        print(row)
+    print(
+        f"{'turned/targets':32s}"
+        + "".join(
+            f"{str(flat.get(f'{n}_turned_targets')) + '/' + str(flat.get(f'{n}_targets')):>24s}"
+            for n in names
+        )
+    )
+    print(
+        f"scan_inputs_per_s: {flat['scan_inputs_per_s']:.1f} "
+        f"({flat['scan_inputs']} inputs vs {flat['scan_train_samples']} training samples)"
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(flat, indent=2) + "\n")
+    print(f"wrote {RESULTS} ({flat['wall_s']}s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
