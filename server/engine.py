@@ -314,7 +314,6 @@ class Engine:
         self, spec: ArchitectureSpec, inputs: np.ndarray, field: str = "inputs"
     ) -> None:
         """Inputs must be float32 of shape (B, *input_shape) with 1 <= B <= max_batch."""
-        expected = ("float32", (-1, *spec.input_shape))
         if inputs.dtype != np.float32:
             raise invalid_field(
                 field,
@@ -333,7 +332,6 @@ class Engine:
             )
         if not np.isfinite(inputs).all():
             raise invalid_field(field, "contains NaN or infinite values")
-        del expected
 
     def predict(self, name: str, inputs: np.ndarray, version: int = 0) -> Prediction:
         snap = self.snapshot(name, version)

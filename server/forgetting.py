@@ -201,10 +201,8 @@ class ForgetService:
             dtype=bool,
         )
         removed_ids = [int(s) for s in data.sample_ids[mask]]
-        removed_owners = sorted(
-            {str(o) for o in data.owner_ids[mask]}
-            | (owners_set & set(map(str, data.owner_ids[mask])))
-        )
+        # Owners named in the request whose samples this forget removes.
+        removed_owners = sorted(owners_set & {str(o) for o in data.owner_ids[mask]})
         already = sorted(id_set - set(removed_ids))
         if not removed_ids:
             result = {
@@ -279,7 +277,7 @@ class ForgetService:
                 "new_version": new_version,
                 "parent_version": row.current_version,
                 "removed_sample_ids": removed_ids,
-                "removed_owner_ids": removed_owners if payload.owner_ids else [],
+                "removed_owner_ids": removed_owners,
                 "already_forgotten_sample_ids": already,
                 "weights_sha256": weights_blob,
                 "environment": environment(),
