@@ -138,10 +138,7 @@ def main() -> None:
 
 def measure(seconds: float) -> list[LoadResult]:
     """Train a demo model, serve it in a subprocess, drive it; return every measurement."""
-    import socket
-    import subprocess
-    import sys
-
+    from benchmarks.processes import free_port, serve, wait_serving
     from expunge.server.settings import Settings
     from expunge.server.training_job import train_model
 
@@ -150,26 +147,13 @@ def measure(seconds: float) -> list[LoadResult]:
         settings = Settings(state_dir=root)
         info = train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
         del info
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         # The server runs in its own process so the load generator does not share its GIL.
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "expunge.client.cli",
-                "serve",
-                "--state-dir",
-                str(root),
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        server = serve(root, port)
         try:
             target = f"127.0.0.1:{port}"
-            _wait_serving(target)
+            if not wait_serving(target, server, timeout=60):
+                raise RuntimeError("server did not start")
             from expunge.server.store import Store
 
             store = Store(root)
@@ -185,21 +169,6 @@ def measure(seconds: float) -> list[LoadResult]:
             server.terminate()
             server.wait(30)
     return results
-
-
-def _wait_serving(target: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(target) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not start")
 
 
 if __name__ == "__main__":

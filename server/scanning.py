@@ -137,10 +137,12 @@ class ScanService:
         return threshold
 
     def _scores(
-        self, model: str, estimator: str, x: torch.Tensor
+        self, model: str, estimator: str, x: torch.Tensor, labels: torch.Tensor | None = None
     ) -> list[tuple[float, torch.Tensor]]:
+        """(target score, influences ``(n_train,)``) per input; ``labels`` = predictions if known."""
         data = self.engine.training_data(model)
-        labels = predicted_labels(self.engine.snapshot(model).module, x)
+        if labels is None:
+            labels = predicted_labels(self.engine.snapshot(model).module, x)
         influences = self._influences(model, estimator, x)
         out = []
         for i in range(len(x)):
@@ -240,7 +242,7 @@ class ScanService:
             snapshot = self.engine.snapshot(model)
             data = self.engine.training_data(model)
             labels = predicted_labels(snapshot.module, x)
-            for offset, (score, influences) in enumerate(self._scores(model, estimator, x)):
+            for offset, (score, influences) in enumerate(self._scores(model, estimator, x, labels)):
                 label = int(labels[offset])
                 drop = 0.0
                 flagged = False
