@@ -71,18 +71,36 @@ from expunge.defenses.newton import (
     newton_update,
 )
 from expunge.defenses.selection import ParameterSelection
+from expunge.defenses.sparse_selection import select_by_newton_direction
 from expunge.defenses.training import TrainConfig, accuracy, train
 from expunge.server.datasets import builtin, train_test_split
+from expunge.server.unlearning import DEFAULT_NEWTON_ITERATIONS, POOL_FACTOR
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forget.json"
 WEIGHT_DECAY = 1e-3
-HEADLINE = "lcodec_newton"
+HEADLINE = "lcodec_cg_newton"
 HEADLINE_BUDGET = 0.25
 BUDGETS = ((0.10, "lcodec_newton_10pct"), (0.25, "lcodec_newton"), (0.50, "lcodec_newton_50pct"))
+SPARSE_BUDGETS = ((0.10, "lcodec_cg_newton_10pct"), (0.25, "lcodec_cg_newton"))
+# A case's gap closed measures forgetting only where the original model is further from
+# the retrained one than two retrains are from each other (DESIGN 7); below that ratio
+# the gap is noise and the KL-over-noise figure is the one that judges the deletion.
+MEASURABLE_GAP = 3.0
+LARGE_DATA_NEWTON = NewtonConfig(
+    damping=1e-3,
+    hessian="gauss_newton",
+    hessian_samples=256,
+    cg_iterations=5,
+    iterations=DEFAULT_NEWTON_ITERATIONS,
+    objective_samples=2048,
+)
 NEWTON_ALL_MAX_PARAMS = 3000
 BLOCKS = 3
 SLOW_RETRAIN_S = 60.0
 METHOD_ORDER = (
+    "lcodec_cg_newton_10pct",
+    "lcodec_cg_newton",
+    "cg_sparse_newton",
     "lcodec_newton_10pct",
     "lcodec_newton",
     "lcodec_newton_50pct",
@@ -314,17 +332,51 @@ def _methods(
         hessian="exact",
         hessian_samples=500 if cnn else 2000,
         cg_iterations=30 if cnn else 100,
+        iterations=DEFAULT_NEWTON_ITERATIONS,
     )
-    total = None
+    if case.expensive:
+        # The large-data profile (server settings forget_hessian_samples,
+        # forget_objective_samples, option hessian="gauss_newton"): on 40k samples the
+        # exact Hessian cost 9.7 s and each full pass over the data about 1 s.
+        ncfg = LARGE_DATA_NEWTON
+
+    def targeted(model: nn.Module, sel: ParameterSelection) -> dict[str, Any]:
+        # As the server does: the trained model is taken as the optimum (grad J = 0).
+        converged = torch.zeros(sel.num_parameters, dtype=torch.float32)
+        res = newton_update(model, sel, fx, fy, rx, ry, WEIGHT_DECAY, ncfg, converged)
+        apply_update(model, sel, res)
+        return {"touched": sel.num_parameters, "accepted": res.accepted, "mu": res.damping}
 
     def lcodec_newton(frac: float) -> Callable[[nn.Module], dict[str, Any]]:
         def run(model: nn.Module) -> dict[str, Any]:
             sel = _lcodec(model, fx, fy, frac).selection
             if sel.num_parameters == 0:
                 return {"skip": "no L-CODEC unit fits the budget"}
-            res = newton_update(model, sel, fx, fy, rx, ry, WEIGHT_DECAY, ncfg)
-            apply_update(model, sel, res)
-            return {"touched": sel.num_parameters, "accepted": res.accepted, "mu": res.damping}
+            return targeted(model, sel)
+
+        return run
+
+    def sparse_newton(frac: float, pool: bool) -> Callable[[nn.Module], dict[str, Any]]:
+        def run(model: nn.Module) -> dict[str, Any]:
+            total = sum(p.numel() for p in model.parameters())
+            budget = max(1, int(frac * total))
+            candidates = slices = None
+            if pool:
+                blanket = select_markov_blanket(
+                    model,
+                    fx,
+                    fy,
+                    LcodecConfig(
+                        parameter_budget=min(total, POOL_FACTOR * budget),
+                        always_include_output_layer=False,
+                        seed=0,
+                    ),
+                )
+                candidates, slices = blanket.selection, blanket.unit_map.slices
+            chosen = select_by_newton_direction(
+                model, fx, fy, rx, ry, WEIGHT_DECAY, budget, ncfg, candidates, slices, True
+            )
+            return targeted(model, chosen.selection)
 
         return run
 
@@ -332,13 +384,12 @@ def _methods(
         sel = ParameterSelection.everything(model)
         if sel.num_parameters > NEWTON_ALL_MAX_PARAMS:
             return {"skip": f"p > {NEWTON_ALL_MAX_PARAMS}"}
-        res = newton_update(model, sel, fx, fy, rx, ry, WEIGHT_DECAY, ncfg)
-        apply_update(model, sel, res)
-        return {"touched": sel.num_parameters, "accepted": res.accepted, "mu": res.damping}
+        return targeted(model, sel)
 
     def newton_cg(model: nn.Module) -> dict[str, Any]:
-        res = newton_cg_update(model, fx, fy, rx, ry, WEIGHT_DECAY, ncfg)
         sel = ParameterSelection.everything(model)
+        converged = torch.zeros(sel.num_parameters, dtype=torch.float32)
+        res = newton_cg_update(model, fx, fy, rx, ry, WEIGHT_DECAY, ncfg, converged)
         apply_update(model, sel, res)
         return {"touched": sel.num_parameters, "accepted": res.accepted, "mu": res.damping}
 
@@ -383,10 +434,11 @@ def _methods(
     def nothing(model: nn.Module) -> dict[str, Any]:
         return {"touched": 0}
 
-    del total
     methods: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
-        name: lcodec_newton(frac) for frac, name in BUDGETS
+        name: sparse_newton(frac, pool=True) for frac, name in SPARSE_BUDGETS
     }
+    methods["cg_sparse_newton"] = sparse_newton(HEADLINE_BUDGET, pool=False)
+    methods.update({name: lcodec_newton(frac) for frac, name in BUDGETS})
     methods.update(
         newton_all=newton_all,
         newton_cg=newton_cg,
@@ -517,6 +569,10 @@ def _finite(values: list[float]) -> list[float]:
     return [v for v in values if v == v and not math.isinf(v)]
 
 
+def _measurable(res: dict[str, Any]) -> bool:
+    return bool(res["kl_orig"] >= MEASURABLE_GAP * res["kl_noise"])
+
+
 def _worst(results: list[dict[str, Any]], method: str) -> dict[str, float]:
     rows = [(res, res["rows"][method]) for res in results if method in res["rows"]]
     if not rows:
@@ -529,7 +585,9 @@ def _worst(results: list[dict[str, Any]], method: str) -> dict[str, float]:
             out[key] = round(fn(values), 6)
 
     if method != "retrain_seed1":
-        put("gap_closed_frac_min", [r["gap_closed"] for _, r in rows], min)
+        measurable = [r["gap_closed"] for res, r in rows if _measurable(res)]
+        put("gap_closed_frac_min", measurable, min)
+        put("gap_closed_frac_min_all_cases", [r["gap_closed"] for _, r in rows], min)
     put("kl_over_seed_noise_max", [r["kl_over_noise"] for _, r in rows], max)
     put("test_acc_gap_pts_max", [r["test_gap_pts"] for _, r in rows], max)
     put("forget_acc_gap_pts_max", [r["forget_gap_pts"] for _, r in rows], max)
@@ -543,9 +601,12 @@ def _worst(results: list[dict[str, Any]], method: str) -> dict[str, float]:
 
 def _summary(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "headline_method": f"{HEADLINE} (L-CODEC selection touching at most "
-        f"{int(100 * HEADLINE_BUDGET)}% of parameters + one damped exact Newton step)",
+        "headline_method": f"{HEADLINE} (the server's default: L-CODEC blanket of "
+        f"{POOL_FACTOR}x the budget, its entries ranked by a Newton-CG step, the top "
+        f"{int(100 * HEADLINE_BUDGET)}% of parameters updated by {DEFAULT_NEWTON_ITERATIONS} "
+        "damped exact Newton iterations)",
         "headline_budget_frac": HEADLINE_BUDGET,
+        "gap_measurable_when_kl_over_noise_at_least": MEASURABLE_GAP,
     }
     out.update(_worst(results, HEADLINE))
     out["cases_run"] = len(results)
@@ -555,6 +616,7 @@ def _summary(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
         out[f"{key}.retrain_s"] = round(res["retrain_s"], 3)
         out[f"{key}.kl_original_to_retrain"] = res["kl_orig"]
         out[f"{key}.kl_retrain_seed_noise"] = res["kl_noise"]
+        out[f"{key}.gap_measurable"] = _measurable(res)
         head = res["rows"].get(HEADLINE)
         if head:
             out[f"{key}.{HEADLINE}.gap_closed_frac"] = round(head["gap_closed"], 6)

@@ -124,6 +124,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
             request_id=args.request_id,
             wait=not args.no_wait,
             on_progress=progress,
+            selection=args.selection,
+            parameter_budget=args.budget,
         )
     print(file=sys.stderr)
     print(f"{op.name}: {op.state}")
@@ -226,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="append", type=int, default=[], help="sample id (repeatable)")
     p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
     p.add_argument("--no-wait", action="store_true", help="return the operation at once")
+    p.add_argument(
+        "--selection",
+        default="",
+        choices=["", "lcodec_cg", "lcodec", "cg", "all", "output"],
+        help="parameters the update may change (default: the server's, lcodec_cg)",
+    )
+    p.add_argument("--budget", type=int, default=0, help="most parameters touched (0: default)")
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("scan", help="scan inputs for training-set attack targets")

@@ -100,6 +100,14 @@ class NewtonConfig:
         default=100, metadata={"help": "conjugate-gradient iterations of newton_cg_update"}
     )
     batch_size: int = field(default=1024, metadata={"help": "samples per gradient/loss pass"})
+    objective_samples: int = field(
+        default=0,
+        metadata={
+            "help": "> 0: J', its gradient and the residuals on a seeded subsample of this "
+            "many retained samples (large data: each full pass costs more than the solve); "
+            "0: on all of them"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seeds the Hessian subsample"})
 
     def __post_init__(self) -> None:
@@ -109,6 +117,8 @@ class NewtonConfig:
             raise ValueError("damping must be finite and >= 0")
         if not (math.isfinite(self.trust_radius) and self.trust_radius > 0):
             raise ValueError("trust_radius must be finite and > 0")
+        if self.objective_samples < 0:
+            raise ValueError("objective_samples must be >= 0 (0: all retained samples)")
         if min(self.hessian_samples, self.hessian_batch, self.batch_size) < 1:
             raise ValueError("hessian_samples, hessian_batch and batch_size must be >= 1")
         if self.max_damping_increases < 0 or self.iterations < 1 or self.cg_iterations < 1:
@@ -317,6 +327,15 @@ def _prepared(
     if x.is_floating_point():
         x = x.to(reference.dtype)
     return x, labels.to(device=reference.device, dtype=torch.long)
+
+
+def _objective_data(
+    x: torch.Tensor, y: torch.Tensor, config: NewtonConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The retained samples J' is evaluated on (all, or the configured subsample)."""
+    if not config.objective_samples:
+        return x, y
+    return _subsample(x, y, config.objective_samples, config.seed + 1)
 
 
 def _subsample(
@@ -547,7 +566,9 @@ def _newton_on_block(
     weight_decay: float,
     config: NewtonConfig,
     full_gradient: torch.Tensor | None,
+    retained_count: int,
 ) -> NewtonResult:
+    """One block's step; ``retained_count`` is n - m (rx may be a subsample of them)."""
     objective = _RetainedObjective(model, params, selection, weight_decay, config.batch_size)
     v0 = objective.v0
     if full_gradient is None:
@@ -559,7 +580,7 @@ def _newton_on_block(
             )
         forget_sum = objective.loss_gradient_sum(v0, fx, fy) if len(fx) else torch.zeros_like(v0)
         g = retained_gradient_from_full(
-            full_gradient.to(v0), forget_sum, v0, len(rx) + len(fx), len(fx), weight_decay
+            full_gradient.to(v0), forget_sum, v0, retained_count + len(fx), len(fx), weight_decay
         )
     hx, hy = _subsample(rx, ry, config.hessian_samples, config.seed)
     h = objective.hessian(v0, hx, hy, config.hessian, config.hessian_batch)
@@ -622,9 +643,19 @@ def newton_update(
     with _evaluation_mode(model):
         params = _parameters(model)
         fx, fy = _prepared(params, forget_inputs, forget_labels)
-        rx, ry = _prepared(params, retained_inputs, retained_labels)
+        rx, ry = _objective_data(*_prepared(params, retained_inputs, retained_labels), config)
         return _newton_on_block(
-            model, params, selection, fx, fy, rx, ry, weight_decay, config, full_gradient
+            model,
+            params,
+            selection,
+            fx,
+            fy,
+            rx,
+            ry,
+            weight_decay,
+            config,
+            full_gradient,
+            len(retained_inputs),
         )
 
 
@@ -697,7 +728,7 @@ def newton_cg_update(
     with _evaluation_mode(model):
         params = _parameters(model)
         fx, fy = _prepared(params, forget_inputs, forget_labels)
-        rx, ry = _prepared(params, retained_inputs, retained_labels)
+        rx, ry = _objective_data(*_prepared(params, retained_inputs, retained_labels), config)
         objective = _RetainedObjective(model, params, selection, weight_decay, config.batch_size)
         v0 = objective.v0
         if full_gradient is None:
@@ -707,7 +738,12 @@ def newton_cg_update(
                 objective.loss_gradient_sum(v0, fx, fy) if len(fx) else torch.zeros_like(v0)
             )
             g = retained_gradient_from_full(
-                full_gradient.to(v0), forget_sum, v0, len(rx) + len(fx), len(fx), weight_decay
+                full_gradient.to(v0),
+                forget_sum,
+                v0,
+                len(retained_inputs) + len(fx),
+                len(fx),
+                weight_decay,
             )
         hx, hy = _subsample(rx, ry, config.hessian_samples, config.seed)
         hvp = objective.hvp(v0, hx, hy, config.hessian_batch)
@@ -770,10 +806,20 @@ def block_coordinate_newton(
     with _evaluation_mode(model):
         params = _parameters(model)
         fx, fy = _prepared(params, forget_inputs, forget_labels)
-        rx, ry = _prepared(params, retained_inputs, retained_labels)
+        rx, ry = _objective_data(*_prepared(params, retained_inputs, retained_labels), config)
         for block in blocks:
             result = _newton_on_block(
-                model, params, block, fx, fy, rx, ry, weight_decay, config, None
+                model,
+                params,
+                block,
+                fx,
+                fy,
+                rx,
+                ry,
+                weight_decay,
+                config,
+                None,
+                len(retained_inputs),
             )
             params = _with_step(params, block, result.delta)
             results.append(result)

@@ -249,6 +249,8 @@ class ForgetService:
             ledger=row.ledger,
             default_budget=engine.settings.forget_budget,
             default_parameter_budget=engine.settings.forget_parameter_budget,
+            hessian_samples=engine.settings.forget_hessian_samples,
+            objective_samples=engine.settings.forget_objective_samples,
             seed=request_seed(request.request_id, row.current_version),
             reporter=reporter,
         )

@@ -38,6 +38,13 @@ class Settings:
         default=0, metadata={"help": "Newton parameters; 0: 25% of the model, at most 4096"}
     )
     forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
+    forget_hessian_samples: int = field(
+        default=2000, metadata={"help": "retained samples (seeded) the Newton Hessian is built on"}
+    )
+    forget_objective_samples: int = field(
+        default=0,
+        metadata={"help": "> 0: J' and residuals on this many retained samples (large data)"},
+    )
     index_memory_bytes: int = field(default=8 << 30, metadata={"help": "largest index built"})
     build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})

@@ -7,7 +7,7 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -16,7 +16,17 @@ from expunge.defenses.architectures import ArchitectureSpec
 
 from .errors import invalid_field
 
-SELECTIONS = ("lcodec", "all", "output")
+if TYPE_CHECKING:
+    from expunge.defenses.newton import NewtonConfig
+    from expunge.defenses.selection import ParameterSelection
+
+# lcodec_cg: L-CODEC's blanket as the pool, its entries ranked by a Newton-CG step;
+# lcodec: whole units in FOCI order; cg: entries of the Newton-CG step over every parameter.
+SELECTIONS = ("lcodec_cg", "lcodec", "cg", "all", "output")
+DEFAULT_SELECTION = "lcodec_cg"
+DEFAULT_NEWTON_ITERATIONS = 3
+# The L-CODEC pool of lcodec_cg holds this many times the budget (DESIGN 4.3 / BENCHMARKS.md).
+POOL_FACTOR = 3
 HESSIANS = ("exact", "gauss_newton")
 
 
@@ -33,10 +43,12 @@ class SilentReporter:
 class UnlearningOptions:
     """What the caller may choose for one forget; zero values mean the server's defaults."""
 
-    selection: str = field(default="lcodec", metadata={"help": "lcodec, all or output"})
+    selection: str = field(default=DEFAULT_SELECTION, metadata={"help": f"one of {SELECTIONS}"})
     parameter_budget: int = field(default=0, metadata={"help": "0: server default"})
     hessian: str = field(default="exact", metadata={"help": "exact or gauss_newton"})
-    newton_iterations: int = field(default=1, metadata={"help": "Newton steps on the slice"})
+    newton_iterations: int = field(
+        default=DEFAULT_NEWTON_ITERATIONS, metadata={"help": "Newton steps on the slice"}
+    )
     damping: float = field(default=0.0, metadata={"help": "0: default floor"})
     epsilon: float = field(default=0.0, metadata={"help": "> 0: certified noise"})
     delta: float = field(default=0.0, metadata={"help": "with epsilon"})
@@ -60,7 +72,7 @@ class UnlearningOptions:
         delta: float,
     ) -> UnlearningOptions:
         """Check a caller's options; contradictory or out-of-range ones are INVALID_ARGUMENT."""
-        selection = selection or "lcodec"
+        selection = selection or DEFAULT_SELECTION
         hessian = hessian or "exact"
         if selection not in SELECTIONS:
             raise invalid_field("options.selection", f"{selection!r} is not one of {SELECTIONS}")
@@ -73,7 +85,10 @@ class UnlearningOptions:
         if parameter_budget and selection == "all":
             raise invalid_field("options.parameter_budget", "contradicts selection 'all'; drop one")
         if not 0 <= newton_iterations <= 20:
-            raise invalid_field("options.newton_iterations", "must lie in [0, 20] (0: default 1)")
+            raise invalid_field(
+                "options.newton_iterations",
+                f"must lie in [0, 20] (0: default {DEFAULT_NEWTON_ITERATIONS})",
+            )
         if not (0 <= damping < 1e6):
             raise invalid_field("options.damping", "must be >= 0 and finite (0: default floor)")
         if epsilon < 0 or epsilon != epsilon or epsilon > 1e6:
@@ -85,7 +100,13 @@ class UnlearningOptions:
                 "options.delta", "delta without epsilon means nothing; set epsilon too"
             )
         return cls(
-            selection, parameter_budget, hessian, newton_iterations or 1, damping, epsilon, delta
+            selection,
+            parameter_budget,
+            hessian,
+            newton_iterations or DEFAULT_NEWTON_ITERATIONS,
+            damping,
+            epsilon,
+            delta,
         )
 
 
@@ -146,6 +167,8 @@ def unlearn(
     default_parameter_budget: int,
     seed: int,
     reporter: PhaseReporter | None = None,
+    hessian_samples: int = 2000,
+    objective_samples: int = 0,
 ) -> UnlearningOutcome:
     """Update ``model`` in place so it behaves as if trained without the forget set.
 
@@ -159,43 +182,36 @@ def unlearn(
         noise_scale,
         parameter_distance_bound,
     )
-    from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
     from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
-    from expunge.defenses.selection import ParameterSelection
 
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
     before = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
     total_params = sum(p.numel() for p in model.parameters())
-    budget = options.parameter_budget or default_parameter_budget
-    units: tuple[str, ...]
-    if options.selection == "all":
-        selection = ParameterSelection.everything(model)
-    elif options.selection == "output":
-        layer = output_layer_name(model)
-        selection = ParameterSelection(
-            {
-                n: torch.arange(p.numel())
-                for n, p in model.named_parameters()
-                if n.startswith(layer + ".")
-            },
-            (f"{layer}:*",),
-        )
-    else:
-        report.phase("selecting", message="L-CODEC Markov blanket over units")
-        chosen = select_markov_blanket(
-            model, forget_x, forget_y, LcodecConfig(parameter_budget=budget, seed=seed)
-        )
-        selection = chosen.selection
-    units = selection.units
-    report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
     config = NewtonConfig(
         damping=options.damping or NewtonConfig().damping,
         hessian=options.hessian,
         iterations=options.newton_iterations,
+        hessian_samples=hessian_samples,
+        objective_samples=objective_samples,
         seed=seed,
     )
+    selection = choose_parameters(
+        model,
+        options,
+        forget_x,
+        forget_y,
+        retained_x,
+        retained_y,
+        weight_decay,
+        config,
+        options.parameter_budget or default_parameter_budget,
+        seed,
+        report,
+    )
+    units = selection.units
+    report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
     # The served model is treated as the optimum of the full objective (grad J = 0): the step
     # then moves by the removal alone. Adding the measured non-convergence term would chase an
     # optimum that neither this model nor a retrain reached (it cost 7 test-accuracy points on
@@ -249,6 +265,77 @@ def unlearn(
         "note": _note(result.accepted, flagged, certificate.budget_exhausted),
     }
     return UnlearningOutcome(receipt, spent.to_dict())
+
+
+def entry_budget(total_params: int, parameter_budget: int) -> int:
+    """Entries a sparse selection may touch: the caller's or server's, else 25% (at most 4096)."""
+    if parameter_budget:
+        return min(parameter_budget, total_params)
+    return max(1, min(4096, total_params // 4))
+
+
+def choose_parameters(
+    model: nn.Module,
+    options: UnlearningOptions,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    retained_x: torch.Tensor,
+    retained_y: torch.Tensor,
+    weight_decay: float,
+    config: NewtonConfig,
+    parameter_budget: int,
+    seed: int,
+    report: PhaseReporter,
+) -> ParameterSelection:
+    """The ParameterSelection the Newton step may change, per ``options.selection``."""
+    from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
+    from expunge.defenses.selection import ParameterSelection
+    from expunge.defenses.sparse_selection import select_by_newton_direction
+
+    if options.selection == "all":
+        return ParameterSelection.everything(model)
+    if options.selection == "output":
+        layer = output_layer_name(model)
+        return ParameterSelection(
+            {
+                n: torch.arange(p.numel())
+                for n, p in model.named_parameters()
+                if n.startswith(layer + ".")
+            },
+            (f"{layer}:*",),
+        )
+    total = sum(p.numel() for p in model.parameters())
+    if options.selection == "lcodec":
+        report.phase("selecting", message="L-CODEC Markov blanket over units")
+        lcodec = LcodecConfig(parameter_budget=parameter_budget, seed=seed)
+        return select_markov_blanket(model, forget_x, forget_y, lcodec).selection
+    budget = entry_budget(total, parameter_budget)
+    candidates = None
+    unit_slices = None
+    if options.selection == "lcodec_cg":
+        report.phase("selecting", message="L-CODEC Markov blanket over units (candidate pool)")
+        pool = LcodecConfig(
+            parameter_budget=min(total, POOL_FACTOR * budget),
+            always_include_output_layer=False,
+            seed=seed,
+        )
+        blanket = select_markov_blanket(model, forget_x, forget_y, pool)
+        candidates, unit_slices = blanket.selection, blanket.unit_map.slices
+    report.phase("selecting", message="ranking entries by a Newton-CG step")
+    chosen = select_by_newton_direction(
+        model,
+        forget_x,
+        forget_y,
+        retained_x,
+        retained_y,
+        weight_decay,
+        budget,
+        config,
+        candidates=candidates,
+        unit_slices=unit_slices,
+        assume_converged=True,
+    )
+    return chosen.selection
 
 
 def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:
