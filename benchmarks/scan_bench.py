@@ -54,6 +54,12 @@ from expunge.defenses.attacks import (
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.influence import InfluenceConfig, influence_scores
 from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
+from expunge.defenses.poison_filters import (
+    activation_clustering,
+    penultimate_features,
+    recall_at_zero_false_positives,
+    spectral_signature_scores,
+)
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.targets import (
     average_precision,
@@ -69,7 +75,7 @@ WEIGHT_DECAY = 1e-3
 N_NEG = 60
 N_CALIB = 100
 TOP = 30
-OPTIONAL_ESTIMATORS = ("rif", "rrepresenter")
+OPTIONAL_ESTIMATORS = ("rif", "if", "rrepresenter", "representer")
 OPTIONAL_LIMIT_S = 20.0
 RETRAIN_BUDGET_S = 150.0  # total wall time allowed for the retraining counterfactual
 RESULTS = Path(__file__).resolve().parent / "results" / "scan.json"
@@ -179,6 +185,7 @@ def _run_case(name, make, seed, deadline):
     out[f"{name}_chance_auprc"] = float(labels.mean())
     icfg = InfluenceConfig(weight_decay=WEIGHT_DECAY)
     gas_infl = None
+    target_influence: dict[str, torch.Tensor] = {}
     for method in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
         x_in = all_x if method == "gas" else eval_x
         if method in OPTIONAL_ESTIMATORS:
@@ -209,6 +216,7 @@ def _run_case(name, make, seed, deadline):
                 f"[{name}] {method}: {secs:.1f}s >= {OPTIONAL_LIMIT_S}s, not reported", flush=True
             )
             continue
+        target_influence[method] = infl[: len(turned)]
         sc = _scores(infl[:n_eval], data.train_y, preds[:n_eval])
         out[f"{name}_auprc_{method}"] = average_precision(labels, sc)
         out[f"{name}_{method}_influence_s"] = round(secs, 2)
@@ -222,20 +230,47 @@ def _run_case(name, make, seed, deadline):
 
     if gas_infl is None:
         return out
-    # ---- poison recall at zero clean false positives (GAS)
+    # ---- poison recall at zero clean false positives: influence on each turned target
     backdoor = bool((data.poison_target[data.poison_mask] == 0).all()) and "patch" in name
-    recalls = []
-    for t_pos, t_idx in enumerate(turned.tolist()):
-        y = int(preds[t_pos])
-        z = influence_z_scores(gas_infl[t_pos], data.train_y, y)
-        pool = data.train_y == y
-        cutoff = float(z[pool & ~data.poison_mask].max())
-        mine = data.poison_mask if backdoor else data.poison_mask & (data.poison_target == t_idx)
-        if mine.sum() == 0:
-            continue
-        recalls.append(float((z[mine] > cutoff).double().mean()))
-    if recalls:
-        out[f"{name}_poison_recall_at_zero_fp"] = float(np.mean(recalls))
+    for method, influence in target_influence.items():
+        recalls = []
+        for t_pos, t_idx in enumerate(turned.tolist()):
+            y = int(preds[t_pos])
+            z = influence_z_scores(influence[t_pos], data.train_y, y)
+            pool = data.train_y == y
+            mine = (
+                data.poison_mask if backdoor else data.poison_mask & (data.poison_target == t_idx)
+            )
+            if mine.sum() == 0:
+                continue
+            # Clean = same label, not a poison of any target (as before the baselines).
+            candidates = (pool & ~data.poison_mask) | mine
+            recalls.append(recall_at_zero_false_positives(z, mine, candidates))
+        if recalls:
+            key = "" if method == "gas" else f"_{method}"
+            out[f"{name}_poison_recall_at_zero_fp{key}"] = float(np.mean(recalls))
+    # ---- the target-agnostic baselines on penultimate-layer features (DESIGN 4.8)
+    features = penultimate_features(model, data.train_x)
+    baselines = {
+        "spectral_signature": spectral_signature_scores(features, data.train_y),
+        "activation_clustering": activation_clustering(features, data.train_y, seed=seed).scores,
+    }
+    poison_labels = torch.unique(data.train_y[data.poison_mask]).tolist()
+    for baseline, scores in baselines.items():
+        recalls = [
+            recall_at_zero_false_positives(scores, data.poison_mask, data.train_y == label)
+            for label in poison_labels
+        ]
+        out[f"{name}_poison_recall_at_zero_fp_{baseline}"] = float(np.mean(recalls))
+    print(
+        f"[{name}] poison recall at zero FP: "
+        + ", ".join(
+            f"{k.removeprefix(name + '_poison_recall_at_zero_fp').lstrip('_') or 'gas'} {v:.3f}"
+            for k, v in out.items()
+            if k.startswith(f"{name}_poison_recall_at_zero_fp")
+        ),
+        flush=True,
+    )
 
     # ---- fast counterfactual (GAS filter + 3 Newton iterations on a scratch copy)
     threshold = calibrate_threshold(calib_scores, 0.05)
@@ -395,11 +430,17 @@ def main() -> None:
             flat[f"auprc_{est}"] = v
     if "auprc_gas" in flat:
         flat["auprc_zscore_only"] = flat["auprc_gas"]
-    for key in (
-        "auprc_counterfactual_fast",
-        "auprc_counterfactual_retrain",
-        "poison_recall_at_zero_fp",
-    ):
+    recall_keys = ["poison_recall_at_zero_fp"] + [
+        f"poison_recall_at_zero_fp_{m}"
+        for m in (
+            "lgas",
+            "tracincp",
+            *OPTIONAL_ESTIMATORS,
+            "spectral_signature",
+            "activation_clustering",
+        )
+    ]
+    for key in ("auprc_counterfactual_fast", "auprc_counterfactual_retrain", *recall_keys):
         v = worst(key)
         if v is not None:
             flat[key] = v
@@ -425,11 +466,13 @@ def main() -> None:
         "auprc_lgas",
         "auprc_tracincp",
         "auprc_rif",
+        "auprc_if",
         "auprc_rrepresenter",
+        "auprc_representer",
         "auprc_counterfactual_fast",
         "auprc_counterfactual_retrain",
         "chance_auprc_retrain_subset",
-        "poison_recall_at_zero_fp",
+        *recall_keys,
     ]
     print()
     print(f"{'metric':32s}" + "".join(f"{n:>24s}" for n in names) + f"{'headline':>12s}")
