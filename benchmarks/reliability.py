@@ -10,6 +10,8 @@
    end the served weights equal an uninterrupted replay of the same requests.
 2. Fuzz: generated and mutated messages for every RPC; counts UNKNOWN/INTERNAL answers.
 3. Load: benchmarks.load at 32 in flight (Predict) and Forget acknowledgement.
+4. Soak: benchmarks.soak, a mixed workload for ``--soak-seconds`` (10 minutes by
+   default) with the server's resident memory sampled; growth after warm-up.
 Writes benchmarks/results/reliability.json (DESIGN 7 keys).
 """
 
@@ -173,6 +175,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--fuzz", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--soak-seconds", type=float, default=600.0)
     args = parser.parse_args()
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +213,22 @@ def main() -> None:
             results["forget_ack_p99_ms"] = round(r.p99_ms, 2)
         if r.name == "Forget ack" and r.in_flight == 16:
             results["forget_ack_p99_ms_16"] = round(r.p99_ms, 2)
+    from benchmarks.soak import soak
+
+    soaked = soak(args.soak_seconds)
+    print(f"soak: {soaked}", flush=True)
+    results.update(
+        {
+            "soak_seconds": soaked.seconds,
+            "soak_requests": soaked.requests,
+            "soak_forgets": soaked.forgets,
+            "soak_errors": sum(soaked.errors.values()),
+            "soak_errors_by_call": soaked.errors,
+            "soak_rss_warm_mb": soaked.rss_warm_mb,
+            "soak_rss_end_mb": soaked.rss_end_mb,
+            "soak_rss_growth_frac": soaked.rss_growth_frac,
+        }
+    )
     results.update(
         {
             "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
