@@ -176,7 +176,7 @@ def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-class _RetainedObjective:
+class RetainedObjective:
     """J on fixed data as a function of the selected vector v ``(p,)``; the rest is fixed."""
 
     def __init__(
@@ -401,7 +401,7 @@ def objective_gradient(
     """
     with _evaluation_mode(model):
         params = _parameters(model)
-        objective = _RetainedObjective(model, params, selection, weight_decay, batch_size)
+        objective = RetainedObjective(model, params, selection, weight_decay, batch_size)
         x, y = _prepared(params, inputs, labels)
         if len(x) == 0:
             raise ValueError("need at least one sample")
@@ -436,7 +436,7 @@ class _Steps(NamedTuple):
 class _Region(NamedTuple):
     """Where steps are judged: J' on the retained data, the trust region around v0."""
 
-    objective: _RetainedObjective
+    objective: RetainedObjective
     x: torch.Tensor
     y: torch.Tensor
     v0: torch.Tensor
@@ -484,7 +484,7 @@ def _shrunk(step: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 def _newton_iterations(
-    objective: _RetainedObjective,
+    objective: RetainedObjective,
     gradient: torch.Tensor,
     solve: Solver,
     mu: float,
@@ -530,7 +530,7 @@ def _newton_iterations(
 
 def _residual_all(
     model: nn.Module,
-    objective: _RetainedObjective,
+    objective: RetainedObjective,
     v: torch.Tensor,
     selection: ParameterSelection,
     rx: torch.Tensor,
@@ -545,7 +545,7 @@ def _residual_all(
         return residual_selected
     params = objective.full_params(v.detach())
     everything = ParameterSelection({n: torch.arange(p.numel()) for n, p in params.items()})
-    whole = _RetainedObjective(model, params, everything, weight_decay, batch_size)
+    whole = RetainedObjective(model, params, everything, weight_decay, batch_size)
     return float(whole.gradient(whole.v0, rx, ry).norm())
 
 
@@ -569,7 +569,7 @@ def _newton_on_block(
     retained_count: int,
 ) -> NewtonResult:
     """One block's step; ``retained_count`` is n - m (rx may be a subsample of them)."""
-    objective = _RetainedObjective(model, params, selection, weight_decay, config.batch_size)
+    objective = RetainedObjective(model, params, selection, weight_decay, config.batch_size)
     v0 = objective.v0
     if full_gradient is None:
         g = objective.gradient(v0, rx, ry)
@@ -729,7 +729,7 @@ def newton_cg_update(
         params = _parameters(model)
         fx, fy = _prepared(params, forget_inputs, forget_labels)
         rx, ry = _objective_data(*_prepared(params, retained_inputs, retained_labels), config)
-        objective = _RetainedObjective(model, params, selection, weight_decay, config.batch_size)
+        objective = RetainedObjective(model, params, selection, weight_decay, config.batch_size)
         v0 = objective.v0
         if full_gradient is None:
             g = objective.gradient(v0, rx, ry)

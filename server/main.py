@@ -18,7 +18,7 @@ from .engine import Engine
 from .forgetting import ForgetService
 from .indexing import IndexService
 from .interceptors import AuthInterceptor
-from .scanning import ScanService
+from .scanning import ScanService, ScanSettings
 from .servicer import ExpungeServicer
 from .settings import LOOPBACK_HOSTS, Settings
 from .store import Store
@@ -101,7 +101,12 @@ def start(settings: Settings) -> RunningServer:
         ],
     )
     expunge_pb2_grpc.add_ExpungeServicer_to_server(
-        ExpungeServicer(engine, forget, ScanService(engine, forget)), server
+        ExpungeServicer(
+            engine,
+            forget,
+            ScanService(engine, forget, ScanSettings(confirmation=settings.scan_confirmation)),
+        ),
+        server,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

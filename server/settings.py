@@ -38,6 +38,10 @@ class Settings:
         default=0, metadata={"help": "Newton parameters; 0: 25% of the model, at most 4096"}
     )
     forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
+    scan_confirmation: str = field(
+        default="auto",
+        metadata={"help": "retrain, newton, or auto (retrain when training is cheap)"},
+    )
     forget_hessian_samples: int = field(
         default=2000, metadata={"help": "retained samples (seeded) the Newton Hessian is built on"}
     )

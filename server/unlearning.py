@@ -6,7 +6,7 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -27,6 +27,9 @@ DEFAULT_SELECTION = "lcodec_cg"
 DEFAULT_NEWTON_ITERATIONS = 3
 # The L-CODEC pool of lcodec_cg holds this many times the budget (DESIGN 4.3 / BENCHMARKS.md).
 POOL_FACTOR = 3
+# Conjugate-gradient iterations of the ranking step: on the digits MLP 20 ranked as well
+# as 100 (gap closed 0.69-0.92 either way) at a third of the time.
+RANKING_CG_ITERATIONS = 20
 HESSIANS = ("exact", "gauss_newton")
 
 
@@ -330,7 +333,7 @@ def choose_parameters(
         retained_y,
         weight_decay,
         budget,
-        config,
+        replace(config, cg_iterations=RANKING_CG_ITERATIONS),
         candidates=candidates,
         unit_slices=unit_slices,
         assume_converged=True,

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
+from expunge.defenses.counterfactual import CounterfactualConfig, SharedHessianCounterfactual
 from expunge.defenses.evaluate import output_kl
 from expunge.defenses.newton import (
     NewtonConfig,
@@ -474,3 +475,40 @@ def test_updated_mlp_is_closer_to_retraining_than_the_original(seed: int) -> Non
     # Measured: 0.0133 -> 0.0077 (seed 0), 0.0287 -> 0.0179 (seed 1).
     assert result.accepted
     assert kl_updated < 0.8 * kl_original
+
+
+# ----------------------------------------------------------------------------- shared Hessian
+
+
+def test_shared_hessian_iterations_reach_the_retrained_logreg_optimum(cancer, logreg) -> None:
+    x, y, forget, _ = cancer
+    original, retrained = logreg
+    config = CounterfactualConfig(iterations=12, damping=0.0, hessian_samples=len(x))
+    solver = SharedHessianCounterfactual(original, x, y, LOGREG_WD, config)
+    delta = solver.removal_delta(forget)
+    # The Hessian is J's, not J''s, so the iterations converge linearly, not in one step.
+    assert _rel(_flat(original) + delta, _flat(retrained)) < RETRAIN_RTOL
+    assert _flat(solver.removed(forget)).sub(_flat(original) + delta).abs().max() < EXACT
+    assert torch.equal(solver.removal_delta(torch.tensor([], dtype=torch.long)), 0 * delta)
+
+
+def test_shared_hessian_first_step_equals_an_explicit_damped_solve(rough_mlp) -> None:
+    model, x, y = rough_mlp
+    x, y = x[:120], y[:120]
+    removed = torch.tensor([3, 17, 40])
+    config = CounterfactualConfig(iterations=1, damping=1e-2, hessian_samples=len(x))
+    solver = SharedHessianCounterfactual(model, x, y, MLP_WD, config)
+    everything = ParameterSelection.everything(model)
+    j, _, v = _slice_objective(model, everything, x, y, MLP_WD)
+    h = torch.autograd.functional.hessian(j, v, vectorize=True)
+    mu = 1e-2 + max(0.0, -float(torch.linalg.eigvalsh(h)[0]))
+    theta = _flat(model)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[removed] = False
+    n, m = len(x), len(removed)
+    forget_sum = objective_gradient(model, everything, x[removed], y[removed], 0.0) * m
+    g = -(forget_sum + m * MLP_WD * theta) / (n - m)
+    expected = -torch.linalg.solve(h + mu * torch.eye(len(theta), dtype=h.dtype), g)
+    assert _rel(solver.removal_delta(removed), expected) < 1e-8
+    drop = solver.probability_drop(x[3], removed)
+    assert -1.0 <= drop <= 1.0

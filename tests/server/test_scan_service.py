@@ -53,18 +53,45 @@ def backdoored_state(attack: AttackedDataset, tmp_path_factory: pytest.TempPathF
     return root
 
 
-@pytest.fixture
-def scan_server(backdoored_state: Path, tmp_path: Path) -> Iterator[object]:
-    state = tmp_path / "state"
-    shutil.copytree(backdoored_state, state)
-    running = start(Settings(state_dir=state, port=0))
+def _serve(state: Path, confirmation: str = "auto") -> object:
+    running = start(Settings(state_dir=state, port=0, scan_confirmation=confirmation))
     with Client(running.target) as client:
         deadline = time.monotonic() + 120
         while client.get_model("bd").index.state != "READY":
             assert time.monotonic() < deadline
             time.sleep(0.1)
+    return running
+
+
+@pytest.fixture
+def scan_server(backdoored_state: Path, tmp_path: Path) -> Iterator[object]:
+    state = tmp_path / "state"
+    shutil.copytree(backdoored_state, state)
+    running = _serve(state)
     yield running
-    running.stop(0)
+    running.stop(0)  # type: ignore[attr-defined]
+
+
+def test_newton_confirmation_uses_the_calibrated_filter_and_drop(
+    backdoored_state: Path, tmp_path: Path, attack: AttackedDataset
+) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(backdoored_state, state)
+    running = _serve(state, "newton")
+    try:
+        inputs = np.concatenate([attack.target_x.numpy(), attack.clean_x.numpy()[:30]])
+        with Client(running.target, timeout=600) as client:  # type: ignore[attr-defined]
+            results = list(client.scan("bd", inputs.astype(np.float32)))
+    finally:
+        running.stop(0)  # type: ignore[attr-defined]
+    clean = results[len(attack.target_x) :]
+    assert sum(r.flagged for r in clean) <= 3
+    for r in results:
+        if r.flagged:  # the drop threshold is calibrated, never below the 0.1 floor
+            assert r.target_score >= r.threshold and r.counterfactual_drop >= 0.1
+        if r.target_score < r.threshold:
+            assert r.counterfactual_drop == 0.0 and not r.flagged
+    assert any(r.target_score >= r.threshold for r in results[: len(attack.target_x)])
 
 
 def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
@@ -88,9 +115,16 @@ def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
     poison = attack.poison_mask.numpy()
     assert implicated and np.mean(poison[implicated]) > 0.8  # implicated samples are the poisons
     assert all(r.threshold == results[0].threshold for r in results)
-    assert sum(r.flagged for r in clean) <= 3  # calibrated at 5% false positives on clean data
+    # 1,200 samples x 30 epochs: cheap enough that Scan confirms by retraining, after a
+    # lenient first filter (half the clean calibration inputs pass it); the drop threshold
+    # is calibrated so that at most 5% of clean calibration inputs are flagged.
+    assert sum(r.flagged for r in clean) <= 3
     for r in results:
-        assert r.flagged == (r.target_score >= r.threshold and r.counterfactual_drop >= 0.1)
+        if r.flagged:
+            assert r.target_score >= r.threshold and r.counterfactual_drop >= 0.5
+        elif r.target_score < r.threshold:
+            assert r.counterfactual_drop == 0.0  # filtered out: no removal was computed
+    assert sum(r.flagged for r in targets) >= 3  # measured: 5 of 10 targets, 0 of 30 clean
 
 
 def test_mitigation_forgets_the_implicated_samples(
@@ -98,13 +132,12 @@ def test_mitigation_forgets_the_implicated_samples(
 ) -> None:
     with Client(scan_server.target, timeout=600) as client:  # type: ignore[attr-defined]
         results = list(client.scan("bd", attack.target_x.numpy().astype(np.float32)))
-        strongest = max(range(len(results)), key=lambda i: results[i].target_score)
+        flagged = [r for r in results if r.flagged]
+        assert flagged, "no target confirmed: nothing to mitigate"
+        strongest = max(flagged, key=lambda r: r.counterfactual_drop).index
         x = attack.target_x.numpy()[strongest : strongest + 1].astype(np.float32)
         (result,) = client.scan("bd", x, mitigate=True, request_id="mitigate-1")
-        if not result.flagged:
-            pytest.skip(
-                "the strongest target was not confirmed on this machine; nothing to mitigate"
-            )
+        assert result.flagged  # same version, same calibration: the same decision
         assert result.mitigation is not None and result.mitigation.new_version == 2
         op = client.get_operation(result.mitigation.operation)
         assert op.state == "SUCCEEDED" and op.receipt is not None
