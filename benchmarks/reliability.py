@@ -10,7 +10,9 @@
    end the served weights equal an uninterrupted replay of the same requests.
 2. Fuzz: generated and mutated messages for every RPC; counts UNKNOWN/INTERNAL answers.
 3. Load: benchmarks.load at 32 in flight (Predict) and Forget acknowledgement.
-4. Soak: benchmarks.soak, a mixed workload for ``--soak-seconds`` (10 minutes by
+4. Determinism: benchmarks.determinism_bench, the cost of deterministic mode on the
+   forget and scan paths and the byte-identity of repeated forgets.
+5. Soak: benchmarks.soak, a mixed workload for ``--soak-seconds`` (10 minutes by
    default) with the server's resident memory sampled; growth after warm-up.
 Writes benchmarks/results/reliability.json (DESIGN 7 keys).
 """
@@ -213,7 +215,19 @@ def main() -> None:
             results["forget_ack_p99_ms"] = round(r.p99_ms, 2)
         if r.name == "Forget ack" and r.in_flight == 16:
             results["forget_ack_p99_ms_16"] = round(r.p99_ms, 2)
+    from benchmarks.determinism_bench import measure as determinism_cost
     from benchmarks.soak import soak
+
+    cost = determinism_cost(repeats=5)
+    print(f"determinism: {cost}", flush=True)
+    results.update(
+        {
+            "determinism_forget_cost_frac": cost.forget_cost_frac,
+            "determinism_scan_cost_frac": cost.scan_cost_frac,
+            "determinism_repeated_forget_identical": cost.repeated_forget_hashes_identical,
+            "determinism_device": cost.device,
+        }
+    )
 
     soaked = soak(args.soak_seconds)
     print(f"soak: {soaked}", flush=True)
