@@ -15,8 +15,16 @@ from .store import Store
 
 
 def resolve_dataset(dataset: str, seed: int, data_root: Path | None = None) -> Dataset:
+    """A built-in data set by name, or an .npz file (under ``data_root`` when one is set).
+
+    The path is resolved (symlinks followed, ``..`` removed) before the check, so neither
+    traversal nor a link placed under the root can reach a file outside it. URLs are
+    refused: the server never fetches.
+    """
     if dataset in BUILTIN_DATASETS:
         return builtin(dataset, seed)
+    if "://" in dataset:
+        raise ValueError("URLs are not accepted; copy the file under the data root")
     path = Path(dataset).resolve()
     if data_root is not None and not path.is_relative_to(data_root.resolve()):
         raise ValueError(f"data files must lie under the data root {data_root}")

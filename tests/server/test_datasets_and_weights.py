@@ -11,6 +11,7 @@ from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.server import weights as weights_io
 from expunge.server.datasets import builtin, load_npz, synthetic_owners, validate
 from expunge.server.errors import InvalidArgument
+from expunge.server.training_job import resolve_dataset
 
 
 def _arrays(n: int = 6) -> dict[str, np.ndarray]:
@@ -98,3 +99,28 @@ def test_truncated_weights_are_refused() -> None:
     data = weights_io.model_to_bytes(build_model(ArchitectureSpec("mlp", (4,), 3), 0))
     with pytest.raises(InvalidArgument):
         weights_io.parse_state(data[: len(data) // 2])
+
+
+def test_data_files_outside_the_data_root_and_urls_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside.npz"
+    np.savez(
+        outside,
+        features=np.zeros((4, 3), np.float32),
+        labels=np.array([0, 1, 0, 1]),
+        sample_ids=np.arange(4),
+        owner_ids=np.array(["a", "b", "c", "d"]),
+    )
+    inside = root / "inside.npz"
+    inside.write_bytes(outside.read_bytes())
+    assert len(resolve_dataset(str(inside), 0, root).labels) == 4
+    with pytest.raises(ValueError, match="data root"):
+        resolve_dataset(str(outside), 0, root)
+    with pytest.raises(ValueError, match="data root"):
+        resolve_dataset(str(root / ".." / "outside.npz"), 0, root)
+    (root / "link.npz").symlink_to(outside)
+    with pytest.raises(ValueError, match="data root"):
+        resolve_dataset(str(root / "link.npz"), 0, root)
+    with pytest.raises(ValueError, match="URLs"):
+        resolve_dataset("https://example.com/data.npz", 0, root)
