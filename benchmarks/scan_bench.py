@@ -20,7 +20,9 @@ are 60 clean held-out inputs; 100 further clean inputs calibrate the score thres
   estimator and score the fall of the predicted class's probability (-1 when filtered
   out); worst over cases (gas, lgas, tracincp; the influence-function and representer
   baselines, plain and renormalized, only where one influence computation takes under
-  20 s). ``auprc_counterfactual_retrain`` is the GAS figure;
+  20 s), and ``gas+tracincp``: Scan's ensemble estimator, each input scored by the
+  component whose z-score is rarer among the clean calibration inputs
+  (``targets.calibrated_surprise``). ``auprc_counterfactual_retrain`` is the GAS figure;
 - ``auprc_zscore_<estimator>`` / ``auprc_zscore_only`` (GAS): the robust z-score target
   score alone (k = 10);
 - ``auprc_counterfactual_fast[_<estimator>]``: the Newton removal instead of retraining,
@@ -71,6 +73,7 @@ from expunge.defenses.poison_filters import (
 from expunge.defenses.targets import (
     average_precision,
     calibrate_threshold,
+    calibrated_surprise,
     implicated_samples,
     influence_z_scores,
     target_score,
@@ -82,6 +85,7 @@ WEIGHT_DECAY = 1e-3
 N_NEG = 60
 N_CALIB = 100
 TOP = 30
+ENSEMBLE = "gas+tracincp"
 RETRAIN_FILTER_FPR = 0.5  # ScanSettings.retrain_filter_false_positive_rate
 OPTIONAL_ESTIMATORS = ("rif", "if", "rrepresenter", "representer")
 OPTIONAL_LIMIT_S = 20.0
@@ -245,6 +249,29 @@ def _run_case(name, make, seed, deadline):
 
     if gas_infl is None:
         return out
+    if "gas" in zscores_by_method and "tracincp" in zscores_by_method:
+        # The union of the two detectors, as Scan's "gas+tracincp" estimator: each input
+        # takes the component whose score is rarer among the clean calibration inputs.
+        parts = ("gas", "tracincp")
+        eval_surprise = np.stack(
+            [calibrated_surprise(calib_by_method[e], zscores_by_method[e]) for e in parts]
+        )
+        calib_surprise = np.stack(
+            [calibrated_surprise(calib_by_method[e], calib_by_method[e]) for e in parts]
+        )
+        best = eval_surprise.argmax(axis=0)
+        zscores_by_method[ENSEMBLE] = eval_surprise.max(axis=0)
+        calib_by_method[ENSEMBLE] = calib_surprise.max(axis=0)
+        eval_influence[ENSEMBLE] = torch.stack(
+            [eval_influence[parts[b]][j] for j, b in enumerate(best.tolist())]
+        )
+        out[f"{name}_auprc_zscore_{ENSEMBLE}"] = average_precision(
+            labels, zscores_by_method[ENSEMBLE]
+        )
+        print(
+            f"[{name}] {ENSEMBLE}: z-score AUPRC {out[f'{name}_auprc_zscore_{ENSEMBLE}']:.3f}",
+            flush=True,
+        )
     # ---- poison recall at zero clean false positives: influence on each turned target
     backdoor = bool((data.poison_target[data.poison_mask] == 0).all()) and "patch" in name
     for method, influence in target_influence.items():
@@ -440,11 +467,11 @@ def main() -> None:
         return min(vals) if len(vals) == len(names) else None
 
     flat = {}
-    for est in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
+    for est in ("gas", "lgas", "tracincp", ENSEMBLE, *OPTIONAL_ESTIMATORS):
         v = worst(f"auprc_{est}")
         if v is not None:
             flat[f"auprc_{est}"] = v
-    for est in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
+    for est in ("gas", "lgas", "tracincp", ENSEMBLE, *OPTIONAL_ESTIMATORS):
         v = worst(f"auprc_zscore_{est}")
         if v is not None:
             flat[f"auprc_zscore_{est}"] = v
@@ -490,6 +517,10 @@ def main() -> None:
         "auprc_gas",
         "auprc_lgas",
         "auprc_tracincp",
+        f"auprc_{ENSEMBLE}",
+        "auprc_zscore_gas",
+        "auprc_zscore_tracincp",
+        f"auprc_zscore_{ENSEMBLE}",
         "auprc_rif",
         "auprc_if",
         "auprc_rrepresenter",

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="scan inputs for training-set attack targets")
     p.add_argument("inputs", help=".npz with an 'inputs' array")
     p.add_argument("--model", default="digits")
-    p.add_argument("--estimator", default="gas", help="gas, lgas or tracincp")
+    p.add_argument("--estimator", default="gas", help="gas, lgas, tracincp or gas+tracincp")
     p.add_argument("--mitigate", action="store_true", help="forget implicated samples, then rescan")
     p.add_argument("--report", help="write an HTML report here")
     p.set_defaults(func=cmd_scan)

@@ -41,6 +41,7 @@ __all__ = [
     "TargetScore",
     "average_precision",
     "calibrate_threshold",
+    "calibrated_surprise",
     "counterfactual_drop",
     "decide_target",
     "implicated_samples",
@@ -319,6 +320,32 @@ def calibrate_threshold(clean_scores: ArrayLike, false_positive_rate: float) -> 
     if allowed > 0 and scores[allowed - 1] > boundary:
         return float(scores[allowed - 1])
     return float(np.nextafter(boundary, np.inf))
+
+
+def calibrated_surprise(
+    clean_scores: ArrayLike, scores: ArrayLike, bandwidth: float | None = None
+) -> np.ndarray:
+    """-log of the smoothed share of clean scores at or above each score ``(q,)``.
+
+    Target scores of different estimators live on different scales; how rare a score is
+    among the same clean calibration inputs does not, so a union of detectors (flag when
+    any estimator is unusual) compares these. The clean tail share is smoothed with a
+    Gaussian kernel of ``bandwidth`` (default: a quarter of the clean scores' Q_n scale)
+    and computed in log space, so the result keeps increasing strictly far past the
+    largest clean score (where a plain empirical rank would tie at 1).
+    """
+    clean = _as_numpy(clean_scores)
+    values = _as_numpy(scores)
+    if clean.size == 0:
+        raise ValueError("need at least one clean score")
+    if bandwidth is None:
+        spread = qn_scale(clean) if clean.size > 1 else 0.0
+        bandwidth = 0.25 * spread if spread > 0 else 1e-3
+    if not bandwidth > 0:
+        raise ValueError("bandwidth must be > 0")
+    gaps = (torch.from_numpy(clean)[None, :] - torch.from_numpy(values)[:, None]) / bandwidth
+    log_tail = torch.logsumexp(torch.special.log_ndtr(gaps), dim=1) - math.log(clean.size)
+    return (-log_tail).numpy()
 
 
 def counterfactual_drop(

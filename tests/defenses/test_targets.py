@@ -15,6 +15,7 @@ from expunge.defenses.targets import (
     QN_CONSISTENCY,
     average_precision,
     calibrate_threshold,
+    calibrated_surprise,
     counterfactual_drop,
     decide_target,
     implicated_samples,
@@ -234,3 +235,19 @@ def test_precision_at_k() -> None:
     relevant = torch.tensor([True, False, False, True, True])
     assert precision_at_k(scores, relevant) == pytest.approx(2 / 3)  # top 3: 0, 2, 3
     assert precision_at_k(scores, relevant, k=1) == 1.0
+
+
+def test_calibrated_surprise_is_minus_log_of_the_clean_tail_share() -> None:
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=200)
+    scores = np.array([-10.0, -0.5, 0.0, 0.7, 2.0, 4.0, 50.0])
+    tiny = calibrated_surprise(clean, scores[:5], bandwidth=1e-6)
+    explicit = np.array([(clean >= s).mean() for s in scores[:5]])
+    assert np.allclose(np.exp(-tiny), explicit, atol=1e-9)  # a tiny bandwidth: plain tail share
+    smooth = calibrated_surprise(clean, scores)
+    assert np.all(np.diff(smooth) > 0)  # strictly increasing, also far past every clean score
+    assert np.isfinite(smooth).all() and smooth.min() >= 0
+    # Estimators on different scales become comparable: scaling changes nothing.
+    assert np.allclose(calibrated_surprise(100 * clean, 100 * scores), smooth)
+    with pytest.raises(ValueError):
+        calibrated_surprise([], scores)

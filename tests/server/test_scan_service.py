@@ -172,3 +172,20 @@ def test_a_model_without_checkpoints_is_failed_precondition(scan_server: object)
     with Client(scan_server.target) as client:  # type: ignore[attr-defined]
         with pytest.raises(FailedPreconditionError, match="expunge train"):
             list(client.scan("bd", np.zeros((1, 1, 8, 8), np.float32)))
+
+
+def test_the_gas_tracincp_ensemble_scores_targets_above_clean_inputs(
+    scan_server: object, attack: AttackedDataset
+) -> None:
+    inputs = np.concatenate([attack.target_x.numpy(), attack.clean_x.numpy()[:30]])
+    with Client(scan_server.target, timeout=600) as client:  # type: ignore[attr-defined]
+        results = list(client.scan("bd", inputs.astype(np.float32), estimator="gas+tracincp"))
+        single = list(client.scan("bd", inputs[:1].astype(np.float32), estimator="tracincp"))
+    targets, clean = results[: len(attack.target_x)], results[len(attack.target_x) :]
+    # Scores are surprises (-log clean tail share): a clean input sits near log(2).
+    assert min(r.target_score for r in targets) > np.median([r.target_score for r in clean])
+    assert sum(r.flagged for r in clean) <= 3
+    assert results[0].threshold != single[0].threshold  # its own calibration
+    poison = attack.poison_mask.numpy()
+    implicated = [s.sample_id for r in targets for s in r.implicated]
+    assert implicated and np.mean(poison[implicated]) > 0.8
