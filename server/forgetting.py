@@ -22,6 +22,7 @@ from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
 
 from . import weights as weights_io
+from .compute import ComputeProcess, UnlearningJob
 from .engine import Engine, parse_model_name
 from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
 from .faults import crash_point
@@ -79,9 +80,15 @@ def request_seed(request_id: str, version: int) -> int:
 class ForgetService:
     """Submission (in the RPC thread) and application (in the worker) of forget requests."""
 
-    def __init__(self, engine: Engine, index: IndexService | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        index: IndexService | None = None,
+        compute: ComputeProcess | None = None,
+    ) -> None:
         self.engine = engine
         self.index = index
+        self.compute = compute  # None: compute in the worker thread
         self.jobs = JobRunner(engine.store, self._apply)
 
     # Submission --------------------------------------------------------------------------
@@ -235,25 +242,38 @@ class ForgetService:
         keep = torch.from_numpy(~mask)
         forget_idx = torch.from_numpy(mask)
         test = engine.test_data(payload.model)
-        outcome = unlearn(
-            model=model,
-            spec=spec,
-            forget_x=data.features[forget_idx],
-            forget_y=data.labels[forget_idx],
-            retained_x=data.features[keep],
-            retained_y=data.labels[keep],
-            test_x=torch.from_numpy(test.features),
-            test_y=torch.from_numpy(test.labels),
-            weight_decay=config.weight_decay,
-            options=payload.options,
-            ledger=row.ledger,
-            default_budget=engine.settings.forget_budget,
-            default_parameter_budget=engine.settings.forget_parameter_budget,
-            hessian_samples=engine.settings.forget_hessian_samples,
-            objective_samples=engine.settings.forget_objective_samples,
-            seed=request_seed(request.request_id, row.current_version),
-            reporter=reporter,
-        )
+        arrays: dict[str, Any] = {
+            "forget_x": data.features[forget_idx],
+            "forget_y": data.labels[forget_idx],
+            "retained_x": data.features[keep],
+            "retained_y": data.labels[keep],
+            "test_x": torch.from_numpy(test.features),
+            "test_y": torch.from_numpy(test.labels),
+        }
+        arguments: dict[str, Any] = {
+            "weight_decay": config.weight_decay,
+            "options": payload.options,
+            "ledger": row.ledger,
+            "default_budget": engine.settings.forget_budget,
+            "default_parameter_budget": engine.settings.forget_parameter_budget,
+            "hessian_samples": engine.settings.forget_hessian_samples,
+            "objective_samples": engine.settings.forget_objective_samples,
+            "seed": request_seed(request.request_id, row.current_version),
+        }
+        if self.compute is None:
+            outcome = unlearn(model=model, spec=spec, reporter=reporter, **arrays, **arguments)
+        else:
+            job = UnlearningJob(
+                job=request.request_id,
+                spec=row.spec,
+                trusted_factories=engine.settings.trusted_factories,
+                weights=weights_io.model_to_bytes(model),
+                arrays=arrays,
+                arguments=arguments,
+            )
+            outcome, new_weights = self.compute.unlearn(job, reporter)
+            weights_io.load_into(model, new_weights)
+        reporter.check_cancelled()
         reporter.phase("committing")
         with store.write_lock:
             crash_point("forget_before_weights")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expunge.v1 import expunge_pb2, expunge_pb2_grpc
 
+from .compute import ComputeProcess
 from .engine import Engine
 from .forgetting import ForgetService
 from .indexing import IndexService
@@ -61,7 +63,10 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.forget.index is not None:
             self.forget.index.stop()
-        if self.forget.jobs.stop(timeout=grace):
+        stopped = self.forget.jobs.stop(timeout=grace)
+        if self.forget.compute is not None:
+            self.forget.compute.close()
+        if stopped:
             self.engine.store.close()
 
 
@@ -69,6 +74,9 @@ def configure_torch(settings: Settings) -> None:
     """Fixed threads and deterministic kernels: the same request gives the same bytes."""
     torch.set_num_threads(settings.torch_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Forget and scan computations run in worker threads; a short switch interval bounds
+    # how long an RPC thread (a Forget acknowledgement, a Predict) waits for the GIL.
+    sys.setswitchinterval(settings.gil_switch_interval_s)
 
 
 def start(settings: Settings) -> RunningServer:
@@ -82,7 +90,8 @@ def start(settings: Settings) -> RunningServer:
     store = Store(settings.state_dir)
     engine = Engine(store, settings)
     index = IndexService(engine) if settings.build_index else None
-    forget = ForgetService(engine, index)
+    compute = ComputeProcess(settings.torch_threads) if settings.forget_in_subprocess else None
+    forget = ForgetService(engine, index, compute)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -23,6 +23,17 @@ class Settings:
     max_concurrent_rpcs: int = field(default=64, metadata={"help": "beyond: RESOURCE_EXHAUSTED"})
     workers: int = field(default=8, metadata={"help": "gRPC thread pool size"})
     torch_threads: int = field(default=1, metadata={"help": "fixed for deterministic results"})
+    forget_in_subprocess: bool = field(
+        default=True,
+        metadata={"help": "compute forgets in a child process (keeps RPC latency low)"},
+    )
+    gil_switch_interval_s: float = field(
+        default=0.001,
+        metadata={
+            "help": "how long a busy thread (a forget or scan computation) may hold the GIL "
+            "before an RPC thread gets it; Python's default is 0.005"
+        },
+    )
     reflection: bool = field(default=False, metadata={"help": "serve gRPC reflection"})
     data_root: Path | None = field(default=None, metadata={"help": "files may be read only here"})
     trusted_factories: dict[str, str] = field(
