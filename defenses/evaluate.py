@@ -30,6 +30,7 @@ __all__ = [
     "deletion_metrics",
     "deletion_report",
     "gap_closed",
+    "inference",
     "mean_loss",
     "membership_auc",
     "output_kl",
@@ -40,7 +41,8 @@ __all__ = [
 
 
 @contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the modules' modes are restored after."""
     # Eval mode so batch norm neither uses batch statistics nor updates its buffers.
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -58,7 +60,7 @@ def _logits(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Te
     x = inputs.to(reference.device)
     if x.is_floating_point():
         x = x.to(reference.dtype)
-    with _inference(model):
+    with inference(model):
         parts = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     if not parts:
         raise ValueError("need at least one input")

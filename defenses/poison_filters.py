@@ -28,12 +28,12 @@ seeded by an explicit argument.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .evaluate import inference
 
 __all__ = [
     "ActivationClusters",
@@ -291,19 +291,6 @@ def activation_clustering(
     return ActivationClusters(suspicious, scores, fractions, silhouettes)
 
 
-@contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    # Eval mode so batch norm and dropout behave as at test time; modes restored after.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def penultimate_features(
     model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024
 ) -> torch.Tensor:
@@ -331,7 +318,7 @@ def penultimate_features(
 
     handle = linears[-1].register_forward_hook(record)
     try:
-        with _inference(model):
+        with inference(model):
             for start in range(0, x.shape[0], batch_size):
                 model(x[start : start + batch_size])
     finally:
