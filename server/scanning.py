@@ -262,7 +262,8 @@ class ScanService:
         labels = predicted_labels(self.engine.snapshot(model).module, x)
         scores = np.array([s for s, _ in self._single_scores(model, estimator, x, labels)])
         with self._solver_lock:
-            self._clean = {k: v for k, v in self._clean.items() if k[:2] == (model, version)}
+            # Keep other models' scores; drop this model's older versions.
+            self._clean = {k: v for k, v in self._clean.items() if k[0] != model or k[1] == version}
             self._clean[key] = scores
         return scores
 
