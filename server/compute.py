@@ -1,25 +1,25 @@
 """Forget computations in a child process, so the server process keeps answering.
 
 A forget's selection and Newton solve run for seconds of mostly Python-driven torch
-work. In the server process that work shares the GIL with the RPC threads: measured
-on 2 cores, a Forget acknowledgement's SQLite commit waited 5-20 ms for the GIL while a
-forget was being applied (p99 of the acknowledgement 16.6 ms against 5.7 ms with the
-worker idle). One long-lived child process (spawned, so no forked OpenMP or gRPC state)
-does the computation instead: the weights go in and out as safetensors bytes, progress
-phases come back over a queue, and nothing in the child touches the store: the parent
-alone commits, so a crash of either process leaves the journal to redo the request.
+work. In the server process that work shares the GIL with the RPC threads (under load on
+2 cores a Forget acknowledgement's p99 was 31.6 ms with the computation in a thread and
+14.8 ms with it in this child; BENCHMARKS.md). One long-lived child process (spawned, so
+no forked OpenMP or gRPC state) does the computation instead: the weights go in and out
+as safetensors bytes, progress phases come back over the same pipe, and nothing in the
+child touches the store: the parent alone commits, so a crash of either process leaves
+the journal to redo the request. A computation whose result will not be used (cancelled,
+server stopping) is ended by killing the child; the next forget starts a fresh one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import queue
+import os
 import signal
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -27,33 +27,12 @@ import torch
 from . import weights as weights_io
 from .unlearning import PhaseReporter, UnlearningOutcome, unlearn
 
-_progress_queue: Any = None  # the child's end of the progress queue
 PR_SET_PDEATHSIG = 1
+POLL_S = 0.05
 
 
-def _initialise(threads: int, progress: Any) -> None:
-    global _progress_queue
-    _die_with_parent()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    _progress_queue = progress
-
-
-def _die_with_parent() -> None:
-    # A SIGKILLed server must not leave its child computing a result nobody will read.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the child exits at its next read
-        pass
-
-
-class _QueueReporter:
-    def __init__(self, job: str) -> None:
-        self.job = job
-
-    def phase(self, name: str, completed: int = 0, total: int = 0, message: str = "") -> None:
-        _progress_queue.put((self.job, name, completed, total, message))
+class ComputeProcessDied(RuntimeError):
+    """The child ended without an answer (killed, out of memory); the request is redone."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +47,9 @@ class UnlearningJob:
     arguments: dict[str, Any]  # the other keyword arguments of ``unlearn``
 
 
-def run_unlearning(job: UnlearningJob) -> tuple[UnlearningOutcome, bytes]:
+def run_unlearning(
+    job: UnlearningJob, reporter: PhaseReporter | None = None
+) -> tuple[UnlearningOutcome, bytes]:
     """Rebuild the model, run ``unlearn`` on it, return the outcome and the new weights."""
     from expunge.defenses.architectures import ArchitectureSpec
 
@@ -79,57 +60,112 @@ def run_unlearning(job: UnlearningJob) -> tuple[UnlearningOutcome, bytes]:
     weights_io.load_into(model, job.weights)
     for p in model.parameters():
         p.requires_grad_(True)
-    reporter = _QueueReporter(job.job) if _progress_queue is not None else None
     outcome = unlearn(model=model, spec=spec, reporter=reporter, **job.arrays, **job.arguments)
     return outcome, weights_io.model_to_bytes(model)
 
 
+def _die_with_parent(parent: int) -> None:
+    # A SIGKILLed server must not leave its child computing a result nobody will read.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the child exits at its next read
+        pass
+    if os.getppid() != parent:  # the parent died before the request above was made
+        os._exit(0)
+
+
+class _PipeReporter:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def phase(self, name: str, completed: int = 0, total: int = 0, message: str = "") -> None:
+        self.conn.send(("progress", (name, completed, total, message)))
+
+
+def _child_main(conn: Connection, parent: int, threads: int) -> None:
+    _die_with_parent(parent)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    reporter = _PipeReporter(conn)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("done", run_unlearning(job, reporter)))
+        except Exception as exc:  # the parent re-raises it in the worker thread
+            conn.send(("error", exc))
+
+
 class ComputeProcess:
-    """One spawned worker process, started on first use, for ``run_unlearning``."""
+    """One spawned child process, started on first use, for ``run_unlearning``."""
 
     def __init__(self, torch_threads: int) -> None:
         self._threads = torch_threads
         self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
-        self._progress: Any = None
+        self._child: tuple[Any, Connection] | None = None
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _start(self) -> tuple[Any, Connection]:
         with self._lock:
-            if self._pool is None:
+            if self._child is None or not self._child[0].is_alive():
                 context = multiprocessing.get_context("spawn")
-                self._progress = context.Queue()
-                self._pool = ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=context,
-                    initializer=_initialise,
-                    initargs=(self._threads, self._progress),
+                ours, theirs = context.Pipe(duplex=True)
+                process = context.Process(
+                    target=_child_main,
+                    args=(theirs, os.getpid(), self._threads),
+                    name="expunge-compute",
+                    daemon=True,
                 )
-            return self._pool
+                process.start()
+                theirs.close()
+                self._child = (process, ours)
+            return self._child
 
     def unlearn(
         self, job: UnlearningJob, reporter: PhaseReporter
     ) -> tuple[UnlearningOutcome, bytes]:
-        """Run the job in the child; its phases are reported here as they happen."""
-        future: Future[tuple[UnlearningOutcome, bytes]] = self._executor().submit(
-            run_unlearning, job
-        )
-        while True:
-            try:
-                name, phase, completed, total, message = self._progress.get(timeout=0.05)
-            except queue.Empty:
-                if future.done():
-                    break
-                continue
-            if name == job.job:
-                reporter.phase(phase, completed, total, message)
+        """Run the job in the child; its phases are reported here as they happen.
+
+        If ``reporter`` raises (cancelled, stopping), the child is killed: its result
+        would never be used, and the next job must not queue behind it.
+        """
+        process, conn = self._start()
         try:
-            return future.result()
-        except BrokenProcessPool:
-            self.close()  # the child died (killed, out of memory): start a new one next time
+            conn.send(job)
+            while True:
+                if not conn.poll(POLL_S):
+                    if not process.is_alive():
+                        raise ComputeProcessDied("the compute process ended without an answer")
+                    check = getattr(reporter, "check_cancelled", None)
+                    if check is not None:
+                        check()  # raises when cancelled or the server is stopping
+                    continue
+                kind, payload = conn.recv()
+                if kind == "progress":
+                    reporter.phase(*payload)
+                elif kind == "done":
+                    return payload  # type: ignore[no-any-return]
+                else:
+                    failure: Exception = payload
+                    break
+        except (EOFError, OSError) as exc:
+            self.close()
+            raise ComputeProcessDied(f"the compute process is gone: {exc}") from exc
+        except BaseException:
+            self.close()
             raise
+        raise failure  # the computation itself failed; the child stays for the next job
 
     def close(self) -> None:
+        """Kill the child (if any) and wait for it; safe to call more than once."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            child, self._child = self._child, None
+        if child is None:
+            return
+        process, conn = child
+        if process.is_alive():
+            process.kill()
+        process.join(5)
+        conn.close()
