@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -58,12 +59,22 @@ class RunningServer:
             self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, drain in-flight calls for ``grace`` seconds, then close."""
+        """NOT_SERVING at once, drain in-flight calls for ``grace`` seconds, then close.
+
+        One grace period for the whole stop: whatever is still running past it (an index
+        build, a forget computation) is abandoned uncommitted and redone at the next start.
+        """
+        deadline = None if grace is None else time.monotonic() + grace
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         self.set_serving(False)
         self.server.stop(grace).wait()
         if self.forget.index is not None:
-            self.forget.index.stop()
-        stopped = self.forget.jobs.stop(timeout=grace)
+            # A build stops at its next shard; its thread is a daemon.
+            self.forget.index.stop(timeout=left())
+        stopped = self.forget.jobs.stop(timeout=left())
         if self.forget.compute is not None:
             self.forget.compute.close()
         if stopped:
