@@ -172,13 +172,45 @@ def _fuzz_method(channel: grpc.Channel, method: object, examples: int) -> tuple[
     return counts["bad"], counts["sent"]
 
 
+def fuzz_only(requests: int) -> None:
+    """The fuzz run alone, on a fresh demo model, into its own results file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "state"
+        train_model(root, "digits", "digits", "mlp", epochs=5, settings=Settings(state_dir=root))
+        port = free_port()
+        process = serve(root, port, None)
+        assert wait_serving(f"127.0.0.1:{port}", process)
+        try:
+            results: dict[str, object] = dict(fuzz(f"127.0.0.1:{port}", requests))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    results.update(
+        {
+            "command": "python -m benchmarks.reliability --fuzz-only " + " ".join(sys.argv[1:]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    out = RESULTS.with_name("reliability_fuzz.json")
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--fuzz", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--soak-seconds", type=float, default=600.0)
+    parser.add_argument(
+        "--fuzz-only",
+        action="store_true",
+        help="only the fuzz run, written to results/reliability_fuzz.json",
+    )
     args = parser.parse_args()
+    if args.fuzz_only:
+        fuzz_only(args.fuzz)
+        return
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "state"

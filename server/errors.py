@@ -59,6 +59,12 @@ class Unimplemented(ExpungeError):
     code = "UNIMPLEMENTED"
 
 
+class Aborted(ExpungeError):
+    """A concurrent change (a forget committed mid-scan) made the answer inconsistent: retry."""
+
+    code = "ABORTED"
+
+
 class Cancelled(ExpungeError):
     code = "CANCELLED"
 

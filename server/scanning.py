@@ -41,7 +41,7 @@ from expunge.defenses.targets import (
 from expunge.defenses.training import TrainConfig, train
 
 from .engine import Engine
-from .errors import FailedPrecondition, invalid_field
+from .errors import Aborted, FailedPrecondition, invalid_field
 from .forgetting import ForgetService
 from .jobs import TERMINAL
 from .model_factory import build_architecture
@@ -118,6 +118,12 @@ class ScanOutcome:
     mitigation: dict[str, object] | None = None
 
 
+def _changed() -> Aborted:
+    return Aborted(
+        "the training set changed while this scan ran (a forget was committed); scan again"
+    )
+
+
 class ScanService:
     def __init__(
         self, engine: Engine, forget: ForgetService, settings: ScanSettings | None = None
@@ -145,6 +151,9 @@ class ScanService:
                 labels = predicted_labels(snapshot.module, x)
                 queries = embedder.embed(x, labels)
                 by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+                missing = [int(s) for s in data.sample_ids if int(s) not in by_id]
+                if missing:
+                    raise _changed()
                 rows = torch.tensor([by_id[int(s)] for s in data.sample_ids])
                 return queries @ vectors[rows].T
         checkpoints = self.engine.checkpoints(model)
@@ -272,6 +281,8 @@ class ScanService:
     ) -> list[tuple[float, torch.Tensor]]:
         data = self.engine.training_data(model)
         influences = self._influences(model, estimator, x)
+        if influences.shape[1] != len(data.labels):
+            raise _changed()
         out = []
         for i in range(len(x)):
             score = target_score(
@@ -284,6 +295,8 @@ class ScanService:
 
     def _proponents(self, model: str, influences: torch.Tensor, label: int) -> torch.Tensor:
         data = self.engine.training_data(model)
+        if len(influences) != len(data.labels):
+            raise _changed()
         return implicated_samples(
             influences.double(),
             data.labels,
@@ -415,21 +428,28 @@ class ScanService:
         if not 0 <= max_implicated <= 10_000:
             raise invalid_field("max_implicated", "must lie in [0, 10000] (0: default 30)")
         limit = max_implicated or 30
-        calibration = self.threshold(model, estimator)
-        mode, threshold, required_drop = (
-            calibration.confirmation,
-            calibration.score,
-            calibration.drop,
-        )
         self.engine.store.record_audit(
             actor, "scan", f"models/{model}", {"inputs": len(inputs), "estimator": estimator}
         )
-        for start in range(0, len(inputs), CHUNK):
+        start = 0
+        while start < len(inputs):
+            # Thresholds, data and influences of one version; after a mitigation (a new
+            # version) the rest is scored again against the new one.
+            calibration = self.threshold(model, estimator)
+            mode, threshold, required_drop = (
+                calibration.confirmation,
+                calibration.score,
+                calibration.drop,
+            )
             x = torch.from_numpy(inputs[start : start + CHUNK])
             snapshot = self.engine.snapshot(model)
             data = self.engine.training_data(model)
             labels = predicted_labels(snapshot.module, x)
-            for offset, (score, influences) in enumerate(self._scores(model, estimator, x, labels)):
+            scored = self._scores(model, estimator, x, labels)
+            if any(len(influences) != len(data.labels) for _, influences in scored):
+                raise _changed()
+            done = len(x)
+            for offset, (score, influences) in enumerate(scored):
                 label = int(labels[offset])
                 drop = 0.0
                 flagged = False
@@ -469,10 +489,13 @@ class ScanService:
                     snapshot.version,
                 )
                 if mitigate and flagged and implicated:
-                    outcome = self._mitigate(
+                    yield self._mitigate(
                         model, outcome, x[offset], f"{request_id}:{start + offset}", actor
                     )
+                    done = offset + 1
+                    break
                 yield outcome
+            start += done
 
     def _mitigate(
         self, model: str, outcome: ScanOutcome, x: torch.Tensor, request_id: str, actor: str
