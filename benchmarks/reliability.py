@@ -187,7 +187,7 @@ def fuzz_only(requests: int) -> None:
             process.wait(60)
     results.update(
         {
-            "command": "python -m benchmarks.reliability --fuzz-only " + " ".join(sys.argv[1:]),
+            "command": "python -m benchmarks.reliability " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
