@@ -55,6 +55,8 @@ def parse_page(page_size: int, page_token: str) -> tuple[int, int]:
         after = int(page_token) if page_token else 0
     except ValueError as exc:
         raise invalid_field("page_token", "not a token this server issued") from exc
+    if not 0 <= after < 2**63:  # tokens are SQLite row ids or versions
+        raise invalid_field("page_token", "not a token this server issued")
     return page_size or 100, after
 
 

@@ -81,6 +81,25 @@ def test_a_malformed_tensor_is_invalid_argument(server: object) -> None:
             assert field in info.value.details()
 
 
+@pytest.mark.parametrize("token", ["x", "-1", str(2**63), "9" * 40])
+def test_page_tokens_the_server_did_not_issue_are_invalid_argument(
+    server: object, token: str
+) -> None:
+    from expunge.v1 import expunge_pb2 as pb
+    from expunge.v1 import expunge_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
+        stub = pb_grpc.ExpungeStub(channel)
+        for call, request in (
+            (stub.ListVersions, pb.ListVersionsRequest(model="digits", page_token=token)),
+            (stub.ListAudit, pb.ListAuditRequest(page_token=token)),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "page_token" in info.value.details()
+
+
 def test_unknown_model_and_version_are_not_found(client: Client) -> None:
     with pytest.raises(NotFoundError, match="'nosuch' not found"):
         client.get_model("nosuch")
