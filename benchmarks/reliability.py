@@ -135,10 +135,15 @@ def fuzz(target: str, requests: int) -> dict[str, float]:
     bad = 0
     sent = 0
     per_method = max(1, requests // len(SERVICE.methods))
-    for method in SERVICE.methods:
-        bad_here, sent_here = _fuzz_method(channel, method, per_method)
-        bad += bad_here
-        sent += sent_here
+    # Hypothesis stops a method early once its strategy is exhausted; further rounds
+    # (fresh random draws) make up the count asked for.
+    for _round in range(5):
+        for method in SERVICE.methods:
+            bad_here, sent_here = _fuzz_method(channel, method, per_method)
+            bad += bad_here
+            sent += sent_here
+        if sent >= requests:
+            break
     channel.close()
     return {"fuzz_requests": sent, "fuzz_bad_status": bad}
 
