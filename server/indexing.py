@@ -77,6 +77,7 @@ class IndexService:
         self._building: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._index_lock = threading.Lock()  # a loaded index's mutations vs its searches
 
     # Lifecycle -----------------------------------------------------------------------
 
@@ -254,8 +255,12 @@ class IndexService:
             loaded = self._loaded.get(model)
         if loaded is None:
             return None
-        loaded.index.remove(np.array(sample_ids, dtype=np.int64))
-        return self.engine.store.blobs.put(pack_index(loaded.index))
+        # faiss indexes are not safe to search while ids are removed (the soak run answered
+        # 4 Neighbors calls INTERNAL before this lock): searches wait for the removal.
+        with self._index_lock:
+            loaded.index.remove(np.array(sample_ids, dtype=np.int64))
+            packed = pack_index(loaded.index)
+        return self.engine.store.blobs.put(packed)
 
     def after_commit(self, model: str) -> None:
         """The served weights changed: the last embedding block is stale until re-embedded."""
@@ -312,7 +317,8 @@ class IndexService:
         x = torch.from_numpy(inputs)
         embedded_model = self.engine.snapshot(model, loaded.version).module
         queries = loaded.embedder.embed(x, predicted_labels(embedded_model, x))
-        result = loaded.index.search(queries, k, mode=mode, label=label)  # type: ignore[arg-type]
+        with self._index_lock:
+            result = loaded.index.search(queries, k, mode=mode, label=label)  # type: ignore[arg-type]
         data = self.engine.training_data(model)
         position = {int(s): i for i, s in enumerate(data.sample_ids)}
         hits: list[list[NeighborHit]] = []
