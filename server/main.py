@@ -70,7 +70,9 @@ class RunningServer:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
         self.set_serving(False)
-        self.server.stop(grace).wait()
+        # gRPC's shutdown waits for handler threads; one that never returns (a stream that
+        # ignores cancellation) must not keep the process from exiting past the grace.
+        self.server.stop(grace).wait(None if grace is None else grace + 5.0)
         if self.forget.index is not None:
             # A build stops at its next shard; its thread is a daemon.
             self.forget.index.stop(timeout=left())
