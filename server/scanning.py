@@ -133,7 +133,7 @@ class ScanService:
         self.settings = settings or ScanSettings()
         # (model, version) -> shared-Hessian solver of that version; one per model kept.
         self._solvers: dict[str, tuple[int, SharedHessianCounterfactual]] = {}
-        self._solver_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         # (model, version, estimator) -> clean calibration scores, for ensembles.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
 
@@ -262,7 +262,7 @@ class ScanService:
         """Target scores of the clean calibration inputs (cached per version)."""
         version = self.engine.snapshot(model).version
         key = (model, version, estimator)
-        with self._solver_lock:
+        with self._cache_lock:
             cached = self._clean.get(key)
         if cached is not None:
             return cached
@@ -270,7 +270,7 @@ class ScanService:
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
         labels = predicted_labels(self.engine.snapshot(model).module, x)
         scores = np.array([s for s, _ in self._single_scores(model, estimator, x, labels)])
-        with self._solver_lock:
+        with self._cache_lock:
             # Keep other models' scores; drop this model's older versions.
             self._clean = {k: v for k, v in self._clean.items() if k[0] != model or k[1] == version}
             self._clean[key] = scores
@@ -365,7 +365,7 @@ class ScanService:
     def _solver(self, model: str) -> SharedHessianCounterfactual:
         """The shared-Hessian counterfactual of the current version (built once per version)."""
         snapshot = self.engine.snapshot(model)
-        with self._solver_lock:
+        with self._cache_lock:
             cached = self._solvers.get(model)
             if cached is not None and cached[0] == snapshot.version:
                 return cached[1]

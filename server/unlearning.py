@@ -271,10 +271,11 @@ def unlearn(
 
 
 def entry_budget(total_params: int, parameter_budget: int) -> int:
-    """Entries a sparse selection may touch: the caller's or server's, else 25% (at most 4096)."""
-    if parameter_budget:
-        return min(parameter_budget, total_params)
-    return max(1, min(4096, total_params // 4))
+    """Entries a sparse selection may touch: L-CODEC's budget rule, at most the whole model."""
+    from expunge.defenses.lcodec import LcodecConfig
+
+    budget = LcodecConfig(parameter_budget=parameter_budget).budget_for(total_params)
+    return min(budget, total_params)
 
 
 def choose_parameters(
