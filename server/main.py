@@ -28,6 +28,8 @@ from .store import Store
 
 log = logging.getLogger("expunge.server")
 HEALTH_RESERVE = 8
+# How long a SIGTERM can wait before the main thread runs its handler (see serve()).
+SIGNAL_POLL_S = 0.2
 SERVICE_NAME = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"].full_name
 
 
@@ -186,5 +188,9 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"expunge: serving on {running.target}", flush=True)
-    stopped.wait()
+    # The kernel may deliver SIGTERM to any thread; Python runs the handler only when the
+    # main thread next executes bytecode, so an untimed wait here can sleep through it
+    # (py-spy showed a server parked in stopped.wait() a minute after SIGTERM).
+    while not stopped.wait(SIGNAL_POLL_S):
+        pass
     running.stop(settings.grace_period_s)

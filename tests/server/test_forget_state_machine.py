@@ -495,11 +495,6 @@ class Replay:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: after SIGTERM the server sometimes does not exit within 60 s "
-    "(seen in fresh-clone runs; cause not found yet)",
-)
 def test_forget_journal_survives_crashes_and_retries(trained_state: Path, tmp_path: Path) -> None:
     class Machine(ForgetJournalMachine):
         pristine = trained_state
