@@ -19,9 +19,12 @@ def free_port() -> int:
 
 
 def serve(
-    state_dir: Path, port: int, fault: str | None = None, **env: str
+    state_dir: Path, port: int, fault: str | None = None, log: Path | None = None, **env: str
 ) -> subprocess.Popen[bytes]:
-    """``expunge serve`` in a child process; ``fault`` names a crash point (EXPUNGE_FAULT)."""
+    """``expunge serve`` in a child process; ``fault`` names a crash point (EXPUNGE_FAULT).
+
+    The server's stdout and stderr go to ``log`` when given, else nowhere.
+    """
     environment = {k: v for k, v in os.environ.items() if k != "EXPUNGE_FAULT"}
     environment.update(env)
     if fault:
@@ -36,9 +39,12 @@ def serve(
         "--port",
         str(port),
     ]
-    return subprocess.Popen(
-        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    if log is None:
+        return subprocess.Popen(
+            command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    with log.open("ab") as sink:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, env=environment, stdout=sink, stderr=subprocess.STDOUT)
 
 
 def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 120) -> bool:

@@ -201,6 +201,37 @@ def fuzz_only(requests: int) -> None:
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
+def soak_results(seconds: float) -> dict[str, object]:
+    """The soak's figures under their reliability.json keys."""
+    from benchmarks.soak import soak
+
+    soaked = soak(seconds)
+    print(f"soak: {soaked}", flush=True)
+    return {
+        "soak_seconds": soaked.seconds,
+        "soak_requests": soaked.requests,
+        "soak_forgets": soaked.forgets,
+        "soak_errors": sum(soaked.errors.values()),
+        "soak_errors_by_call": soaked.errors,
+        "soak_server_error_lines": soaked.server_error_lines,
+        "soak_rss_warm_mb": soaked.rss_warm_mb,
+        "soak_rss_end_mb": soaked.rss_end_mb,
+        "soak_rss_growth_frac": soaked.rss_growth_frac,
+    }
+
+
+def soak_only(seconds: float) -> None:
+    """Rerun the soak alone; its keys in reliability.json are replaced, with their command."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update(soak_results(seconds))
+    results["soak_command"] = (
+        f"python -m benchmarks.reliability --soak-only --soak-seconds {seconds:g}"
+    )
+    results["soak_date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kills", type=int, default=100)
@@ -212,7 +243,15 @@ def main() -> None:
         action="store_true",
         help="only the fuzz run, written to results/reliability_fuzz.json",
     )
+    parser.add_argument(
+        "--soak-only",
+        action="store_true",
+        help="only the soak; its keys in results/reliability.json are replaced",
+    )
     args = parser.parse_args()
+    if args.soak_only:
+        soak_only(args.soak_seconds)
+        return
     if args.fuzz_only:
         fuzz_only(args.fuzz)
         return
@@ -253,7 +292,6 @@ def main() -> None:
         if r.name == "Forget ack" and r.in_flight == 16:
             results["forget_ack_p99_ms_16"] = round(r.p99_ms, 2)
     from benchmarks.determinism_bench import measure as determinism_cost
-    from benchmarks.soak import soak
 
     cost = determinism_cost(repeats=5)
     print(f"determinism: {cost}", flush=True)
@@ -266,20 +304,7 @@ def main() -> None:
         }
     )
 
-    soaked = soak(args.soak_seconds)
-    print(f"soak: {soaked}", flush=True)
-    results.update(
-        {
-            "soak_seconds": soaked.seconds,
-            "soak_requests": soaked.requests,
-            "soak_forgets": soaked.forgets,
-            "soak_errors": sum(soaked.errors.values()),
-            "soak_errors_by_call": soaked.errors,
-            "soak_rss_warm_mb": soaked.rss_warm_mb,
-            "soak_rss_end_mb": soaked.rss_end_mb,
-            "soak_rss_growth_frac": soaked.rss_growth_frac,
-        }
-    )
+    results.update(soak_results(args.soak_seconds))
     results.update(
         {
             "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",

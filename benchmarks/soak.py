@@ -6,7 +6,9 @@ of calls in flight: Predict (most calls), GetOperation, ListVersions, Neighbors,
 one-sample Forget every few seconds (each one a new model version, an index refresh and
 a calibration invalidation: the paths most likely to leak). The server's resident set
 (``/proc/<pid>/status`` VmRSS) is sampled every few seconds. Growth is measured from
-the end of a warm-up (caches filled, index built, first forgets done) to the end.
+the end of a warm-up (caches filled, first forgets done) to the end. The clock starts
+once the first gradient index is loaded, so every error counted is one a client could
+see in steady state; the server's log is kept and its error lines are reported.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -42,6 +44,7 @@ class SoakResult:
     rss_max_mb: float
     rss_growth_frac: float  # (end - warm) / warm
     warmup_s: float
+    server_error_lines: list[str]  # ERROR lines and tracebacks from the server's log
 
 
 def resident_mb(pid: int) -> float:
@@ -103,7 +106,6 @@ async def _drive(
                     await call()
                     counts["ok"] += 1
                 except grpc.aio.AioRpcError as exc:
-                    # Neighbors may answer FAILED_PRECONDITION while the first index builds.
                     errors[f"{name} {exc.code().name}"] += 1
                 i += 1
 
@@ -140,7 +142,26 @@ async def _drive(
         rss_max_mb=round(max(mb for _, mb in rss), 1),
         rss_growth_frac=round((rss_end - rss_warm) / rss_warm, 4),
         warmup_s=warmup_s,
+        server_error_lines=[],
     )
+
+
+def wait_index_ready(target: str, timeout: float = 300.0) -> None:
+    """Block until the served model's first gradient index is loaded."""
+    from expunge.client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(target, retries=0, timeout=10) as client:
+        while client.get_model("digits").index.state != "READY":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the index was not ready within {timeout:.0f} s")
+            time.sleep(1.0)
+
+
+def error_lines(log: Path) -> list[str]:
+    """The server log's ERROR lines and traceback headers (the soak's expected log is quiet)."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [line for line in lines if "ERROR" in line or line.startswith("Traceback")]
 
 
 def soak(seconds: float, warmup_s: float = 60.0) -> SoakResult:
@@ -158,18 +179,21 @@ def soak(seconds: float, warmup_s: float = 60.0) -> SoakResult:
         ids = [int(r[0]) for r in store.query("SELECT sample_id FROM samples ORDER BY sample_id")]
         store.close()
         port = free_port()
-        server = serve(root, port)
+        log = root / "server.log"
+        server = serve(root, port, log=log)
         try:
             target = f"127.0.0.1:{port}"
             if not wait_serving(target, server, timeout=120):
                 raise RuntimeError("server did not start")
+            wait_index_ready(target)
             inputs = builtin("digits").features[:1]
-            return asyncio.run(
+            result = asyncio.run(
                 _drive(target, server.pid, seconds, min(warmup_s, seconds / 2), ids, inputs)
             )
         finally:
             server.terminate()
             server.wait(60)
+        return replace(result, server_error_lines=error_lines(log))
 
 
 def main() -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import signal
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from benchmarks.processes import free_port, serve, wait_serving
 from expunge.client import Client
+
+# tgkill(2) sends a signal to one thread of a process (x86-64 and arm64 numbers).
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine(), 0)
 
 
 def test_sigterm_drains_exits_and_keeps_acknowledged_forgets(state_dir: Path) -> None:
@@ -38,3 +45,25 @@ def test_sigterm_drains_exits_and_keeps_acknowledged_forgets(state_dir: Path) ->
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.mark.skipif(
+    not SYS_TGKILL or not Path("/proc/self/task").is_dir(), reason="needs Linux tgkill"
+)
+def test_sigterm_delivered_to_a_worker_thread_still_stops_the_server(state_dir: Path) -> None:
+    """The kernel may hand a process's SIGTERM to any thread; the server must still exit."""
+    port = free_port()
+    process = serve(state_dir, port, EXPUNGE_GRACE_PERIOD_S="5")
+    try:
+        assert wait_serving(f"127.0.0.1:{port}", process)
+        workers = sorted(
+            int(t.name) for t in Path(f"/proc/{process.pid}/task").iterdir() if t.name.isdigit()
+        )
+        workers.remove(process.pid)  # the main thread's id is the process id
+        assert workers
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(SYS_TGKILL, process.pid, workers[-1], signal.SIGTERM) == 0
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
