@@ -70,6 +70,9 @@ class SharedHessianCounterfactual:
         config: CounterfactualConfig | None = None,
     ) -> None:
         self.config = config or CounterfactualConfig()
+        # A private copy: functional_call swaps a module's parameters while it runs, and
+        # the caller's module may be serving predictions on other threads meanwhile.
+        model = copy.deepcopy(model)
         self.model = model
         self.selection = ParameterSelection.everything(model)
         if self.selection.num_parameters > self.config.max_parameters:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -156,6 +157,9 @@ class GradientEmbedder:
         # A copy, so loading checkpoint states never changes the caller's module.
         source = model if isinstance(model, nn.Module) else model()
         self.model = copy.deepcopy(source).to(device if device is not None else "cpu").eval()
+        # embed() loads each checkpoint into this private model, and functional_call swaps
+        # its parameters while it runs: concurrent calls would mix checkpoints.
+        self._model_lock = threading.Lock()
         self.checkpoints = tuple(checkpoints)
         self.config = config
         self.device = next(self.model.parameters()).device
@@ -194,6 +198,10 @@ class GradientEmbedder:
         """
         if inputs.shape[0] != labels.shape[0]:
             raise ValueError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        with self._model_lock:
+            return self._embed(inputs, labels)
+
+    def _embed(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n, k = inputs.shape[0], self.config.projection_dim
         dtype = next(self.model.parameters()).dtype
         out = torch.zeros((n, self.dim), dtype=dtype)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -245,3 +247,23 @@ def test_cuda_embeddings_match_cpu(mlp: tuple[nn.Module, list[Checkpoint]]) -> N
     on_cpu = embed_shard(model, checkpoints, x, y, config)
     on_gpu = embed_shard(model, checkpoints, x, y, config, device="cuda")
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_one_embedder_used_from_several_threads_gives_the_serial_answer(
+    mlp: tuple[nn.Module, list[Checkpoint]],
+) -> None:
+    """The server shares one embedder between concurrent Neighbors and Scan calls."""
+    _, checkpoints = mlp
+    embedder = GradientEmbedder(build_model(MLP, 0), checkpoints, EmbeddingConfig(projection_dim=8))
+    inputs = [_data(MLP, 3, seed=100 + i) for i in range(8)]
+    expected = [embedder.embed(x, y) for x, y in inputs]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in range(10):
+                got = list(pool.map(lambda xy: embedder.embed(*xy), inputs))
+                for g, e in zip(got, expected, strict=True):
+                    torch.testing.assert_close(g, e, rtol=0, atol=0)
+    finally:
+        sys.setswitchinterval(previous)
