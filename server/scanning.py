@@ -191,7 +191,7 @@ class ScanService:
             return Calibration(float(meta["score_threshold"]), float(meta["drop_threshold"]), mode)
         test = self.engine.test_data(model)
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
-        scored = self._scores(model, estimator, x)
+        scored = self._calibration_scores(model, estimator, x)
         scores = np.array([s for s, _ in scored])
         filter_rate = (
             self.settings.retrain_filter_false_positive_rate
@@ -249,6 +249,29 @@ class ScanService:
         if estimator not in ENSEMBLES:
             return self._single_scores(model, estimator, x, labels)
         parts = [self._single_scores(model, e, x, labels) for e in ENSEMBLES[estimator]]
+        return self._combine(model, estimator, parts)
+
+    def _calibration_scores(
+        self, model: str, estimator: str, x: torch.Tensor
+    ) -> list[tuple[float, torch.Tensor]]:
+        """``_scores`` of the clean calibration inputs ``x``; an ensemble's component scores
+        are kept as the clean reference its surprise is measured against (not computed twice).
+        """
+        snapshot = self.engine.snapshot(model)
+        labels = predicted_labels(snapshot.module, x)
+        components = ENSEMBLES.get(estimator)
+        if components is None:
+            return self._single_scores(model, estimator, x, labels)
+        parts = [self._single_scores(model, e, x, labels) for e in components]
+        for component, part in zip(components, parts, strict=True):
+            scores = np.array([s for s, _ in part])
+            self._remember_clean(model, snapshot.version, component, scores)
+        return self._combine(model, estimator, parts)
+
+    def _combine(
+        self, model: str, estimator: str, parts: list[list[tuple[float, torch.Tensor]]]
+    ) -> list[tuple[float, torch.Tensor]]:
+        """Per input, the component whose score is rarer among the clean calibration inputs."""
         surprise = np.stack(
             [
                 calibrated_surprise(self._clean_scores(model, e), [s for s, _ in part])
@@ -270,11 +293,14 @@ class ScanService:
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
         labels = predicted_labels(self.engine.snapshot(model).module, x)
         scores = np.array([s for s, _ in self._single_scores(model, estimator, x, labels)])
+        self._remember_clean(model, version, estimator, scores)
+        return scores
+
+    def _remember_clean(self, model: str, version: int, estimator: str, scores: np.ndarray) -> None:
         with self._cache_lock:
             # Keep other models' scores; drop this model's older versions.
             self._clean = {k: v for k, v in self._clean.items() if k[0] != model or k[1] == version}
-            self._clean[key] = scores
-        return scores
+            self._clean[(model, version, estimator)] = scores
 
     def _single_scores(
         self, model: str, estimator: str, x: torch.Tensor, labels: torch.Tensor
