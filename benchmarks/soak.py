@@ -159,9 +159,17 @@ def wait_index_ready(target: str, timeout: float = 300.0) -> None:
 
 
 def error_lines(log: Path) -> list[str]:
-    """The server log's ERROR lines and traceback headers (the soak's expected log is quiet)."""
-    lines = log.read_text(errors="replace").splitlines()
-    return [line for line in lines if "ERROR" in line or line.startswith("Traceback")]
+    """The server log's ERROR lines and whole tracebacks (the soak's expected log is quiet)."""
+    kept: list[str] = []
+    in_traceback = False
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("Traceback"):
+            in_traceback = True
+        if in_traceback or "ERROR" in line:
+            kept.append(line)
+        if in_traceback and line and not line.startswith((" ", "Traceback")):
+            in_traceback = False  # the exception's own line ends the traceback
+    return kept
 
 
 def soak(seconds: float, warmup_s: float = 60.0) -> SoakResult:
