@@ -217,6 +217,8 @@ def soak_results(seconds: float) -> dict[str, object]:
         "soak_rss_warm_mb": soaked.rss_warm_mb,
         "soak_rss_end_mb": soaked.rss_end_mb,
         "soak_rss_growth_frac": soaked.rss_growth_frac,
+        "soak_rss_max_mb": soaked.rss_max_mb,
+        "soak_rss_samples_mb": soaked.rss_samples_mb,
     }
 
 

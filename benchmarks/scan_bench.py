@@ -27,6 +27,9 @@ are 60 clean held-out inputs; 100 further clean inputs calibrate the score thres
   (``targets.calibrated_surprise``). ``auprc_counterfactual_retrain`` is the GAS figure;
 - ``auprc_zscore_<estimator>`` / ``auprc_zscore_only`` (GAS): the robust z-score target
   score alone (k = 10);
+- ``auprc_zscore_multik_<estimator>`` (gas, lgas, tracincp; not Scan's score): per input
+  the largest calibrated surprise of its z-scores at k in ``MULTI_K`` (2 and 10), each
+  against the clean calibration inputs' z-scores at the same k;
 - ``auprc_counterfactual_fast[_<estimator>]``: the Newton removal instead of retraining,
   for every input: the shared-Hessian counterfactual (one damped Hessian per model,
   3 Newton iterations; ``defenses.counterfactual``); ``..._filtered``: only for inputs
@@ -99,6 +102,7 @@ N_CALIB = 100
 TOP = 30
 ENSEMBLE = "gas+tracincp"
 VETO_DROPS = (0.0, 0.02, 0.05)
+MULTI_K = (2, 10)
 RETRAIN_FILTER_FPR = 0.5  # ScanSettings.retrain_filter_false_positive_rate
 OPTIONAL_ESTIMATORS = ("rif", "if", "rrepresenter", "representer")
 OPTIONAL_LIMIT_S = 60.0
@@ -148,10 +152,19 @@ def _probs(model, x):
         return torch.softmax(model(x), dim=1)
 
 
-def _scores(infl, train_y, preds):
+def _scores(infl, train_y, preds, k=10):
     return np.array(
-        [target_score(infl[j], train_y, int(preds[j]), k=10).score for j in range(infl.shape[0])]
+        [target_score(infl[j], train_y, int(preds[j]), k=k).score for j in range(infl.shape[0])]
     )
+
+
+def _multi_k_surprise(infl, train_y, preds, n_eval):
+    """Per evaluated input, the largest calibrated surprise of its z-scores over MULTI_K."""
+    surprises = []
+    for k in MULTI_K:
+        scores = _scores(infl, train_y, preds, k=k)
+        surprises.append(calibrated_surprise(scores[n_eval:], scores[:n_eval]))
+    return np.max(surprises, axis=0)
 
 
 def _run_case(name, make, seed, deadline):
@@ -238,6 +251,17 @@ def _run_case(name, make, seed, deadline):
         )
         calib_by_method[method] = _scores(infl[n_eval:], data.train_y, preds[n_eval:])
         zscores_by_method[method] = sc
+        if method in ("gas", "lgas", "tracincp"):
+            # Not Scan's score: the attack set's size is unknown (3 poisons per source
+            # class in the any-source backdoor, 10 per target in targeted poisoning), so
+            # several k, each calibrated on the clean inputs, measured side by side.
+            multi = _multi_k_surprise(infl, data.train_y, preds, n_eval)
+            out[f"{name}_auprc_zscore_multik_{method}"] = average_precision(labels, multi)
+            print(
+                f"[{name}] {method}: multi-k (k in {MULTI_K}) z-score AUPRC "
+                f"{out[f'{name}_auprc_zscore_multik_{method}']:.3f}",
+                flush=True,
+            )
         if method == "gas":
             gas_infl, gas_scores = infl, sc
             calib_scores = calib_by_method[method]
@@ -505,6 +529,10 @@ def main() -> None:
         v = worst(f"auprc_zscore_{est}")
         if v is not None:
             flat[f"auprc_zscore_{est}"] = v
+    for est in ("gas", "lgas", "tracincp"):
+        v = worst(f"auprc_zscore_multik_{est}")
+        if v is not None:
+            flat[f"auprc_zscore_multik_{est}"] = v
     if "auprc_zscore_gas" in flat:
         flat["auprc_zscore_only"] = flat["auprc_zscore_gas"]
     recall_keys = ["poison_recall_at_zero_fp"] + [
@@ -551,6 +579,9 @@ def main() -> None:
         "auprc_zscore_gas",
         "auprc_zscore_tracincp",
         f"auprc_zscore_{ENSEMBLE}",
+        "auprc_zscore_multik_gas",
+        "auprc_zscore_multik_lgas",
+        "auprc_zscore_multik_tracincp",
         "auprc_rif",
         "auprc_if",
         "auprc_rrepresenter",

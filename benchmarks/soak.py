@@ -5,8 +5,9 @@ directory, serves it in a child process, and drives it with grpc.aio at a fixed 
 of calls in flight: Predict (most calls), GetOperation, ListVersions, Neighbors, and a
 one-sample Forget every few seconds (each one a new model version, an index refresh and
 a calibration invalidation: the paths most likely to leak). The server's resident set
-(``/proc/<pid>/status`` VmRSS) is sampled every few seconds. Growth is measured from
-the end of a warm-up (caches filled, first forgets done) to the end. The clock starts
+(``/proc/<pid>/status`` VmRSS) is sampled every few seconds. Growth compares the median
+RSS over the last fifth of the run with the median over the first fifth after a warm-up
+(caches filled, first forgets done): single samples swing by tens of MB. The clock starts
 once the first gradient index is loaded, so every error counted is one a client could
 see in steady state; the server's log is kept and its error lines are reported.
 """
@@ -39,10 +40,11 @@ class SoakResult:
     requests: int
     forgets: int
     errors: dict[str, int]  # "Method CODE" -> count
-    rss_warm_mb: float
-    rss_end_mb: float
+    rss_warm_mb: float  # median over the first window after the warm-up
+    rss_end_mb: float  # median over the last window
     rss_max_mb: float
     rss_growth_frac: float  # (end - warm) / warm
+    rss_samples_mb: list[tuple[float, float]]  # (seconds since start, MB)
     warmup_s: float
     server_error_lines: list[str]  # ERROR lines and tracebacks from the server's log
 
@@ -130,8 +132,12 @@ async def _drive(
             rss.append((time.monotonic() - started, resident_mb(pid)))
 
         await asyncio.gather(*(worker(k) for k in range(IN_FLIGHT)), forgetter(), sampler())
-    warm = [mb for t, mb in rss if t >= warmup_s]
-    rss_warm, rss_end = warm[0], rss[-1][1]
+    # RSS moves by tens of MB from one sample to the next (allocator arenas, torch's
+    # buffers), so growth compares window medians, not two single samples.
+    window = max(SAMPLE_EVERY_S, (seconds - warmup_s) / 5)
+    end = rss[-1][0]
+    rss_warm = float(np.median([mb for t, mb in rss if warmup_s <= t <= warmup_s + window]))
+    rss_end = float(np.median([mb for t, mb in rss if t >= end - window]))
     return SoakResult(
         seconds=round(time.monotonic() - started, 1),
         requests=counts["ok"],
@@ -141,6 +147,7 @@ async def _drive(
         rss_end_mb=round(rss_end, 1),
         rss_max_mb=round(max(mb for _, mb in rss), 1),
         rss_growth_frac=round((rss_end - rss_warm) / rss_warm, 4),
+        rss_samples_mb=[(round(t, 1), round(mb, 1)) for t, mb in rss],
         warmup_s=warmup_s,
         server_error_lines=[],
     )
