@@ -22,8 +22,9 @@ are 60 clean held-out inputs; 100 further clean inputs calibrate the score thres
   scratch (same configuration and seed) without the input's top-30 proponents of the
   estimator and score the fall of the predicted class's probability (-1 when filtered
   out); worst over cases (gas, lgas, tracincp; the influence-function and representer
-  baselines, plain and renormalized, only where a probe on 5 inputs takes under 60 s), and ``gas+tracincp``: Scan's ensemble estimator, each input scored by the
-  component whose z-score is rarer among the clean calibration inputs
+  baselines, plain and renormalized, only where a probe on 5 inputs takes under 60 s),
+  and ``gas+tracincp``: Scan's ensemble estimator, each input scored by the component
+  whose z-score is rarer among the clean calibration inputs
   (``targets.calibrated_surprise``). ``auprc_counterfactual_retrain`` is the GAS figure;
 - ``auprc_zscore_<estimator>`` / ``auprc_zscore_only`` (GAS): the robust z-score target
   score alone (k = 10);
@@ -399,11 +400,11 @@ def _run_case(name, make, seed, deadline):
                 retrained[key] = m.eval()
             decision[j] = float(probs[j, y] - _probs(retrained[key], eval_x[j : j + 1])[0, y])
         out[f"{name}_auprc_{method}"] = average_precision(labels, decision)
+        # Confirmation as a veto: the z-score ranks; an input whose prediction does not
+        # fall by more than ``veto`` without its proponents goes to the bottom.
+        bottom = float(zscores_by_method[method].min()) - 1.0
         for veto in VETO_DROPS:
-            # Confirmation as a veto: the z-score ranks; an input whose prediction does not
-            # fall by more than ``veto`` without its proponents goes to the bottom.
             vetoed = passed & (decision <= veto)
-            bottom = float(zscores_by_method[method].min()) - 1.0
             ranked = np.where(vetoed, bottom, zscores_by_method[method])
             out[f"{name}_auprc_veto{veto:g}_{method}"] = average_precision(labels, ranked)
         print(

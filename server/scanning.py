@@ -191,7 +191,9 @@ class ScanService:
             return Calibration(float(meta["score_threshold"]), float(meta["drop_threshold"]), mode)
         test = self.engine.test_data(model)
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
-        scored = self._calibration_scores(model, estimator, x)
+        snapshot = self.engine.snapshot(model)
+        labels = predicted_labels(snapshot.module, x)
+        scored = self._scores(model, estimator, x, labels, clean_version=snapshot.version)
         scores = np.array([s for s, _ in scored])
         filter_rate = (
             self.settings.retrain_filter_false_positive_rate
@@ -237,35 +239,29 @@ class ScanService:
         return "retrain" if size <= self.settings.retrain_max_sample_epochs else "newton"
 
     def _scores(
-        self, model: str, estimator: str, x: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        model: str,
+        estimator: str,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        clean_version: int | None = None,
     ) -> list[tuple[float, torch.Tensor]]:
         """(target score, influences ``(n_train,)``) per input; ``labels`` = predictions if known.
 
         An ensemble's score is its components' largest calibrated surprise, and the
-        influences are that component's.
+        influences are that component's. With ``clean_version``, ``x`` are that version's
+        clean calibration inputs: the components' scores are kept as the clean reference
+        (so they are not computed a second time).
         """
         if labels is None:
             labels = predicted_labels(self.engine.snapshot(model).module, x)
         if estimator not in ENSEMBLES:
             return self._single_scores(model, estimator, x, labels)
         parts = [self._single_scores(model, e, x, labels) for e in ENSEMBLES[estimator]]
-        return self._combine(model, estimator, parts)
-
-    def _calibration_scores(
-        self, model: str, estimator: str, x: torch.Tensor
-    ) -> list[tuple[float, torch.Tensor]]:
-        """``_scores`` of the clean calibration inputs ``x``; an ensemble's component scores
-        are kept as the clean reference its surprise is measured against (not computed twice).
-        """
-        snapshot = self.engine.snapshot(model)
-        labels = predicted_labels(snapshot.module, x)
-        components = ENSEMBLES.get(estimator)
-        if components is None:
-            return self._single_scores(model, estimator, x, labels)
-        parts = [self._single_scores(model, e, x, labels) for e in components]
-        for component, part in zip(components, parts, strict=True):
-            scores = np.array([s for s, _ in part])
-            self._remember_clean(model, snapshot.version, component, scores)
+        if clean_version is not None:
+            for component, part in zip(ENSEMBLES[estimator], parts, strict=True):
+                scores = np.array([s for s, _ in part])
+                self._remember_clean(model, clean_version, component, scores)
         return self._combine(model, estimator, parts)
 
     def _combine(
