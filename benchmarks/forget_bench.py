@@ -15,16 +15,17 @@
   (about 1% of the data, but a real signal to forget since no near-duplicate stays).
 
 Methods per case, all starting from the same trained model; every Newton method takes
-the trained model as the optimum of J (grad J = 0, as the server does) and runs 3 damped
-Newton iterations (LM damping, trust region) with the exact Hessian of the retained
-objective on a seeded subsample (2,000 samples; 500 for the CNN). The expensive case
-uses the server's large-data profile instead: Gauss-Newton Hessian on 256 samples, J'
-and its gradient on 2,048, 5 ranking CG iterations.
+the trained model as the optimum of J (grad J = 0, as the server does) and runs the
+server's default 8 damped Newton iterations (LM damping, trust region) with the exact
+Hessian of the retained objective on a seeded subsample (2,000 samples; 500 for the
+CNN). The expensive case uses the server's large-data profile instead: Gauss-Newton
+Hessian on 256 samples, J' and its gradient on 2,048, 5 ranking CG iterations.
 
-- ``lcodec_cg_newton`` (headline, the server's default ``lcodec_cg``, 25%) and
-  ``lcodec_cg_newton_10pct``: L-CODEC blanket of 3x the budget as the candidate pool,
-  its entries ranked by a Newton-CG step over every parameter (20 CG iterations), the
-  top entries updated; time includes the selection and the ranking;
+- ``lcodec_cg_newton`` (headline, the server's default ``lcodec_cg``, 25%),
+  ``lcodec_cg_newton_10pct`` and ``lcodec_cg_newton_30pct``: L-CODEC blanket of 3x the
+  budget as the candidate pool, its entries ranked by a Newton-CG step over every
+  parameter (3 Newton iterations of 20 CG iterations each), the top entries updated;
+  time includes the selection and the ranking;
 - ``cg_sparse_newton``: the same ranking over every parameter (no L-CODEC pool);
 - ``lcodec_newton_10pct``, ``lcodec_newton``, ``lcodec_newton_50pct``: whole L-CODEC
   units in FOCI order. The budget here is the *total* parameters touched (at most that
@@ -46,8 +47,11 @@ time and speedup = retrain time / method time; test and forget-set accuracy and 
 gaps to the retrained model in points; loss-threshold membership AUC (forget set vs the
 test set) and its gap to the retrained model's. ``gap_closed_frac_min`` is taken over
 the cases where the gap is measurable (KL(original||retrain) >= 3x the retrain noise);
-``gap_closed_frac_min_all_cases`` over all. Prints a table per case and writes
-``benchmarks/results/forget.json`` (flat keys; a figure not measured is absent).
+``gap_closed_frac_min_all_cases`` over all. ``kl_over_seed_noise_max_nonconvex`` leaves
+out logistic regression, whose two retrains reach the same optimum up to the optimiser's
+tolerance (KL ~1e-9), so that ratio measures the tolerance, not forgetting. Prints a
+table per case and writes ``benchmarks/results/forget.json`` (flat keys; a figure not
+measured is absent).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ from expunge.server.unlearning import (
     DEFAULT_NEWTON_ITERATIONS,
     POOL_FACTOR,
     RANKING_CG_ITERATIONS,
+    RANKING_NEWTON_ITERATIONS,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forget.json"
@@ -96,7 +101,11 @@ WEIGHT_DECAY = 1e-3
 HEADLINE = "lcodec_cg_newton"
 HEADLINE_BUDGET = 0.25
 BUDGETS = ((0.10, "lcodec_newton_10pct"), (0.25, "lcodec_newton"), (0.50, "lcodec_newton_50pct"))
-SPARSE_BUDGETS = ((0.10, "lcodec_cg_newton_10pct"), (0.25, "lcodec_cg_newton"))
+SPARSE_BUDGETS = (
+    (0.10, "lcodec_cg_newton_10pct"),
+    (0.25, "lcodec_cg_newton"),
+    (0.30, "lcodec_cg_newton_30pct"),
+)
 # A case's gap closed measures forgetting only where the original model is further from
 # the retrained one than two retrains are from each other (DESIGN 7); below that ratio
 # the gap is noise and the KL-over-noise figure is the one that judges the deletion.
@@ -115,6 +124,7 @@ SLOW_RETRAIN_S = 60.0
 METHOD_ORDER = (
     "lcodec_cg_newton_10pct",
     "lcodec_cg_newton",
+    "lcodec_cg_newton_30pct",
     "cg_sparse_newton",
     "lcodec_newton_10pct",
     "lcodec_newton",
@@ -388,7 +398,11 @@ def _methods(
                     ),
                 )
                 candidates, slices = blanket.selection, blanket.unit_map.slices
-            ranking = replace(ncfg, cg_iterations=min(ncfg.cg_iterations, RANKING_CG_ITERATIONS))
+            ranking = replace(
+                ncfg,
+                cg_iterations=min(ncfg.cg_iterations, RANKING_CG_ITERATIONS),
+                iterations=RANKING_NEWTON_ITERATIONS,
+            )
             chosen = select_by_newton_direction(
                 model, fx, fy, rx, ry, WEIGHT_DECAY, budget, ranking, candidates, slices, True
             )
@@ -535,6 +549,7 @@ def _run_forget(case: Case, original: nn.Module, label: str, rows: np.ndarray) -
         "n": n,
         "p": total,
         "expensive": case.expensive,
+        "convex": case.spec.name == "logreg",
         "retrain_s": retrain_s,
         "kl_orig": kl_orig,
         "kl_noise": kl_noise,
@@ -605,6 +620,8 @@ def _worst(results: list[dict[str, Any]], method: str) -> dict[str, float]:
         put("gap_closed_frac_min", measurable, min)
         put("gap_closed_frac_min_all_cases", [r["gap_closed"] for _, r in rows], min)
     put("kl_over_seed_noise_max", [r["kl_over_noise"] for _, r in rows], max)
+    nonconvex = [r["kl_over_noise"] for res, r in rows if not res["convex"]]
+    put("kl_over_seed_noise_max_nonconvex", nonconvex, max)
     put("test_acc_gap_pts_max", [r["test_gap_pts"] for _, r in rows], max)
     put("forget_acc_gap_pts_max", [r["forget_gap_pts"] for _, r in rows], max)
     put("mia_auc_gap_max", [r["mia_gap"] for _, r in rows], max)
