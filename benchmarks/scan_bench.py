@@ -17,26 +17,28 @@ are 60 clean held-out inputs; 100 further clean inputs calibrate the score thres
 (5% false-positive rate). Figures:
 
 - ``auprc_<estimator>``: target identification as Scan decides it for models this small
-  (``ScanSettings.confirmation="auto"`` -> retrain): a lenient first filter on the z-score
-  (threshold at a 50% clean pass rate on the calibration inputs), then retrain from
-  scratch (same configuration and seed) without the input's top-30 proponents of the
-  estimator and score the fall of the predicted class's probability (-1 when filtered
-  out); worst over cases (gas, lgas, tracincp; the influence-function and representer
-  baselines, plain and renormalized, only where a probe on 5 inputs takes under 60 s),
-  and ``gas+tracincp``: Scan's ensemble estimator, each input scored by the component
-  whose z-score is rarer among the clean calibration inputs
-  (``targets.calibrated_surprise``). ``auprc_counterfactual_retrain`` is the GAS figure;
+  (``ScanSettings.confirmation="auto"`` -> retrain): a lenient first filter on Scan's
+  score (below; threshold at a 50% clean pass rate on the calibration inputs), then
+  retrain from scratch (same configuration and seed) without the input's top-30
+  proponents of the estimator and score the fall of the predicted class's probability
+  (-1 when filtered out); worst over cases (gas, lgas, tracincp; the influence-function
+  and representer baselines, plain and renormalized, only where a probe on 5 inputs
+  takes under 60 s), and ``gas+tracincp``: Scan's ensemble estimator, each input scored
+  by the component (estimator and k) whose score is rarest among the clean calibration
+  inputs (``targets.calibrated_surprise``). ``auprc_counterfactual_retrain`` is the GAS
+  figure;
 - ``auprc_zscore_<estimator>`` / ``auprc_zscore_only`` (GAS): the robust z-score target
-  score alone (k = 10);
-- ``auprc_zscore_multik_<estimator>`` (gas, lgas, tracincp; not Scan's score): per input
-  the largest calibrated surprise of its z-scores at k in ``MULTI_K`` (2 and 10), each
-  against the clean calibration inputs' z-scores at the same k;
+  score alone at one k (10, DESIGN 4.8);
+- ``auprc_zscore_multik_<estimator>``: Scan's score (``ScanSettings.ks``) alone: per
+  input the largest calibrated surprise of its z-scores at k in ``MULTI_K`` (2 and 10),
+  each against the clean calibration inputs' z-scores at the same k (for
+  ``gas+tracincp`` the key is ``auprc_zscore_gas+tracincp``);
 - ``auprc_counterfactual_fast[_<estimator>]``: the Newton removal instead of retraining,
   for every input: the shared-Hessian counterfactual (one damped Hessian per model,
   3 Newton iterations; ``defenses.counterfactual``); ``..._filtered``: only for inputs
-  whose z-score passes the strict threshold (5% clean pass rate), -1 for the others;
+  whose score passes the strict threshold (5% clean pass rate), -1 for the others;
 - ``<case>_auprc_veto<d>_<estimator>`` (per case only): an alternative decision measured
-  side by side, not Scan's: the z-score ranks and the retrain confirmation only vetoes
+  side by side, not Scan's: Scan's score ranks and the retrain confirmation only vetoes
   (an input passing the lenient filter whose probability falls by at most ``d`` goes to
   the bottom);
 - ``poison_recall_at_zero_fp[_<estimator>]``: per turned target, share of its poisons
@@ -159,13 +161,19 @@ def _scores(infl, train_y, preds, k=10):
     )
 
 
-def _multi_k_surprise(infl, train_y, preds, n_eval):
-    """Per evaluated input, the largest calibrated surprise of its z-scores over MULTI_K."""
-    surprises = []
+def _surprises(infl, train_y, preds, n_eval):
+    """k -> (evaluated, calibration) inputs' calibrated surprises of the z-score at k.
+
+    The first ``n_eval`` rows are evaluated, the rest are the clean calibration inputs.
+    Scan's score (``ScanSettings.ks``) is the largest over k (and over estimators for an
+    ensemble), as ``ScanService._combine`` takes it.
+    """
+    out = {}
     for k in MULTI_K:
         scores = _scores(infl, train_y, preds, k=k)
-        surprises.append(calibrated_surprise(scores[n_eval:], scores[:n_eval]))
-    return np.max(surprises, axis=0)
+        calib = scores[n_eval:]
+        out[k] = (calibrated_surprise(calib, scores[:n_eval]), calibrated_surprise(calib, calib))
+    return out
 
 
 def _run_case(name, make, seed, deadline):
@@ -211,8 +219,10 @@ def _run_case(name, make, seed, deadline):
     gas_infl = None
     target_influence: dict[str, torch.Tensor] = {}
     eval_influence: dict[str, torch.Tensor] = {}
-    calib_by_method: dict[str, np.ndarray] = {}
-    zscores_by_method: dict[str, np.ndarray] = {}
+    # Scan's score per method: evaluated and calibration inputs; and per (method, k).
+    scan_scores: dict[str, np.ndarray] = {}
+    scan_calib: dict[str, np.ndarray] = {}
+    components: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for method in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
         x_in = all_x
         if method in OPTIONAL_ESTIMATORS:
@@ -250,46 +260,38 @@ def _run_case(name, make, seed, deadline):
             f" ({secs:.1f}s)",
             flush=True,
         )
-        calib_by_method[method] = _scores(infl[n_eval:], data.train_y, preds[n_eval:])
-        zscores_by_method[method] = sc
-        if method in ("gas", "lgas", "tracincp"):
-            # Not Scan's score: the attack set's size is unknown (3 poisons per source
-            # class in the any-source backdoor, 10 per target in targeted poisoning), so
-            # several k, each calibrated on the clean inputs, measured side by side.
-            multi = _multi_k_surprise(infl, data.train_y, preds, n_eval)
-            out[f"{name}_auprc_zscore_multik_{method}"] = average_precision(labels, multi)
-            print(
-                f"[{name}] {method}: multi-k (k in {MULTI_K}) z-score AUPRC "
-                f"{out[f'{name}_auprc_zscore_multik_{method}']:.3f}",
-                flush=True,
-            )
+        # Scan's score: the attack set's size is unknown (3 poisons per source class in
+        # the any-source backdoor, 10 per target in targeted poisoning), so several k,
+        # each calibrated on the clean inputs, the rarest kept.
+        components[method] = _surprises(infl, data.train_y, preds, n_eval)
+        scan_scores[method] = np.max([e for e, _ in components[method].values()], axis=0)
+        scan_calib[method] = np.max([c for _, c in components[method].values()], axis=0)
+        out[f"{name}_auprc_zscore_multik_{method}"] = average_precision(labels, scan_scores[method])
+        print(
+            f"[{name}] {method}: Scan's score (k in {MULTI_K}) AUPRC "
+            f"{out[f'{name}_auprc_zscore_multik_{method}']:.3f}",
+            flush=True,
+        )
         if method == "gas":
-            gas_infl, gas_scores = infl, sc
-            calib_scores = calib_by_method[method]
+            gas_infl, gas_scores = infl, scan_scores[method]
+            calib_scores = scan_calib[method]
 
     if gas_infl is None:
         return out
-    if "gas" in zscores_by_method and "tracincp" in zscores_by_method:
+    if "gas" in components and "tracincp" in components:
         # The union of the two detectors, as Scan's "gas+tracincp" estimator: each input
-        # takes the component whose score is rarer among the clean calibration inputs.
-        parts = ("gas", "tracincp")
-        eval_surprise = np.stack(
-            [calibrated_surprise(calib_by_method[e], zscores_by_method[e]) for e in parts]
-        )
-        calib_surprise = np.stack(
-            [calibrated_surprise(calib_by_method[e], calib_by_method[e]) for e in parts]
-        )
+        # takes the component (estimator, k) whose score is rarer among the clean inputs.
+        parts = [(e, k) for e in ("gas", "tracincp") for k in MULTI_K]
+        eval_surprise = np.stack([components[e][k][0] for e, k in parts])
         best = eval_surprise.argmax(axis=0)
-        zscores_by_method[ENSEMBLE] = eval_surprise.max(axis=0)
-        calib_by_method[ENSEMBLE] = calib_surprise.max(axis=0)
+        scan_scores[ENSEMBLE] = eval_surprise.max(axis=0)
+        scan_calib[ENSEMBLE] = np.stack([components[e][k][1] for e, k in parts]).max(axis=0)
         eval_influence[ENSEMBLE] = torch.stack(
-            [eval_influence[parts[b]][j] for j, b in enumerate(best.tolist())]
+            [eval_influence[parts[b][0]][j] for j, b in enumerate(best.tolist())]
         )
-        out[f"{name}_auprc_zscore_{ENSEMBLE}"] = average_precision(
-            labels, zscores_by_method[ENSEMBLE]
-        )
+        out[f"{name}_auprc_zscore_{ENSEMBLE}"] = average_precision(labels, scan_scores[ENSEMBLE])
         print(
-            f"[{name}] {ENSEMBLE}: z-score AUPRC {out[f'{name}_auprc_zscore_{ENSEMBLE}']:.3f}",
+            f"[{name}] {ENSEMBLE}: Scan's score AUPRC {out[f'{name}_auprc_zscore_{ENSEMBLE}']:.3f}",
             flush=True,
         )
     # ---- poison recall at zero clean false positives: influence on each turned target
@@ -382,8 +384,8 @@ def _run_case(name, make, seed, deadline):
         if time.perf_counter() > deadline:
             print(f"[{name}] {method}: retrained decision skipped (out of time)", flush=True)
             continue
-        lenient = calibrate_threshold(calib_by_method[method], RETRAIN_FILTER_FPR)
-        passed = zscores_by_method[method] >= lenient
+        lenient = calibrate_threshold(scan_calib[method], RETRAIN_FILTER_FPR)
+        passed = scan_scores[method] >= lenient
         decision = np.full(n_eval, -1.0)
         t1 = time.perf_counter()
         for j in np.nonzero(passed)[0]:
@@ -402,10 +404,10 @@ def _run_case(name, make, seed, deadline):
         out[f"{name}_auprc_{method}"] = average_precision(labels, decision)
         # Confirmation as a veto: the z-score ranks; an input whose prediction does not
         # fall by more than ``veto`` without its proponents goes to the bottom.
-        bottom = float(zscores_by_method[method].min()) - 1.0
+        bottom = float(scan_scores[method].min()) - 1.0
         for veto in VETO_DROPS:
             vetoed = passed & (decision <= veto)
-            ranked = np.where(vetoed, bottom, zscores_by_method[method])
+            ranked = np.where(vetoed, bottom, scan_scores[method])
             out[f"{name}_auprc_veto{veto:g}_{method}"] = average_precision(labels, ranked)
         print(
             f"[{name}] {method}: z-score with retrain veto AUPRC "

@@ -2,7 +2,8 @@
 
 Per input: renormalized influence of every training sample (GAS by default, from the
 gradient index's embeddings when one is ready, else exactly over the checkpoints), the
-robust target score against a threshold calibrated on clean held-out inputs, and, for
+robust target score (at k = 2 and 10, each calibrated on clean held-out inputs, the rarer
+kept) against a threshold calibrated on the same inputs, and, for
 inputs that pass that first filter, a counterfactual confirmation: remove the input's
 top proponents from a scratch copy (no commit) and measure how far the predicted
 class's probability falls. Where retraining is cheap (a small model and data set) the
@@ -65,7 +66,13 @@ class ScanSettings:
     calibration_inputs: int = field(
         default=100, metadata={"help": "clean inputs for the threshold"}
     )
-    k: int = field(default=10, metadata={"help": "k-th largest influence"})
+    ks: tuple[int, ...] = field(
+        default=(2, 10),
+        metadata={
+            "help": "target scores at these k-th largest influences; with several, an input "
+            "takes the k whose score is rarest among the clean calibration inputs"
+        },
+    )
     implicated_cutoff: float = field(
         default=3.0, metadata={"help": "z above which a sample is implicated"}
     )
@@ -95,6 +102,8 @@ class ScanSettings:
     def __post_init__(self) -> None:
         if self.confirmation not in CONFIRMATIONS:
             raise ValueError(f"confirmation must be one of {CONFIRMATIONS}")
+        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise ValueError("ks must be distinct positive integers")
 
 
 class Calibration(NamedTuple):
@@ -134,7 +143,7 @@ class ScanService:
         # (model, version) -> shared-Hessian solver of that version; one per model kept.
         self._solvers: dict[str, tuple[int, SharedHessianCounterfactual]] = {}
         self._cache_lock = threading.Lock()
-        # (model, version, estimator) -> clean calibration scores, for ensembles.
+        # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
 
     # Influence -------------------------------------------------------------------------
@@ -182,7 +191,8 @@ class ScanService:
         """
         row = self.engine.model_row(model)
         mode = self.confirmation(model)
-        kind = f"{CALIBRATION}:{estimator}:{mode}"
+        ks = "-".join(str(k) for k in self.settings.ks)
+        kind = f"{CALIBRATION}:{estimator}:{mode}:k{ks}"
         stored = self.engine.store.query(
             "SELECT version, meta_json FROM artefacts WHERE model = ? AND kind = ?", (model, kind)
         )
@@ -248,69 +258,80 @@ class ScanService:
     ) -> list[tuple[float, torch.Tensor]]:
         """(target score, influences ``(n_train,)``) per input; ``labels`` = predictions if known.
 
-        An ensemble's score is its components' largest calibrated surprise, and the
-        influences are that component's. With ``clean_version``, ``x`` are that version's
-        clean calibration inputs: the components' scores are kept as the clean reference
-        (so they are not computed a second time).
+        Component scores: each estimator's robust target score at each k of
+        ``settings.ks`` (the attack set's size is unknown: a few poisons per target in an
+        any-source backdoor, dozens in a one-source one). With one component that is the
+        score; with several, an input's score is its components' largest calibrated
+        surprise and the influences are that component's. With ``clean_version``, ``x``
+        are that version's clean calibration inputs: the components' scores are kept as
+        the clean reference (so they are not computed a second time).
         """
         if labels is None:
             labels = predicted_labels(self.engine.snapshot(model).module, x)
-        if estimator not in ENSEMBLES:
-            return self._single_scores(model, estimator, x, labels)
-        parts = [self._single_scores(model, e, x, labels) for e in ENSEMBLES[estimator]]
+        parts: dict[str, list[tuple[float, torch.Tensor]]] = {}
+        for component in ENSEMBLES.get(estimator, (estimator,)):
+            parts.update(self._component_scores(model, component, x, labels))
+        if len(parts) == 1:
+            return next(iter(parts.values()))
         if clean_version is not None:
-            for component, part in zip(ENSEMBLES[estimator], parts, strict=True):
-                scores = np.array([s for s, _ in part])
-                self._remember_clean(model, clean_version, component, scores)
-        return self._combine(model, estimator, parts)
+            for name, part in parts.items():
+                self._remember_clean(model, clean_version, name, np.array([s for s, _ in part]))
+        return self._combine(model, parts)
 
     def _combine(
-        self, model: str, estimator: str, parts: list[list[tuple[float, torch.Tensor]]]
+        self, model: str, parts: dict[str, list[tuple[float, torch.Tensor]]]
     ) -> list[tuple[float, torch.Tensor]]:
         """Per input, the component whose score is rarer among the clean calibration inputs."""
+        names = list(parts)
         surprise = np.stack(
             [
-                calibrated_surprise(self._clean_scores(model, e), [s for s, _ in part])
-                for e, part in zip(ENSEMBLES[estimator], parts, strict=True)
+                calibrated_surprise(self._clean_scores(model, name), [s for s, _ in parts[name]])
+                for name in names
             ]
         )
         best = surprise.argmax(axis=0)
-        return [(float(surprise[b, i]), parts[b][i][1]) for i, b in enumerate(best.tolist())]
+        return [(float(surprise[b, i]), parts[names[b]][i][1]) for i, b in enumerate(best.tolist())]
 
-    def _clean_scores(self, model: str, estimator: str) -> np.ndarray:
-        """Target scores of the clean calibration inputs (cached per version)."""
+    def _clean_scores(self, model: str, component: str) -> np.ndarray:
+        """Scores of one component on the clean calibration inputs (cached per version)."""
         version = self.engine.snapshot(model).version
-        key = (model, version, estimator)
         with self._cache_lock:
-            cached = self._clean.get(key)
+            cached = self._clean.get((model, version, component))
         if cached is not None:
             return cached
         test = self.engine.test_data(model)
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
         labels = predicted_labels(self.engine.snapshot(model).module, x)
-        scores = np.array([s for s, _ in self._single_scores(model, estimator, x, labels)])
-        self._remember_clean(model, version, estimator, scores)
-        return scores
+        estimator = component.split("@", 1)[0]
+        scores = {
+            name: np.array([s for s, _ in part])
+            for name, part in self._component_scores(model, estimator, x, labels).items()
+        }
+        for name, values in scores.items():
+            self._remember_clean(model, version, name, values)
+        return scores[component]
 
-    def _remember_clean(self, model: str, version: int, estimator: str, scores: np.ndarray) -> None:
+    def _remember_clean(self, model: str, version: int, component: str, scores: np.ndarray) -> None:
         with self._cache_lock:
             # Keep other models' scores; drop this model's older versions.
             self._clean = {k: v for k, v in self._clean.items() if k[0] != model or k[1] == version}
-            self._clean[(model, version, estimator)] = scores
+            self._clean[(model, version, component)] = scores
 
-    def _single_scores(
+    def _component_scores(
         self, model: str, estimator: str, x: torch.Tensor, labels: torch.Tensor
-    ) -> list[tuple[float, torch.Tensor]]:
+    ) -> dict[str, list[tuple[float, torch.Tensor]]]:
+        """``"<estimator>@k<k>"`` -> (score, influences) per input, for each k of the settings."""
         data = self.engine.training_data(model)
         influences = self._influences(model, estimator, x)
         if influences.shape[1] != len(data.labels):
             raise _changed()
-        out = []
-        for i in range(len(x)):
-            score = target_score(
-                influences[i].double(), data.labels, int(labels[i]), k=self.settings.k
-            )
-            out.append((score.score if math.isfinite(score.score) else 0.0, influences[i]))
+        out: dict[str, list[tuple[float, torch.Tensor]]] = {}
+        for k in self.settings.ks:
+            rows = []
+            for i in range(len(x)):
+                score = target_score(influences[i].double(), data.labels, int(labels[i]), k=k)
+                rows.append((score.score if math.isfinite(score.score) else 0.0, influences[i]))
+            out[f"{estimator}@k{k}"] = rows
         return out
 
     # Counterfactual ---------------------------------------------------------------------

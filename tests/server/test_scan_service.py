@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from expunge.client import Client, FailedPreconditionError, InvalidArgumentError
 from expunge.defenses.architectures import ArchitectureSpec
@@ -189,3 +190,32 @@ def test_the_gas_tracincp_ensemble_scores_targets_above_clean_inputs(
     poison = attack.poison_mask.numpy()
     implicated = [s.sample_id for r in targets for s in r.implicated]
     assert implicated and np.mean(poison[implicated]) > 0.8
+
+
+def test_several_k_take_the_rarest_calibrated_score(
+    scan_server: object, attack: AttackedDataset
+) -> None:
+    # The attack set's size is unknown, so Scan scores each input at k = 2 and 10 and keeps
+    # the k whose score is rarer among the clean calibration inputs: check that against
+    # the single-k scores combined explicitly.
+    from expunge.defenses.targets import calibrated_surprise
+    from expunge.server.scanning import ScanService, ScanSettings
+
+    running = scan_server
+    engine, forget = running.engine, running.forget  # type: ignore[attr-defined]
+    test = engine.test_data("bd")
+    clean_x = torch.from_numpy(test.features[:100])
+    x = torch.from_numpy(np.concatenate([attack.target_x.numpy()[:5], test.features[100:105]]))
+    multi = ScanService(engine, forget, ScanSettings(ks=(2, 10)))
+    got = [s for s, _ in multi._scores("bd", "gas", x)]
+    expected = []
+    for k in (2, 10):
+        single = ScanService(engine, forget, ScanSettings(ks=(k,)))
+        clean = [s for s, _ in single._scores("bd", "gas", clean_x)]
+        scores = [s for s, _ in single._scores("bd", "gas", x)]
+        expected.append(calibrated_surprise(clean, scores))
+    np.testing.assert_allclose(got, np.max(expected, axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="distinct positive"):
+        ScanSettings(ks=(10, 10))
+    with pytest.raises(ValueError, match="distinct positive"):
+        ScanSettings(ks=())
