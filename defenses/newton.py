@@ -132,10 +132,13 @@ class NewtonConfig:
 class NewtonResult:
     """The step on a selection and how it was taken.
 
-    ``delta`` ``(p,)`` is in the selection's ``gather`` order. Objectives and residuals
-    are those of J' on the full retained data. ``accepted`` is False when no damping
-    tried gave a step inside the trust region that lowered J'; ``delta`` then holds the
-    most damped step tried, shrunk into the trust region, and the caller decides.
+    ``delta`` ``(p,)`` is in the selection's ``gather`` order. Residuals are those of J'
+    on the (objective) retained data; the objectives are those the steps were judged by:
+    J', or, when g came from a given full gradient, J' less the non-convergence slope
+    the step assumed away (``_Region``), which starts at the same value. ``accepted`` is
+    False when no damping tried gave a step inside the trust region that lowered it;
+    ``delta`` then holds the most damped step tried, shrunk into the trust region, and
+    the caller decides.
     """
 
     delta: torch.Tensor
@@ -434,7 +437,15 @@ class _Steps(NamedTuple):
 
 
 class _Region(NamedTuple):
-    """Where steps are judged: J' on the retained data, the trust region around v0."""
+    """Where steps are judged: the modelled J' on the retained data, the trust region around v0.
+
+    ``offset`` (or None): grad J'(v0) minus the gradient the step was formed from. When g
+    comes from a full-data gradient taken as given (zero for a model assumed converged),
+    the step models J~(v) = J'(v) - offset . (v - v0), whose gradient at v0 is that g; the
+    iterations and the acceptance test then follow J~ too. Judging them by J' itself would
+    chase the non-convergence the first step assumed away: on a CNN trained on 60k
+    samples the steps were rejected into heavy damping (BENCHMARKS.md, forget).
+    """
 
     objective: RetainedObjective
     x: torch.Tensor
@@ -442,6 +453,17 @@ class _Region(NamedTuple):
     v0: torch.Tensor
     radius: float
     tolerance: float
+    offset: torch.Tensor | None
+
+    def value(self, v: torch.Tensor) -> float:
+        value = self.objective.value(v, self.x, self.y)
+        if self.offset is None:
+            return value
+        return value - float(self.offset.double() @ (v - self.v0).double())
+
+    def gradient(self, v: torch.Tensor) -> torch.Tensor:
+        g = self.objective.gradient(v, self.x, self.y)
+        return g if self.offset is None else g - self.offset
 
 
 def _raise_damping(mu: float, scale: float) -> float:
@@ -472,7 +494,7 @@ def _damped_search(
         last = step
         if float((base + step - region.v0).norm()) > region.radius:
             continue
-        value = region.objective.value(base + step, region.x, region.y)
+        value = region.value(base + step)
         if value <= baseline + region.tolerance:
             return _Search(step, value, mu, tries, True)
     return _Search(last if last is not None else torch.empty(0), math.nan, mu, tries, False)
@@ -492,8 +514,12 @@ def _newton_iterations(
     rx: torch.Tensor,
     ry: torch.Tensor,
     config: NewtonConfig,
+    offset: torch.Tensor | None = None,
 ) -> _Steps:
-    """Damped Newton steps from v0 with LM on each; the first step's verdict is ``accepted``."""
+    """Damped Newton steps from v0 with LM on each; the first step's verdict is ``accepted``.
+
+    ``offset``: see ``_Region``; ``before``/``after`` are values of the objective judged.
+    """
     v0 = objective.v0
     before = objective.value(v0, rx, ry)
     region = _Region(
@@ -504,12 +530,13 @@ def _newton_iterations(
         radius=config.trust_radius * max(float(v0.norm()), 1.0),
         # Steps whose effect on J' is within rounding of J' count as not raising it.
         tolerance=16.0 * torch.finfo(v0.dtype).eps * max(abs(before), 1.0),
+        offset=offset,
     )
     v, current, tries, steps, accepted = v0, before, 0, 0, False
     g = gradient
     for k in range(config.iterations):
         if k:
-            g = objective.gradient(v, rx, ry)
+            g = region.gradient(v)
         search = _damped_search(
             region, solve, g, v, current, mu, config.max_damping_increases, scale
         )
@@ -523,9 +550,22 @@ def _newton_iterations(
             # Never skip silently: hand back the most damped step, inside the region,
             # flagged as not accepted.
             v = v0 + _shrunk(search.step, region.radius)
-            current = objective.value(v, rx, ry)
+            current = region.value(v)
         break
     return _Steps(v, before, current, mu, tries, steps, accepted)
+
+
+def _modelled_offset(
+    objective: RetainedObjective,
+    g: torch.Tensor,
+    rx: torch.Tensor,
+    ry: torch.Tensor,
+    full_gradient: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """grad J'(v0) - g when g came from a given full gradient (see ``_Region``), else None."""
+    if full_gradient is None:
+        return None
+    return (objective.gradient(objective.v0, rx, ry) - g).detach()
 
 
 def _residual_all(
@@ -594,8 +634,9 @@ def _newton_on_block(
 
     mu = float(config.damping) + max(0.0, -min_eig)
     scale = float(eigenvalues.abs().max())
+    offset = _modelled_offset(objective, g, rx, ry, full_gradient)
     v, before, after, mu, tries, steps, accepted = _newton_iterations(
-        objective, g, solve, mu, scale, rx, ry, config
+        objective, g, solve, mu, scale, rx, ry, config, offset
     )
     residual = float(objective.gradient(v, rx, ry).norm())
     delta = (v - v0).detach()
@@ -758,8 +799,9 @@ def newton_cg_update(
             # A scale for the first nonzero mu: the Rayleigh quotient of H along g.
             g_unit = g / g.norm().clamp_min(torch.finfo(g.dtype).tiny)
             scale = abs(float(g_unit @ hvp(g_unit)))
+        offset = _modelled_offset(objective, g, rx, ry, full_gradient)
         v, before, after, mu, tries, steps, accepted = _newton_iterations(
-            objective, g, solve, float(config.damping), scale, rx, ry, config
+            objective, g, solve, float(config.damping), scale, rx, ry, config, offset
         )
         residual = float(objective.gradient(v, rx, ry).norm())
     delta = (v - v0).detach()

@@ -421,6 +421,53 @@ def test_iterations_lower_the_retained_objective_further(rough_mlp) -> None:
     assert runs[1].residual_norm_selected < runs[0].residual_norm_selected
 
 
+def test_assumed_convergence_is_kept_through_the_iterations(cancer) -> None:
+    # A logreg far from its optimum, taken as converged (grad J = 0, as the server does):
+    # every iteration and the acceptance test follow the objective the first step models,
+    # J'(v) - c . (v - v0) with c = grad J'(v0) - g0, so the iterates reach ITS optimum (an
+    # explicit Newton oracle here), not J's own, which would chase the non-convergence.
+    x, y, forget, keep = cancer
+    model = build_model(ArchitectureSpec("logreg", (x.shape[1],), 2), seed=0).double()
+    train(model, x, y, TrainConfig(epochs=1, batch_size=64, weight_decay=LOGREG_WD))
+    selection = ParameterSelection.everything(model)
+    j, _, v0 = _slice_objective(model, selection, x[keep], y[keep], LOGREG_WD)
+    forget_sum = len(forget) * torch.autograd.functional.jacobian(
+        _slice_objective(model, selection, x[forget], y[forget], 0.0)[0], v0
+    )
+    g0 = retained_gradient_from_full(
+        torch.zeros_like(v0), forget_sum, v0, len(x), len(forget), LOGREG_WD
+    )
+    c = torch.autograd.functional.jacobian(j, v0) - g0
+    assert float(c.norm()) > float(g0.norm())  # non-convergence dominates the removal
+
+    def modelled(v: torch.Tensor) -> torch.Tensor:
+        return j(v) - c @ (v - v0)
+
+    oracle = v0.clone()
+    for _ in range(30):
+        oracle = oracle - torch.linalg.solve(
+            torch.autograd.functional.hessian(modelled, oracle),
+            torch.autograd.functional.jacobian(modelled, oracle),
+        )
+    result = newton_update(
+        model,
+        selection,
+        x[forget],
+        y[forget],
+        x[keep],
+        y[keep],
+        LOGREG_WD,
+        NewtonConfig(damping=1e-10, iterations=20, hessian_samples=len(keep)),
+        torch.zeros_like(v0),
+    )
+    assert result.accepted
+    assert _rel(v0 + result.delta, oracle) < 1e-6
+    # J''s own optimum is elsewhere: the old iterations drifted towards it.
+    own = copy.deepcopy(model)
+    _newton_to_optimum(own, x[keep], y[keep], LOGREG_WD)
+    assert _rel(_flat(own), oracle) > 100 * _rel(v0 + result.delta, oracle)
+
+
 def test_float32_agrees_with_float64(rough_mlp) -> None:
     model, x, y = rough_mlp
     selection = _output_and_hidden_rows([1, 7])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import pytest
@@ -83,11 +82,10 @@ def test_more_newton_iterations_converge_the_restricted_problem(digits_case) -> 
         SilentReporter(),
     )
     zero = torch.zeros(selection.num_parameters)
-    residual = {}
+    results = {}
     for iterations in (1, options.newton_iterations):
-        model = copy.deepcopy(c["model"])
-        result = newton_update(
-            model,
+        results[iterations] = newton_update(
+            c["model"],
             selection,
             c["fx"],
             c["fy"],
@@ -97,7 +95,9 @@ def test_more_newton_iterations_converge_the_restricted_problem(digits_case) -> 
             replace(config, iterations=iterations),
             zero,
         )
-        assert result.accepted
-        residual[iterations] = result.residual_norm_selected
-    # The default iterations drive the selected gradient of J' well below one step's.
-    assert residual[options.newton_iterations] < 0.5 * residual[1]
+    one, default = results[1], results[options.newton_iterations]
+    assert one.accepted and default.accepted and default.iterations > 1
+    # The same first step, then further down the modelled retained objective.
+    assert default.objective_before == one.objective_before
+    assert default.objective_after < one.objective_after < one.objective_before
+    assert default.step_norm > one.step_norm
