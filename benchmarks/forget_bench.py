@@ -9,9 +9,10 @@
   each forgets (a) the owner with most training samples, (b) a seeded random 1% and
   (c) 5% of the training data;
 - (not with ``--quick``) an expensive case: the digits CNN on ~60k images (40 epochs,
-  batch 128, 50 L-BFGS iterations) generated from the digits training split by seeded random shifts (-1..1 pixel) and Gaussian
-  noise, forgetting every generated copy of a seeded random 1% of the source digits
-  (about 1% of the data, but a real signal to forget since no near-duplicate stays).
+  batch 128, 50 L-BFGS iterations) generated from the digits training split by seeded
+  random shifts (-1..1 pixel) and Gaussian noise, forgetting every generated copy of a
+  seeded random 1% of the source digits (about 1% of the data, but a real signal to
+  forget since no near-duplicate stays).
 
 Methods per case, all starting from the same trained model; every Newton method takes
 the trained model as the optimum of J (grad J = 0, as the server does) and runs the
