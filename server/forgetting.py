@@ -258,6 +258,8 @@ class ForgetService:
             "default_parameter_budget": engine.settings.forget_parameter_budget,
             "hessian_samples": engine.settings.forget_hessian_samples,
             "objective_samples": engine.settings.forget_objective_samples,
+            "ranking_hessian_samples": engine.settings.forget_ranking_hessian_samples,
+            "ranking_cg_iterations": engine.settings.forget_ranking_cg_iterations,
             "seed": request_seed(request.request_id, row.current_version),
         }
         if self.compute is None:

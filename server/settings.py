@@ -60,10 +60,33 @@ class Settings:
         default=0,
         metadata={"help": "> 0: J' and residuals on this many retained samples (large data)"},
     )
+    forget_ranking_hessian_samples: int = field(
+        default=0,
+        metadata={
+            "help": "retained samples for the Hessian-vector products of the Newton-CG "
+            "ranking (lcodec_cg, cg); 0: forget_hessian_samples"
+        },
+    )
+    forget_ranking_cg_iterations: int = field(
+        default=0,
+        metadata={"help": "conjugate-gradient iterations of that ranking; 0: the default (20)"},
+    )
     index_memory_bytes: int = field(default=8 << 30, metadata={"help": "largest index built"})
     build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
+
+    def __post_init__(self) -> None:
+        # A bad count would otherwise surface only when the first forget runs.
+        if self.forget_hessian_samples < 1:
+            raise ValueError("forget_hessian_samples must be >= 1")
+        for name in (
+            "forget_objective_samples",
+            "forget_ranking_hessian_samples",
+            "forget_ranking_cg_iterations",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the default)")
 
     @property
     def uses_tls(self) -> bool:

@@ -180,11 +180,17 @@ def unlearn(
     reporter: PhaseReporter | None = None,
     hessian_samples: int = 2000,
     objective_samples: int = 0,
+    ranking_hessian_samples: int = 0,
+    ranking_cg_iterations: int = 0,
 ) -> UnlearningOutcome:
     """Update ``model`` in place so it behaves as if trained without the forget set.
 
     forget ``(m, *shape)``/``(m,)``, retained ``(n - m, *shape)``/``(n - m,)``, test likewise.
     Never skips: a step that costs accuracy is applied and flagged in the receipt.
+    ``ranking_hessian_samples`` (0: ``hessian_samples``) and ``ranking_cg_iterations`` (0:
+    ``RANKING_CG_ITERATIONS``) size
+    the Newton-CG ranking of the sparse selections, whose Hessian-vector products cost per
+    sample and per iteration where the update's Hessian is built once.
     """
     from expunge.defenses.certificate import (
         BudgetLedger,
@@ -220,6 +226,12 @@ def unlearn(
         options.parameter_budget or default_parameter_budget,
         seed,
         report,
+        replace(
+            config,
+            hessian_samples=ranking_hessian_samples or hessian_samples,
+            cg_iterations=ranking_cg_iterations or RANKING_CG_ITERATIONS,
+            iterations=RANKING_NEWTON_ITERATIONS,
+        ),
     )
     units = selection.units
     report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
@@ -300,8 +312,13 @@ def choose_parameters(
     parameter_budget: int,
     seed: int,
     report: PhaseReporter,
+    ranking: NewtonConfig | None = None,
 ) -> ParameterSelection:
-    """The ParameterSelection the Newton step may change, per ``options.selection``."""
+    """The ParameterSelection the Newton step may change, per ``options.selection``.
+
+    ``ranking``: the Newton-CG step that ranks entries (default: ``config`` with the
+    ranking's CG and Newton iteration counts).
+    """
     from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
     from expunge.defenses.selection import ParameterSelection
     from expunge.defenses.sparse_selection import select_by_newton_direction
@@ -344,10 +361,9 @@ def choose_parameters(
         retained_y,
         weight_decay,
         budget,
-        replace(
-            config,
-            cg_iterations=RANKING_CG_ITERATIONS,
-            iterations=RANKING_NEWTON_ITERATIONS,
+        ranking
+        or replace(
+            config, cg_iterations=RANKING_CG_ITERATIONS, iterations=RANKING_NEWTON_ITERATIONS
         ),
         candidates=candidates,
         unit_slices=unit_slices,

@@ -101,3 +101,22 @@ def test_more_newton_iterations_converge_the_restricted_problem(digits_case) -> 
     assert default.objective_before == one.objective_before
     assert default.objective_after < one.objective_after < one.objective_before
     assert default.step_norm > one.step_norm
+
+
+def test_the_ranking_samples_its_own_hessian(digits_case) -> None:
+    # The large-data profile builds the update's Hessian on many samples (cheap,
+    # built once) and ranks with Hessian-vector products on few (paid per CG
+    # iteration): the selection follows the ranking's count alone.
+    c = digits_case
+    args = (c["model"], UnlearningOptions(), c["fx"], c["fy"], c["rx"], c["ry"], WD)
+    ranking = NewtonConfig(hessian_samples=570, cg_iterations=20, iterations=3)
+
+    def chosen(config: NewtonConfig, ranking: NewtonConfig | None) -> dict[str, list[int]]:
+        selection = choose_parameters(*args, config, 0, 0, SilentReporter(), ranking)
+        return {name: idx.tolist() for name, idx in selection.indices.items()}
+
+    default = chosen(NewtonConfig(hessian_samples=570), None)
+    assert chosen(NewtonConfig(hessian_samples=64), ranking) == default
+    assert (
+        chosen(NewtonConfig(hessian_samples=570), replace(ranking, hessian_samples=64)) != default
+    )

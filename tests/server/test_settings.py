@@ -1,0 +1,38 @@
+"""Server settings: layering and the checks that fail at start rather than at first use."""
+
+from __future__ import annotations
+
+import pytest
+
+from expunge.server.settings import load_settings
+
+
+def test_environment_overrides_defaults_and_is_coerced() -> None:
+    settings = load_settings(
+        env={
+            "EXPUNGE_FORGET_RANKING_HESSIAN_SAMPLES": "256",
+            "EXPUNGE_FORGET_HESSIAN_SAMPLES": "2048",
+        }
+    )
+    assert settings.forget_ranking_hessian_samples == 256
+    assert settings.forget_hessian_samples == 2048
+    assert load_settings(env={}).forget_ranking_cg_iterations == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("forget_hessian_samples", 0, "forget_hessian_samples must be >= 1"),
+        ("forget_objective_samples", -1, "forget_objective_samples must be >= 0"),
+        ("forget_ranking_hessian_samples", -5, "forget_ranking_hessian_samples must be >= 0"),
+        ("forget_ranking_cg_iterations", -1, "forget_ranking_cg_iterations must be >= 0"),
+    ],
+)
+def test_bad_forget_sampling_is_refused_at_load(name: str, value: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_settings(env={}, **{name: value})
+
+
+def test_unknown_setting_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown settings: \\['forget_hessian'\\]"):
+        load_settings(env={}, forget_hessian=3)
