@@ -13,13 +13,22 @@ from .errors import (
     UnavailableError,
     UnimplementedError,
 )
-from .types import ForgetReceipt, ModelInfo, Operation, Prediction, ScanResult, VersionInfo
+from .types import (
+    ForgetMethod,
+    ForgetReceipt,
+    ModelInfo,
+    Operation,
+    Prediction,
+    ScanResult,
+    VersionInfo,
+)
 
 __all__ = [
     "AlreadyExistsError",
     "Client",
     "ExpungeError",
     "FailedPreconditionError",
+    "ForgetMethod",
     "ForgetReceipt",
     "InvalidArgumentError",
     "ModelInfo",

@@ -140,6 +140,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"parameters; test accuracy {r.before.test_accuracy:.3f} -> {r.after.test_accuracy:.3f}; "
             f"MIA AUC {r.before.mia_auc:.3f} -> {r.after.mia_auc:.3f}; {r.seconds:.2f} s"
         )
+        m = r.method
+        print(
+            f"method: {m.selection} ({m.parameter_budget} entries at most), {m.hessian} Hessian "
+            f"on {m.hessian_samples} samples, {m.newton_iterations_taken}/{m.newton_iterations} "
+            f"Newton steps, seed {m.seed}"
+        )
         print(r.certificate.statement)
     return 0
 

@@ -74,6 +74,24 @@ class DeletionMetrics:
 
 
 @dataclass(frozen=True)
+class ForgetMethod:
+    """How the update was computed (proto ForgetMethod): every choice it depended on."""
+
+    selection: str
+    hessian: str
+    parameter_budget: int
+    newton_iterations: int
+    newton_iterations_taken: int
+    damping_floor: float
+    hessian_samples: int
+    objective_samples: int  # 0: all retained samples
+    ranking_hessian_samples: int  # 0: no ranking step (selections lcodec, all, output)
+    ranking_cg_iterations: int
+    ranking_newton_iterations: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class ForgetReceipt:
     new_version: int
     parent_version: int
@@ -93,6 +111,7 @@ class ForgetReceipt:
     step_accepted: bool
     accuracy_cost_flagged: bool
     note: str
+    method: ForgetMethod
 
 
 @dataclass(frozen=True)

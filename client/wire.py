@@ -110,6 +110,24 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
         step_accepted=msg.step_accepted,
         accuracy_cost_flagged=msg.accuracy_cost_flagged,
         note=msg.note,
+        method=_method(msg.method),
+    )
+
+
+def _method(msg: pb.ForgetMethod) -> t.ForgetMethod:
+    return t.ForgetMethod(
+        selection=msg.selection,
+        hessian=msg.hessian,
+        parameter_budget=msg.parameter_budget,
+        newton_iterations=msg.newton_iterations,
+        newton_iterations_taken=msg.newton_iterations_taken,
+        damping_floor=msg.damping_floor,
+        hessian_samples=msg.hessian_samples,
+        objective_samples=msg.objective_samples,
+        ranking_hessian_samples=msg.ranking_hessian_samples,
+        ranking_cg_iterations=msg.ranking_cg_iterations,
+        ranking_newton_iterations=msg.ranking_newton_iterations,
+        seed=msg.seed,
     )
 
 

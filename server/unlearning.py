@@ -214,6 +214,13 @@ def unlearn(
         objective_samples=objective_samples,
         seed=seed,
     )
+    ranking = replace(
+        config,
+        hessian_samples=ranking_hessian_samples or hessian_samples,
+        cg_iterations=ranking_cg_iterations or RANKING_CG_ITERATIONS,
+        iterations=RANKING_NEWTON_ITERATIONS,
+    )
+    parameter_budget = options.parameter_budget or default_parameter_budget
     selection = choose_parameters(
         model,
         options,
@@ -223,15 +230,10 @@ def unlearn(
         retained_y,
         weight_decay,
         config,
-        options.parameter_budget or default_parameter_budget,
+        parameter_budget,
         seed,
         report,
-        replace(
-            config,
-            hessian_samples=ranking_hessian_samples or hessian_samples,
-            cg_iterations=ranking_cg_iterations or RANKING_CG_ITERATIONS,
-            iterations=RANKING_NEWTON_ITERATIONS,
-        ),
+        ranking,
     )
     units = selection.units
     report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
@@ -288,6 +290,9 @@ def unlearn(
         "step_accepted": result.accepted,
         "accuracy_cost_flagged": flagged,
         "note": _note(result.accepted, flagged, certificate.budget_exhausted),
+        "method": _method(
+            options, config, ranking, parameter_budget, total_params, result.iterations
+        ),
     }
     return UnlearningOutcome(receipt, spent.to_dict())
 
@@ -370,6 +375,33 @@ def choose_parameters(
         assume_converged=True,
     )
     return chosen.selection
+
+
+def _method(
+    options: UnlearningOptions,
+    config: NewtonConfig,
+    ranking: NewtonConfig,
+    parameter_budget: int,
+    total_params: int,
+    iterations_taken: int,
+) -> dict[str, Any]:
+    """The receipt's ForgetMethod: every choice the update depended on."""
+    ranked = options.selection in ("lcodec_cg", "cg")
+    whole = options.selection in ("all", "output")
+    return {
+        "selection": options.selection,
+        "hessian": config.hessian,
+        "parameter_budget": 0 if whole else entry_budget(total_params, parameter_budget),
+        "newton_iterations": config.iterations,
+        "newton_iterations_taken": iterations_taken,
+        "damping_floor": config.damping,
+        "hessian_samples": config.hessian_samples,
+        "objective_samples": config.objective_samples,
+        "ranking_hessian_samples": ranking.hessian_samples if ranked else 0,
+        "ranking_cg_iterations": ranking.cg_iterations if ranked else 0,
+        "ranking_newton_iterations": ranking.iterations if ranked else 0,
+        "seed": config.seed,
+    }
 
 
 def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:

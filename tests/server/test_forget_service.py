@@ -51,6 +51,16 @@ def test_forgetting_an_owner_purges_and_versions(
     assert 0 < receipt.parameters_updated <= receipt.parameters_total
     assert receipt.weights_sha256 and "torch" in receipt.environment
     assert receipt.certificate.statement
+    # The receipt says how the update was computed (server defaults here).
+    method = receipt.method
+    assert (method.selection, method.hessian) == ("lcodec_cg", "exact")
+    assert method.parameter_budget == receipt.parameters_updated
+    assert method.parameter_budget == int(0.25 * receipt.parameters_total)
+    assert (method.newton_iterations, method.damping_floor) == (8, 1e-3)
+    assert 1 <= method.newton_iterations_taken <= 8
+    assert (method.hessian_samples, method.objective_samples) == (2000, 0)
+    assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (2000, 20)
+    assert method.ranking_newton_iterations == 3
     assert 0.0 <= receipt.after.mia_auc <= 1.0 and receipt.after.test_accuracy > 0.7
     after = client.get_model("digits")
     assert after.current_version == 2
@@ -193,5 +203,37 @@ def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> Non
             assert op.state == "SUCCEEDED" and op.receipt is not None
             assert sorted(op.receipt.removed_sample_ids) == ids
             assert client.get_model("digits").current_version == 2
+    finally:
+        running.stop(0)
+
+
+def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None:
+    # Settings -> the child process computing the forget -> the receipt.
+    from expunge.server.forgetting import request_seed
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+
+    owner, ids = _owner_with_samples(state_dir)
+    profile = Settings(
+        state_dir=state_dir,
+        port=0,
+        forget_hessian_samples=512,
+        forget_objective_samples=256,
+        forget_ranking_hessian_samples=128,
+        forget_ranking_cg_iterations=5,
+    )
+    running = start(profile)
+    try:
+        with Client(running.target) as client:
+            op = client.forget(
+                "digits", owner_ids=[owner], hessian="gauss_newton", request_id="large", wait=True
+            )
+            assert op.state == "SUCCEEDED" and op.receipt is not None
+            assert sorted(op.receipt.removed_sample_ids) == ids
+            method = op.receipt.method
+            assert method.hessian == "gauss_newton"
+            assert (method.hessian_samples, method.objective_samples) == (512, 256)
+            assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (128, 5)
+            assert method.seed == request_seed("large", 1)
     finally:
         running.stop(0)

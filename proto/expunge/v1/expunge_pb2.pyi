@@ -264,7 +264,7 @@ class DeletionMetrics(_message.Message):
     def __init__(self, forget_loss: _Optional[float] = ..., forget_accuracy: _Optional[float] = ..., retained_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., mia_auc: _Optional[float] = ...) -> None: ...
 
 class ForgetReceipt(_message.Message):
-    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note")
+    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method")
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REMOVED_SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,7 @@ class ForgetReceipt(_message.Message):
     STEP_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_COST_FLAGGED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     new_version: int
     parent_version: int
     removed_sample_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -301,7 +302,36 @@ class ForgetReceipt(_message.Message):
     step_accepted: bool
     accuracy_cost_flagged: bool
     note: str
-    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    method: ForgetMethod
+    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ...) -> None: ...
+
+class ForgetMethod(_message.Message):
+    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed")
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    HESSIAN_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    NEWTON_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEWTON_ITERATIONS_TAKEN_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    HESSIAN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RANKING_HESSIAN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RANKING_CG_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RANKING_NEWTON_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    selection: str
+    hessian: str
+    parameter_budget: int
+    newton_iterations: int
+    newton_iterations_taken: int
+    damping_floor: float
+    hessian_samples: int
+    objective_samples: int
+    ranking_hessian_samples: int
+    ranking_cg_iterations: int
+    ranking_newton_iterations: int
+    seed: int
+    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OperationProgress(_message.Message):
     __slots__ = ("phase", "completed", "total", "message")
