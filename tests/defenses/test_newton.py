@@ -559,3 +559,45 @@ def test_shared_hessian_first_step_equals_an_explicit_damped_solve(rough_mlp) ->
     assert _rel(solver.removal_delta(removed), expected) < 1e-8
     drop = solver.probability_drop(x[3], removed)
     assert -1.0 <= drop <= 1.0
+
+
+def test_exact_hessian_passes_are_sized_by_activation_floats(monkeypatch) -> None:
+    # A conv net's entries spread over every layer, as lcodec_cg picks them: the Hessian
+    # equals autograd's whatever the pass size (one tangent per pass or all at once).
+    from expunge.defenses import newton
+
+    torch.manual_seed(0)
+    model = build_model(ArchitectureSpec("cnn", (1, 8, 8), 10, channels=2), seed=0).eval()
+    x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    everything = ParameterSelection.everything(model)
+    picks = torch.randperm(everything.num_parameters, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(everything.num_parameters, dtype=torch.bool)
+    mask[picks[:30]] = True
+    indices, start = {}, 0
+    for name, p in model.named_parameters():
+        chosen = torch.nonzero(mask[start : start + p.numel()]).flatten()
+        if chosen.numel():
+            indices[name] = chosen
+        start += p.numel()
+    selection = ParameterSelection(indices)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    objective = newton.RetainedObjective(model, params, selection, 1e-3, 16)
+    # The model is a Sequential of leaves: the input, then each leaf's output.
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    expected = 64
+    with torch.no_grad():
+        out = x[:1]
+        for leaf in leaves:
+            out = leaf(out)
+            expected += out.numel()
+    assert objective.activation_floats(x) == expected
+
+    def hessian(floats: int) -> torch.Tensor:
+        monkeypatch.setattr(newton, "_HESSIAN_PASS_FLOATS", floats)
+        return objective.hessian(objective.v0, x, y, "exact", batch=16)
+
+    j, _, v = _slice_objective(model, selection, x, y, 1e-3)
+    reference = torch.autograd.functional.hessian(j, v, vectorize=True)
+    one_tangent, all_at_once = hessian(1), hessian(1 << 30)
+    assert torch.allclose(one_tangent, all_at_once, rtol=0, atol=1e-6)
+    assert torch.allclose(all_at_once, reference.to(all_at_once.dtype), rtol=1e-4, atol=1e-6)
