@@ -188,9 +188,9 @@ def unlearn(
     forget ``(m, *shape)``/``(m,)``, retained ``(n - m, *shape)``/``(n - m,)``, test likewise.
     Never skips: a step that costs accuracy is applied and flagged in the receipt.
     ``ranking_hessian_samples`` (0: ``hessian_samples``) and ``ranking_cg_iterations`` (0:
-    ``RANKING_CG_ITERATIONS``) size
-    the Newton-CG ranking of the sparse selections, whose Hessian-vector products cost per
-    sample and per iteration where the update's Hessian is built once.
+    ``RANKING_CG_ITERATIONS``) size the Newton-CG ranking of the sparse selections, whose
+    Hessian-vector products cost per sample and per iteration where the update's Hessian
+    is built once.
     """
     from expunge.defenses.certificate import (
         BudgetLedger,
