@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import numpy as np
 
@@ -115,20 +116,8 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
 
 
 def _method(msg: pb.ForgetMethod) -> t.ForgetMethod:
-    return t.ForgetMethod(
-        selection=msg.selection,
-        hessian=msg.hessian,
-        parameter_budget=msg.parameter_budget,
-        newton_iterations=msg.newton_iterations,
-        newton_iterations_taken=msg.newton_iterations_taken,
-        damping_floor=msg.damping_floor,
-        hessian_samples=msg.hessian_samples,
-        objective_samples=msg.objective_samples,
-        ranking_hessian_samples=msg.ranking_hessian_samples,
-        ranking_cg_iterations=msg.ranking_cg_iterations,
-        ranking_newton_iterations=msg.ranking_newton_iterations,
-        seed=msg.seed,
-    )
+    # Field for field: the dataclass mirrors the message.
+    return t.ForgetMethod(**{f.name: getattr(msg, f.name) for f in fields(t.ForgetMethod)})
 
 
 def operation(msg: pb.Operation) -> t.Operation:
