@@ -91,6 +91,20 @@ class ForgetService:
         self.compute = compute  # None: compute in the worker thread
         self.jobs = JobRunner(engine.store, self._apply)
 
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the worker (the request in progress may finish within ``timeout``), then the
+        compute process; True once the worker is gone.
+
+        Call it before the process exits: the worker is a daemon thread, and one still in
+        torch code when the interpreter finalizes is unwound through C++ and aborts the
+        process ("terminate called without an active exception", seen once in 12 runs of the
+        determinism test's script, after its forget had committed).
+        """
+        stopped = self.jobs.stop(timeout)
+        if self.compute is not None:
+            self.compute.close()
+        return stopped
+
     # Submission --------------------------------------------------------------------------
 
     def submit(

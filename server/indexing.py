@@ -93,11 +93,12 @@ class IndexService:
             if self.state(row.name).state != "READY":
                 self.build_in_background(row.name)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop background builds at their next shard and wait for them."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop background builds at their next shard and wait for them; True once all ended."""
         self._stopping.set()
         for thread in list(self._threads):
             thread.join(timeout)
+        return not any(thread.is_alive() for thread in list(self._threads))
 
     def state(self, model: str) -> IndexState:
         with self._lock:

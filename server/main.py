@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,11 +61,12 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None) -> bool:
         """NOT_SERVING at once, drain in-flight calls for ``grace`` seconds, then close.
 
         One grace period for the whole stop: whatever is still running past it (an index
         build, a forget computation) is abandoned uncommitted and redone at the next start.
+        True when nothing was left running.
         """
         deadline = None if grace is None else time.monotonic() + grace
 
@@ -75,14 +77,14 @@ class RunningServer:
         # gRPC's shutdown waits for handler threads; one that never returns (a stream that
         # ignores cancellation) must not keep the process from exiting past the grace.
         self.server.stop(grace).wait(None if grace is None else grace + 5.0)
+        index_stopped = True
         if self.forget.index is not None:
             # A build stops at its next shard; its thread is a daemon.
-            self.forget.index.stop(timeout=left())
-        stopped = self.forget.jobs.stop(timeout=left())
-        if self.forget.compute is not None:
-            self.forget.compute.close()
+            index_stopped = self.forget.index.stop(timeout=left())
+        stopped = self.forget.close(timeout=left())
         if stopped:
             self.engine.store.close()
+        return stopped and index_stopped
 
 
 def configure_torch(settings: Settings) -> None:
@@ -193,4 +195,13 @@ def serve(settings: Settings) -> None:
     # (py-spy showed a server parked in stopped.wait() a minute after SIGTERM).
     while not stopped.wait(SIGNAL_POLL_S):
         pass
-    running.stop(settings.grace_period_s)
+    if not running.stop(settings.grace_period_s):
+        # Work still running past the grace period is abandoned uncommitted; the journal
+        # redoes it at the next start, as after a SIGKILL. Skip interpreter finalization:
+        # a daemon thread still in torch code would be unwound through C++ and abort the
+        # process instead of letting it exit.
+        log.warning("work still running after %.1f s: exiting without it", settings.grace_period_s)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
