@@ -94,7 +94,7 @@ from expunge.server.unlearning import (
     DEFAULT_NEWTON_ITERATIONS,
     POOL_FACTOR,
     RANKING_CG_ITERATIONS,
-    RANKING_NEWTON_ITERATIONS,
+    ranking_config,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forget.json"
@@ -408,10 +408,8 @@ def _methods(
                     ),
                 )
                 candidates, slices = blanket.selection, blanket.unit_map.slices
-            ranking = replace(
-                hvp_cfg,
-                cg_iterations=min(ncfg.cg_iterations, RANKING_CG_ITERATIONS),
-                iterations=RANKING_NEWTON_ITERATIONS,
+            ranking = ranking_config(
+                ncfg, hvp_cfg.hessian_samples, min(ncfg.cg_iterations, RANKING_CG_ITERATIONS)
             )
             chosen = select_by_newton_direction(
                 model, fx, fy, rx, ry, WEIGHT_DECAY, budget, ranking, candidates, slices, True

@@ -302,7 +302,7 @@ class RetainedObjective:
                 outputs = output if isinstance(output, (tuple, list)) else (output,)
                 total += sum(int(o.numel()) for o in outputs if isinstance(o, torch.Tensor))
 
-            leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
+            leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
             hooks = [m.register_forward_hook(count) for m in leaves]
             try:
                 with torch.no_grad():

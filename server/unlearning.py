@@ -214,12 +214,7 @@ def unlearn(
         objective_samples=objective_samples,
         seed=seed,
     )
-    ranking = replace(
-        config,
-        hessian_samples=ranking_hessian_samples or hessian_samples,
-        cg_iterations=ranking_cg_iterations or RANKING_CG_ITERATIONS,
-        iterations=RANKING_NEWTON_ITERATIONS,
-    )
+    ranking = ranking_config(config, ranking_hessian_samples, ranking_cg_iterations)
     parameter_budget = options.parameter_budget or default_parameter_budget
     selection = choose_parameters(
         model,
@@ -297,6 +292,22 @@ def unlearn(
     return UnlearningOutcome(receipt, spent.to_dict())
 
 
+def ranking_config(
+    config: NewtonConfig, hessian_samples: int = 0, cg_iterations: int = 0
+) -> NewtonConfig:
+    """The Newton-CG ranking step's config: ``config`` with the ranking's own counts.
+
+    ``hessian_samples`` 0: ``config``'s; ``cg_iterations`` 0: ``RANKING_CG_ITERATIONS``;
+    always ``RANKING_NEWTON_ITERATIONS`` Newton iterations.
+    """
+    return replace(
+        config,
+        hessian_samples=hessian_samples or config.hessian_samples,
+        cg_iterations=cg_iterations or RANKING_CG_ITERATIONS,
+        iterations=RANKING_NEWTON_ITERATIONS,
+    )
+
+
 def entry_budget(total_params: int, parameter_budget: int) -> int:
     """Entries a sparse selection may touch: L-CODEC's budget rule, at most the whole model."""
     from expunge.defenses.lcodec import LcodecConfig
@@ -321,8 +332,7 @@ def choose_parameters(
 ) -> ParameterSelection:
     """The ParameterSelection the Newton step may change, per ``options.selection``.
 
-    ``ranking``: the Newton-CG step that ranks entries (default: ``config`` with the
-    ranking's CG and Newton iteration counts).
+    ``ranking``: the Newton-CG step that ranks entries (default: ``ranking_config(config)``).
     """
     from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
     from expunge.defenses.selection import ParameterSelection
@@ -366,10 +376,7 @@ def choose_parameters(
         retained_y,
         weight_decay,
         budget,
-        ranking
-        or replace(
-            config, cg_iterations=RANKING_CG_ITERATIONS, iterations=RANKING_NEWTON_ITERATIONS
-        ),
+        ranking or ranking_config(config),
         candidates=candidates,
         unit_slices=unit_slices,
         assume_converged=True,
