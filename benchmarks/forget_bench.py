@@ -24,9 +24,10 @@ the ranking (and of ``newton_cg``) on 256 samples, 5 CG iterations.
 
 - ``lcodec_cg_newton`` (headline, the server's default ``lcodec_cg``, 25%),
   ``lcodec_cg_newton_10pct`` and ``lcodec_cg_newton_30pct``: L-CODEC blanket of 3x the
-  budget as the candidate pool, its entries ranked by a Newton-CG step over every
-  parameter (3 Newton iterations of 20 CG iterations each), the top entries updated;
-  time includes the selection and the ranking;
+  budget, grown in FOCI order until it holds 95% of the ranking step's squared norm, as
+  the candidate pool; its entries ranked by a Newton-CG step over every parameter (3
+  Newton iterations of 20 CG iterations each) in the softmax gauge, the top entries
+  updated; time includes the selection and the ranking;
 - ``cg_sparse_newton``: the same ranking over every parameter (no L-CODEC pool);
 - ``lcodec_newton_10pct``, ``lcodec_newton``, ``lcodec_newton_50pct``: whole L-CODEC
   units in FOCI order. The budget here is the *total* parameters touched (at most that
@@ -87,13 +88,15 @@ from expunge.defenses.newton import (
     newton_update,
 )
 from expunge.defenses.selection import ParameterSelection
-from expunge.defenses.sparse_selection import select_by_newton_direction
+from expunge.defenses.sparse_selection import CandidatePool, select_by_newton_direction
 from expunge.defenses.training import TrainConfig, accuracy, train
 from expunge.server.datasets import builtin, train_test_split
 from expunge.server.unlearning import (
     DEFAULT_NEWTON_ITERATIONS,
+    POOL_COVERAGE,
     POOL_FACTOR,
     RANKING_CG_ITERATIONS,
+    output_layer_name,
     ranking_config,
 )
 
@@ -395,7 +398,7 @@ def _methods(
         def run(model: nn.Module) -> dict[str, Any]:
             total = sum(p.numel() for p in model.parameters())
             budget = max(1, int(frac * total))
-            candidates = slices = None
+            candidates = None
             if pool:
                 blanket = select_markov_blanket(
                     model,
@@ -407,14 +410,25 @@ def _methods(
                         seed=0,
                     ),
                 )
-                candidates, slices = blanket.selection, blanket.unit_map.slices
+                candidates = CandidatePool(blanket, POOL_COVERAGE)
             ranking = ranking_config(
                 ncfg, hvp_cfg.hessian_samples, min(ncfg.cg_iterations, RANKING_CG_ITERATIONS)
             )
             chosen = select_by_newton_direction(
-                model, fx, fy, rx, ry, WEIGHT_DECAY, budget, ranking, candidates, slices, True
+                model,
+                fx,
+                fy,
+                rx,
+                ry,
+                WEIGHT_DECAY,
+                budget,
+                ranking,
+                candidates,
+                output_layer_name(model),
+                assume_converged=True,
             )
-            return targeted(model, chosen.selection)
+            # The pool's share of the parameters, for the table's note.
+            return {**targeted(model, chosen.selection), "pool": chosen.candidates / total}
 
         return run
 
@@ -643,7 +657,9 @@ def _worst(results: list[dict[str, Any]], method: str) -> dict[str, float]:
 def _summary(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "headline_method": f"{HEADLINE} (the server's default: L-CODEC blanket of "
-        f"{POOL_FACTOR}x the budget, its entries ranked by a Newton-CG step, the top "
+        f"{POOL_FACTOR}x the budget grown in FOCI order to {POOL_COVERAGE:.0%} of the "
+        "ranking step's squared norm, its entries ranked by a Newton-CG step in the softmax "
+        "gauge, the top "
         f"{int(100 * HEADLINE_BUDGET)}% of parameters updated by {DEFAULT_NEWTON_ITERATIONS} "
         "damped exact Newton iterations)",
         "headline_budget_frac": HEADLINE_BUDGET,

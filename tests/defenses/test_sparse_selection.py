@@ -6,14 +6,21 @@ import copy
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.preprocessing import StandardScaler
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.evaluate import gap_closed, output_kl
 from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
 from expunge.defenses.newton import NewtonConfig, apply_update, newton_cg_update, newton_update
 from expunge.defenses.selection import ParameterSelection
-from expunge.defenses.sparse_selection import select_by_newton_direction, top_entries
+from expunge.defenses.sparse_selection import (
+    CandidatePool,
+    candidate_pool,
+    select_by_newton_direction,
+    softmax_gauge,
+    top_entries,
+)
 from expunge.defenses.training import TrainConfig, train
 
 WD = 1e-3
@@ -71,6 +78,111 @@ def test_units_named_are_those_with_a_chosen_entry() -> None:
     scores[5] = 1.0  # 1.weight entry 5 belongs to unit 0:1
     chosen = top_entries(model, scores, 1, unit_slices=slices)
     assert chosen.units == ("0:1",)
+
+
+def _apply(model: torch.nn.Module, step: torch.Tensor) -> torch.nn.Module:
+    updated = copy.deepcopy(model)
+    ParameterSelection.everything(updated).scatter_add_(updated, step)
+    return updated
+
+
+def test_the_softmax_gauge_keeps_every_softmax_and_zeroes_the_median_class() -> None:
+    torch.manual_seed(0)
+    model = build_model(ArchitectureSpec("mlp", (4,), 5, hidden=(6,)), seed=0).double()
+    total = sum(p.numel() for p in model.parameters())
+    step = torch.randn(total, dtype=torch.float64)
+    gauged = softmax_gauge(model, step, "3")
+    x = torch.randn(50, 4, dtype=torch.float64)
+    raw_probs = torch.softmax(_apply(model, step)(x), dim=1)
+    gauged_probs = torch.softmax(_apply(model, gauged)(x), dim=1)
+    assert torch.allclose(raw_probs, gauged_probs, atol=1e-12)
+    hidden = 4 * 6 + 6  # the hidden layer's entries come first and are left alone
+    assert torch.equal(gauged[:hidden], step[:hidden])
+    weight = gauged[hidden : hidden + 5 * 6].view(5, 6)
+    bias = gauged[hidden + 5 * 6 :]
+    # Five classes: the median class of every input is zero, and it is the median.
+    assert ((weight == 0).sum(dim=0) >= 1).all() and (bias == 0).sum() >= 1
+    raw_weight = step[hidden : hidden + 5 * 6].view(5, 6)
+    assert torch.allclose(weight - raw_weight, (weight - raw_weight)[:1].expand(5, 6))
+    with pytest.raises(ValueError, match="not a Linear"):
+        softmax_gauge(model, step, "2")
+
+
+def test_the_pool_grows_in_foci_order_until_it_holds_the_step() -> None:
+    digits = load_digits()
+    x = torch.tensor(digits.data[:200] / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target[:200])
+    model = build_model(ArchitectureSpec("mlp", (64,), 10, hidden=(16,)), seed=0)
+    total = sum(p.numel() for p in model.parameters())
+    lcodec = LcodecConfig(parameter_budget=200, always_include_output_layer=False, seed=0)
+    blanket = select_markov_blanket(model, x[:20], y[:20], lcodec)
+    first = blanket.selection
+    assert 0 < first.num_parameters <= 200
+    # All the step's mass on one unit outside the first block: the pool takes every
+    # ranked unit up to and including it, in FOCI order, and stops there.
+    outside = next(u for u in blanket.ranked_units if u not in first.units)
+    scores = torch.zeros(total)
+    scores[_sorted_flat(model, blanket.unit_map.selection([outside]))] = 1.0
+    grown = candidate_pool(model, scores, CandidatePool(blanket, 0.95))
+    position = blanket.ranked_units.index(outside)
+    expected = list(first.units) + [
+        u for u in blanket.ranked_units[: position + 1] if u not in first.units
+    ]
+    assert grown.units == tuple(expected)
+    # Coverage 0 keeps the first block; a step the first block already holds adds nothing.
+    assert candidate_pool(model, scores, CandidatePool(blanket, 0.0)).units == first.units
+    inside = torch.zeros(total)
+    inside[_sorted_flat(model, first)] = 1.0
+    assert candidate_pool(model, inside, CandidatePool(blanket, 1.0)).units == first.units
+    with pytest.raises(ValueError, match="coverage"):
+        CandidatePool(blanket, 1.5)
+
+
+def _sorted_flat(model: torch.nn.Module, selection: ParameterSelection) -> list[int]:
+    return sorted(_flat_positions(model, selection))
+
+
+@pytest.fixture(scope="module")
+def cancer_forget() -> dict[str, object]:
+    """Breast-cancer logistic regression at its optimum, a 5% forget set, and its retrain."""
+    raw = load_breast_cancer()
+    x = torch.tensor(StandardScaler().fit_transform(raw.data))
+    y = torch.tensor(raw.target)
+    spec = ArchitectureSpec("logreg", (30,), 2)
+    config = TrainConfig(epochs=20, batch_size=64, weight_decay=WD, polish_iterations=300, seed=0)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
+    forget, keep = order[:28], order[28:]
+    original = build_model(spec, 0).double()
+    train(original, x, y, config)
+    retrained = build_model(spec, 0).double()
+    train(retrained, x[keep], y[keep], config)
+    return {
+        "model": original,
+        "retrained": retrained,
+        "fx": x[forget],
+        "fy": y[forget],
+        "rx": x[keep],
+        "ry": y[keep],
+    }
+
+
+def test_ranking_in_the_softmax_gauge_spends_no_budget_on_copies(cancer_forget) -> None:
+    c = cancer_forget
+    model = c["model"]
+    config = NewtonConfig(iterations=3)
+    args = (model, c["fx"], c["fy"], c["rx"], c["ry"], WD, 15, config)
+    raw = select_by_newton_direction(*args, assume_converged=True).selection
+    gauged = select_by_newton_direction(*args, logits_layer="1", assume_converged=True)
+    weight_raw = raw.indices.get("1.weight", torch.empty(0, dtype=torch.long))
+    weight_gauged = gauged.selection.indices.get("1.weight", torch.empty(0, dtype=torch.long))
+    features = lambda idx: (idx % 30).tolist()  # noqa: E731 - row-major (2, 30)
+    # Two classes: the raw step is +d / -d on the two rows, so the ranking takes features
+    # in pairs; in the gauge one row is zero and every chosen feature is a new one.
+    assert len(set(features(weight_raw))) < len(features(weight_raw))
+    assert len(set(features(weight_gauged))) == len(features(weight_gauged))
+    gap_raw, gap_gauged = _gap(c, raw, config), _gap(c, gauged.selection, config)
+    assert gap_gauged > gap_raw + 0.1
+    assert gap_gauged > 0.7
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.newton import NewtonConfig, newton_update
@@ -120,3 +120,33 @@ def test_the_ranking_samples_its_own_hessian(digits_case) -> None:
     assert (
         chosen(NewtonConfig(hessian_samples=570), replace(ranking, hessian_samples=64)) != default
     )
+
+
+@pytest.mark.parametrize("selection", ["lcodec_cg", "cg"])
+def test_binary_classifiers_are_ranked_in_the_softmax_gauge(selection: str) -> None:
+    # Two classes: the raw step is +d / -d on the two rows of the logits layer; ranked
+    # raw, the budget went to both copies of each feature. The server ranks in the gauge.
+    raw = load_breast_cancer()
+    x = torch.tensor((raw.data - raw.data.mean(0)) / raw.data.std(0), dtype=torch.float32)
+    y = torch.tensor(raw.target)
+    model = build_model(ArchitectureSpec("logreg", (30,), 2), 0)
+    train(model, x, y, TrainConfig(epochs=10, weight_decay=WD, polish_iterations=100, seed=0))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    forget, keep = order[:28], order[28:]
+    chosen = choose_parameters(
+        model,
+        UnlearningOptions(selection=selection),
+        x[forget],
+        y[forget],
+        x[keep],
+        y[keep],
+        WD,
+        NewtonConfig(),
+        15,
+        0,
+        SilentReporter(),
+    )
+    assert chosen.num_parameters == 15
+    features = (chosen.indices.get("1.weight", torch.empty(0, dtype=torch.long)) % 30).tolist()
+    assert len(features) >= 10
+    assert len(set(features)) == len(features)
