@@ -132,7 +132,8 @@ def candidate_pool(
     units = list(blanket.selection.units)
     held = sum(unit_mass(u) for u in units)
     chosen = set(units)
-    unranked = (u for u in unit_map.slices if u not in set(blanket.ranked_units))
+    ranked = set(blanket.ranked_units)
+    unranked = (u for u in unit_map.slices if u not in ranked)
     for unit in (*blanket.ranked_units, *unranked):
         if held >= wanted:
             break

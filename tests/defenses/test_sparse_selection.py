@@ -150,20 +150,7 @@ def cancer_forget() -> dict[str, object]:
     y = torch.tensor(raw.target)
     spec = ArchitectureSpec("logreg", (30,), 2)
     config = TrainConfig(epochs=20, batch_size=64, weight_decay=WD, polish_iterations=300, seed=0)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
-    forget, keep = order[:28], order[28:]
-    original = build_model(spec, 0).double()
-    train(original, x, y, config)
-    retrained = build_model(spec, 0).double()
-    train(retrained, x[keep], y[keep], config)
-    return {
-        "model": original,
-        "retrained": retrained,
-        "fx": x[forget],
-        "fy": y[forget],
-        "rx": x[keep],
-        "ry": y[keep],
-    }
+    return _forget_case(spec, config, x, y, forget=28, seed=3)
 
 
 def test_ranking_in_the_softmax_gauge_spends_no_budget_on_copies(cancer_forget) -> None:
@@ -193,17 +180,29 @@ def digits_forget() -> dict[str, object]:
     y = torch.tensor(digits.target[:1000])
     spec = ArchitectureSpec("mlp", (64,), 10, hidden=(32,))
     config = TrainConfig(epochs=10, batch_size=32, weight_decay=WD, polish_iterations=300, seed=0)
+    return _forget_case(spec, config, x, y, forget=50, seed=7)
+
+
+def _forget_case(
+    spec: ArchitectureSpec,
+    config: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    forget: int,
+    seed: int,
+) -> dict[str, object]:
+    """A model trained on everything, a seeded forget set, and the model retrained without it."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    forget_rows, keep = order[:forget], order[forget:]
     original = build_model(spec, 0).double()
     train(original, x, y, config)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))
-    forget, keep = order[:50], order[50:]
     retrained = build_model(spec, 0).double()
     train(retrained, x[keep], y[keep], config)
     return {
         "model": original,
         "retrained": retrained,
-        "fx": x[forget],
-        "fy": y[forget],
+        "fx": x[forget_rows],
+        "fy": y[forget_rows],
         "rx": x[keep],
         "ry": y[keep],
     }
