@@ -142,7 +142,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
         m = r.method
         print(
-            f"method: {m.selection} ({m.parameter_budget} entries at most), {m.hessian} Hessian "
+            f"method: {m.selection} ({m.parameter_budget} entries at most"
+            + (f" of {m.candidate_parameters} candidates" if m.candidate_parameters else "")
+            + f"), {m.hessian} Hessian "
             f"on {m.hessian_samples} samples, {m.newton_iterations_taken}/{m.newton_iterations} "
             f"Newton steps, seed {m.seed}"
         )

@@ -89,6 +89,7 @@ class ForgetMethod:
     ranking_cg_iterations: int
     ranking_newton_iterations: int
     seed: int
+    candidate_parameters: int  # entries the ranking chose from; 0: no ranking step
 
 
 @dataclass(frozen=True)

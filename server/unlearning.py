@@ -220,7 +220,7 @@ def unlearn(
     )
     ranking = ranking_config(config, ranking_hessian_samples, ranking_cg_iterations)
     parameter_budget = options.parameter_budget or default_parameter_budget
-    selection = choose_parameters(
+    chosen = choose_parameters(
         model,
         options,
         forget_x,
@@ -234,6 +234,7 @@ def unlearn(
         report,
         ranking,
     )
+    selection = chosen.selection
     units = selection.units
     report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
     # The served model is treated as the optimum of the full objective (grad J = 0): the steps
@@ -290,7 +291,13 @@ def unlearn(
         "accuracy_cost_flagged": flagged,
         "note": _note(result.accepted, flagged, certificate.budget_exhausted),
         "method": _method(
-            options, config, ranking, parameter_budget, total_params, result.iterations
+            options,
+            config,
+            ranking,
+            parameter_budget,
+            total_params,
+            result.iterations,
+            chosen.candidates,
         ),
     }
     return UnlearningOutcome(receipt, spent.to_dict())
@@ -320,6 +327,14 @@ def entry_budget(total_params: int, parameter_budget: int) -> int:
     return min(budget, total_params)
 
 
+@dataclass(frozen=True)
+class ChosenParameters:
+    """What choose_parameters returns: the entries and how many the ranking chose from."""
+
+    selection: ParameterSelection
+    candidates: int = 0  # 0: no ranking step (lcodec, all, output)
+
+
 def choose_parameters(
     model: nn.Module,
     options: UnlearningOptions,
@@ -333,8 +348,8 @@ def choose_parameters(
     seed: int,
     report: PhaseReporter,
     ranking: NewtonConfig | None = None,
-) -> ParameterSelection:
-    """The ParameterSelection the Newton step may change, per ``options.selection``.
+) -> ChosenParameters:
+    """The entries the Newton step may change, per ``options.selection``.
 
     ``ranking``: the Newton-CG step that ranks entries (default: ``ranking_config(config)``).
     """
@@ -343,22 +358,20 @@ def choose_parameters(
     from expunge.defenses.sparse_selection import CandidatePool, select_by_newton_direction
 
     if options.selection == "all":
-        return ParameterSelection.everything(model)
+        return ChosenParameters(ParameterSelection.everything(model))
     if options.selection == "output":
         layer = output_layer_name(model)
-        return ParameterSelection(
-            {
-                n: torch.arange(p.numel())
-                for n, p in model.named_parameters()
-                if n.startswith(layer + ".")
-            },
-            (f"{layer}:*",),
-        )
+        output = {
+            n: torch.arange(p.numel())
+            for n, p in model.named_parameters()
+            if n.startswith(f"{layer}.")
+        }
+        return ChosenParameters(ParameterSelection(output, (f"{layer}:*",)))
     total = sum(p.numel() for p in model.parameters())
     if options.selection == "lcodec":
         report.phase("selecting", message="L-CODEC Markov blanket over units")
         lcodec = LcodecConfig(parameter_budget=parameter_budget, seed=seed)
-        return select_markov_blanket(model, forget_x, forget_y, lcodec).selection
+        return ChosenParameters(select_markov_blanket(model, forget_x, forget_y, lcodec).selection)
     budget = entry_budget(total, parameter_budget)
     pool = None
     if options.selection == "lcodec_cg":
@@ -384,7 +397,7 @@ def choose_parameters(
         logits_layer=output_layer_name(model),
         assume_converged=True,
     )
-    return chosen.selection
+    return ChosenParameters(chosen.selection, chosen.candidates)
 
 
 def _method(
@@ -394,6 +407,7 @@ def _method(
     parameter_budget: int,
     total_params: int,
     iterations_taken: int,
+    candidates: int,
 ) -> dict[str, Any]:
     """The receipt's ForgetMethod: every choice the update depended on."""
     ranked = options.selection in ("lcodec_cg", "cg")
@@ -411,6 +425,7 @@ def _method(
         "ranking_cg_iterations": ranking.cg_iterations if ranked else 0,
         "ranking_newton_iterations": ranking.iterations if ranked else 0,
         "seed": config.seed,
+        "candidate_parameters": candidates if ranked else 0,
     }
 
 

@@ -61,6 +61,8 @@ def test_forgetting_an_owner_purges_and_versions(
     assert (method.hessian_samples, method.objective_samples) == (2000, 0)
     assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (2000, 20)
     assert method.ranking_newton_iterations == 3
+    # The ranking chose from the L-CODEC pool (units filling 3x the budget, then grown).
+    assert method.parameter_budget < method.candidate_parameters <= receipt.parameters_total
     assert 0.0 <= receipt.after.mia_auc <= 1.0 and receipt.after.test_accuracy > 0.7
     after = client.get_model("digits")
     assert after.current_version == 2

@@ -306,7 +306,7 @@ class ForgetReceipt(_message.Message):
     def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ...) -> None: ...
 
 class ForgetMethod(_message.Message):
-    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed")
+    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters")
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,7 @@ class ForgetMethod(_message.Message):
     RANKING_CG_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     RANKING_NEWTON_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     selection: str
     hessian: str
     parameter_budget: int
@@ -331,7 +332,8 @@ class ForgetMethod(_message.Message):
     ranking_cg_iterations: int
     ranking_newton_iterations: int
     seed: int
-    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    candidate_parameters: int
+    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ..., candidate_parameters: _Optional[int] = ...) -> None: ...
 
 class OperationProgress(_message.Message):
     __slots__ = ("phase", "completed", "total", "message")
