@@ -19,6 +19,7 @@ from .types import (
     ModelInfo,
     Operation,
     Prediction,
+    RetrainReceipt,
     ScanResult,
     VersionInfo,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "PermissionDeniedError",
     "Prediction",
     "ResourceExhaustedError",
+    "RetrainReceipt",
     "ScanResult",
     "UnauthenticatedError",
     "UnavailableError",

@@ -109,13 +109,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_forget(args: argparse.Namespace) -> int:
-    def progress(op: object) -> None:
-        phase = getattr(op, "phase", "")
-        done, total = getattr(op, "completed", 0), getattr(op, "total", 0)
-        bar = "#" * int(20 * done / total) if total else ""
-        print(f"\r{phase:<12} [{bar:<20}] {done}/{total}", end="", file=sys.stderr, flush=True)
+def _progress(op: object) -> None:
+    """One progress line on stderr, redrawn in place."""
+    phase = getattr(op, "phase", "")
+    done, total = getattr(op, "completed", 0), getattr(op, "total", 0)
+    bar = "#" * int(20 * done / total) if total else ""
+    print(f"\r{phase:<12} [{bar:<20}] {done}/{total}", end="", file=sys.stderr, flush=True)
 
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        op = client.retrain(
+            args.model, request_id=args.request_id, wait=not args.no_wait, on_progress=_progress
+        )
+    print(file=sys.stderr)
+    print(f"{op.name}: {op.state}")
+    if op.error_message:
+        print(f"error: {op.error_message}", file=sys.stderr)
+        return 1
+    r = op.retrain_receipt
+    if r is not None:
+        print(
+            f"version {r.parent_version} -> {r.new_version}: retrained on {r.training_samples} "
+            f"samples; test accuracy {r.parent_test_accuracy:.3f} -> {r.test_accuracy:.3f}; "
+            f"noise budget reset to {r.budget_total:g}; {r.seconds:.2f} s"
+        )
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
     with _client(args) as client:
         op = client.forget(
             args.model,
@@ -123,7 +145,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             owner_ids=args.owner,
             request_id=args.request_id,
             wait=not args.no_wait,
-            on_progress=progress,
+            on_progress=_progress,
             selection=args.selection,
             parameter_budget=args.budget,
         )
@@ -231,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("forget", help="forget samples and/or owners, with progress")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default="digits", help="model name (default: digits)")
     p.add_argument("--owner", action="append", default=[], help="owner id (repeatable)")
     p.add_argument("--sample", action="append", type=int, default=[], help="sample id (repeatable)")
     p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
@@ -244,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", type=int, default=0, help="most parameters touched (0: default)")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "retrain", help="retrain exactly on the current data (a fresh noise budget), with progress"
+    )
+    p.add_argument("model", nargs="?", default="digits", help="model name (default: digits)")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
+    p.add_argument("--no-wait", action="store_true", help="return the operation at once")
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("scan", help="scan inputs for training-set attack targets")
     p.add_argument("inputs", help=".npz with an 'inputs' array")

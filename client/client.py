@@ -221,6 +221,27 @@ class Client:
             return op
         return self.wait(op.name, on_progress=on_progress, timeout=wait_timeout)
 
+    def retrain(
+        self,
+        model: str,
+        *,
+        request_id: str | None = None,
+        wait: bool = False,
+        on_progress: Callable[[t.Operation], None] | None = None,
+        timeout: float | None = None,
+        wait_timeout: float = 600.0,
+    ) -> t.Operation:
+        """Ask for an exact retrain on the current training data (a fresh noise budget).
+
+        Queued behind the forgets already accepted; returns the operation at once, or
+        with ``wait=True`` once it is done. ``request_id`` makes retries safe, as in forget.
+        """
+        request = pb.RetrainModelRequest(model=_model(model), request_id=request_id or _new_id())
+        op = wire.operation(self._call(self._stub.RetrainModel, request, timeout))
+        if not wait:
+            return op
+        return self.wait(op.name, on_progress=on_progress, timeout=wait_timeout)
+
     def get_operation(self, name: str, timeout: float | None = None) -> t.Operation:
         return wire.operation(
             self._call(self._stub.GetOperation, pb.GetOperationRequest(name=_op(name)), timeout)

@@ -93,6 +93,21 @@ class ForgetMethod:
 
 
 @dataclass(frozen=True)
+class RetrainReceipt:
+    """An exact retrain's result (proto RetrainReceipt)."""
+
+    new_version: int
+    parent_version: int
+    training_samples: int
+    test_accuracy: float
+    parent_test_accuracy: float
+    weights_sha256: str
+    budget_total: float  # the noise budget, reset to this
+    seconds: float
+    environment: str
+
+
+@dataclass(frozen=True)
 class ForgetReceipt:
     new_version: int
     parent_version: int
@@ -129,6 +144,7 @@ class Operation:
     error_message: str
     receipt: ForgetReceipt | None
     model: str
+    retrain_receipt: RetrainReceipt | None = None  # kind "retrain", once it succeeded
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from typing import Any, TypeVar
 
 import numpy as np
 
 from expunge.v1 import expunge_pb2 as pb
 
 from . import types as t
+
+_Mirror = TypeVar("_Mirror")
 
 _WIRE_DTYPES = {
     "float32": "<f4",
@@ -116,8 +119,12 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
 
 
 def _method(msg: pb.ForgetMethod) -> t.ForgetMethod:
-    # Field for field: the dataclass mirrors the message.
-    return t.ForgetMethod(**{f.name: getattr(msg, f.name) for f in fields(t.ForgetMethod)})
+    return _fields(t.ForgetMethod, msg)
+
+
+def _fields(cls: type[_Mirror], msg: Any) -> _Mirror:
+    """Field for field: the dataclass mirrors the message."""
+    return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})  # type: ignore[call-arg, arg-type]
 
 
 def operation(msg: pb.Operation) -> t.Operation:
@@ -133,6 +140,9 @@ def operation(msg: pb.Operation) -> t.Operation:
         error_code=(msg.error.message and str(msg.error.code)) or "",
         error_message=msg.error.message,
         receipt=receipt(msg.receipt) if msg.HasField("receipt") else None,
+        retrain_receipt=_fields(t.RetrainReceipt, msg.retrain_receipt)
+        if msg.HasField("retrain_receipt")
+        else None,
         model=msg.model,
     )
 

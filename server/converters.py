@@ -147,9 +147,14 @@ def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
             )
         )
     if row.state == "SUCCEEDED" and row.result:
-        op.receipt.CopyFrom(
-            json_format.ParseDict(row.result, pb.ForgetReceipt(), ignore_unknown_fields=True)
-        )
+        if row.kind == "retrain":
+            op.retrain_receipt.CopyFrom(
+                json_format.ParseDict(row.result, pb.RetrainReceipt(), ignore_unknown_fields=True)
+            )
+        else:
+            op.receipt.CopyFrom(
+                json_format.ParseDict(row.result, pb.ForgetReceipt(), ignore_unknown_fields=True)
+            )
     return op
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,9 @@ class Engine:
         # The current version's snapshot per model: Predict's hot path reads no database.
         self._current: dict[str, ModelSnapshot] = {}
         self._data_cache: dict[str, TrainingData] = {}
+        # Bumped per model whenever its current version changes (forget_snapshot_cache).
+        self._generations: dict[str, int] = {}
+        self._version_listeners: list[Callable[[str], None]] = []
 
     # Creating a model ---------------------------------------------------------------
 
@@ -246,9 +250,13 @@ class Engine:
 
     def snapshot(self, name: str, version: int = 0) -> ModelSnapshot:
         """The loaded model of a version (cached; versions are immutable)."""
+        generation = 0
         if version == 0:
             with self._lock:
                 current = self._current.get(name)
+                # A forget or rollback committing while this loads clears the cache; the
+                # version read before it must not be cached as current after it.
+                generation = self._generations.get(name, 0)
             if current is not None:
                 return current
         vrow = self.version_row(name, version)
@@ -256,7 +264,7 @@ class Engine:
         with self._lock:
             cached = self._snapshots.get(key)
         if cached is not None:
-            return cached
+            return self._cached(cached, version == 0, generation)
         row = self.model_row(vrow.model)
         spec = ArchitectureSpec.from_dict(row.spec)
         module = build_architecture(spec, self.settings.trusted_factories, seed=0)
@@ -267,8 +275,14 @@ class Engine:
         snap = ModelSnapshot(vrow.model, vrow.version, spec, module, vrow.weights_blob)
         with self._lock:
             self._snapshots[key] = snap
-            if version == 0:
-                self._current[vrow.model] = snap
+        return self._cached(snap, version == 0, generation)
+
+    def _cached(self, snap: ModelSnapshot, as_current: bool, generation: int) -> ModelSnapshot:
+        """Remember ``snap`` as its model's current version unless that changed since read."""
+        if as_current:
+            with self._lock:
+                if self._generations.get(snap.name, 0) == generation:
+                    self._current[snap.name] = snap
         return snap
 
     def checkpoints(self, name: str) -> list[Checkpoint]:
@@ -354,17 +368,22 @@ class Engine:
     def _refuse_superseded(self, model: str, version: int) -> None:
         vrow = self.store.version(model, version)
         if vrow is not None and vrow.superseded_by_forget:
-            raise FailedPrecondition(
-                f"version {version} of {model!r} was trained on samples forgotten since; "
-                "it is kept for the record but cannot be served, exported or restored"
-            )
+            raise _superseded(model, version)
 
     def rollback(self, name: str, version: int, actor: str) -> ModelInfo:
         vrow = self.version_row(name, version)
         if version == 0:
             raise invalid_field("name", "name a version: models/{model}/versions/{n}")
-        self._refuse_superseded(vrow.model, vrow.version)
         with self.store.transaction() as tx:
+            # Checked inside the write transaction: a forget committing between a check
+            # made outside and this update would mark the version superseded and the
+            # rollback would then serve a model trained on the samples it removed.
+            superseded = tx.execute(
+                "SELECT superseded_by_forget FROM versions WHERE model = ? AND version = ?",
+                (vrow.model, vrow.version),
+            ).fetchone()[0]
+            if superseded:
+                raise _superseded(vrow.model, vrow.version)
             tx.execute(
                 "UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model)
             )
@@ -380,12 +399,27 @@ class Engine:
         token = str(rows[size - 1].id) if len(rows) > size else ""
         return rows[:size], token
 
+    def on_version_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(model)`` whenever a model's current version changes."""
+        self._version_listeners.append(listener)
+
     def forget_snapshot_cache(self, name: str) -> None:
+        """The model's current version changed: drop what was derived from the old one."""
+        for listener in self._version_listeners:
+            listener(name)
         with self._lock:
+            self._generations[name] = self._generations.get(name, 0) + 1
             for key in [k for k in self._snapshots if k[0] == name]:
                 del self._snapshots[key]
             self._current.pop(name, None)
             self._data_cache.pop(name, None)
+
+
+def _superseded(model: str, version: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"version {version} of {model!r} was trained on samples forgotten since; "
+        "it is kept for the record but cannot be served, exported or restored"
+    )
 
 
 def _shard_bytes(dataset: Dataset) -> bytes:

@@ -28,7 +28,8 @@ from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
 from .faults import crash_point
 from .indexing import ARTEFACT as INDEX_ARTEFACT
 from .indexing import IndexService
-from .jobs import SUCCEEDED, JobRunner, ProgressReporter
+from .jobs import SUCCEEDED, JobRunner, ProgressReporter, Redo
+from .retraining import RetrainPayload, apply_retrain
 from .store import RequestRow, VersionRow, utc_now
 from .unlearning import UnlearningOptions, unlearn
 
@@ -117,11 +118,7 @@ class ForgetService:
         actor: str,
     ) -> RequestRow:
         """Validate, check idempotency, resolve ids, journal durably; return the request row."""
-        if not request_id or len(request_id) > REQUEST_ID_MAX or not request_id.isprintable():
-            raise invalid_field(
-                "request_id",
-                f"required: a printable idempotency key of at most {REQUEST_ID_MAX} characters",
-            )
+        _check_request_id(request_id)
         name = parse_model_name(model)
         if not sample_ids and not owner_ids:
             raise invalid_field("sample_ids", "name at least one sample id or owner id to forget")
@@ -134,28 +131,55 @@ class ForgetService:
         payload = ForgetPayload(
             name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options
         )
-        existing = self.engine.store.request(request_id)
+        existing = self._existing(request_id, payload.sha256)
         if existing is not None:
-            if existing.payload_sha256 != payload.sha256:
-                raise AlreadyExists(
-                    f"request id {request_id!r} was used for a different request; use a new id"
-                )
             return existing
         self.engine.model_row(name)
         self._check_known(payload)
-        stored = {**payload.to_dict(), "actor": actor}
-        with self.engine.store.transaction() as tx:
-            tx.insert_request(request_id, name, "forget", payload.sha256, stored)
-            tx.audit(
-                actor,
-                "forget_requested",
-                f"models/{name}",
-                {
-                    "request_id": request_id,
-                    "samples": len(payload.sample_ids),
-                    "owners": len(payload.owner_ids),
-                },
+        details = {
+            "request_id": request_id,
+            "samples": len(payload.sample_ids),
+            "owners": len(payload.owner_ids),
+        }
+        return self._journal(
+            request_id, "forget", payload.to_dict(), payload.sha256, actor, details
+        )
+
+    def submit_retrain(self, model: str, request_id: str, actor: str) -> RequestRow:
+        """Journal an exact retrain of ``model`` behind the requests already queued."""
+        _check_request_id(request_id)
+        payload = RetrainPayload(parse_model_name(model))
+        existing = self._existing(request_id, payload.sha256)
+        if existing is not None:
+            return existing
+        self.engine.model_row(payload.model)
+        details = {"request_id": request_id}
+        return self._journal(
+            request_id, "retrain", payload.to_dict(), payload.sha256, actor, details
+        )
+
+    def _existing(self, request_id: str, payload_sha256: str) -> RequestRow | None:
+        """The request journalled under ``request_id``, if any; another payload conflicts."""
+        existing = self.engine.store.request(request_id)
+        if existing is not None and existing.payload_sha256 != payload_sha256:
+            raise AlreadyExists(
+                f"request id {request_id!r} was used for a different request; use a new id"
             )
+        return existing
+
+    def _journal(
+        self,
+        request_id: str,
+        kind: str,
+        payload: dict[str, Any],
+        payload_sha256: str,
+        actor: str,
+        details: dict[str, Any],
+    ) -> RequestRow:
+        model = payload["model"]
+        with self.engine.store.transaction() as tx:
+            tx.insert_request(request_id, model, kind, payload_sha256, {**payload, "actor": actor})
+            tx.audit(actor, f"{kind}_requested", f"models/{model}", details)
         self.jobs.notify()
         row = self.engine.store.request(request_id)
         assert row is not None
@@ -203,10 +227,44 @@ class ForgetService:
             raise NotFound(
                 f"unknown {' and '.join(parts)} in models/{payload.model}; nothing was applied"
             )
+        self._check_leaves_data(payload)
+
+    def _check_leaves_data(self, payload: ForgetPayload) -> None:
+        """A forget must leave training data: the update needs the retained objective."""
+        store = self.engine.store
+        named: set[int] = set()
+        for start in range(0, len(payload.sample_ids), 500):
+            chunk = list(payload.sample_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            named |= {
+                int(r[0])
+                for r in store.query(
+                    f"SELECT sample_id FROM samples WHERE model = ? AND sample_id IN ({marks})",
+                    (payload.model, *chunk),
+                )
+            }
+        for owner in payload.owner_ids:
+            named |= {
+                int(r[0])
+                for r in store.query(
+                    "SELECT sample_id FROM samples WHERE model = ? AND owner_id = ?",
+                    (payload.model, owner),
+                )
+            }
+        remaining = int(
+            store.query("SELECT COUNT(*) FROM samples WHERE model = ?", (payload.model,))[0][0]
+        )
+        if named and len(named) >= remaining:
+            raise _would_empty(payload.model, remaining)
 
     # Application (worker thread) -----------------------------------------------------------
 
     def _apply(self, request: RequestRow, reporter: ProgressReporter) -> None:
+        if request.kind == "retrain":
+            apply_retrain(self.engine, request, reporter, environment())
+            if self.index is not None:
+                self.index.after_commit(request.model)
+            return
         started = time.perf_counter()
         payload = ForgetPayload.from_dict(request.payload)
         engine, store = self.engine, self.engine.store
@@ -247,6 +305,9 @@ class ForgetService:
                 )
             return
 
+        if mask.all():
+            # Earlier forgets left only what this one names (submit checked the rest).
+            raise _would_empty(payload.model, len(mask))
         snapshot = engine.snapshot(payload.model)
         spec = ArchitectureSpec.from_dict(row.spec)
         config = TrainConfig.from_dict(row.train_config)
@@ -331,8 +392,9 @@ class ForgetService:
                     "SELECT current_version FROM models WHERE name = ?", (payload.model,)
                 ).fetchone()[0]
                 if int(current) != row.current_version:
-                    raise FailedPrecondition(
-                        "the model changed while the forget ran; it will be redone"
+                    raise Redo(
+                        f"the model moved from version {row.current_version} to {current} "
+                        "while the forget was computed"
                     )
                 tx.insert_version(
                     VersionRow(
@@ -406,6 +468,22 @@ class ForgetService:
         engine.forget_snapshot_cache(payload.model)
         if self.index is not None:
             self.index.after_commit(payload.model)
+
+
+def _check_request_id(request_id: str) -> None:
+    if not request_id or len(request_id) > REQUEST_ID_MAX or not request_id.isprintable():
+        raise invalid_field(
+            "request_id",
+            f"required: a printable idempotency key of at most {REQUEST_ID_MAX} characters",
+        )
+
+
+def _would_empty(model: str, remaining: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"forgetting these would remove all {remaining} remaining training samples of "
+        f"models/{model}, leaving nothing to update the model on; nothing was applied "
+        "(delete the model instead)"
+    )
 
 
 def environment() -> str:

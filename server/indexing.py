@@ -254,8 +254,12 @@ class IndexService:
         """Remove forgotten ids and write the index blob; the caller references it in its commit."""
         with self._lock:
             loaded = self._loaded.get(model)
+            if loaded is not None:
+                # Embeddings of every training sample, forgotten ones included: recomputed
+                # from the current data when Scan next asks (training_embeddings).
+                loaded.vectors, loaded.ids = None, None
         if loaded is None:
-            return None
+            return self._remove_from_persisted(model, sample_ids)
         # faiss indexes are not safe to search while ids are removed (the soak run answered
         # 4 Neighbors calls INTERNAL before this lock): searches wait for the removal.
         with self._index_lock:
@@ -263,10 +267,23 @@ class IndexService:
             packed = pack_index(loaded.index)
         return self.engine.store.blobs.put(packed)
 
+    def _remove_from_persisted(self, model: str, sample_ids: list[int]) -> str | None:
+        """An index on disk but not in memory still loses the forgotten ids in the commit."""
+        rows = self.engine.store.query(
+            "SELECT blob FROM artefacts WHERE model = ? AND kind = ?", (model, ARTEFACT)
+        )
+        if not rows:
+            return None
+        index = unpack_index(self.engine.store.blobs.get(str(rows[0][0])))
+        index.remove(np.array(sample_ids, dtype=np.int64))
+        return self.engine.store.blobs.put(pack_index(index))
+
     def after_commit(self, model: str) -> None:
         """The served weights changed: the last embedding block is stale until re-embedded."""
         with self._lock:
             loaded = self._loaded.get(model)
+            if loaded is not None:
+                loaded.vectors, loaded.ids = None, None
         if loaded is None:
             self.build_in_background(model)
             return

@@ -35,6 +35,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "GetOperation": frozenset({"forget"}),
     "WatchOperation": frozenset({"forget"}),
     "CancelOperation": frozenset({"forget"}),
+    "RetrainModel": frozenset({"forget"}),
     "Scan": frozenset({"scan"}),
     "EstimateScan": frozenset({"scan"}),
     "Neighbors": frozenset({"scan"}),

@@ -67,6 +67,15 @@ class ShuttingDown(Exception):
     """Raised at a phase boundary when the server stops: the request is redone at next start."""
 
 
+class Redo(Exception):
+    """Raised by apply before committing when its inputs changed under it: computed again."""
+
+
+# A request redone this many times in a row (the model kept changing under it) fails
+# with ABORTED rather than looping; nothing was applied, and the caller may resubmit.
+MAX_REDOS = 5
+
+
 # apply(request, reporter) commits the result itself (inside its final transaction,
 # which must also set the request SUCCEEDED) and returns nothing.
 ApplyFunction = Callable[[RequestRow, ProgressReporter], None]
@@ -82,6 +91,7 @@ class JobRunner:
         self._stopping = threading.Event()
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
+        self._redos: dict[str, int] = {}
 
     # Lifecycle ---------------------------------------------------------------------
 
@@ -154,6 +164,8 @@ class JobRunner:
             self._set_progress(request.request_id, Progress("done"))
         except ShuttingDown:
             return
+        except Redo as exc:
+            self._redo(request.request_id, str(exc))
         except Cancelled as exc:
             self._finish(request.request_id, CANCELLED, ("CANCELLED", exc.message))
         except ExpungeError as exc:
@@ -167,6 +179,19 @@ class JobRunner:
                 FAILED,
                 ("INTERNAL", "the update failed; the server log has details"),
             )
+
+    def _redo(self, request_id: str, reason: str) -> None:
+        tries = self._redos.get(request_id, 0) + 1
+        if tries > MAX_REDOS:
+            self._redos.pop(request_id, None)
+            message = f"{reason}; gave up after {MAX_REDOS} tries, nothing was applied"
+            self._finish(request_id, FAILED, ("ABORTED", message))
+            return
+        self._redos[request_id] = tries
+        log.info("forget %s computed again (%d): %s", request_id, tries, reason)
+        with self.store.transaction() as tx:
+            tx.set_request_state(request_id, PENDING)
+        self._set_progress(request_id, Progress("queued", message=reason))
 
     def _finish(self, request_id: str, state: str, error: tuple[str, str] | None) -> None:
         with self.store.transaction() as tx:

@@ -145,6 +145,12 @@ class ScanService:
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
+        # A solver holds the training data it was built on: gone once a forget commits.
+        engine.on_version_change(self._drop_solver)
+
+    def _drop_solver(self, model: str) -> None:
+        with self._cache_lock:
+            self._solvers.pop(model, None)
 
     # Influence -------------------------------------------------------------------------
 

@@ -150,6 +150,13 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         return self._operation(row.request_id)
 
     @handles_errors
+    def RetrainModel(
+        self, request: pb.RetrainModelRequest, context: grpc.ServicerContext
+    ) -> pb.Operation:
+        row = self.forget.submit_retrain(request.model, request.request_id, actor_of(context))
+        return self._operation(row.request_id)
+
+    @handles_errors
     def GetOperation(
         self, request: pb.GetOperationRequest, context: grpc.ServicerContext
     ) -> pb.Operation:

@@ -438,5 +438,7 @@ def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:
     if flagged:
         notes.append("the update cost more than one point of test accuracy (applied, not skipped)")
     if exhausted:
-        notes.append("the certificate budget is spent: request an exact retrain")
+        notes.append(
+            "the certificate budget is spent: request an exact retrain (RetrainModel; expunge retrain <model>)"
+        )
     return "; ".join(notes)

@@ -138,3 +138,40 @@ def test_an_index_that_would_not_fit_is_refused_with_its_reason(state_dir: Path)
             assert client.get_model("digits").index.state == "ABSENT"
     finally:
         running.stop(0)
+
+
+def test_a_persisted_index_not_in_memory_loses_forgotten_ids_in_the_commit(
+    client: Client, server: object
+) -> None:
+    from expunge.server.indexing import ARTEFACT, unpack_index
+
+    _wait_ready(client)
+    engine = server.engine  # type: ignore[attr-defined]
+    index = server.forget.index  # type: ignore[attr-defined]
+    index.stop()  # no rebuild after the commit: the artefact is what the commit wrote
+    with index._lock:
+        del index._loaded["digits"]  # on disk only, as before a load or after a failed one
+    victims = engine.training_data("digits").sample_ids[:5].tolist()
+    client.forget("digits", sample_ids=victims, request_id="disk", wait=True)
+    blob = engine.store.query(
+        "SELECT blob FROM artefacts WHERE model = ? AND kind = ?", ("digits", ARTEFACT)
+    )[0][0]
+    persisted = set(unpack_index(engine.store.blobs.get(blob)).ids().tolist())
+    assert not persisted & set(victims)
+    assert len(persisted) == len(engine.training_data("digits").sample_ids)
+
+
+def test_derived_training_caches_are_dropped_at_the_commit(client: Client, server: object) -> None:
+    _wait_ready(client)
+    engine = server.engine  # type: ignore[attr-defined]
+    index = server.forget.index  # type: ignore[attr-defined]
+    index.stop()
+    embeddings = index.training_embeddings("digits")
+    assert embeddings is not None and index._loaded["digits"].vectors is not None
+    victims = engine.training_data("digits").sample_ids[:3].tolist()
+    client.forget("digits", sample_ids=victims, request_id="caches", wait=True)
+    # Per-sample embeddings of the old training set, forgotten samples included, are gone
+    # and come back from the current data only.
+    assert index._loaded["digits"].vectors is None
+    _, vectors, ids = index.training_embeddings("digits")
+    assert not set(ids.tolist()) & set(victims) and len(vectors) == len(ids)

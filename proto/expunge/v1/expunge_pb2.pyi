@@ -175,6 +175,36 @@ class RollbackModelRequest(_message.Message):
     request_id: str
     def __init__(self, name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class RetrainModelRequest(_message.Message):
+    __slots__ = ("model", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RetrainReceipt(_message.Message):
+    __slots__ = ("new_version", "parent_version", "training_samples", "test_accuracy", "parent_test_accuracy", "weights_sha256", "budget_total", "seconds", "environment")
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    new_version: int
+    parent_version: int
+    training_samples: int
+    test_accuracy: float
+    parent_test_accuracy: float
+    weights_sha256: str
+    budget_total: float
+    seconds: float
+    environment: str
+    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., training_samples: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., parent_test_accuracy: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., budget_total: _Optional[float] = ..., seconds: _Optional[float] = ..., environment: _Optional[str] = ...) -> None: ...
+
 class PredictRequest(_message.Message):
     __slots__ = ("model", "inputs", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -356,7 +386,7 @@ class OperationError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("name", "kind", "state", "done", "progress", "error", "receipt", "create_time", "update_time", "model")
+    __slots__ = ("name", "kind", "state", "done", "progress", "error", "receipt", "create_time", "update_time", "model", "retrain_receipt")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Operation.State]
@@ -381,6 +411,7 @@ class Operation(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_RECEIPT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     state: Operation.State
@@ -391,7 +422,8 @@ class Operation(_message.Message):
     create_time: str
     update_time: str
     model: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[Operation.State, str]] = ..., done: _Optional[bool] = ..., progress: _Optional[_Union[OperationProgress, _Mapping]] = ..., error: _Optional[_Union[OperationError, _Mapping]] = ..., receipt: _Optional[_Union[ForgetReceipt, _Mapping]] = ..., create_time: _Optional[str] = ..., update_time: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    retrain_receipt: RetrainReceipt
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[Operation.State, str]] = ..., done: _Optional[bool] = ..., progress: _Optional[_Union[OperationProgress, _Mapping]] = ..., error: _Optional[_Union[OperationError, _Mapping]] = ..., receipt: _Optional[_Union[ForgetReceipt, _Mapping]] = ..., create_time: _Optional[str] = ..., update_time: _Optional[str] = ..., model: _Optional[str] = ..., retrain_receipt: _Optional[_Union[RetrainReceipt, _Mapping]] = ...) -> None: ...
 
 class GetOperationRequest(_message.Message):
     __slots__ = ("name",)

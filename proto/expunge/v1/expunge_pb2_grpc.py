@@ -84,6 +84,11 @@ class ExpungeStub:
                 request_serializer=expunge_dot_v1_dot_expunge__pb2.CancelOperationRequest.SerializeToString,
                 response_deserializer=expunge_dot_v1_dot_expunge__pb2.Operation.FromString,
                 _registered_method=True)
+        self.RetrainModel = channel.unary_unary(
+                '/expunge.v1.Expunge/RetrainModel',
+                request_serializer=expunge_dot_v1_dot_expunge__pb2.RetrainModelRequest.SerializeToString,
+                response_deserializer=expunge_dot_v1_dot_expunge__pb2.Operation.FromString,
+                _registered_method=True)
         self.Scan = channel.unary_stream(
                 '/expunge.v1.Expunge/Scan',
                 request_serializer=expunge_dot_v1_dot_expunge__pb2.ScanRequest.SerializeToString,
@@ -173,6 +178,14 @@ class ExpungeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetrainModel(self, request, context):
+        """Exact retrain from scratch on the current (retained) training data, queued behind
+        pending forgets: a new version and a fresh noise budget, for when it is spent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Scan(self, request, context):
         """Target identification (renormalized influence), streamed per input.
         """
@@ -250,6 +263,11 @@ def add_ExpungeServicer_to_server(servicer, server):
             'CancelOperation': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelOperation,
                     request_deserializer=expunge_dot_v1_dot_expunge__pb2.CancelOperationRequest.FromString,
+                    response_serializer=expunge_dot_v1_dot_expunge__pb2.Operation.SerializeToString,
+            ),
+            'RetrainModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrainModel,
+                    request_deserializer=expunge_dot_v1_dot_expunge__pb2.RetrainModelRequest.FromString,
                     response_serializer=expunge_dot_v1_dot_expunge__pb2.Operation.SerializeToString,
             ),
             'Scan': grpc.unary_stream_rpc_method_handler(
@@ -542,6 +560,33 @@ class Expunge:
             target,
             '/expunge.v1.Expunge/CancelOperation',
             expunge_dot_v1_dot_expunge__pb2.CancelOperationRequest.SerializeToString,
+            expunge_dot_v1_dot_expunge__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrainModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expunge.v1.Expunge/RetrainModel',
+            expunge_dot_v1_dot_expunge__pb2.RetrainModelRequest.SerializeToString,
             expunge_dot_v1_dot_expunge__pb2.Operation.FromString,
             options,
             channel_credentials,

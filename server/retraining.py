@@ -1,0 +1,121 @@
+"""Exact retraining on the current training data: a new version and a fresh noise budget.
+
+The certified-noise budget (Guo et al.) bounds how many approximate deletions a model may
+take; once it is spent the forget receipt says so, and a retrain restores an exact state:
+the architecture and training config of version 1, trained from scratch on what is left.
+It is journalled and applied by the forget worker, in order, so it trains on every
+deletion acknowledged before it, and it replaces the training checkpoints (Scan's
+renormalized influence reads them) with ones that never saw a forgotten sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.training import TrainConfig, train
+
+from . import weights as weights_io
+from .jobs import SUCCEEDED, ProgressReporter, Redo
+from .model_factory import build_architecture
+from .store import RequestRow, VersionRow, utc_now
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass(frozen=True)
+class RetrainPayload:
+    """The canonical form of a retrain request: what the idempotency hash covers."""
+
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetrainPayload:
+        return cls(data["model"])
+
+
+def apply_retrain(
+    engine: Engine, request: RequestRow, reporter: ProgressReporter, environment: str
+) -> int:
+    """Train from scratch, commit the new version with the request's receipt; its number."""
+    started = time.perf_counter()
+    payload = RetrainPayload.from_dict(request.payload)
+    store = engine.store
+    row = engine.model_row(payload.model)
+    parent = engine.version_row(payload.model, row.current_version)
+    data = engine.training_data(payload.model)
+    spec = ArchitectureSpec.from_dict(row.spec)
+    config = TrainConfig.from_dict(row.train_config)
+    n = len(data.sample_ids)
+    reporter.phase("training", 0, n, f"training from scratch on {n} samples")
+    model = build_architecture(spec, engine.settings.trusted_factories, seed=config.seed)
+    result = train(model, data.features, data.labels, config)
+    reporter.phase("verifying", message="measuring the retrained model")
+    test = engine.test_data(payload.model)
+    metrics = engine.evaluate(model, data.features, data.labels, test, config.weight_decay)
+    reporter.phase("committing")
+    weights_blob = store.blobs.put(weights_io.model_to_bytes(model))
+    checkpoints_blob = store.blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
+    new_version = row.current_version + 1
+    receipt = {
+        "new_version": new_version,
+        "parent_version": row.current_version,
+        "training_samples": n,
+        "test_accuracy": metrics["test_accuracy"],
+        "parent_test_accuracy": parent.metrics.get("test_accuracy", 0.0),
+        "weights_sha256": weights_blob,
+        "budget_total": engine.settings.forget_budget,
+        "seconds": time.perf_counter() - started,
+        "environment": environment,
+    }
+    with store.transaction() as tx:
+        current = tx.execute(
+            "SELECT current_version, train_blob FROM models WHERE name = ?", (payload.model,)
+        ).fetchone()
+        if (int(current[0]), current[1]) != (row.current_version, row.train_blob):
+            raise Redo(
+                f"the model moved from version {row.current_version} to {current[0]} "
+                "while the retrain ran"
+            )
+        tx.insert_version(
+            VersionRow(
+                payload.model,
+                new_version,
+                row.current_version,
+                weights_blob,
+                request.request_id,
+                utc_now(),
+                metrics,
+                n,
+                False,
+            )
+        )
+        # An empty ledger is a fresh budget (BudgetLedger.from_dict).
+        tx.execute(
+            "UPDATE models SET current_version = ?, checkpoints_blob = ?, ledger_json = ? "
+            "WHERE name = ?",
+            (new_version, checkpoints_blob, json.dumps({}), payload.model),
+        )
+        tx.set_request_state(request.request_id, SUCCEEDED, receipt)
+        tx.audit(
+            request.payload.get("actor", "anonymous"),
+            "retrain",
+            f"models/{payload.model}",
+            {"request_id": request.request_id, "new_version": new_version, "training_samples": n},
+        )
+    # The old checkpoints were trained on forgotten samples: nothing references them now.
+    store.blobs.collect_garbage(store.referenced_blobs())
+    engine.forget_snapshot_cache(payload.model)
+    return new_version
