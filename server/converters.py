@@ -139,7 +139,7 @@ def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
         update_time=row.updated_at,
         model=f"models/{row.model}",
     )
-    if row.error_code:
+    if row.error_code and done:
         op.error.CopyFrom(
             pb.OperationError(
                 code=getattr(code_pb2, row.error_code, code_pb2.UNKNOWN),

@@ -28,10 +28,11 @@ from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
 from .faults import crash_point
 from .indexing import ARTEFACT as INDEX_ARTEFACT
 from .indexing import IndexService
-from .jobs import SUCCEEDED, JobRunner, ProgressReporter, Redo
+from .jobs import SUCCEEDED, JobRunner, ProgressReporter
 from .retraining import RetrainPayload, apply_retrain
-from .store import RequestRow, VersionRow, utc_now
+from .store import RequestRow
 from .unlearning import UnlearningOptions, unlearn
+from .versioning import insert_next_version
 
 MAX_IDS_PER_REQUEST = 100_000
 REQUEST_ID_MAX = 128
@@ -388,26 +389,14 @@ class ForgetService:
             actor = request.payload.get("actor", "anonymous")
             crash_point("forget_before_commit")
             with store.transaction() as tx:
-                current = tx.execute(
-                    "SELECT current_version FROM models WHERE name = ?", (payload.model,)
-                ).fetchone()[0]
-                if int(current) != row.current_version:
-                    raise Redo(
-                        f"the model moved from version {row.current_version} to {current} "
-                        "while the forget was computed"
-                    )
-                tx.insert_version(
-                    VersionRow(
-                        payload.model,
-                        new_version,
-                        row.current_version,
-                        weights_blob,
-                        request.request_id,
-                        utc_now(),
-                        metrics,
-                        int(keep.sum()),
-                        False,
-                    )
+                insert_next_version(
+                    tx,
+                    row,
+                    request.request_id,
+                    weights_blob,
+                    metrics,
+                    int(keep.sum()),
+                    "the forget",
                 )
                 tx.execute(
                     "UPDATE models SET current_version = ?, train_blob = ?, num_samples = ?, ledger_json = ? WHERE name = ?",

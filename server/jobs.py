@@ -28,6 +28,8 @@ PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = (
     "CANCELLED",
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+# error_code of an APPLYING request whose cancellation was asked for (becomes CANCELLED).
+CANCEL_ASKED = "CANCELLED"
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,12 @@ class ProgressReporter:
         self._jobs._set_progress(self._request_id, Progress(name, completed, total, message))
 
     def check_cancelled(self) -> None:
-        if self._jobs._stopping.is_set():
-            raise ShuttingDown("the server is stopping; the request stays journalled")
+        # Cancellation first: a request cancelled and then caught by a shutdown ends
+        # CANCELLED now rather than being redone at the next start.
         if self._jobs._live(self._request_id).cancel.is_set():
             raise Cancelled("cancelled at the caller's request before commit")
+        if self._jobs._stopping.is_set():
+            raise ShuttingDown("the server is stopping; the request stays journalled")
 
 
 class ShuttingDown(Exception):
@@ -96,8 +100,16 @@ class JobRunner:
     # Lifecycle ---------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Requeue requests a crash left APPLYING; return how many are waiting."""
+        """Requeue requests a crash left APPLYING; return how many are waiting.
+
+        One whose cancellation was asked for while it ran ends CANCELLED instead.
+        """
         with self.store.transaction() as tx:
+            tx.execute(
+                "UPDATE requests SET state = ?, error_message = ? "
+                "WHERE state = ? AND error_code = ?",
+                (CANCELLED, "cancelled before commit (the server stopped)", APPLYING, CANCEL_ASKED),
+            )
             tx.execute("UPDATE requests SET state = ? WHERE state = ?", (PENDING, APPLYING))
         return len(self.store.requests_in_state(PENDING))
 
@@ -157,8 +169,14 @@ class JobRunner:
             )
             return
         with self.store.transaction() as tx:
-            tx.set_request_state(request.request_id, APPLYING)
-        self._touch(request.request_id)
+            started = tx.execute(
+                "UPDATE requests SET state = ? WHERE request_id = ? AND state = ?",
+                (APPLYING, request.request_id, PENDING),
+            ).rowcount
+        if not started:  # cancelled between the queue read and here
+            self._set_progress(request.request_id, Progress("done"))
+            return
+        self._set_progress(request.request_id, Progress("starting"))
         try:
             self.apply(replace(request, state=APPLYING), ProgressReporter(self, request.request_id))
             self._set_progress(request.request_id, Progress("done"))
@@ -235,6 +253,12 @@ class JobRunner:
                 "UPDATE requests SET state = ?, error_code = ?, error_message = ? "
                 "WHERE request_id = ? AND state = ?",
                 (CANCELLED, "CANCELLED", "cancelled before it started", request_id, PENDING),
+            )
+            # Durable for a running one too: a restart before its next phase must not
+            # redo it (recover); the commit clears the mark, a later cancel is too late.
+            tx.execute(
+                "UPDATE requests SET error_code = ? WHERE request_id = ? AND state = ?",
+                (CANCEL_ASKED, request_id, APPLYING),
             )
         self._touch(request_id)
 

@@ -20,9 +20,10 @@ from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig, train
 
 from . import weights as weights_io
-from .jobs import SUCCEEDED, ProgressReporter, Redo
+from .jobs import SUCCEEDED, ProgressReporter
 from .model_factory import build_architecture
-from .store import RequestRow, VersionRow, utc_now
+from .store import RequestRow
+from .versioning import insert_next_version
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -81,27 +82,7 @@ def apply_retrain(
         "environment": environment,
     }
     with store.transaction() as tx:
-        current = tx.execute(
-            "SELECT current_version, train_blob FROM models WHERE name = ?", (payload.model,)
-        ).fetchone()
-        if (int(current[0]), current[1]) != (row.current_version, row.train_blob):
-            raise Redo(
-                f"the model moved from version {row.current_version} to {current[0]} "
-                "while the retrain ran"
-            )
-        tx.insert_version(
-            VersionRow(
-                payload.model,
-                new_version,
-                row.current_version,
-                weights_blob,
-                request.request_id,
-                utc_now(),
-                metrics,
-                n,
-                False,
-            )
-        )
+        insert_next_version(tx, row, request.request_id, weights_blob, metrics, n, "the retrain")
         # An empty ledger is a fresh budget (BudgetLedger.from_dict).
         tx.execute(
             "UPDATE models SET current_version = ?, checkpoints_blob = ?, ledger_json = ? "

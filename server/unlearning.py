@@ -256,6 +256,12 @@ def unlearn(
         full_gradient=assumed_converged,
     )
     apply_update(model, selection, result)
+    report.phase(
+        "solving",
+        selection.num_parameters,
+        selection.num_parameters,
+        f"{result.iterations} Newton steps taken, damping {result.damping:.3g}",
+    )
     scale = 0.0
     if options.epsilon > 0:
         # Noise goes on the parameters, so eps' bounds the distance to the retrained optimum: r / lambda.

@@ -32,13 +32,17 @@ def _runner_with(tmp_path: Path, outcomes: list[str]) -> tuple[JobRunner, Store,
     return runner, store, calls
 
 
-def test_a_computation_whose_inputs_moved_is_redone_not_failed(tmp_path: Path) -> None:
-    runner, store, calls = _runner_with(tmp_path, ["redo", "redo", "commit"])
+def _run_until_idle(runner: JobRunner) -> None:
     runner.start()
     try:
         assert runner.wait_idle(30)
     finally:
         runner.stop(10)
+
+
+def test_a_computation_whose_inputs_moved_is_redone_not_failed(tmp_path: Path) -> None:
+    runner, store, calls = _runner_with(tmp_path, ["redo", "redo", "commit"])
+    _run_until_idle(runner)
     row = store.request("r1")
     assert row is not None and row.state == "SUCCEEDED"
     assert len(calls) == 3
@@ -46,11 +50,7 @@ def test_a_computation_whose_inputs_moved_is_redone_not_failed(tmp_path: Path) -
 
 def test_redoing_forever_ends_aborted_with_nothing_applied(tmp_path: Path) -> None:
     runner, store, calls = _runner_with(tmp_path, [])
-    runner.start()
-    try:
-        assert runner.wait_idle(30)
-    finally:
-        runner.stop(10)
+    _run_until_idle(runner)
     row = store.request("r1")
     assert row is not None and row.state == "FAILED"
     assert row.error_code == "ABORTED" and "nothing was applied" in (row.error_message or "")
@@ -112,3 +112,34 @@ def test_scan_solvers_holding_the_old_data_are_dropped_at_the_commit(
     victim = int(engine.training_data("digits").sample_ids[0])
     client.forget("digits", sample_ids=[victim], request_id="solver", wait=True)
     assert "digits" not in scans._solvers
+
+
+def test_a_cancel_asked_while_running_survives_a_restart(tmp_path: Path) -> None:
+    import threading
+
+    store = Store(tmp_path)
+    reached, release = threading.Event(), threading.Event()
+
+    def apply(request: RequestRow, reporter: ProgressReporter) -> None:
+        reporter.phase("solving")
+        reached.set()
+        release.wait(30)  # the process "dies" here: nothing after this is committed
+        reporter.phase("committing")
+
+    with store.transaction() as tx:
+        tx.insert_request("r1", "m", "forget", "0" * 64, {"model": "m"})
+    runner = JobRunner(store, apply)
+    runner.start()
+    try:
+        assert reached.wait(30)
+        runner.cancel("r1")
+        row = store.request("r1")
+        assert row is not None and row.state == "APPLYING"  # too late to cancel at once
+        # A restart before the worker reached its next phase: the journal alone decides.
+        assert JobRunner(store, apply).recover() == 0
+        row = store.request("r1")
+        assert row is not None and row.state == "CANCELLED"
+        assert "server stopped" in (row.error_message or "")
+    finally:
+        release.set()
+        runner.stop(10)
