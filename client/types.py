@@ -128,6 +128,7 @@ class ForgetReceipt:
     accuracy_cost_flagged: bool
     note: str
     method: ForgetMethod
+    already_forgotten_owner_ids: list[str]
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
         accuracy_cost_flagged=msg.accuracy_cost_flagged,
         note=msg.note,
         method=_method(msg.method),
+        already_forgotten_owner_ids=list(msg.already_forgotten_owner_ids),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -178,9 +179,19 @@ class ForgetService:
         details: dict[str, Any],
     ) -> RequestRow:
         model = payload["model"]
-        with self.engine.store.transaction() as tx:
-            tx.insert_request(request_id, model, kind, payload_sha256, {**payload, "actor": actor})
-            tx.audit(actor, f"{kind}_requested", f"models/{model}", details)
+        try:
+            with self.engine.store.transaction() as tx:
+                tx.insert_request(
+                    request_id, model, kind, payload_sha256, {**payload, "actor": actor}
+                )
+                tx.audit(actor, f"{kind}_requested", f"models/{model}", details)
+        except sqlite3.IntegrityError:
+            # The same id journalled by a concurrent call since _existing looked: answer
+            # as a retry would (or ALREADY_EXISTS for another payload).
+            existing = self._existing(request_id, payload_sha256)
+            if existing is None:
+                raise
+            return existing
         self.jobs.notify()
         row = self.engine.store.request(request_id)
         assert row is not None
@@ -284,11 +295,14 @@ class ForgetService:
         # Owners named in the request whose samples this forget removes.
         removed_owners = sorted(owners_set & {str(o) for o in data.owner_ids[mask]})
         already = sorted(id_set - set(removed_ids))
+        # Every named owner is known (submit checked): those with no rows left were forgotten.
+        already_owners = sorted(owners_set - set(removed_owners))
         if not removed_ids:
             result = {
                 "new_version": row.current_version,
                 "parent_version": row.current_version,
                 "already_forgotten_sample_ids": already,
+                "already_forgotten_owner_ids": already_owners,
                 "note": "everything named had been forgotten already; nothing changed",
                 "seconds": time.perf_counter() - started,
             }
@@ -379,6 +393,7 @@ class ForgetService:
                 "removed_sample_ids": removed_ids,
                 "removed_owner_ids": removed_owners,
                 "already_forgotten_sample_ids": already,
+                "already_forgotten_owner_ids": already_owners,
                 "weights_sha256": weights_blob,
                 "environment": environment(),
                 "seconds": time.perf_counter() - started,

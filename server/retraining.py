@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.certificate import BudgetLedger
 from expunge.defenses.training import TrainConfig, train
 
 from . import weights as weights_io
@@ -70,6 +71,7 @@ def apply_retrain(
     weights_blob = store.blobs.put(weights_io.model_to_bytes(model))
     checkpoints_blob = store.blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
     new_version = row.current_version + 1
+    ledger = BudgetLedger.from_dict(row.ledger, engine.settings.forget_budget).reset()
     receipt = {
         "new_version": new_version,
         "parent_version": row.current_version,
@@ -77,17 +79,16 @@ def apply_retrain(
         "test_accuracy": metrics["test_accuracy"],
         "parent_test_accuracy": parent.metrics.get("test_accuracy", 0.0),
         "weights_sha256": weights_blob,
-        "budget_total": engine.settings.forget_budget,
+        "budget_total": ledger.budget,
         "seconds": time.perf_counter() - started,
         "environment": environment,
     }
     with store.transaction() as tx:
         insert_next_version(tx, row, request.request_id, weights_blob, metrics, n, "the retrain")
-        # An empty ledger is a fresh budget (BudgetLedger.from_dict).
         tx.execute(
             "UPDATE models SET current_version = ?, checkpoints_blob = ?, ledger_json = ? "
             "WHERE name = ?",
-            (new_version, checkpoints_blob, json.dumps({}), payload.model),
+            (new_version, checkpoints_blob, json.dumps(ledger.to_dict()), payload.model),
         )
         tx.set_request_state(request.request_id, SUCCEEDED, receipt)
         tx.audit(

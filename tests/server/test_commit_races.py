@@ -143,3 +143,31 @@ def test_a_cancel_asked_while_running_survives_a_restart(tmp_path: Path) -> None
     finally:
         release.set()
         runner.stop(10)
+
+
+def test_a_request_id_journalled_concurrently_is_answered_as_a_retry(
+    server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from expunge.server.errors import AlreadyExists
+    from expunge.server.forgetting import ForgetService
+    from expunge.server.unlearning import UnlearningOptions
+
+    forget = server.forget  # type: ignore[attr-defined]
+    ids = server.engine.training_data("digits").sample_ids  # type: ignore[attr-defined]
+    victim, other = int(ids[0]), int(ids[1])
+    first = forget.submit("digits", [victim], [], "twice", UnlearningOptions(), "t")
+    # The second call checks for the id before the first journals it (as two calls at
+    # once do), so its insert meets the first's row.
+    real = ForgetService._existing
+    calls: list[int] = []
+
+    def late(self: ForgetService, request_id: str, sha: str) -> object:
+        calls.append(1)
+        return None if len(calls) == 1 else real(self, request_id, sha)
+
+    monkeypatch.setattr(ForgetService, "_existing", late)
+    again = forget.submit("digits", [victim], [], "twice", UnlearningOptions(), "t")
+    assert again.request_id == first.request_id and len(calls) == 2
+    calls.clear()
+    with pytest.raises(AlreadyExists, match="different request"):
+        forget.submit("digits", [other], [], "twice", UnlearningOptions(), "t")

@@ -119,8 +119,16 @@ def test_already_forgotten_is_a_success_that_says_so(client: Client, state_dir: 
     op = client.forget("digits", sample_ids=ids[:2], owner_ids=[owner], request_id="a2", wait=True)
     assert op.state == "SUCCEEDED" and op.receipt is not None
     assert op.receipt.already_forgotten_sample_ids == ids[:2]
+    assert op.receipt.already_forgotten_owner_ids == [owner]
     assert "already" in op.receipt.note
     assert client.get_model("digits").current_version == 2
+    # Mixed with a new owner: that one is removed, the old one listed as already gone.
+    other = _owner_with_samples(state_dir)[0]
+    assert other != owner
+    mixed = client.forget("digits", owner_ids=[owner, other], request_id="a3", wait=True)
+    assert mixed.receipt is not None and mixed.receipt.new_version == 3
+    assert mixed.receipt.removed_owner_ids == [other]
+    assert mixed.receipt.already_forgotten_owner_ids == [owner]
 
 
 @pytest.mark.parametrize(

@@ -294,7 +294,7 @@ class DeletionMetrics(_message.Message):
     def __init__(self, forget_loss: _Optional[float] = ..., forget_accuracy: _Optional[float] = ..., retained_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., mia_auc: _Optional[float] = ...) -> None: ...
 
 class ForgetReceipt(_message.Message):
-    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method")
+    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method", "already_forgotten_owner_ids")
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REMOVED_SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,7 @@ class ForgetReceipt(_message.Message):
     ACCURACY_COST_FLAGGED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FORGOTTEN_OWNER_IDS_FIELD_NUMBER: _ClassVar[int]
     new_version: int
     parent_version: int
     removed_sample_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -333,7 +334,8 @@ class ForgetReceipt(_message.Message):
     accuracy_cost_flagged: bool
     note: str
     method: ForgetMethod
-    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ...) -> None: ...
+    already_forgotten_owner_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ..., already_forgotten_owner_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForgetMethod(_message.Message):
     __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters")
