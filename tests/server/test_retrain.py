@@ -100,3 +100,27 @@ def test_a_spent_budget_is_said_and_a_retrain_restores_it(state_dir: Path) -> No
             assert cert.budget_used == pytest.approx(cert.residual_norm_all)
     finally:
         running.stop(0)
+
+
+def test_the_same_retrain_gives_the_same_bytes(trained_state: Path, tmp_path: Path) -> None:
+    # Two servers on two copies of the same state: the retrain's weights are identical,
+    # and equal to version 1's (the same data, architecture, config and seed).
+    import shutil
+
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+
+    digests = []
+    for copy_name in ("a", "b"):
+        state = tmp_path / copy_name
+        shutil.copytree(trained_state, state)
+        running = start(Settings(state_dir=state, port=0))
+        try:
+            with Client(running.target) as client:
+                op = client.retrain("digits", request_id="same-retrain", wait=True)
+                assert op.retrain_receipt is not None
+                digests.append(op.retrain_receipt.weights_sha256)
+                original = running.engine.version_row("digits", 1).weights_blob
+        finally:
+            running.stop(0)
+    assert digests[0] == digests[1] == original
