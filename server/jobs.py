@@ -179,6 +179,7 @@ class JobRunner:
         self._set_progress(request.request_id, Progress("starting"))
         try:
             self.apply(replace(request, state=APPLYING), ProgressReporter(self, request.request_id))
+            self._redos.pop(request.request_id, None)
             self._set_progress(request.request_id, Progress("done"))
         except ShuttingDown:
             return
@@ -199,6 +200,9 @@ class JobRunner:
             )
 
     def _redo(self, request_id: str, reason: str) -> None:
+        if self._live(request_id).cancel.is_set():
+            self._finish(request_id, CANCELLED, ("CANCELLED", "cancelled before commit"))
+            return
         tries = self._redos.get(request_id, 0) + 1
         if tries > MAX_REDOS:
             self._redos.pop(request_id, None)
@@ -206,7 +210,7 @@ class JobRunner:
             self._finish(request_id, FAILED, ("ABORTED", message))
             return
         self._redos[request_id] = tries
-        log.info("forget %s computed again (%d): %s", request_id, tries, reason)
+        log.info("request %s computed again (%d): %s", request_id, tries, reason)
         with self.store.transaction() as tx:
             tx.set_request_state(request_id, PENDING)
         self._set_progress(request_id, Progress("queued", message=reason))
