@@ -13,6 +13,7 @@ import numpy as np
 
 from .client import Client
 from .errors import ExpungeError
+from .types import Operation
 
 SERVER_HINT = "this command needs the server extra: pip install 'expunge[server]'"
 
@@ -117,15 +118,21 @@ def _progress(op: object) -> None:
     print(f"\r{phase:<12} [{bar:<20}] {done}/{total}", end="", file=sys.stderr, flush=True)
 
 
+def _operation_failed(op: Operation) -> bool:
+    """End the progress line and print the operation's state; True (and why) if it failed."""
+    print(file=sys.stderr)
+    print(f"{op.name}: {op.state}")
+    if op.error_message:
+        print(f"error: {op.error_message}", file=sys.stderr)
+    return bool(op.error_message)
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         op = client.retrain(
             args.model, request_id=args.request_id, wait=not args.no_wait, on_progress=_progress
         )
-    print(file=sys.stderr)
-    print(f"{op.name}: {op.state}")
-    if op.error_message:
-        print(f"error: {op.error_message}", file=sys.stderr)
+    if _operation_failed(op):
         return 1
     r = op.retrain_receipt
     if r is not None:
@@ -149,10 +156,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             selection=args.selection,
             parameter_budget=args.budget,
         )
-    print(file=sys.stderr)
-    print(f"{op.name}: {op.state}")
-    if op.error_message:
-        print(f"error: {op.error_message}", file=sys.stderr)
+    if _operation_failed(op):
         return 1
     if op.receipt is not None:
         r = op.receipt
@@ -198,6 +202,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 f"{e.time}  {e.actor}  {e.action}  {e.resource}  {json.dumps(e.details, sort_keys=True)}"
             )
     return 0
+
+
+def _operation_arguments(p: argparse.ArgumentParser) -> None:
+    """What every command that starts an operation takes."""
+    p.add_argument("model", nargs="?", default="digits", help="model name (default: digits)")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
+    p.add_argument("--no-wait", action="store_true", help="return the operation at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,11 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("forget", help="forget samples and/or owners, with progress")
-    p.add_argument("model", nargs="?", default="digits", help="model name (default: digits)")
+    _operation_arguments(p)
     p.add_argument("--owner", action="append", default=[], help="owner id (repeatable)")
     p.add_argument("--sample", action="append", type=int, default=[], help="sample id (repeatable)")
-    p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
-    p.add_argument("--no-wait", action="store_true", help="return the operation at once")
     p.add_argument(
         "--selection",
         default="",
@@ -270,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "retrain", help="retrain exactly on the current data (a fresh noise budget), with progress"
     )
-    p.add_argument("model", nargs="?", default="digits", help="model name (default: digits)")
-    p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
-    p.add_argument("--no-wait", action="store_true", help="return the operation at once")
+    _operation_arguments(p)
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("scan", help="scan inputs for training-set attack targets")

@@ -368,22 +368,21 @@ class Engine:
     def _refuse_superseded(self, model: str, version: int) -> None:
         vrow = self.store.version(model, version)
         if vrow is not None and vrow.superseded_by_forget:
-            raise _superseded(model, version)
+            raise FailedPrecondition(
+                f"version {version} of {model!r} was trained on samples forgotten since; "
+                "it is kept for the record but cannot be served, exported or restored"
+            )
 
     def rollback(self, name: str, version: int, actor: str) -> ModelInfo:
         vrow = self.version_row(name, version)
         if version == 0:
             raise invalid_field("name", "name a version: models/{model}/versions/{n}")
         with self.store.transaction() as tx:
-            # Checked inside the write transaction: a forget committing between a check
-            # made outside and this update would mark the version superseded and the
-            # rollback would then serve a model trained on the samples it removed.
-            superseded = tx.execute(
-                "SELECT superseded_by_forget FROM versions WHERE model = ? AND version = ?",
-                (vrow.model, vrow.version),
-            ).fetchone()[0]
-            if superseded:
-                raise _superseded(vrow.model, vrow.version)
+            # Checked inside the write transaction (the store's lock is reentrant, the read
+            # sees it): a forget committing between a check made outside and this update
+            # would mark the version superseded, and the rollback would serve a model
+            # trained on the samples it removed.
+            self._refuse_superseded(vrow.model, vrow.version)
             tx.execute(
                 "UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model)
             )
@@ -405,21 +404,14 @@ class Engine:
 
     def forget_snapshot_cache(self, name: str) -> None:
         """The model's current version changed: drop what was derived from the old one."""
-        for listener in self._version_listeners:
-            listener(name)
         with self._lock:
             self._generations[name] = self._generations.get(name, 0) + 1
             for key in [k for k in self._snapshots if k[0] == name]:
                 del self._snapshots[key]
             self._current.pop(name, None)
             self._data_cache.pop(name, None)
-
-
-def _superseded(model: str, version: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"version {version} of {model!r} was trained on samples forgotten since; "
-        "it is kept for the record but cannot be served, exported or restored"
-    )
+        for listener in self._version_listeners:
+            listener(name)
 
 
 def _shard_bytes(dataset: Dataset) -> bytes:

@@ -29,7 +29,7 @@ from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
 from .faults import crash_point
 from .indexing import ARTEFACT as INDEX_ARTEFACT
 from .indexing import IndexService
-from .jobs import SUCCEEDED, JobRunner, ProgressReporter
+from .jobs import SUCCEEDED, JobRunner, ProgressReporter, payload_sha256
 from .retraining import RetrainPayload, apply_retrain
 from .store import RequestRow
 from .unlearning import UnlearningOptions, unlearn
@@ -58,7 +58,7 @@ class ForgetPayload:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return payload_sha256(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ForgetPayload:

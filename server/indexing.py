@@ -78,6 +78,14 @@ class IndexService:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._index_lock = threading.Lock()  # a loaded index's mutations vs its searches
+        # Per-sample training embeddings (forgotten samples included) are of the old data.
+        engine.on_version_change(self._drop_training_embeddings)
+
+    def _drop_training_embeddings(self, model: str) -> None:
+        with self._lock:
+            loaded = self._loaded.get(model)
+            if loaded is not None:
+                loaded.vectors, loaded.ids = None, None
 
     # Lifecycle -----------------------------------------------------------------------
 
@@ -254,10 +262,6 @@ class IndexService:
         """Remove forgotten ids and write the index blob; the caller references it in its commit."""
         with self._lock:
             loaded = self._loaded.get(model)
-            if loaded is not None:
-                # Embeddings of every training sample, forgotten ones included: recomputed
-                # from the current data when Scan next asks (training_embeddings).
-                loaded.vectors, loaded.ids = None, None
         if loaded is None:
             return self._remove_from_persisted(model, sample_ids)
         # faiss indexes are not safe to search while ids are removed (the soak run answered
@@ -282,8 +286,6 @@ class IndexService:
         """The served weights changed: the last embedding block is stale until re-embedded."""
         with self._lock:
             loaded = self._loaded.get(model)
-            if loaded is not None:
-                loaded.vectors, loaded.ids = None, None
         if loaded is None:
             self.build_in_background(model)
             return

@@ -9,6 +9,8 @@ and the computation is deterministic.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -30,6 +32,11 @@ PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = (
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 # error_code of an APPLYING request whose cancellation was asked for (becomes CANCELLED).
 CANCEL_ASKED = "CANCELLED"
+
+
+def payload_sha256(payload: dict[str, Any]) -> str:
+    """What a request id's idempotency covers: the canonical JSON of its payload."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ renormalized influence reads them) with ones that never saw a forgotten sample.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from expunge.defenses.certificate import BudgetLedger
 from expunge.defenses.training import TrainConfig, train
 
 from . import weights as weights_io
-from .jobs import SUCCEEDED, ProgressReporter
+from .jobs import SUCCEEDED, ProgressReporter, payload_sha256
 from .model_factory import build_architecture
 from .store import RequestRow
 from .versioning import insert_next_version
@@ -41,7 +40,7 @@ class RetrainPayload:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return payload_sha256(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetrainPayload:

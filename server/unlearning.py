@@ -431,7 +431,7 @@ def _method(
         "ranking_cg_iterations": ranking.cg_iterations if ranked else 0,
         "ranking_newton_iterations": ranking.iterations if ranked else 0,
         "seed": config.seed,
-        "candidate_parameters": candidates if ranked else 0,
+        "candidate_parameters": candidates,
     }
 
 
