@@ -4,15 +4,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+LOCK := requirements/dev.lock
+# The tool that writes the lock is itself pinned, so `make lock` is repeatable.
+PIP_TOOLS := pip-tools==7.7.0
+LOCK_VENV := build/lock-venv
 
-.PHONY: demo test setup lint typecheck proto bench clean
+.PHONY: demo test setup lint typecheck proto bench lock clean
 
-$(STAMP): pyproject.toml
+# Everything installs from the lock (exact versions with hashes, torch's CPU build
+# included); the package itself goes in without dependencies, so nothing unlocked
+# can slip in.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# The pinned CPU build first, so nothing pulls a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[server,dev]'
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,6 +47,15 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# Refreshes the lock from pyproject's ranges and requirements/pins.in (newest versions
+# the registry serves today); commit the result, then `make proto` if grpcio-tools moved.
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q $(PIP_TOOLS)
+	$(LOCK_VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra server --extra dev \
+		--output-file $(LOCK) pyproject.toml requirements/pins.in
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache

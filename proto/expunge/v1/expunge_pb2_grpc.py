@@ -5,7 +5,7 @@ import warnings
 
 from expunge.v1 import expunge_pb2 as expunge_dot_v1_dot_expunge__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
