@@ -40,7 +40,7 @@ typecheck: $(STAMP)
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p expunge
 
 test: $(STAMP) lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 
 proto: $(STAMP)
 	$(PY) -m expunge.server.protogen

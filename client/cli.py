@@ -16,6 +16,11 @@ from .errors import ExpungeError
 from .types import Operation
 
 SERVER_HINT = "this command needs the server extra: pip install 'expunge[server]'"
+# Exit codes: 0 done; 1 the server or the operation answered with an error; 2 usage (and
+# a missing server extra); 3 the state directory or the port is held by another process.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_IN_USE = 3
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -35,36 +40,49 @@ def _load_inputs(path: str) -> np.ndarray:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from expunge.server.main import serve
+        from expunge.server.main import InsecureBindRefused, PortInUse, serve
         from expunge.server.settings import load_settings
+        from expunge.server.state_lock import StateDirectoryInUse
     except ImportError:
         print(SERVER_HINT, file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     settings = load_settings(
         Path(args.config) if args.config else None,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         host=args.host,
         port=args.port,
     )
-    serve(settings)
+    try:
+        serve(settings)
+    except (StateDirectoryInUse, PortInUse) as exc:
+        print(f"expunge serve: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
+    except InsecureBindRefused as exc:
+        print(f"expunge serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
+        from expunge.server.state_lock import StateDirectoryInUse
         from expunge.server.training_job import train_model
     except ImportError:
         print(SERVER_HINT, file=sys.stderr)
-        return 2
-    info = train_model(
-        state_dir=Path(args.state_dir),
-        name=args.name,
-        dataset=args.dataset,
-        architecture=args.architecture,
-        epochs=args.epochs,
-        seed=args.seed,
-        hidden=tuple(args.hidden),
-    )
+        return EXIT_USAGE
+    try:
+        info = train_model(
+            state_dir=Path(args.state_dir),
+            name=args.name,
+            dataset=args.dataset,
+            architecture=args.architecture,
+            epochs=args.epochs,
+            seed=args.seed,
+            hidden=tuple(args.hidden),
+        )
+    except StateDirectoryInUse as exc:
+        print(f"expunge train: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
     print(
         f"trained models/{info.row.name} version 1: {json.dumps(info.version.metrics, sort_keys=True)}"
     )
@@ -76,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from expunge.server.demo import run_demo
     except ImportError:
         print(SERVER_HINT, file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return run_demo(state_dir=Path(args.state_dir) if args.state_dir else None)
 
 
@@ -133,7 +151,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             args.model, request_id=args.request_id, wait=not args.no_wait, on_progress=_progress
         )
     if _operation_failed(op):
-        return 1
+        return EXIT_ERROR
     r = op.retrain_receipt
     if r is not None:
         print(
@@ -157,7 +175,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             parameter_budget=args.budget,
         )
     if _operation_failed(op):
-        return 1
+        return EXIT_ERROR
     if op.receipt is not None:
         r = op.receipt
         print(
@@ -302,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.func(args))
     except ExpungeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     if args.command in ("serve", "demo") and argv is None:
         # The server has stopped and everything is durable. Interpreter teardown with torch,
         # faiss (OpenMP) and gRPC threads loaded can abort in native destructors, which would

@@ -85,6 +85,8 @@ class Redo(Exception):
 # A request redone this many times in a row (the model kept changing under it) fails
 # with ABORTED rather than looping; nothing was applied, and the caller may resubmit.
 MAX_REDOS = 5
+# How long stopping waits for a worker that is between requests, whatever the grace period.
+IDLE_EXIT_S = 2.0
 
 
 # apply(request, reporter) commits the result itself (inside its final transaction,
@@ -101,6 +103,7 @@ class JobRunner:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._idle = threading.Event()
+        self._busy = threading.Event()
         self._thread: threading.Thread | None = None
         self._redos: dict[str, int] = {}
 
@@ -134,7 +137,10 @@ class JobRunner:
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            # An idle worker leaves within milliseconds of the wake-up; a zero grace period
+            # abandons work in progress, not a worker that is merely between requests.
+            idle = not self._busy.is_set()
+            self._thread.join(None if timeout is None else max(timeout, IDLE_EXIT_S if idle else 0))
             return not self._thread.is_alive()
         return True
 
@@ -165,7 +171,11 @@ class JobRunner:
                 pending = self.store.requests_in_state(PENDING)
                 if not pending:
                     break
-                self._process(pending[0])
+                self._busy.set()
+                try:
+                    self._process(pending[0])
+                finally:
+                    self._busy.clear()
             self._idle.set()
 
     def _process(self, request: RequestRow) -> None:

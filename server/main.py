@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ SERVICE_NAME = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"].full_name
 
 class InsecureBindRefused(RuntimeError):
     pass
+
+
+class PortInUse(RuntimeError):
+    """The address could not be bound: another process listens there."""
 
 
 @dataclass
@@ -104,14 +109,35 @@ def start(settings: Settings) -> RunningServer:
             "Set tls_cert and tls_key, or bind 127.0.0.1."
         )
     configure_torch(settings)
+    # The writer lock comes first: a refused second server reads nothing.
     store = Store(settings.state_dir)
-    engine = Engine(store, settings)
-    index = IndexService(engine) if settings.build_index else None
-    compute = ComputeProcess(settings.torch_threads) if settings.forget_in_subprocess else None
-    forget = ForgetService(engine, index, compute)
+    forget: ForgetService | None = None
+    try:
+        engine = Engine(store, settings)
+        index = IndexService(engine) if settings.build_index else None
+        compute = ComputeProcess(settings.torch_threads) if settings.forget_in_subprocess else None
+        forget = ForgetService(engine, index, compute)
+        return _start_on(store, engine, forget, index, settings)
+    except BaseException:
+        if forget is not None:
+            forget.close(timeout=5.0)
+        store.close()
+        raise
+
+
+def _start_on(
+    store: Store,
+    engine: Engine,
+    forget: ForgetService,
+    index: IndexService | None,
+    settings: Settings,
+) -> RunningServer:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a busy port would
+        # start and share it, and calls would alternate between the two.
+        ("grpc.so_reuseport", 0),
     ]
     # Threads for every admitted call plus a reserve, so health checks never queue behind
     # a saturated service; the interceptor refuses service calls beyond the limit.
@@ -156,9 +182,9 @@ def start(settings: Settings) -> RunningServer:
             else None,
             require_client_auth=settings.tls_client_ca is not None,
         )
-        port = server.add_secure_port(address, credentials)
+        port = _bind(lambda: server.add_secure_port(address, credentials), address)
     else:
-        port = server.add_insecure_port(address)
+        port = _bind(lambda: server.add_insecure_port(address), address)
     running = RunningServer(server, port, engine, forget, health_servicer, settings)
     # Health says NOT_SERVING until interrupted requests are requeued and stray blobs collected.
     running.set_serving(False)
@@ -175,6 +201,24 @@ def start(settings: Settings) -> RunningServer:
     running.set_serving(True)
     log.info("serving on %s (state in %s)", running.target, settings.state_dir)
     return running
+
+
+def _bind(add_port: Callable[[], int], address: str) -> int:
+    """The bound port, or ``PortInUse`` (grpcio raises on a failed bind or returns 0)."""
+    try:
+        port = add_port()
+    except RuntimeError as exc:
+        raise PortInUse(_port_in_use_message(address)) from exc
+    if port == 0:
+        raise PortInUse(_port_in_use_message(address))
+    return port
+
+
+def _port_in_use_message(address: str) -> str:
+    return (
+        f"cannot listen on {address}: the address is in use (another server?); "
+        "stop it or choose another --port"
+    )
 
 
 def serve(settings: Settings) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .blobs import BlobStore
+from .state_lock import StateDirectoryLock
 
 SCHEMA_VERSION = 1
 
@@ -160,11 +161,24 @@ class AuditRow:
 
 
 class Store:
-    """SQLite database and blob directory under one state directory."""
+    """SQLite database and blob directory under one state directory.
+
+    Opening a store takes the directory's writer lock before reading anything, so a second
+    process (server, ``expunge train``, a script) is refused at once with
+    ``StateDirectoryInUse``; ``close`` gives it back.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._writer = StateDirectoryLock(self.root)
+        try:
+            self._open()
+        except BaseException:
+            self._writer.release()
+            raise
+
+    def _open(self) -> None:
         self.blobs = BlobStore(self.root / "blobs")
         self._lock = threading.RLock()
         # Held from writing a blob until a committed row references it, and by garbage
@@ -182,6 +196,7 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._writer.release()
 
     def _migrate(self) -> None:
         with self._lock:
