@@ -145,8 +145,14 @@ def measure(seconds: float) -> list[LoadResult]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings = Settings(state_dir=root)
-        info = train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
-        del info
+        train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
+        from expunge.server.datasets import builtin
+        from expunge.server.store import Store
+
+        # Read before serving: the server then holds the state directory's writer lock.
+        store = Store(root)
+        ids = [int(r[0]) for r in store.query("SELECT sample_id FROM samples ORDER BY sample_id")]
+        store.close()
         port = free_port()
         # The server runs in its own process so the load generator does not share its GIL.
         server = serve(root, port)
@@ -154,15 +160,6 @@ def measure(seconds: float) -> list[LoadResult]:
             target = f"127.0.0.1:{port}"
             if not wait_serving(target, server, timeout=60):
                 raise RuntimeError("server did not start")
-            from expunge.server.store import Store
-
-            store = Store(root)
-            ids = [
-                int(r[0]) for r in store.query("SELECT sample_id FROM samples ORDER BY sample_id")
-            ]
-            store.close()
-            from expunge.server.datasets import builtin
-
             inputs = builtin("digits").features[:1]
             results = asyncio.run(run(target, seconds, ids, inputs))
         finally:
