@@ -179,8 +179,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if op.receipt is not None:
         r = op.receipt
         print(
-            f"version {r.parent_version} -> {r.new_version}: removed {len(r.removed_sample_ids)} samples "
-            f"of {len(r.removed_owner_ids)} owners; updated {r.parameters_updated}/{r.parameters_total} "
+            f"version {r.parent_version} -> {r.new_version}: removed {r.removed_samples} samples "
+            f"of {r.removed_owners} owners; updated {r.parameters_updated}/{r.parameters_total} "
             f"parameters; test accuracy {r.before.test_accuracy:.3f} -> {r.after.test_accuracy:.3f}; "
             f"MIA AUC {r.before.mia_auc:.3f} -> {r.after.mia_auc:.3f}; {r.seconds:.2f} s"
         )
@@ -193,6 +193,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"Newton steps, seed {m.seed}"
         )
         print(r.certificate.statement)
+        if r.accuracy_collapse is not None:
+            c = r.accuracy_collapse
+            print(
+                f"accuracy collapse: the update cost {c.drop_points:.1f} points (limit "
+                f"{c.limit_points:g}); action: {c.action}"
+                + (f", exact retrain {c.retrain_operation}" if c.retrain_operation else "")
+            )
     return 0
 
 

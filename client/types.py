@@ -111,9 +111,6 @@ class RetrainReceipt:
 class ForgetReceipt:
     new_version: int
     parent_version: int
-    removed_sample_ids: list[int]
-    removed_owner_ids: list[str]
-    already_forgotten_sample_ids: list[int]
     units_selected: int
     parameters_updated: int
     parameters_total: int
@@ -128,7 +125,28 @@ class ForgetReceipt:
     accuracy_cost_flagged: bool
     note: str
     method: ForgetMethod
-    already_forgotten_owner_ids: list[str]
+    # Ids are never echoed back: counts, and keyed digests (HMAC-SHA-256 under the server's
+    # per-state secret) that prove which samples and owners a receipt covers.
+    removed_samples: int
+    removed_owners: int
+    removed_sample_digests: list[str]
+    removed_owner_digests: list[str]
+    already_forgotten_samples: int
+    already_forgotten_owners: int
+    already_forgotten_sample_digests: list[str]
+    already_forgotten_owner_digests: list[str]
+    accuracy_collapse: AccuracyCollapse | None
+
+
+@dataclass(frozen=True)
+class AccuracyCollapse:
+    """The update cost more test accuracy than the server allows, and what the server did."""
+
+    drop_points: float
+    limit_points: float
+    policy: str  # the server's on_accuracy_collapse: retrain, hold or serve
+    action: str  # retrain (held, exact retrain queued), hold (held), or serve
+    retrain_operation: str  # operations/<id> of the queued retrain, for "retrain"
 
 
 @dataclass(frozen=True)

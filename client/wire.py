@@ -88,9 +88,6 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
     return t.ForgetReceipt(
         new_version=msg.new_version,
         parent_version=msg.parent_version,
-        removed_sample_ids=list(msg.removed_sample_ids),
-        removed_owner_ids=list(msg.removed_owner_ids),
-        already_forgotten_sample_ids=list(msg.already_forgotten_sample_ids),
         units_selected=msg.units_selected,
         parameters_updated=msg.parameters_updated,
         parameters_total=msg.parameters_total,
@@ -115,7 +112,17 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
         accuracy_cost_flagged=msg.accuracy_cost_flagged,
         note=msg.note,
         method=_method(msg.method),
-        already_forgotten_owner_ids=list(msg.already_forgotten_owner_ids),
+        removed_samples=msg.removed_samples,
+        removed_owners=msg.removed_owners,
+        removed_sample_digests=list(msg.removed_sample_digests),
+        removed_owner_digests=list(msg.removed_owner_digests),
+        already_forgotten_samples=msg.already_forgotten_samples,
+        already_forgotten_owners=msg.already_forgotten_owners,
+        already_forgotten_sample_digests=list(msg.already_forgotten_sample_digests),
+        already_forgotten_owner_digests=list(msg.already_forgotten_owner_digests),
+        accuracy_collapse=_fields(t.AccuracyCollapse, msg.accuracy_collapse)
+        if msg.HasField("accuracy_collapse")
+        else None,
     )
 
 

@@ -60,9 +60,10 @@ def check_state(store: Store) -> list[str]:
         for request in store.requests_in_state("SUCCEEDED"):
             if request.model != name or not request.result:
                 continue
-            removed = set(request.result.get("removed_sample_ids", []))
+            # The receipt names its samples by keyed digest only (identifiers.py).
+            removed = set(request.result.get("removed_sample_digests", []))
             recorded = {
-                int(r[0])
+                store.identifiers.digest("sample", int(r[0]))
                 for r in store.query(
                     "SELECT sample_id FROM forgotten WHERE model = ? AND request_id = ?",
                     (name, request.request_id),

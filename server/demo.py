@@ -32,7 +32,7 @@ def _forget_neighbours_scan(client: Client, test_inputs: np.ndarray) -> None:
         print(f"  forget ended {op.state}: {op.error_message}")
         return
     print(
-        f"  {op.state}: version {r.parent_version} -> {r.new_version}, removed {len(r.removed_sample_ids)} samples, "
+        f"  {op.state}: version {r.parent_version} -> {r.new_version}, removed {r.removed_samples} samples, "
         f"updated {r.parameters_updated}/{r.parameters_total} parameters ({r.units_selected} L-CODEC units), "
         f"{r.seconds:.2f} s"
     )

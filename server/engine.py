@@ -346,32 +346,66 @@ class Engine:
             raise invalid_field(
                 field, f"batch of {inputs.shape[0]} exceeds the limit of {self.settings.max_batch}"
             )
-        if not np.isfinite(inputs).all():
-            raise invalid_field(field, "contains NaN or infinite values")
+        finite = np.isfinite(inputs).reshape(len(inputs), -1).all(axis=1)
+        if not finite.all():
+            raise invalid_field(
+                f"{field}[{int(np.argmin(finite))}]", "contains NaN or infinite values"
+            )
+        magnitude = np.abs(inputs).reshape(len(inputs), -1).max(axis=1)
+        limit = self.settings.max_input_magnitude
+        if (magnitude > limit).any():
+            row = int(np.argmax(magnitude > limit))
+            raise invalid_field(
+                f"{field}[{row}]",
+                f"holds a value of magnitude {float(magnitude[row]):.3g}, beyond the "
+                f"{limit:g} this server accepts (the model's gradients would overflow); "
+                "scale the inputs as the training data was scaled",
+            )
+
+    def forward_checked(
+        self, module: torch.nn.Module, inputs: torch.Tensor, field: str = "inputs"
+    ) -> torch.Tensor:
+        """Logits ``(B, classes)`` of ``inputs``; an input whose forward pass overflows is
+        refused (INVALID_ARGUMENT naming it), so no answer carries NaN."""
+        with torch.no_grad():
+            logits = module(inputs)
+        finite = torch.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):
+            row = int(torch.argmin(finite.to(torch.int8)))
+            raise invalid_field(
+                f"{field}[{row}]", "the model's output for this input overflows float32"
+            )
+        return logits
 
     def predict(self, name: str, inputs: np.ndarray, version: int = 0) -> Prediction:
         snap = self.snapshot(name, version)
-        if version:
-            self._refuse_superseded(snap.name, snap.version)
+        # The current version may be superseded by a forget committed since the snapshot was
+        # read: that answer is as of the call's start. A named old version must be servable.
+        self.refuse_unservable(snap.name, snap.version, held_only=not version)
         self.check_inputs(snap.spec, inputs)
-        with torch.no_grad():
-            probs = torch.softmax(snap.module(torch.from_numpy(inputs)), dim=1)
+        probs = torch.softmax(self.forward_checked(snap.module, torch.from_numpy(inputs)), dim=1)
         return Prediction(
             probs.argmax(dim=1).numpy(), probs.numpy().astype(np.float32), snap.version
         )
 
     def export(self, name: str, version: int = 0) -> tuple[bytes, VersionRow]:
         vrow = self.version_row(name, version)
-        self._refuse_superseded(vrow.model, vrow.version)
+        self.refuse_unservable(vrow.model, vrow.version)
         return self.store.blobs.get(vrow.weights_blob), vrow
 
-    def _refuse_superseded(self, model: str, version: int) -> None:
+    def refuse_unservable(self, model: str, version: int, held_only: bool = False) -> None:
+        """FAILED_PRECONDITION for a version kept only for the record: trained on samples
+        forgotten since, or held because its forget cost too much accuracy."""
         vrow = self.store.version(model, version)
-        if vrow is not None and vrow.superseded_by_forget:
+        if vrow is None:
+            return
+        if vrow.superseded_by_forget and not held_only:
             raise FailedPrecondition(
                 f"version {version} of {model!r} was trained on samples forgotten since; "
                 "it is kept for the record but cannot be served, exported or restored"
             )
+        if vrow.held_reason:
+            raise FailedPrecondition(f"version {version} of {model!r} is held: {vrow.held_reason}")
 
     def rollback(self, name: str, version: int, actor: str) -> ModelInfo:
         vrow = self.version_row(name, version)
@@ -382,7 +416,7 @@ class Engine:
             # sees it): a forget committing between a check made outside and this update
             # would mark the version superseded, and the rollback would serve a model
             # trained on the samples it removed.
-            self._refuse_superseded(vrow.model, vrow.version)
+            self.refuse_unservable(vrow.model, vrow.version)
             tx.execute(
                 "UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model)
             )

@@ -27,10 +27,12 @@ from .compute import ComputeProcess, UnlearningJob
 from .engine import Engine, parse_model_name
 from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
 from .faults import crash_point
+from .identifiers import IdentifierKey
 from .indexing import ARTEFACT as INDEX_ARTEFACT
 from .indexing import IndexService
-from .jobs import SUCCEEDED, JobRunner, ProgressReporter, payload_sha256
+from .jobs import SUCCEEDED, JobRunner, ProgressReporter
 from .retraining import RetrainPayload, apply_retrain
+from .roles import require_effect
 from .store import RequestRow
 from .unlearning import UnlearningOptions, unlearn
 from .versioning import insert_next_version
@@ -56,10 +58,6 @@ class ForgetPayload:
             "options": self.options.to_dict(),
         }
 
-    @property
-    def sha256(self) -> str:
-        return payload_sha256(self.to_dict())
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ForgetPayload:
         return cls(
@@ -70,9 +68,53 @@ class ForgetPayload:
         )
 
 
-def owner_digest(owner_id: str) -> str:
-    """Forgotten owners are remembered only by digest, to answer 'already forgotten'."""
-    return hashlib.sha256(owner_id.encode()).hexdigest()
+@dataclass(frozen=True)
+class AccuracyCollapse:
+    """An update that cost more test accuracy than allowed, and what the commit does about it."""
+
+    drop_points: float
+    limit_points: float
+    policy: str  # settings.on_accuracy_collapse
+    held_reason: str | None  # set unless the policy is "serve"
+    retrain_request_id: str  # set for "retrain": journalled in the forget's own commit
+
+    def receipt_field(self) -> dict[str, Any]:
+        return {
+            "drop_points": self.drop_points,
+            "limit_points": self.limit_points,
+            "policy": self.policy,
+            "action": self.policy,
+            "retrain_operation": (
+                f"operations/{self.retrain_request_id}" if self.retrain_request_id else ""
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class _NamedIdentifiers:
+    """What a forget removed and found forgotten already, as the receipt keeps it: counts,
+    and keyed digests in place of the ids (identifiers.py)."""
+
+    key: IdentifierKey
+    removed_sample_ids: list[int]
+    removed_owner_ids: list[str]
+    already_sample_ids: list[int]
+    already_owner_ids: list[str]
+
+    def receipt_fields(self) -> dict[str, Any]:
+        def digests(domain: str, values: list[Any]) -> list[str]:
+            return sorted(self.key.digest(domain, v) for v in values)
+
+        return {
+            "removed_samples": len(self.removed_sample_ids),
+            "removed_owners": len(self.removed_owner_ids),
+            "removed_sample_digests": digests("sample", self.removed_sample_ids),
+            "removed_owner_digests": digests("owner", self.removed_owner_ids),
+            "already_forgotten_samples": len(self.already_sample_ids),
+            "already_forgotten_owners": len(self.already_owner_ids),
+            "already_forgotten_sample_digests": digests("sample", self.already_sample_ids),
+            "already_forgotten_owner_digests": digests("owner", self.already_owner_ids),
+        }
 
 
 def request_seed(request_id: str, version: int) -> int:
@@ -120,6 +162,7 @@ class ForgetService:
         actor: str,
     ) -> RequestRow:
         """Validate, check idempotency, resolve ids, journal durably; return the request row."""
+        require_effect("forget", actor)
         _check_request_id(request_id)
         name = parse_model_name(model)
         if not sample_ids and not owner_ids:
@@ -133,7 +176,8 @@ class ForgetService:
         payload = ForgetPayload(
             name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options
         )
-        existing = self._existing(request_id, payload.sha256)
+        digest = self.engine.store.identifiers.payload_digest(payload.to_dict())
+        existing = self._existing(request_id, digest)
         if existing is not None:
             return existing
         self.engine.model_row(name)
@@ -143,22 +187,47 @@ class ForgetService:
             "samples": len(payload.sample_ids),
             "owners": len(payload.owner_ids),
         }
-        return self._journal(
-            request_id, "forget", payload.to_dict(), payload.sha256, actor, details
-        )
+        return self._journal(request_id, "forget", payload.to_dict(), digest, actor, details)
 
     def submit_retrain(self, model: str, request_id: str, actor: str) -> RequestRow:
         """Journal an exact retrain of ``model`` behind the requests already queued."""
+        require_effect("retrain", actor)
         _check_request_id(request_id)
         payload = RetrainPayload(parse_model_name(model))
-        existing = self._existing(request_id, payload.sha256)
+        digest = self.engine.store.identifiers.payload_digest(payload.to_dict())
+        existing = self._existing(request_id, digest)
         if existing is not None:
             return existing
         self.engine.model_row(payload.model)
         details = {"request_id": request_id}
-        return self._journal(
-            request_id, "retrain", payload.to_dict(), payload.sha256, actor, details
-        )
+        return self._journal(request_id, "retrain", payload.to_dict(), digest, actor, details)
+
+    def _accuracy_collapse(
+        self, model: str, request_id: str, parent_version: int, metrics: dict[str, float]
+    ) -> AccuracyCollapse | None:
+        """None unless the update costs more test accuracy than the settings allow."""
+        settings = self.engine.settings
+        parent = self.engine.version_row(model, parent_version).metrics.get("test_accuracy")
+        after = metrics.get("test_accuracy")
+        if parent is None or after is None:
+            return None
+        drop = 100.0 * (parent - after)
+        if drop <= settings.accuracy_collapse_points:
+            return None
+        policy = settings.on_accuracy_collapse
+        retrain_id = f"{request_id}:retrain" if policy == "retrain" else ""
+        held = None
+        if policy != "serve":
+            then = (
+                f"the exact retrain operations/{retrain_id} will replace it"
+                if retrain_id
+                else f"run an exact retrain (expunge retrain {model}) to serve the model again"
+            )
+            held = (
+                f"its forget (operations/{request_id}) cost {drop:.1f} points of test accuracy, "
+                f"more than the {settings.accuracy_collapse_points:g} allowed; {then}"
+            )
+        return AccuracyCollapse(drop, settings.accuracy_collapse_points, policy, held, retrain_id)
 
     def _existing(self, request_id: str, payload_sha256: str) -> RequestRow | None:
         """The request journalled under ``request_id``, if any; another payload conflicts."""
@@ -197,6 +266,20 @@ class ForgetService:
         assert row is not None
         return row
 
+    def _journal_in(
+        self,
+        tx: Any,
+        request_id: str,
+        payload: RetrainPayload,
+        actor: str,
+        details: dict[str, Any],
+    ) -> None:
+        """Journal a retrain inside another request's commit (no acknowledgement to give)."""
+        as_dict = payload.to_dict()
+        digest = self.engine.store.identifiers.payload_digest(as_dict)
+        tx.insert_request(request_id, payload.model, "retrain", digest, {**as_dict, "actor": actor})
+        tx.audit(actor, "retrain_requested", f"models/{payload.model}", details)
+
     def _check_known(self, payload: ForgetPayload) -> None:
         """Unknown ids are NOT_FOUND (listing them) and nothing is applied; forgotten ones are fine."""
         store = self.engine.store
@@ -221,7 +304,7 @@ class ForgetService:
             )
             and not store.query(
                 "SELECT 1 FROM forgotten WHERE model = ? AND owner_sha256 = ? LIMIT 1",
-                (payload.model, owner_digest(o)),
+                (payload.model, store.identifiers.digest("owner", o)),
             )
         ]
         if unknown_samples or unknown_owners:
@@ -274,8 +357,6 @@ class ForgetService:
     def _apply(self, request: RequestRow, reporter: ProgressReporter) -> None:
         if request.kind == "retrain":
             apply_retrain(self.engine, request, reporter, environment())
-            if self.index is not None:
-                self.index.after_commit(request.model)
             return
         started = time.perf_counter()
         payload = ForgetPayload.from_dict(request.payload)
@@ -297,12 +378,14 @@ class ForgetService:
         already = sorted(id_set - set(removed_ids))
         # Every named owner is known (submit checked): those with no rows left were forgotten.
         already_owners = sorted(owners_set - set(removed_owners))
+        named = _NamedIdentifiers(
+            store.identifiers, removed_ids, removed_owners, already, already_owners
+        )
         if not removed_ids:
             result = {
                 "new_version": row.current_version,
                 "parent_version": row.current_version,
-                "already_forgotten_sample_ids": already,
-                "already_forgotten_owner_ids": already_owners,
+                **named.receipt_fields(),
                 "note": "everything named had been forgotten already; nothing changed",
                 "seconds": time.perf_counter() - started,
             }
@@ -385,15 +468,12 @@ class ForgetService:
                 self.index.remove_for_commit(payload.model, removed_ids) if self.index else None
             )
             crash_point("forget_after_index")
-            new_version = row.current_version + 1
+            new_version = store.next_version(payload.model)
             receipt = {
                 **outcome.receipt,
                 "new_version": new_version,
                 "parent_version": row.current_version,
-                "removed_sample_ids": removed_ids,
-                "removed_owner_ids": removed_owners,
-                "already_forgotten_sample_ids": already,
-                "already_forgotten_owner_ids": already_owners,
+                **named.receipt_fields(),
                 "weights_sha256": weights_blob,
                 "environment": environment(),
                 "seconds": time.perf_counter() - started,
@@ -402,17 +482,32 @@ class ForgetService:
                 model, data.features[keep], data.labels[keep], test, config.weight_decay
             )
             actor = request.payload.get("actor", "anonymous")
+            collapse = self._accuracy_collapse(
+                payload.model, request.request_id, row.current_version, metrics
+            )
+            if collapse is not None:
+                receipt["accuracy_collapse"] = collapse.receipt_field()
             crash_point("forget_before_commit")
             with store.transaction() as tx:
                 insert_next_version(
                     tx,
                     row,
+                    new_version,
                     request.request_id,
                     weights_blob,
                     metrics,
                     int(keep.sum()),
                     "the forget",
+                    held_reason=collapse.held_reason if collapse else None,
                 )
+                if collapse is not None and collapse.retrain_request_id:
+                    self._journal_in(
+                        tx,
+                        collapse.retrain_request_id,
+                        RetrainPayload(payload.model),
+                        actor,
+                        {"request_id": collapse.retrain_request_id, "after": request.request_id},
+                    )
                 tx.execute(
                     "UPDATE models SET current_version = ?, train_blob = ?, num_samples = ?, ledger_json = ? WHERE name = ?",
                     (
@@ -443,7 +538,7 @@ class ForgetService:
                         (
                             payload.model,
                             sid,
-                            owner_digest(owners_by_id[sid]),
+                            store.identifiers.digest("owner", owners_by_id[sid]),
                             request.request_id,
                             new_version,
                         ),
@@ -461,17 +556,16 @@ class ForgetService:
                     {
                         "request_id": request.request_id,
                         "removed_samples": len(removed_ids),
-                        "removed_sample_ids": removed_ids,
-                        "owners": len(receipt["removed_owner_ids"]),
+                        "owners": len(removed_owners),
                         "new_version": new_version,
                         "parameters_updated": receipt.get("parameters_updated", 0),
                     },
                 )
             crash_point("forget_after_commit")
             store.blobs.collect_garbage(store.referenced_blobs())
+            store.checkpoint_wal()
+        # Listeners (the index's re-embed, scan's solver cache) follow from here.
         engine.forget_snapshot_cache(payload.model)
-        if self.index is not None:
-            self.index.after_commit(payload.model)
 
 
 def _check_request_id(request_id: str) -> None:

@@ -75,17 +75,27 @@ class IndexService:
         self._loaded: dict[str, _Loaded] = {}
         self._states: dict[str, IndexState] = {}
         self._building: set[str] = set()
+        # Models whose served version changed since their build thread last looked: the
+        # thread builds again before it ends, so no change is ever skipped.
+        self._wanted: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._index_lock = threading.Lock()  # a loaded index's mutations vs its searches
-        # Per-sample training embeddings (forgotten samples included) are of the old data.
-        engine.on_version_change(self._drop_training_embeddings)
+        # Every version change (forget, retrain, rollback) reaches the index here.
+        engine.on_version_change(self._follow_served_version)
 
-    def _drop_training_embeddings(self, model: str) -> None:
+    def _follow_served_version(self, model: str) -> None:
+        """The served version changed: old training embeddings go, and a re-embed starts."""
         with self._lock:
             loaded = self._loaded.get(model)
             if loaded is not None:
                 loaded.vectors, loaded.ids = None, None
+        if loaded is not None:
+            # A forget removed its ids from the loaded index in the commit.
+            self._set_state(model, size=len(loaded.index))
+        row = self.engine.store.model(model)
+        if row is not None and row.checkpoints_blob:
+            self.build_in_background(model)
 
     # Lifecycle -----------------------------------------------------------------------
 
@@ -108,9 +118,18 @@ class IndexService:
             thread.join(timeout)
         return not any(thread.is_alive() for thread in list(self._threads))
 
-    def state(self, model: str) -> IndexState:
+    def state(self, model: str, current_version: int | None = None) -> IndexState:
+        """The index's state against the served version: READY only if it embeds that version."""
         with self._lock:
-            return self._states.get(model, IndexState())
+            state = self._states.get(model, IndexState())
+        if state.state != "READY":
+            return state
+        if current_version is None:
+            row = self.engine.store.model(model)
+            current_version = row.current_version if row is not None else 0
+        if state.embedded_version != current_version:
+            return replace(state, state="STALE")
+        return state
 
     def _set_state(self, model: str, **changes: object) -> None:
         with self._lock:
@@ -162,26 +181,37 @@ class IndexService:
         return GradientEmbedder(snapshot.module, self._checkpoints(model, version), config)
 
     def build_in_background(self, model: str) -> None:
+        """Build now, or, if a build of this model is running, once more after it."""
         if self._stopping.is_set():
             return
         with self._lock:
+            self._wanted.add(model)
             if model in self._building:
                 return
             self._building.add(model)
         thread = threading.Thread(
             target=self._build_guarded, args=(model,), name=f"index-{model}", daemon=True
         )
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
         thread.start()
 
     def _build_guarded(self, model: str) -> None:
-        try:
-            self.build(model)
-        except Exception:
-            log.exception("building the index of %s failed", model)
-            self._set_state(model, state="ABSENT" if model not in self._loaded else "STALE")
-        finally:
+        while not self._stopping.is_set():
             with self._lock:
-                self._building.discard(model)
+                if model not in self._wanted:
+                    # Cleared under the lock that build_in_background checks: a request
+                    # arriving after this line starts a new thread.
+                    self._building.discard(model)
+                    return
+                self._wanted.discard(model)
+            try:
+                self.build(model)
+            except Exception:
+                log.exception("building the index of %s failed", model)
+                self._set_state(model, state="ABSENT" if model not in self._loaded else "STALE")
+        with self._lock:
+            self._building.discard(model)
 
     def build(self, model: str, shard_size: int = 512) -> IndexState:
         """Embed every training sample for the current version and persist the index."""
@@ -282,16 +312,6 @@ class IndexService:
         index.remove(np.array(sample_ids, dtype=np.int64))
         return self.engine.store.blobs.put(pack_index(index))
 
-    def after_commit(self, model: str) -> None:
-        """The served weights changed: the last embedding block is stale until re-embedded."""
-        with self._lock:
-            loaded = self._loaded.get(model)
-        if loaded is None:
-            self.build_in_background(model)
-            return
-        self._set_state(model, state="STALE", size=len(loaded.index))
-        self.build_in_background(model)
-
     def training_embeddings(
         self, model: str
     ) -> tuple[GradientEmbedder, torch.Tensor, np.ndarray] | None:
@@ -314,7 +334,9 @@ class IndexService:
     ) -> tuple[list[list[NeighborHit]], IndexState, int]:
         row = self.engine.model_row(model)
         snapshot = self.engine.snapshot(model)
+        self.engine.refuse_unservable(snapshot.name, snapshot.version, held_only=True)
         self.engine.check_inputs(snapshot.spec, inputs)
+        self.engine.forward_checked(snapshot.module, torch.from_numpy(inputs))
         if mode not in ("proponents", "opponents"):
             raise invalid_field("mode", f"{mode!r} is not 'proponents' or 'opponents'")
         if label is not None and not 0 <= label < snapshot.spec.num_classes:
@@ -324,7 +346,7 @@ class IndexService:
             )
         with self._lock:
             loaded = self._loaded.get(model)
-        state = self.state(model)
+        state = self.state(model, row.current_version)
         if loaded is None:
             detail = f": {state.message}" if state.message else "; retry shortly"
             raise FailedPrecondition(
@@ -337,6 +359,12 @@ class IndexService:
         x = torch.from_numpy(inputs)
         embedded_model = self.engine.snapshot(model, loaded.version).module
         queries = loaded.embedder.embed(x, predicted_labels(embedded_model, x))
+        finite = torch.isfinite(queries).all(dim=1)
+        if not bool(finite.all()):
+            raise invalid_field(
+                f"inputs[{int(torch.argmin(finite.to(torch.int8)))}]",
+                "the gradient of this input overflows float32; scale it as the training data",
+            )
         with self._index_lock:
             result = loaded.index.search(queries, k, mode=mode, label=label)  # type: ignore[arg-type]
         data = self.engine.training_data(model)

@@ -12,7 +12,8 @@ import hashlib
 import hmac
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,27 +21,10 @@ import grpc
 
 from expunge.v1 import expunge_pb2
 
-ROLES = ("admin", "forget", "scan", "read")
+from .roles import METHOD_ROLES, ROLES, UNAUTHENTICATED_ACTOR, actor_name
+
 SERVICE = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"]
 
-# Which roles may call which method; admin may call everything.
-METHOD_ROLES: dict[str, frozenset[str]] = {
-    "ListModels": frozenset({"read", "forget", "scan"}),
-    "GetModel": frozenset({"read", "forget", "scan"}),
-    "ListVersions": frozenset({"read", "forget", "scan"}),
-    "Predict": frozenset({"read", "scan"}),
-    "ExportModel": frozenset(),
-    "RollbackModel": frozenset(),
-    "Forget": frozenset({"forget"}),
-    "GetOperation": frozenset({"forget"}),
-    "WatchOperation": frozenset({"forget"}),
-    "CancelOperation": frozenset({"forget"}),
-    "RetrainModel": frozenset({"forget"}),
-    "Scan": frozenset({"scan"}),
-    "EstimateScan": frozenset({"scan"}),
-    "Neighbors": frozenset({"scan"}),
-    "ListAudit": frozenset(),
-}
 # Calls whose answers reveal training-set membership: rate-limited per token.
 MEMBERSHIP_REVEALING = frozenset({"Scan", "Neighbors", "Forget", "GetOperation", "WatchOperation"})
 # Standard services anyone on the channel may call.
@@ -51,7 +35,7 @@ _actor = threading.local()
 
 def current_actor() -> str:
     """The caller as the interceptor identified it (role and token digest prefix), or 'local'."""
-    return str(getattr(_actor, "name", "local"))
+    return str(getattr(_actor, "name", UNAUTHENTICATED_ACTOR))
 
 
 def check_rules_cover_service() -> None:
@@ -155,11 +139,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         method_path = details.method
         if method_path.startswith(OPEN_SERVICES):
-            return continuation(details)
+            return _guarded(continuation(details), method_path, None)
         prefix = f"/{SERVICE.full_name}/"
         method = method_path[len(prefix) :] if method_path.startswith(prefix) else None
         if not self.enabled:
-            return self._admit(continuation(details), "local")
+            return _guarded(continuation(details), method_path, self._slot(UNAUTHENTICATED_ACTOR))
         if method is None or method not in METHOD_ROLES:
             return _deny(grpc.StatusCode.PERMISSION_DENIED, "no rule allows this method")
         role, digest = self._role_of(tuple(details.invocation_metadata or ()))
@@ -174,60 +158,142 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role '{role}' may not call {method}; it needs one of {allowed}",
             )
-        actor = f"{role}:{digest}"
+        actor = actor_name(role, digest)
         if method in MEMBERSHIP_REVEALING and not self.limiter.allow(actor):
             return _deny(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit of {self.limiter.rate:g} membership-revealing calls per second for this token; retry shortly",
             )
-        return self._admit(continuation(details), actor)
+        return _guarded(continuation(details), method_path, self._slot(actor))
 
-    def _admit(self, handler: Any, actor: str) -> Any:
-        if handler is None:
-            return None
-        if not self.concurrency.acquire():
-            return _deny(
+    def _slot(self, actor: str) -> _Slot:
+        return _Slot(self.concurrency, actor)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A place among the calls in flight, taken and given back around the handler's body."""
+
+    limiter: ConcurrencyLimiter
+    actor: str
+
+    @contextmanager
+    def held(self, context: grpc.ServicerContext) -> Iterator[None]:
+        if not self.limiter.acquire():
+            context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server is at its limit of {self.concurrency.limit} calls in flight; retry with backoff",
+                f"server is at its limit of {self.limiter.limit} calls in flight; retry with backoff",
             )
-        return _with_actor(handler, actor, self.concurrency.release)
+        _actor.name = self.actor
+        try:
+            yield
+        finally:
+            _actor.name = UNAUTHENTICATED_ACTOR
+            self.limiter.release()
 
 
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
+    # No deserializer: the body is never parsed for a call that is refused anyway.
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-def _with_actor(handler: Any, actor: str, done: Callable[[], None]) -> Any:
-    """Run the handler's behaviour with ``current_actor()`` set, then call ``done`` once."""
+@dataclass(frozen=True)
+class _Malformed:
+    """What the deserializer hands on for bytes that are not a valid request message."""
 
-    def wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpcio answers INTERNAL when a deserializer raises; ours marks the request instead."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Malformed(type(exc).__name__)
+
+    return parse
+
+
+def _refuse_malformed(request: Any, context: grpc.ServicerContext, method: str) -> None:
+    if isinstance(request, _Malformed):
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request body is not a valid message for {method} ({request.reason}); "
+            "send it with the generated client of expunge.v1",
+        )
+
+
+def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
+    """The handler with malformed bodies answered INVALID_ARGUMENT and, with ``slot``, its
+    body run while holding a place among the calls in flight.
+
+    The place is taken inside the behaviour, which grpcio runs only once the request has
+    been read, so a call that ends earlier (unparsable, oversize, cancelled, past its
+    deadline) never holds one; the ``finally`` that gives it back runs for every way the
+    body can end.
+    """
+    if handler is None:
+        return None
+
+    def unary_request(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            _actor.name = actor
-            try:
+            _refuse_malformed(request, context, method)
+            if slot is None:
                 return behavior(request, context)
-            finally:
-                _actor.name = "local"
-                done()
+            with slot.held(context):
+                return behavior(request, context)
 
         return run
 
-    def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
-            _actor.name = actor
-            try:
+    def unary_request_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            _refuse_malformed(request, context, method)
+            if slot is None:
                 yield from behavior(request, context)
-            finally:
-                _actor.name = "local"
-                done()
+                return
+            with slot.held(context):
+                yield from behavior(request, context)
 
         return run
 
+    def checked_requests(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            _refuse_malformed(request, context, method)
+            yield request
+
+    def stream_request(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            if slot is None:
+                return behavior(checked_requests(requests, context), context)
+            with slot.held(context):
+                return behavior(checked_requests(requests, context), context)
+
+        return run
+
+    def stream_request_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            if slot is None:
+                yield from behavior(checked_requests(requests, context), context)
+                return
+            with slot.held(context):
+                yield from behavior(checked_requests(requests, context), context)
+
+        return run
+
+    changes: dict[str, Any] = {"request_deserializer": _tolerant(handler.request_deserializer)}
     if handler.unary_unary:
-        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-    if handler.unary_stream:
-        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-    done()
-    return handler
+        changes["unary_unary"] = unary_request(handler.unary_unary)
+    elif handler.unary_stream:
+        changes["unary_stream"] = unary_request_stream(handler.unary_stream)
+    elif handler.stream_unary:
+        changes["stream_unary"] = stream_request(handler.stream_unary)
+    elif handler.stream_stream:
+        changes["stream_stream"] = stream_request_stream(handler.stream_stream)
+    return handler._replace(**changes)

@@ -9,8 +9,6 @@ and the computation is deterministic.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -32,11 +30,6 @@ PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = (
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 # error_code of an APPLYING request whose cancellation was asked for (becomes CANCELLED).
 CANCEL_ASKED = "CANCELLED"
-
-
-def payload_sha256(payload: dict[str, Any]) -> str:
-    """What a request id's idempotency covers: the canonical JSON of its payload."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -115,12 +108,7 @@ class JobRunner:
         One whose cancellation was asked for while it ran ends CANCELLED instead.
         """
         with self.store.transaction() as tx:
-            tx.execute(
-                "UPDATE requests SET state = ?, error_message = ? "
-                "WHERE state = ? AND error_code = ?",
-                (CANCELLED, "cancelled before commit (the server stopped)", APPLYING, CANCEL_ASKED),
-            )
-            tx.execute("UPDATE requests SET state = ? WHERE state = ?", (PENDING, APPLYING))
+            tx.requeue_interrupted(CANCEL_ASKED, "cancelled before commit (the server stopped)")
         return len(self.store.requests_in_state(PENDING))
 
     def start(self) -> None:
@@ -270,17 +258,10 @@ class JobRunner:
         """Ask for cancellation: a PENDING request is cancelled at once, an applying one before commit."""
         self._live(request_id).cancel.set()
         with self.store.transaction() as tx:
-            tx.execute(
-                "UPDATE requests SET state = ?, error_code = ?, error_message = ? "
-                "WHERE request_id = ? AND state = ?",
-                (CANCELLED, "CANCELLED", "cancelled before it started", request_id, PENDING),
-            )
+            tx.cancel_if_pending(request_id, "cancelled before it started")
             # Durable for a running one too: a restart before its next phase must not
             # redo it (recover); the commit clears the mark, a later cancel is too late.
-            tx.execute(
-                "UPDATE requests SET error_code = ? WHERE request_id = ? AND state = ?",
-                (CANCEL_ASKED, request_id, APPLYING),
-            )
+            tx.mark_cancel_asked(request_id, CANCEL_ASKED)
         self._touch(request_id)
 
     def result(self, request_id: str) -> dict[str, Any] | None:

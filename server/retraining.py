@@ -20,7 +20,7 @@ from expunge.defenses.certificate import BudgetLedger
 from expunge.defenses.training import TrainConfig, train
 
 from . import weights as weights_io
-from .jobs import SUCCEEDED, ProgressReporter, payload_sha256
+from .jobs import SUCCEEDED, ProgressReporter
 from .model_factory import build_architecture
 from .store import RequestRow
 from .versioning import insert_next_version
@@ -37,10 +37,6 @@ class RetrainPayload:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model}
-
-    @property
-    def sha256(self) -> str:
-        return payload_sha256(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetrainPayload:
@@ -69,7 +65,7 @@ def apply_retrain(
     reporter.phase("committing")
     weights_blob = store.blobs.put(weights_io.model_to_bytes(model))
     checkpoints_blob = store.blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
-    new_version = row.current_version + 1
+    new_version = store.next_version(payload.model)
     ledger = BudgetLedger.from_dict(row.ledger, engine.settings.forget_budget).reset()
     receipt = {
         "new_version": new_version,
@@ -83,7 +79,9 @@ def apply_retrain(
         "environment": environment,
     }
     with store.transaction() as tx:
-        insert_next_version(tx, row, request.request_id, weights_blob, metrics, n, "the retrain")
+        insert_next_version(
+            tx, row, new_version, request.request_id, weights_blob, metrics, n, "the retrain"
+        )
         tx.execute(
             "UPDATE models SET current_version = ?, checkpoints_blob = ?, ledger_json = ? "
             "WHERE name = ?",

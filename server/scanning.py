@@ -46,6 +46,7 @@ from .errors import Aborted, FailedPrecondition, invalid_field
 from .forgetting import ForgetService
 from .jobs import TERMINAL
 from .model_factory import build_architecture
+from .roles import require_effect
 from .unlearning import UnlearningOptions
 
 ESTIMATORS = ("gas", "lgas", "tracincp", "gas+tracincp")
@@ -432,7 +433,9 @@ class ScanService:
         if estimator not in ESTIMATORS:
             raise invalid_field("estimator", f"{estimator!r} is not one of {ESTIMATORS}")
         snapshot = self.engine.snapshot(model)
+        self.engine.refuse_unservable(snapshot.name, snapshot.version, held_only=True)
         self.engine.check_inputs(snapshot.spec, inputs)
+        self.engine.forward_checked(snapshot.module, torch.from_numpy(inputs))
         if not self.engine.checkpoints(model):
             raise FailedPrecondition(
                 f"models/{model} has no training checkpoints; train it with `expunge train` so "
@@ -470,6 +473,9 @@ class ScanService:
         actor: str,
     ) -> Iterator[ScanOutcome]:
         estimator = self.validate(model, inputs, estimator or "gas")
+        if mitigate:
+            # Refused before any scoring; the forget's submission checks the same rule.
+            require_effect("forget", actor)
         if mitigate and not request_id:
             raise invalid_field(
                 "request_id", "required with mitigate: it makes the forget idempotent"

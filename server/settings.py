@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ACCURACY_COLLAPSE_POLICIES = ("retrain", "hold", "serve")
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,37 @@ class Settings:
         default=0,
         metadata={"help": "conjugate-gradient iterations of that ranking; 0: the default (20)"},
     )
+    max_input_magnitude: float = field(
+        default=1e6,
+        metadata={
+            "help": "largest |value| accepted in an input; larger finite values overflow "
+            "float32 gradients (Neighbors, Scan) and are refused as INVALID_ARGUMENT"
+        },
+    )
+    on_accuracy_collapse: str = field(
+        default="retrain",
+        metadata={
+            "help": "a forget whose update drops test accuracy by more than "
+            "accuracy_collapse_points: 'retrain' (serve an exact retrain instead), 'hold' "
+            "(keep the update as a version but go on serving the previous one), or 'serve'"
+        },
+    )
+    accuracy_collapse_points: float = field(
+        default=5.0, metadata={"help": "test-accuracy drop, in points, that counts as a collapse"}
+    )
     index_memory_bytes: int = field(default=8 << 30, metadata={"help": "largest index built"})
     build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
 
     def __post_init__(self) -> None:
+        if self.on_accuracy_collapse not in ACCURACY_COLLAPSE_POLICIES:
+            raise ValueError(
+                f"on_accuracy_collapse must be one of {ACCURACY_COLLAPSE_POLICIES}, "
+                f"not {self.on_accuracy_collapse!r}"
+            )
+        if not self.max_input_magnitude > 0:
+            raise ValueError("max_input_magnitude must be > 0")
         # A bad count would otherwise surface only when the first forget runs.
         if self.forget_hessian_samples < 1:
             raise ValueError("forget_hessian_samples must be >= 1")

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .blobs import BlobStore
+from .identifiers import IdentifierKey
 from .state_lock import StateDirectoryLock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# A request in one of these states has ended; its payload keeps no plain identifiers.
+FINAL_REQUEST_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 # Each entry migrates from version i to i + 1; never edit a released one, append.
 MIGRATIONS: list[str] = [
@@ -99,6 +102,10 @@ MIGRATIONS: list[str] = [
         details_json TEXT NOT NULL
     );
     """,
+    # 1 -> 2: a version whose forget cost more accuracy than allowed is kept but not served.
+    """
+    ALTER TABLE versions ADD COLUMN held_reason TEXT;
+    """,
 ]
 
 
@@ -131,6 +138,8 @@ class VersionRow:
     metrics: dict[str, float]
     num_samples: int
     superseded_by_forget: bool
+    # Set: the version is kept for the record but not served (why, and what to do).
+    held_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,12 +200,23 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows (forgotten owners' ids) are overwritten with zeros, not left in free
+        # pages for a reader of the file to find.
+        self._db.execute("PRAGMA secure_delete=ON")
+        self.identifiers = IdentifierKey(self.root)
         self._migrate()
 
     def close(self) -> None:
         with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
         self._writer.release()
+
+    def checkpoint_wal(self) -> None:
+        """Copy the WAL into the database and truncate it: old page images (a journalled
+        request's payload before it was scrubbed) do not outlive the commit that ended them."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _migrate(self) -> None:
         with self._lock:
@@ -222,7 +242,7 @@ class Store:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield _Tx(self._db)
+                yield _Tx(self._db, self.identifiers)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -253,6 +273,11 @@ class Store:
             (model, after, limit),
         )
         return [_version_row(r) for r in rows]
+
+    def next_version(self, model: str) -> int:
+        """The number the model's next version gets: the highest ever assigned plus one."""
+        rows = self.query("SELECT MAX(version) FROM versions WHERE model = ?", (model,))
+        return int(rows[0][0] or 0) + 1
 
     def sample_count(self, model: str) -> int:
         return int(self.query("SELECT COUNT(*) FROM samples WHERE model = ?", (model,))[0][0])
@@ -332,8 +357,9 @@ class Store:
 class _Tx:
     """The statements one transaction may run; keeps SQL out of the engine."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, identifiers: IdentifierKey) -> None:
         self._db = db
+        self._identifiers = identifiers
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self._db.execute(sql, params)
@@ -369,7 +395,9 @@ class _Tx:
 
     def insert_version(self, row: VersionRow) -> None:
         self._db.execute(
-            "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO versions (model, version, parent, weights_blob, created_by, created_at,"
+            " metrics_json, num_samples, superseded_by_forget, held_reason)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 row.model,
                 row.version,
@@ -380,6 +408,7 @@ class _Tx:
                 json.dumps(row.metrics),
                 row.num_samples,
                 int(row.superseded_by_forget),
+                row.held_reason,
             ),
         )
 
@@ -408,6 +437,51 @@ class _Tx:
                 request_id,
             ),
         )
+        if state in FINAL_REQUEST_STATES:
+            self._scrub_payload(request_id)
+
+    def _scrub_payload(self, request_id: str) -> None:
+        """The ids were needed to do the work; once it is over only their digests stay."""
+        row = self._db.execute(
+            "SELECT payload_json FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        if row is not None:
+            scrubbed = self._identifiers.without_identifiers(json.loads(row[0]))
+            self._db.execute(
+                "UPDATE requests SET payload_json = ? WHERE request_id = ?",
+                (json.dumps(scrubbed, sort_keys=True), request_id),
+            )
+
+    def cancel_if_pending(self, request_id: str, message: str) -> None:
+        """CANCELLED at once if the request has not started; a running one is only marked
+        (``mark_cancel_asked``), since it may be past the point of no return."""
+        cursor = self._db.execute(
+            "UPDATE requests SET state = 'CANCELLED', error_code = 'CANCELLED', "
+            "error_message = ?, updated_at = ? WHERE request_id = ? AND state = 'PENDING'",
+            (message, utc_now(), request_id),
+        )
+        if cursor.rowcount:
+            self._scrub_payload(request_id)
+
+    def mark_cancel_asked(self, request_id: str, mark: str) -> None:
+        self._db.execute(
+            "UPDATE requests SET error_code = ? WHERE request_id = ? AND state = 'APPLYING'",
+            (mark, request_id),
+        )
+
+    def requeue_interrupted(self, cancel_mark: str, message: str) -> None:
+        """After a crash: APPLYING requests whose cancellation was asked end CANCELLED; the
+        rest go back to PENDING, to be redone from scratch."""
+        cancelled = [
+            str(r[0])
+            for r in self._db.execute(
+                "SELECT request_id FROM requests WHERE state = 'APPLYING' AND error_code = ?",
+                (cancel_mark,),
+            )
+        ]
+        for request_id in cancelled:
+            self.set_request_state(request_id, "CANCELLED", error=(cancel_mark, message))
+        self._db.execute("UPDATE requests SET state = 'PENDING' WHERE state = 'APPLYING'")
 
     def insert_request(
         self, request_id: str, model: str, kind: str, payload_sha256: str, payload: dict[str, Any]
@@ -457,6 +531,7 @@ def _version_row(r: sqlite3.Row) -> VersionRow:
         metrics=json.loads(r["metrics_json"]),
         num_samples=int(r["num_samples"]),
         superseded_by_forget=bool(r["superseded_by_forget"]),
+        held_reason=r["held_reason"],
     )
 
 

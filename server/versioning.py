@@ -11,25 +11,31 @@ from .store import ModelRow, VersionRow, utc_now
 def insert_next_version(
     tx: Any,
     row: ModelRow,
+    new_version: int,
     request_id: str,
     weights_blob: str,
     metrics: dict[str, float],
     num_samples: int,
     work: str,
-) -> int:
-    """Insert version ``row.current_version + 1`` inside ``tx``; its number.
+    held_reason: str | None = None,
+) -> None:
+    """Insert ``new_version`` (from ``Store.next_version``) with parent ``row.current_version``.
 
-    ``row`` is the model as read before ``work`` (say, "the forget") was computed; if
-    its current version moved since (a rollback), the work is computed again (Redo).
+    Version numbers are the highest ever assigned plus one, never ``current + 1``: after a
+    rollback the current version is not the highest, and ``current + 1`` exists. ``row`` is
+    the model as read before ``work`` (say, "the forget") was computed; if its current
+    version moved since (a rollback), or another version was added, the work is computed
+    again (Redo).
     """
-    current = tx.execute(
-        "SELECT current_version FROM models WHERE name = ?", (row.name,)
-    ).fetchone()[0]
-    if int(current) != row.current_version:
+    current, highest = tx.execute(
+        "SELECT m.current_version, (SELECT MAX(version) FROM versions WHERE model = m.name) "
+        "FROM models m WHERE m.name = ?",
+        (row.name,),
+    ).fetchone()
+    if int(current) != row.current_version or int(highest) + 1 != new_version:
         raise Redo(
             f"the model moved from version {row.current_version} to {current} while {work} ran"
         )
-    new_version = row.current_version + 1
     tx.insert_version(
         VersionRow(
             row.name,
@@ -41,6 +47,6 @@ def insert_next_version(
             metrics,
             num_samples,
             False,
+            held_reason,
         )
     )
-    return new_version

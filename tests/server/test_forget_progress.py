@@ -24,6 +24,7 @@ from expunge.client import Client, NotFoundError
 from expunge.client.types import DeletionMetrics, Operation
 from expunge.defenses.certificate import noise_scale, parameter_distance_bound
 from expunge.server.jobs import Progress
+from tests.server.receipts import sample_digests
 
 # What the worker reports for a forget with the default selection (lcodec_cg), phase by
 # phase: unlearn() measures the model first, so "verifying" comes before "selecting" too.
@@ -232,7 +233,7 @@ def test_cancelling_a_running_forget_leaves_the_model_untouched(
     again = client.forget("digits", owner_ids=[owner], request_id="after-cancel", wait=True)
     assert again.state == "SUCCEEDED" and again.receipt is not None
     assert (again.receipt.parent_version, again.receipt.new_version) == (1, 2)
-    assert sorted(again.receipt.removed_sample_ids) == ids
+    assert again.receipt.removed_sample_digests == sample_digests(state_dir, ids)
 
 
 def test_receipts_report_metrics_noise_and_the_budget(
@@ -305,7 +306,7 @@ def test_a_forget_that_costs_accuracy_is_applied_and_flagged(client: Client, ser
     assert "test accuracy" in receipt.note and "applied" in receipt.note
     # Applied, not skipped: a new version without the samples is what the server serves.
     assert (receipt.parent_version, receipt.new_version) == (1, 2)
-    assert sorted(receipt.removed_sample_ids) == ids
+    assert receipt.removed_sample_digests == sample_digests(server.engine.store.root, ids)
     assert client.get_model("digits").current_version == 2
     remaining = set(server.engine.training_data("digits").sample_ids.tolist())
     assert not set(ids) & remaining

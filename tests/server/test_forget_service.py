@@ -16,6 +16,7 @@ from expunge.client import (
     InvalidArgumentError,
     NotFoundError,
 )
+from tests.server.receipts import owner_digests, sample_digests
 
 
 def _owner_with_samples(state_dir: Path, minimum: int = 3) -> tuple[str, list[int]]:
@@ -46,8 +47,9 @@ def test_forgetting_an_owner_purges_and_versions(
     assert op.state == "SUCCEEDED" and op.done and op.receipt is not None
     receipt = op.receipt
     assert receipt.parent_version == 1 and receipt.new_version == 2
-    assert sorted(receipt.removed_sample_ids) == ids
-    assert receipt.removed_owner_ids == [owner]
+    assert receipt.removed_sample_digests == sample_digests(state_dir, ids)
+    assert receipt.removed_owner_digests == owner_digests(state_dir, [owner])
+    assert (receipt.removed_samples, receipt.removed_owners) == (len(ids), 1)
     assert 0 < receipt.parameters_updated <= receipt.parameters_total
     assert receipt.weights_sha256 and "torch" in receipt.environment
     assert receipt.certificate.statement
@@ -118,8 +120,9 @@ def test_already_forgotten_is_a_success_that_says_so(client: Client, state_dir: 
     client.forget("digits", owner_ids=[owner], request_id="a1", wait=True)
     op = client.forget("digits", sample_ids=ids[:2], owner_ids=[owner], request_id="a2", wait=True)
     assert op.state == "SUCCEEDED" and op.receipt is not None
-    assert op.receipt.already_forgotten_sample_ids == ids[:2]
-    assert op.receipt.already_forgotten_owner_ids == [owner]
+    assert op.receipt.already_forgotten_sample_digests == sample_digests(state_dir, ids[:2])
+    assert op.receipt.already_forgotten_owner_digests == owner_digests(state_dir, [owner])
+    assert op.receipt.removed_samples == 0
     assert "already" in op.receipt.note
     assert client.get_model("digits").current_version == 2
     # Mixed with a new owner: that one is removed, the old one listed as already gone.
@@ -127,8 +130,8 @@ def test_already_forgotten_is_a_success_that_says_so(client: Client, state_dir: 
     assert other != owner
     mixed = client.forget("digits", owner_ids=[owner, other], request_id="a3", wait=True)
     assert mixed.receipt is not None and mixed.receipt.new_version == 3
-    assert mixed.receipt.removed_owner_ids == [other]
-    assert mixed.receipt.already_forgotten_owner_ids == [owner]
+    assert mixed.receipt.removed_owner_digests == owner_digests(state_dir, [other])
+    assert mixed.receipt.already_forgotten_owner_digests == owner_digests(state_dir, [owner])
 
 
 @pytest.mark.parametrize(
@@ -201,7 +204,11 @@ def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> Non
     store = Store(state_dir)
     with store.transaction() as tx:  # as a crash mid-apply leaves it
         tx.insert_request(
-            "crashed", "digits", "forget", payload.sha256, {**payload.to_dict(), "actor": "t"}
+            "crashed",
+            "digits",
+            "forget",
+            store.identifiers.payload_digest(payload.to_dict()),
+            {**payload.to_dict(), "actor": "t"},
         )
         tx.set_request_state("crashed", "APPLYING")
     store.close()
@@ -211,7 +218,7 @@ def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> Non
             assert client.health() == "SERVING"
             op = client.get_operation("crashed")
             assert op.state == "SUCCEEDED" and op.receipt is not None
-            assert sorted(op.receipt.removed_sample_ids) == ids
+            assert op.receipt.removed_sample_digests == sample_digests(state_dir, ids)
             assert client.get_model("digits").current_version == 2
     finally:
         running.stop(0)
@@ -239,7 +246,7 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
                 "digits", owner_ids=[owner], hessian="gauss_newton", request_id="large", wait=True
             )
             assert op.state == "SUCCEEDED" and op.receipt is not None
-            assert sorted(op.receipt.removed_sample_ids) == ids
+            assert op.receipt.removed_sample_digests == sample_digests(state_dir, ids)
             method = op.receipt.method
             assert method.hessian == "gauss_newton"
             assert (method.hessian_samples, method.objective_samples) == (512, 256)

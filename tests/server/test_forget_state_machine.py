@@ -44,6 +44,7 @@ from expunge.client import AlreadyExistsError, Client, UnavailableError
 from expunge.server.consistency import check_state
 from expunge.server.faults import POINTS
 from expunge.server.store import Store
+from tests.server.receipts import owner_digests
 
 MODEL = "digits"
 POOL_SIZE = 8  # owners the machine may forget; each request names one or two
@@ -428,7 +429,10 @@ class ForgetJournalMachine(RuleBasedStateMachine):
                 assert done.state == "SUCCEEDED", done
                 assert done.receipt is not None
                 # Exactly once: the receipt names what this request removed, in journal order.
-                assert done.receipt.removed_owner_ids == removed, (submission, done.receipt)
+                assert done.receipt.removed_owner_digests == owner_digests(self.state, removed), (
+                    submission,
+                    done.receipt,
+                )
                 assert done.receipt.new_version == version, (submission, done.receipt)
             final_version = history[-1][1] if history else 1
             assert client.get_model(MODEL).current_version == final_version

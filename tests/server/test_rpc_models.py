@@ -47,21 +47,27 @@ def test_export_streams_the_exact_safetensors_weights(client: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("inputs", "message"),
+    ("inputs", "message", "field"),
     [
-        (np.zeros((2, 64), np.float32), r"expected \(batch, 1, 8, 8\)"),
-        (np.zeros((2, 1, 8, 8), np.float64), "expected float32"),
-        (np.zeros((0, 1, 8, 8), np.float32), "empty"),
-        (np.full((1, 1, 8, 8), np.nan, np.float32), "NaN"),
+        (np.zeros((2, 64), np.float32), r"expected \(batch, 1, 8, 8\)", "inputs"),
+        (np.zeros((2, 1, 8, 8), np.float64), "expected float32", "inputs"),
+        (np.zeros((0, 1, 8, 8), np.float32), "empty", "inputs"),
+        (np.full((1, 1, 8, 8), np.nan, np.float32), "NaN", "inputs[0]"),
+        # The row at fault is named.
+        (
+            np.stack([np.zeros((1, 8, 8)), np.full((1, 8, 8), np.inf)]).astype(np.float32),
+            "NaN",
+            "inputs[1]",
+        ),
     ],
 )
 def test_bad_predict_inputs_are_invalid_argument(
-    client: Client, inputs: np.ndarray, message: str
+    client: Client, inputs: np.ndarray, message: str, field: str
 ) -> None:
     with pytest.raises(InvalidArgumentError, match=message) as info:
         client.predict("digits", inputs)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.violations and info.value.violations[0].field == "inputs"
+    assert info.value.violations and info.value.violations[0].field == field
 
 
 def test_a_malformed_tensor_is_invalid_argument(server: object) -> None:

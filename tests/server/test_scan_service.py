@@ -21,6 +21,7 @@ from expunge.server.engine import Engine
 from expunge.server.main import start
 from expunge.server.settings import Settings
 from expunge.server.store import Store
+from tests.server.receipts import sample_digests
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +143,9 @@ def test_mitigation_forgets_the_implicated_samples(
         assert result.mitigation is not None and result.mitigation.new_version == 2
         op = client.get_operation(result.mitigation.operation)
         assert op.state == "SUCCEEDED" and op.receipt is not None
-        assert sorted(op.receipt.removed_sample_ids) == sorted(
-            s.sample_id for s in result.implicated
+        assert op.receipt.removed_sample_digests == sample_digests(
+            scan_server.engine.store.root,  # type: ignore[attr-defined]
+            (s.sample_id for s in result.implicated),
         )
         assert (
             abs(result.mitigation.test_accuracy_after - result.mitigation.test_accuracy_before)

@@ -294,7 +294,7 @@ class DeletionMetrics(_message.Message):
     def __init__(self, forget_loss: _Optional[float] = ..., forget_accuracy: _Optional[float] = ..., retained_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., mia_auc: _Optional[float] = ...) -> None: ...
 
 class ForgetReceipt(_message.Message):
-    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method", "already_forgotten_owner_ids")
+    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method", "already_forgotten_owner_ids", "removed_samples", "removed_owners", "removed_sample_digests", "removed_owner_digests", "already_forgotten_samples", "already_forgotten_owners", "already_forgotten_sample_digests", "already_forgotten_owner_digests", "accuracy_collapse")
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REMOVED_SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +315,15 @@ class ForgetReceipt(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     ALREADY_FORGOTTEN_OWNER_IDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_SAMPLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_OWNER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FORGOTTEN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FORGOTTEN_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FORGOTTEN_SAMPLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FORGOTTEN_OWNER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_COLLAPSE_FIELD_NUMBER: _ClassVar[int]
     new_version: int
     parent_version: int
     removed_sample_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -335,7 +344,30 @@ class ForgetReceipt(_message.Message):
     note: str
     method: ForgetMethod
     already_forgotten_owner_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ..., already_forgotten_owner_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    removed_samples: int
+    removed_owners: int
+    removed_sample_digests: _containers.RepeatedScalarFieldContainer[str]
+    removed_owner_digests: _containers.RepeatedScalarFieldContainer[str]
+    already_forgotten_samples: int
+    already_forgotten_owners: int
+    already_forgotten_sample_digests: _containers.RepeatedScalarFieldContainer[str]
+    already_forgotten_owner_digests: _containers.RepeatedScalarFieldContainer[str]
+    accuracy_collapse: AccuracyCollapse
+    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ..., already_forgotten_owner_ids: _Optional[_Iterable[str]] = ..., removed_samples: _Optional[int] = ..., removed_owners: _Optional[int] = ..., removed_sample_digests: _Optional[_Iterable[str]] = ..., removed_owner_digests: _Optional[_Iterable[str]] = ..., already_forgotten_samples: _Optional[int] = ..., already_forgotten_owners: _Optional[int] = ..., already_forgotten_sample_digests: _Optional[_Iterable[str]] = ..., already_forgotten_owner_digests: _Optional[_Iterable[str]] = ..., accuracy_collapse: _Optional[_Union[AccuracyCollapse, _Mapping]] = ...) -> None: ...
+
+class AccuracyCollapse(_message.Message):
+    __slots__ = ("drop_points", "limit_points", "policy", "action", "retrain_operation")
+    DROP_POINTS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_POINTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_OPERATION_FIELD_NUMBER: _ClassVar[int]
+    drop_points: float
+    limit_points: float
+    policy: str
+    action: str
+    retrain_operation: str
+    def __init__(self, drop_points: _Optional[float] = ..., limit_points: _Optional[float] = ..., policy: _Optional[str] = ..., action: _Optional[str] = ..., retrain_operation: _Optional[str] = ...) -> None: ...
 
 class ForgetMethod(_message.Message):
     __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters")
