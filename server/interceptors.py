@@ -100,6 +100,11 @@ class ConcurrencyLimiter:
         with self._lock:
             self._active -= 1
 
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._active
+
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Bearer-token authentication with roles; tokens are stored and compared as SHA-256 digests.

@@ -51,6 +51,7 @@ class RunningServer:
     forget: ForgetService
     health: health.HealthServicer
     settings: Settings
+    interceptor: AuthInterceptor
 
     @property
     def target(self) -> str:
@@ -142,15 +143,14 @@ def _start_on(
     # Threads for every admitted call plus a reserve, so health checks never queue behind
     # a saturated service; the interceptor refuses service calls beyond the limit.
     threads = max(settings.workers, settings.max_concurrent_rpcs + HEALTH_RESERVE)
+    interceptor = AuthInterceptor(
+        settings.token_sha256_roles, settings.rate_limit_per_s, settings.max_concurrent_rpcs
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=options,
         maximum_concurrent_rpcs=threads,
-        interceptors=[
-            AuthInterceptor(
-                settings.token_sha256_roles, settings.rate_limit_per_s, settings.max_concurrent_rpcs
-            )
-        ],
+        interceptors=[interceptor],
     )
     expunge_pb2_grpc.add_ExpungeServicer_to_server(
         ExpungeServicer(
@@ -185,7 +185,7 @@ def _start_on(
         port = _bind(lambda: server.add_secure_port(address, credentials), address)
     else:
         port = _bind(lambda: server.add_insecure_port(address), address)
-    running = RunningServer(server, port, engine, forget, health_servicer, settings)
+    running = RunningServer(server, port, engine, forget, health_servicer, settings, interceptor)
     # Health says NOT_SERVING until interrupted requests are requeued and stray blobs collected.
     running.set_serving(False)
     server.start()
