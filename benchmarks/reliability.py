@@ -144,8 +144,55 @@ def fuzz(target: str, requests: int) -> dict[str, float]:
             sent += sent_here
         if sent >= requests:
             break
+    malformed, malformed_bad = _fuzz_malformed_bytes(channel, per_method=50, seed=0)
+    # Nothing the fuzz sent may leave the server unable to answer an ordinary call.
+    still_serving = _ordinary_call_succeeds(channel)
     channel.close()
-    return {"fuzz_requests": sent, "fuzz_bad_status": bad}
+    return {
+        "fuzz_requests": sent,
+        "fuzz_bad_status": bad,
+        "fuzz_malformed_requests": malformed,
+        "fuzz_malformed_bad_status": malformed_bad,
+        "fuzz_then_ordinary_call_ok": float(still_serving),
+    }
+
+
+def _fuzz_malformed_bytes(channel: grpc.Channel, per_method: int, seed: int) -> tuple[int, int]:
+    """Raw bodies that are not valid messages (random bytes, truncated varints, wrong wire
+    types) to every method; an answer other than INVALID_ARGUMENT or RESOURCE_EXHAUSTED
+    is counted as bad (the probe saw INTERNAL, and leaked admission slots)."""
+    rng = random.Random(seed)
+    bodies = [b"\xff" * 8, b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0b", b"\x12\x05ab"]
+    sent = bad = 0
+    for method in SERVICE.methods:
+        path = f"/{SERVICE.full_name}/{method.name}"
+        streaming = bool(method.server_streaming)
+        call = (channel.unary_stream if streaming else channel.unary_unary)(path)
+        for i in range(per_method):
+            body = bodies[i] if i < len(bodies) else rng.randbytes(rng.randint(1, 64))
+            sent += 1
+            try:
+                if streaming:
+                    for _item in call(body, timeout=30):
+                        break
+                else:
+                    call(body, timeout=30)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):  # type: ignore[attr-defined]
+                    bad += 1
+    return sent, bad
+
+
+def _ordinary_call_succeeds(channel: grpc.Channel) -> bool:
+    from expunge.v1 import expunge_pb2, expunge_pb2_grpc
+
+    try:
+        expunge_pb2_grpc.ExpungeStub(channel).ListModels(
+            expunge_pb2.ListModelsRequest(), timeout=30
+        )
+    except grpc.RpcError:
+        return False
+    return True
 
 
 def _fuzz_method(channel: grpc.Channel, method: object, examples: int) -> tuple[int, int]:

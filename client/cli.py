@@ -89,6 +89,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    try:
+        from expunge.server.state_lock import StateDirectoryInUse
+        from expunge.server.store import Store
+    except ImportError:
+        print(SERVER_HINT, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store = Store(Path(args.state_dir))
+    except StateDirectoryInUse as exc:
+        print(f"expunge prune: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
+    try:
+        pruned = store.prune_superseded_weights()
+    finally:
+        store.close()
+    print(f"pruned the weights of {pruned} superseded versions in {args.state_dir}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from expunge.server.demo import run_demo
@@ -274,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete the weights of versions trained on forgotten samples (server stopped)",
+    )
+    p.add_argument("--state-dir", required=True)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("models", help="list the served models")
     p.set_defaults(func=cmd_models)

@@ -105,6 +105,7 @@ MIGRATIONS: list[str] = [
     # 1 -> 2: a version whose forget cost more accuracy than allowed is kept but not served.
     """
     ALTER TABLE versions ADD COLUMN held_reason TEXT;
+    ALTER TABLE versions ADD COLUMN weights_pruned INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -307,11 +308,26 @@ class Store:
             "SELECT train_blob FROM models",
             "SELECT test_blob FROM models",
             "SELECT checkpoints_blob FROM models WHERE checkpoints_blob IS NOT NULL",
-            "SELECT weights_blob FROM versions",
+            "SELECT weights_blob FROM versions WHERE weights_pruned = 0",
             "SELECT blob FROM artefacts",
         ):
             refs |= {str(r[0]) for r in self.query(sql)}
         return refs
+
+    def prune_superseded_weights(self) -> int:
+        """Let the weights of versions trained on forgotten samples be collected; how many.
+
+        The rows stay (number, parent, weights hash, who made them): the record of what was
+        served. Such versions can no longer be served, exported or restored anyway.
+        """
+        with self.write_lock:
+            with self.transaction() as tx:
+                pruned = tx.execute(
+                    "UPDATE versions SET weights_pruned = 1 "
+                    "WHERE superseded_by_forget = 1 AND weights_pruned = 0"
+                ).rowcount
+            self.blobs.collect_garbage(self.referenced_blobs())
+        return int(pruned)
 
     # Requests (the journal) -----------------------------------------------------------
 

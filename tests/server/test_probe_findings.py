@@ -372,3 +372,29 @@ def test_a_collapsing_forget_is_handled_by_the_policy(state_dir: Path, policy: s
             assert model.metrics["test_accuracy"] > 0.8
     finally:
         running.stop(5)
+
+
+def test_prune_collects_the_weights_of_superseded_versions(state_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    running = start(Settings(state_dir=state_dir, port=0, build_index=False))
+    try:
+        with Client(running.target, timeout=120) as client:
+            client.forget("digits", owner_ids=[_owner(state_dir)], wait=True)
+            old, new = client.list_versions("digits")
+    finally:
+        running.stop(5)
+    blobs = state_dir / "blobs"
+    held = {p.parent.name + p.name for p in blobs.rglob("*") if p.is_file()}
+    assert old.weights_sha256 in held
+    done = subprocess.run(
+        [sys.executable, "-m", "expunge.client.cli", "prune", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pruned the weights of 1 superseded versions" in done.stdout
+    left = {p.parent.name + p.name for p in blobs.rglob("*") if p.is_file()}
+    assert old.weights_sha256 not in left and new.weights_sha256 in left
