@@ -27,9 +27,10 @@ import torch
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.influence import InfluenceConfig, influence_scores
+from expunge.defenses.recipe import ForgetRecipe
 from expunge.defenses.training import TrainConfig, train
-from expunge.server.datasets import builtin, train_test_split
-from expunge.server.unlearning import UnlearningOptions, unlearn
+from expunge.server.forget.computation import unlearn
+from expunge.server.state.datasets import builtin, train_test_split
 
 WEIGHT_DECAY = 1e-3
 
@@ -79,11 +80,9 @@ def measure(repeats: int = 5, threads: int = 1) -> DeterminismCost:
             test_x=tx,
             test_y=ty,
             weight_decay=WEIGHT_DECAY,
-            options=UnlearningOptions(),
+            recipe=ForgetRecipe(seed=1234),
             ledger={},
             default_budget=1.0,
-            default_parameter_budget=0,
-            seed=1234,
         )
         return _weights_sha256(scratch)
 

@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from expunge.defenses.architectures import ArchitectureSpec, build_model
+from expunge.defenses.architectures import ArchitectureSpec, build_model, output_layer_name
 from expunge.defenses.evaluate import gap_closed, membership_auc, output_kl, per_sample_losses
 from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
 from expunge.defenses.newton import (
@@ -87,20 +87,19 @@ from expunge.defenses.newton import (
     newton_cg_update,
     newton_update,
 )
+from expunge.defenses.recipe import ForgetRecipe
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.sparse_selection import CandidatePool, select_by_newton_direction
 from expunge.defenses.training import TrainConfig, accuracy, train
-from expunge.server.datasets import builtin, train_test_split
-from expunge.server.unlearning import (
-    DEFAULT_NEWTON_ITERATIONS,
-    POOL_COVERAGE,
-    POOL_FACTOR,
-    RANKING_CG_ITERATIONS,
-    output_layer_name,
-    ranking_config,
-)
+from expunge.server.state.datasets import builtin, train_test_split
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forget.json"
+# The served recipe's defaults (the server builds the same object from its settings).
+SERVED = ForgetRecipe()
+DEFAULT_NEWTON_ITERATIONS = SERVED.newton_iterations
+POOL_FACTOR = SERVED.pool_factor
+POOL_COVERAGE = SERVED.pool_coverage
+RANKING_CG_ITERATIONS = SERVED.ranking_cg_iterations
 WEIGHT_DECAY = 1e-3
 HEADLINE = "lcodec_cg_newton"
 HEADLINE_BUDGET = 0.25
@@ -411,8 +410,11 @@ def _methods(
                     ),
                 )
                 candidates = CandidatePool(blanket, POOL_COVERAGE)
-            ranking = ranking_config(
-                ncfg, hvp_cfg.hessian_samples, min(ncfg.cg_iterations, RANKING_CG_ITERATIONS)
+            ranking = replace(
+                ncfg,
+                hessian_samples=hvp_cfg.hessian_samples,
+                cg_iterations=min(ncfg.cg_iterations, RANKING_CG_ITERATIONS),
+                iterations=SERVED.ranking_newton_iterations,
             )
             chosen = select_by_newton_direction(
                 model,

@@ -146,12 +146,12 @@ def measure(seconds: float) -> list[LoadResult]:
         root = Path(tmp)
         settings = Settings(state_dir=root)
         train_model(root, "digits", "digits", "mlp", epochs=5, settings=settings)
-        from expunge.server.datasets import builtin
-        from expunge.server.store import Store
+        from expunge.server.state.datasets import builtin
+        from expunge.server.state.store import Store
 
         # Read before serving: the server then holds the state directory's writer lock.
         store = Store(root)
-        ids = [int(r[0]) for r in store.query("SELECT sample_id FROM samples ORDER BY sample_id")]
+        ids = store.sample_ids("digits")
         store.close()
         port = free_port()
         # The server runs in its own process so the load generator does not share its GIL.

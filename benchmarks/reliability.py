@@ -40,10 +40,10 @@ from hypothesis import strategies as st
 from benchmarks.fuzz_messages import SERVICE, request_strategy
 from benchmarks.processes import free_port, serve, wait_serving
 from expunge.client import Client, UnavailableError
-from expunge.server.consistency import check_state
 from expunge.server.faults import POINTS
 from expunge.server.settings import Settings
-from expunge.server.store import Store
+from expunge.server.state.consistency import check_state
+from expunge.server.state.store import Store
 from expunge.server.training_job import train_model
 
 RESULTS = Path(__file__).parent / "results" / "reliability.json"
@@ -52,9 +52,7 @@ RESULTS = Path(__file__).parent / "results" / "reliability.json"
 def kill_loop(state: Path, kills: int, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     store = Store(state)
-    owners = [
-        str(r[0]) for r in store.query("SELECT DISTINCT owner_id FROM samples ORDER BY owner_id")
-    ]
+    owners = store.owner_ids("digits")
     store.close()
     pristine = state.parent / "pristine"
     shutil.copytree(state, pristine)

@@ -96,7 +96,7 @@ from expunge.defenses.targets import (
     target_score,
 )
 from expunge.defenses.training import TrainConfig, train
-from expunge.server.indexing import PROJECTION_DIM
+from expunge.server.index.service import PROJECTION_DIM
 
 THREADS = 2
 WEIGHT_DECAY = 1e-3

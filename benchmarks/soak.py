@@ -182,16 +182,16 @@ def error_lines(log: Path) -> list[str]:
 def soak(seconds: float, warmup_s: float = 60.0) -> SoakResult:
     """Train a demo model, serve it in a child process, soak it; return the figures."""
     from benchmarks.processes import free_port, serve, wait_serving
-    from expunge.server.datasets import builtin
     from expunge.server.settings import Settings
-    from expunge.server.store import Store
+    from expunge.server.state.datasets import builtin
+    from expunge.server.state.store import Store
     from expunge.server.training_job import train_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         train_model(root, "digits", "digits", "mlp", epochs=5, settings=Settings(state_dir=root))
         store = Store(root)
-        ids = [int(r[0]) for r in store.query("SELECT sample_id FROM samples ORDER BY sample_id")]
+        ids = store.sample_ids("digits")
         store.close()
         port = free_port()
         log = root / "server.log"

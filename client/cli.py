@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from expunge.server.main import InsecureBindRefused, PortInUse, serve
         from expunge.server.settings import load_settings
-        from expunge.server.state_lock import StateDirectoryInUse
+        from expunge.server.state.state_lock import StateDirectoryInUse
     except ImportError:
         print(SERVER_HINT, file=sys.stderr)
         return EXIT_USAGE
@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from expunge.server.state_lock import StateDirectoryInUse
+        from expunge.server.state.state_lock import StateDirectoryInUse
         from expunge.server.training_job import train_model
     except ImportError:
         print(SERVER_HINT, file=sys.stderr)
@@ -91,8 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     try:
-        from expunge.server.state_lock import StateDirectoryInUse
-        from expunge.server.store import Store
+        from expunge.server.state.state_lock import StateDirectoryInUse
+        from expunge.server.state.store import Store
     except ImportError:
         print(SERVER_HINT, file=sys.stderr)
         return EXIT_USAGE

@@ -142,3 +142,11 @@ def _build(spec: ArchitectureSpec) -> nn.Module:
         nn.Flatten(),
         nn.Linear(2 * c, spec.num_classes),
     )
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """Module name of the last Linear layer (the output layer, whose rows are the classes)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("model has no Linear output layer")
+    return names[-1]

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from expunge.client import Client
-
-from .main import start
-from .settings import Settings
-from .training_job import train_model
+from expunge.server.main import start
+from expunge.server.settings import Settings
+from expunge.server.training_job import train_model
 
 
 def _forget_neighbours_scan(client: Client, test_inputs: np.ndarray) -> None:

@@ -18,13 +18,18 @@ from torch import nn
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import Checkpoint, TrainConfig, accuracy, objective, train
-
-from . import weights as weights_io
-from .datasets import Dataset, train_test_split
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, invalid_field
-from .model_factory import build_architecture
-from .settings import Settings
-from .store import ModelRow, Store, VersionRow, utc_now
+from expunge.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    invalid_field,
+)
+from expunge.server.model_factory import build_architecture
+from expunge.server.settings import Settings
+from expunge.server.state import weights as weights_io
+from expunge.server.state.datasets import Dataset, train_test_split
+from expunge.server.state.store import ModelRow, Store, VersionRow, utc_now
 
 MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 EXPORT_CHUNK_BYTES = 1 << 20
@@ -411,16 +416,11 @@ class Engine:
         vrow = self.version_row(name, version)
         if version == 0:
             raise invalid_field("name", "name a version: models/{model}/versions/{n}")
-        with self.store.transaction() as tx:
-            # Checked inside the write transaction (the store's lock is reentrant, the read
-            # sees it): a forget committing between a check made outside and this update
-            # would mark the version superseded, and the rollback would serve a model
-            # trained on the samples it removed.
-            self.refuse_unservable(vrow.model, vrow.version)
-            tx.execute(
-                "UPDATE models SET current_version = ? WHERE name = ?", (vrow.version, vrow.model)
-            )
-            tx.audit(actor, "rollback", f"models/{vrow.model}", {"version": vrow.version})
+        # Checked inside the write transaction (the store's lock is reentrant, the read sees
+        # it): a forget committing between a check made outside and this update would mark
+        # the version superseded, and the rollback would serve a model trained on the
+        # samples it removed.
+        self.store.rollback(vrow.model, vrow.version, actor, check=self.refuse_unservable)
         self.forget_snapshot_cache(vrow.model)
         return self.model_info(vrow.model)
 

@@ -16,17 +16,16 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from expunge.server.edge.interceptors import AuthInterceptor
+from expunge.server.edge.servicer import ExpungeServicer
+from expunge.server.engine import Engine
+from expunge.server.forget.compute_process import ComputeProcess
+from expunge.server.forget.service import ForgetService
+from expunge.server.index.service import IndexService
+from expunge.server.scan.service import ScanService, ScanSettings
+from expunge.server.settings import LOOPBACK_HOSTS, Settings
+from expunge.server.state.store import Store
 from expunge.v1 import expunge_pb2, expunge_pb2_grpc
-
-from .compute import ComputeProcess
-from .engine import Engine
-from .forgetting import ForgetService
-from .indexing import IndexService
-from .interceptors import AuthInterceptor
-from .scanning import ScanService, ScanSettings
-from .servicer import ExpungeServicer
-from .settings import LOOPBACK_HOSTS, Settings
-from .store import Store
 
 log = logging.getLogger("expunge.server")
 HEALTH_RESERVE = 8
@@ -156,7 +155,9 @@ def _start_on(
         ExpungeServicer(
             engine,
             forget,
-            ScanService(engine, forget, ScanSettings(confirmation=settings.scan_confirmation)),
+            ScanService(
+                engine, forget, index, ScanSettings(confirmation=settings.scan_confirmation)
+            ),
         ),
         server,
     )

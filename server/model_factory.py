@@ -11,8 +11,7 @@ import importlib
 from torch import nn
 
 from expunge.defenses.architectures import ARCHITECTURES, ArchitectureSpec, build_model
-
-from .errors import FailedPrecondition
+from expunge.server.errors import FailedPrecondition
 
 
 def build_architecture(spec: ArchitectureSpec, trusted: dict[str, str], seed: int = 0) -> nn.Module:

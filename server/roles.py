@@ -7,7 +7,7 @@ that mitigates) needs the role of that effect, whichever entry point it came thr
 
 from __future__ import annotations
 
-from .errors import PermissionDenied
+from expunge.server.errors import PermissionDenied
 
 ROLES = ("admin", "forget", "scan", "read")
 # The actor of a call made with authentication off (loopback development, tests).

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
-
-from .datasets import BUILTIN_DATASETS, Dataset, builtin, load_npz
-from .engine import Engine, ModelInfo
-from .main import configure_torch
-from .settings import Settings
-from .store import Store
+from expunge.server.engine import Engine, ModelInfo
+from expunge.server.main import configure_torch
+from expunge.server.settings import Settings
+from expunge.server.state.datasets import BUILTIN_DATASETS, Dataset, builtin, load_npz
+from expunge.server.state.store import Store
 
 
 def resolve_dataset(dataset: str, seed: int, data_root: Path | None = None) -> Dataset:

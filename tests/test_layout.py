@@ -29,22 +29,41 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _modules(folder: str, package: str) -> list[str]:
+    """Every module under ``folder`` (subpackages included), as ``package``-rooted names."""
+    names = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        parts = path.relative_to(ROOT / folder).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join((package, *parts)))
+    return names
+
+
 def test_defenses_never_imports_transport_or_storage() -> None:
     offenders = {
-        f"{path.name}: {name}"
-        for path in (ROOT / "defenses").glob("*.py")
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "defenses").rglob("*.py")
         for name in _imports(path)
         if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN_IN_DEFENSES)
     }
     assert not offenders, offenders
 
 
+def test_only_the_store_touches_sqlite() -> None:
+    """Every SQL statement of the server lives in server/state/store/."""
+    store = ROOT / "server" / "state" / "store"
+    offenders = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "server").rglob("*.py")
+        if not path.is_relative_to(store)
+        and ("sqlite3" in _imports(path) or ".execute(" in path.read_text())
+    )
+    assert not offenders, offenders
+
+
 def test_importing_every_defenses_module_loads_no_grpc() -> None:
-    modules = [
-        f"expunge.defenses.{p.stem}"
-        for p in (ROOT / "defenses").glob("*.py")
-        if p.stem != "__init__"
-    ]
+    modules = _modules("defenses", "expunge.defenses")
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in modules)
@@ -74,3 +93,23 @@ def test_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
         assert filecmp.cmp(fresh, committed / fresh.name, shallow=False), (
             f"{fresh.name} is stale: run `make proto` and commit the result"
         )
+
+
+def test_the_defenses_facade_resolves_every_public_name() -> None:
+    import expunge.defenses as defenses
+
+    assert defenses.__all__
+    for name in defenses.__all__:
+        assert getattr(defenses, name) is not None, name
+
+
+def test_the_client_exports_every_exception_it_can_raise() -> None:
+    import expunge.client as client
+    from expunge.client import errors
+
+    raised = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.ExpungeError)
+    }
+    assert raised <= set(client.__all__), raised - set(client.__all__)

@@ -17,11 +17,16 @@ from torch import nn
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.evaluate import gap_closed, output_kl, per_sample_losses
-from expunge.defenses.newton import NewtonConfig, NewtonResult, apply_update, newton_update
+from expunge.defenses.newton import NewtonResult, apply_update, newton_update
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.training import TrainConfig, train
-from expunge.server.datasets import builtin
-from expunge.server.unlearning import SilentReporter, UnlearningOptions, choose_parameters
+from expunge.server.forget.computation import (
+    SilentReporter,
+    UnlearningOptions,
+    choose_parameters,
+    recipe_for,
+)
+from expunge.server.state.datasets import builtin
 
 WD = 1e-3
 IMAGE = (1, 8, 8)  # builtin("digits") images
@@ -135,15 +140,11 @@ def _forget(
     case: ForgetCase, options: UnlearningOptions, hessian_samples: int
 ) -> tuple[nn.Module, ParameterSelection, NewtonResult]:
     """The server's forget computation (server.unlearning.unlearn) on a copy of the original."""
-    config = NewtonConfig(
-        hessian=options.hessian,
-        iterations=options.newton_iterations,
-        hessian_samples=hessian_samples,
-        seed=0,
-    )
-    data = (case.fx, case.fy, case.rx, case.ry, WD, config)
     # Parameter budget 0 and seed 0: the server's defaults (25% of the model, at most 4096).
-    chosen = choose_parameters(case.original, options, *data, 0, 0, SilentReporter())
+    recipe = recipe_for(options, seed=0, hessian_samples=hessian_samples)
+    config = recipe.newton_config()
+    data = (case.fx, case.fy, case.rx, case.ry, WD, config)
+    chosen = choose_parameters(case.original, recipe, *data[:5], SilentReporter())
     selection = chosen.selection
     # As the server does: the served model is taken as the optimum of J (grad J = 0).
     zero = torch.zeros(selection.num_parameters, dtype=torch.float64)

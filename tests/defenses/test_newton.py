@@ -593,7 +593,7 @@ def test_exact_hessian_passes_are_sized_by_activation_floats(monkeypatch) -> Non
     assert objective.activation_floats(x) == expected
 
     def hessian(floats: int) -> torch.Tensor:
-        monkeypatch.setattr(newton, "_HESSIAN_PASS_FLOATS", floats)
+        monkeypatch.setattr(newton.objective, "_HESSIAN_PASS_FLOATS", floats)
         return objective.hessian(objective.v0, x, y, "exact", batch=16)
 
     j, _, v = _slice_objective(model, selection, x, y, 1e-3)

@@ -7,7 +7,7 @@ from sklearn.datasets import load_digits
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.training import TrainConfig, accuracy, train
-from expunge.server.weights import model_to_bytes
+from expunge.server.state.weights import model_to_bytes
 
 
 def _digits(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from expunge.server.identifiers import IdentifierKey
+from expunge.server.state.identifiers import IdentifierKey
 
 
 def sample_digests(state_dir: Path, sample_ids: Iterable[int]) -> list[str]:

@@ -16,8 +16,8 @@ from expunge.client import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from expunge.server import interceptors
-from expunge.server.interceptors import METHOD_ROLES, check_rules_cover_service, token_digest
+from expunge.server.edge import interceptors
+from expunge.server.edge.interceptors import METHOD_ROLES, check_rules_cover_service, token_digest
 from expunge.server.main import InsecureBindRefused, start
 from expunge.server.settings import Settings
 

@@ -9,8 +9,8 @@ import pytest
 
 from expunge.client import Client, FailedPreconditionError
 from expunge.server import engine as engine_module
-from expunge.server.jobs import MAX_REDOS, JobRunner, ProgressReporter, Redo
-from expunge.server.store import RequestRow, Store
+from expunge.server.forget.journal import MAX_REDOS, JobRunner, ProgressReporter, Redo
+from expunge.server.state.store import RequestRow, Store
 
 
 def _runner_with(tmp_path: Path, outcomes: list[str]) -> tuple[JobRunner, Store, list[int]]:
@@ -103,10 +103,10 @@ def test_forgetting_every_remaining_sample_is_refused_up_front(
 def test_scan_solvers_holding_the_old_data_are_dropped_at_the_commit(
     client: Client, server: object
 ) -> None:
-    from expunge.server.scanning import ScanService
+    from expunge.server.scan.service import ScanService
 
     engine = server.engine  # type: ignore[attr-defined]
-    scans = ScanService(engine, server.forget)  # type: ignore[attr-defined]
+    scans = ScanService(engine, server.forget, server.forget.index)  # type: ignore[attr-defined]
     scans._solver("digits")
     assert "digits" in scans._solvers
     victim = int(engine.training_data("digits").sample_ids[0])
@@ -149,8 +149,8 @@ def test_a_request_id_journalled_concurrently_is_answered_as_a_retry(
     server: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from expunge.server.errors import AlreadyExists
-    from expunge.server.forgetting import ForgetService
-    from expunge.server.unlearning import UnlearningOptions
+    from expunge.server.forget.computation import UnlearningOptions
+    from expunge.server.forget.service import ForgetService
 
     forget = server.forget  # type: ignore[attr-defined]
     ids = server.engine.training_data("digits").sample_ids  # type: ignore[attr-defined]

@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks.processes import free_port, serve, wait_serving
 from expunge.client import Client, UnavailableError
-from expunge.server.consistency import check_state
-from expunge.server.store import Store
+from expunge.server.state.consistency import check_state
+from expunge.server.state.store import Store
 
 # A handful here; the reliability benchmark kills at every point and at random times.
 POINTS = ["blob_mid_write", "forget_before_commit"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
-from expunge.server import weights as weights_io
-from expunge.server.datasets import builtin, load_npz, synthetic_owners, validate
 from expunge.server.errors import InvalidArgument
+from expunge.server.state import weights as weights_io
+from expunge.server.state.datasets import builtin, load_npz, synthetic_owners, validate
 from expunge.server.training_job import resolve_dataset
 
 

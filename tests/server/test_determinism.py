@@ -12,11 +12,11 @@ SCRIPT = """
 import sys
 from pathlib import Path
 from expunge.server.engine import Engine
-from expunge.server.forgetting import ForgetService
+from expunge.server.forget.service import ForgetService
 from expunge.server.main import configure_torch
 from expunge.server.settings import Settings
-from expunge.server.store import Store
-from expunge.server.unlearning import UnlearningOptions
+from expunge.server.state.store import Store
+from expunge.server.forget.computation import UnlearningOptions
 
 settings = Settings(state_dir=Path(sys.argv[1]))
 configure_torch(settings)

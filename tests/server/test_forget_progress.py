@@ -23,7 +23,7 @@ from google.rpc import code_pb2
 from expunge.client import Client, NotFoundError
 from expunge.client.types import DeletionMetrics, Operation
 from expunge.defenses.certificate import noise_scale, parameter_distance_bound
-from expunge.server.jobs import Progress
+from expunge.server.forget.journal import Progress
 from tests.server.receipts import sample_digests
 
 # What the worker reports for a forget with the default selection (lcodec_cg), phase by

@@ -41,9 +41,9 @@ from hypothesis.stateful import (
 
 from benchmarks.processes import free_port, serve, wait_serving
 from expunge.client import AlreadyExistsError, Client, UnavailableError
-from expunge.server.consistency import check_state
 from expunge.server.faults import POINTS
-from expunge.server.store import Store
+from expunge.server.state.consistency import check_state
+from expunge.server.state.store import Store
 from tests.server.receipts import owner_digests
 
 MODEL = "digits"

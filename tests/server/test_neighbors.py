@@ -143,7 +143,7 @@ def test_an_index_that_would_not_fit_is_refused_with_its_reason(state_dir: Path)
 def test_a_persisted_index_not_in_memory_loses_forgotten_ids_in_the_commit(
     client: Client, server: object
 ) -> None:
-    from expunge.server.indexing import ARTEFACT, unpack_index
+    from expunge.server.index.service import ARTEFACT, unpack_index
 
     _wait_ready(client)
     engine = server.engine  # type: ignore[attr-defined]

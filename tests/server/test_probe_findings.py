@@ -20,12 +20,12 @@ from expunge.client import (
     NotFoundError,
     PermissionDeniedError,
 )
+from expunge.server.edge.interceptors import token_digest
 from expunge.server.errors import MESSAGE_LIMIT, PermissionDenied
-from expunge.server.identifiers import SECRET_FILE_NAME
-from expunge.server.interceptors import token_digest
 from expunge.server.main import RunningServer, start
 from expunge.server.roles import EFFECT_ROLES, ROLES, require_effect
 from expunge.server.settings import Settings
+from expunge.server.state.identifiers import SECRET_FILE_NAME
 from expunge.server.training_job import train_model
 
 TOKENS = {f"{role}-token": role for role in ROLES}

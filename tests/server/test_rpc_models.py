@@ -14,7 +14,7 @@ from expunge.client import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from expunge.server.weights import parse_state
+from expunge.server.state.weights import parse_state
 
 
 def test_health_models_and_versions(client: Client) -> None:

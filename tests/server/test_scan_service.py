@@ -16,11 +16,11 @@ from expunge.client import Client, FailedPreconditionError, InvalidArgumentError
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.attacks import AttackedDataset, BackdoorConfig, backdoor_digits
 from expunge.defenses.training import TrainConfig
-from expunge.server.datasets import synthetic_owners, validate
 from expunge.server.engine import Engine
 from expunge.server.main import start
 from expunge.server.settings import Settings
-from expunge.server.store import Store
+from expunge.server.state.datasets import synthetic_owners, validate
+from expunge.server.state.store import Store
 from tests.server.receipts import sample_digests
 
 
@@ -201,18 +201,18 @@ def test_several_k_take_the_rarest_calibrated_score(
     # the k whose score is rarer among the clean calibration inputs: check that against
     # the single-k scores combined explicitly.
     from expunge.defenses.targets import calibrated_surprise
-    from expunge.server.scanning import ScanService, ScanSettings
+    from expunge.server.scan.service import ScanService, ScanSettings
 
     running = scan_server
     engine, forget = running.engine, running.forget  # type: ignore[attr-defined]
     test = engine.test_data("bd")
     clean_x = torch.from_numpy(test.features[:100])
     x = torch.from_numpy(np.concatenate([attack.target_x.numpy()[:5], test.features[100:105]]))
-    multi = ScanService(engine, forget, ScanSettings(ks=(2, 10)))
+    multi = ScanService(engine, forget, forget.index, ScanSettings(ks=(2, 10)))
     got = [s for s, _ in multi._scores("bd", "gas", x)]
     expected = []
     for k in (2, 10):
-        single = ScanService(engine, forget, ScanSettings(ks=(k,)))
+        single = ScanService(engine, forget, forget.index, ScanSettings(ks=(k,)))
         clean = [s for s, _ in single._scores("bd", "gas", clean_x)]
         scores = [s for s, _ in single._scores("bd", "gas", x)]
         expected.append(calibrated_surprise(clean, scores))

@@ -12,7 +12,7 @@ import pytest
 from benchmarks.processes import free_port, serve, wait_serving
 from expunge.client import Client
 from expunge.client.cli import EXIT_IN_USE
-from expunge.server.state_lock import StateDirectoryInUse, StateDirectoryLock
+from expunge.server.state.state_lock import StateDirectoryInUse, StateDirectoryLock
 
 REFUSAL_TIMEOUT_S = 60
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from expunge.server.blobs import BlobStore, sha256_hex
 from expunge.server.errors import FailedPrecondition
-from expunge.server.store import SCHEMA_VERSION, Store
+from expunge.server.state.blobs import BlobStore, sha256_hex
+from expunge.server.state.store import SCHEMA_VERSION, Store
 
 
 def test_database_is_wal_with_full_sync_and_versioned_schema(tmp_path: Path) -> None:

@@ -9,12 +9,11 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
-from expunge.defenses.newton import NewtonConfig, newton_update
+from expunge.defenses.newton import newton_update
+from expunge.defenses.recipe import ForgetRecipe
 from expunge.defenses.training import TrainConfig, train
-from expunge.server.unlearning import (
-    RANKING_NEWTON_ITERATIONS,
+from expunge.server.forget.computation import (
     SilentReporter,
-    UnlearningOptions,
     choose_parameters,
 )
 
@@ -39,19 +38,15 @@ def digits_case() -> dict[str, torch.Tensor | torch.nn.Module]:
 
 
 def _choose(case: dict, iterations: int) -> dict[str, list[int]]:
-    options = UnlearningOptions(newton_iterations=iterations)
-    config = NewtonConfig(iterations=iterations, hessian_samples=570)
+    recipe = ForgetRecipe(newton_iterations=iterations, hessian_samples=570)
     chosen = choose_parameters(
         case["model"],
-        options,
+        recipe,
         case["fx"],
         case["fy"],
         case["rx"],
         case["ry"],
         WD,
-        config,
-        0,
-        0,
         SilentReporter(),
     ).selection
     return {name: idx.tolist() for name, idx in chosen.indices.items()}
@@ -60,30 +55,20 @@ def _choose(case: dict, iterations: int) -> dict[str, list[int]]:
 def test_the_ranking_step_does_not_follow_the_update_iterations(digits_case) -> None:
     # A ranking direction converged as far as the update (8 iterations) picked entries
     # that ended further from the retrained model; the ranking keeps its own count.
-    assert RANKING_NEWTON_ITERATIONS == 3
+    assert ForgetRecipe().ranking_newton_iterations == 3
     assert _choose(digits_case, 1) == _choose(digits_case, 8) == _choose(digits_case, 3)
 
 
 def test_more_newton_iterations_converge_the_restricted_problem(digits_case) -> None:
     c = digits_case
-    options = UnlearningOptions()
-    config = NewtonConfig(hessian_samples=570)
+    recipe = ForgetRecipe(hessian_samples=570)
+    config = recipe.newton_config()
     selection = choose_parameters(
-        c["model"],
-        options,
-        c["fx"],
-        c["fy"],
-        c["rx"],
-        c["ry"],
-        WD,
-        config,
-        0,
-        0,
-        SilentReporter(),
+        c["model"], recipe, c["fx"], c["fy"], c["rx"], c["ry"], WD, SilentReporter()
     ).selection
     zero = torch.zeros(selection.num_parameters)
     results = {}
-    for iterations in (1, options.newton_iterations):
+    for iterations in (1, recipe.newton_iterations):
         results[iterations] = newton_update(
             c["model"],
             selection,
@@ -95,7 +80,7 @@ def test_more_newton_iterations_converge_the_restricted_problem(digits_case) -> 
             replace(config, iterations=iterations),
             zero,
         )
-    one, default = results[1], results[options.newton_iterations]
+    one, default = results[1], results[recipe.newton_iterations]
     assert one.accepted and default.accepted and default.iterations > 1
     # The same first step, then further down the modelled retained objective.
     assert default.objective_before == one.objective_before
@@ -108,18 +93,15 @@ def test_the_ranking_samples_its_own_hessian(digits_case) -> None:
     # built once) and ranks with Hessian-vector products on few (paid per CG
     # iteration): the selection follows the ranking's count alone.
     c = digits_case
-    args = (c["model"], UnlearningOptions(), c["fx"], c["fy"], c["rx"], c["ry"], WD)
-    ranking = NewtonConfig(hessian_samples=570, cg_iterations=20, iterations=3)
+    args = (c["fx"], c["fy"], c["rx"], c["ry"], WD, SilentReporter())
 
-    def chosen(config: NewtonConfig, ranking: NewtonConfig | None) -> dict[str, list[int]]:
-        selection = choose_parameters(*args, config, 0, 0, SilentReporter(), ranking).selection
+    def chosen(recipe: ForgetRecipe) -> dict[str, list[int]]:
+        selection = choose_parameters(c["model"], recipe, *args).selection
         return {name: idx.tolist() for name, idx in selection.indices.items()}
 
-    default = chosen(NewtonConfig(hessian_samples=570), None)
-    assert chosen(NewtonConfig(hessian_samples=64), ranking) == default
-    assert (
-        chosen(NewtonConfig(hessian_samples=570), replace(ranking, hessian_samples=64)) != default
-    )
+    default = chosen(ForgetRecipe(hessian_samples=570))
+    assert chosen(ForgetRecipe(hessian_samples=64, ranking_hessian_samples=570)) == default
+    assert chosen(ForgetRecipe(hessian_samples=570, ranking_hessian_samples=64)) != default
 
 
 @pytest.mark.parametrize("selection", ["lcodec_cg", "cg"])
@@ -135,15 +117,12 @@ def test_binary_classifiers_are_ranked_in_the_softmax_gauge(selection: str) -> N
     forget, keep = order[:28], order[28:]
     chosen = choose_parameters(
         model,
-        UnlearningOptions(selection=selection),
+        ForgetRecipe(selection=selection, parameter_budget=15, hessian_samples=2000),
         x[forget],
         y[forget],
         x[keep],
         y[keep],
         WD,
-        NewtonConfig(),
-        15,
-        0,
         SilentReporter(),
     )
     # cg ranks every parameter; the L-CODEC pool of a logistic regression grows to both

@@ -6,43 +6,22 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from expunge.defenses.architectures import ArchitectureSpec
-
-from .errors import invalid_field
+from expunge.defenses.architectures import ArchitectureSpec, output_layer_name
+from expunge.defenses.recipe import HESSIANS, SELECTIONS, ForgetRecipe
+from expunge.server.errors import invalid_field
 
 if TYPE_CHECKING:
-    from expunge.defenses.newton import NewtonConfig
     from expunge.defenses.selection import ParameterSelection
 
-# lcodec_cg: L-CODEC's units (FOCI order) as the pool, its entries ranked by a Newton-CG step;
-# lcodec: whole units in FOCI order; cg: entries of the Newton-CG step over every parameter.
-SELECTIONS = ("lcodec_cg", "lcodec", "cg", "all", "output")
-DEFAULT_SELECTION = "lcodec_cg"
-# Damped Newton iterations on the slice. The first step moves by the removal alone; the
-# rest converge the restricted problem. Measured on the forget benchmark's digits MLP cases
-# (BENCHMARKS.md): 8 instead of 3 cut the KL to the retrained model by 14-22% at the same
-# cost (the Hessian, computed once, dominates).
-DEFAULT_NEWTON_ITERATIONS = 8
-# The L-CODEC pool of lcodec_cg starts with the units filling this many times the budget
-# and grows in FOCI order until it holds POOL_COVERAGE of the ranking step's squared mass
-# (DESIGN 4.3 / BENCHMARKS.md). Measured on the digits MLP's 5% case (KL to the retrained
-# model over the retrain noise): 3x alone 6.0, grown to 0.9 of the mass 3.1, to 0.95 2.5.
-POOL_FACTOR = 3
-POOL_COVERAGE = 0.95
-# Conjugate-gradient iterations of the ranking step: on the digits MLP 20 ranked as well
-# as 100 (gap closed 0.69-0.92 either way) at a third of the time.
-RANKING_CG_ITERATIONS = 20
-# Newton iterations of the ranking step, whatever the update takes: on the digits MLP's 1%
-# and 5% cases, 8 ranking iterations chose entries that ended 4-7% further from the
-# retrained model than 3 (30-47% before the iterations followed the modelled objective).
-RANKING_NEWTON_ITERATIONS = 3
-HESSIANS = ("exact", "gauss_newton")
+_DEFAULTS = ForgetRecipe()
+DEFAULT_SELECTION = _DEFAULTS.selection
+DEFAULT_NEWTON_ITERATIONS = _DEFAULTS.newton_iterations
 
 
 class PhaseReporter(Protocol):
@@ -125,18 +104,36 @@ class UnlearningOptions:
         )
 
 
+def recipe_for(
+    options: UnlearningOptions,
+    seed: int,
+    default_parameter_budget: int = 0,
+    hessian_samples: int = _DEFAULTS.hessian_samples,
+    objective_samples: int = 0,
+    ranking_hessian_samples: int = 0,
+    ranking_cg_iterations: int = 0,
+) -> ForgetRecipe:
+    """The recipe a caller's options and the server's settings give (0: the defaults)."""
+    return ForgetRecipe(
+        selection=options.selection,
+        parameter_budget=options.parameter_budget or default_parameter_budget,
+        hessian=options.hessian,
+        newton_iterations=options.newton_iterations,
+        damping=options.damping,
+        epsilon=options.epsilon,
+        delta=options.delta,
+        hessian_samples=hessian_samples,
+        objective_samples=objective_samples,
+        ranking_hessian_samples=ranking_hessian_samples,
+        ranking_cg_iterations=ranking_cg_iterations or _DEFAULTS.ranking_cg_iterations,
+        seed=seed,
+    )
+
+
 @dataclass(frozen=True)
 class UnlearningOutcome:
     receipt: dict[str, Any]  # receipt fields (proto ForgetReceipt names) this step knows
     ledger: dict[str, Any]  # the model's budget ledger after this forget
-
-
-def output_layer_name(model: nn.Module) -> str:
-    """Module name of the last Linear layer (the output layer)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError("model has no Linear output layer")
-    return names[-1]
 
 
 def is_convex(spec: ArchitectureSpec, selection: str) -> bool:
@@ -176,25 +173,15 @@ def unlearn(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     weight_decay: float,
-    options: UnlearningOptions,
+    recipe: ForgetRecipe,
     ledger: dict[str, Any],
     default_budget: float,
-    default_parameter_budget: int,
-    seed: int,
     reporter: PhaseReporter | None = None,
-    hessian_samples: int = 2000,
-    objective_samples: int = 0,
-    ranking_hessian_samples: int = 0,
-    ranking_cg_iterations: int = 0,
 ) -> UnlearningOutcome:
     """Update ``model`` in place so it behaves as if trained without the forget set.
 
     forget ``(m, *shape)``/``(m,)``, retained ``(n - m, *shape)``/``(n - m,)``, test likewise.
     Never skips: a step that costs accuracy is applied and flagged in the receipt.
-    ``ranking_hessian_samples`` (0: ``hessian_samples``) and ``ranking_cg_iterations`` (0:
-    ``RANKING_CG_ITERATIONS``) size the Newton-CG ranking of the sparse selections, whose
-    Hessian-vector products cost per sample and per iteration where the update's Hessian
-    is built once.
     """
     from expunge.defenses.certificate import (
         BudgetLedger,
@@ -203,43 +190,23 @@ def unlearn(
         noise_scale,
         parameter_distance_bound,
     )
-    from expunge.defenses.newton import NewtonConfig, apply_update, newton_update
+    from expunge.defenses.newton import apply_update, newton_update
 
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
     before = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
     total_params = sum(p.numel() for p in model.parameters())
-    config = NewtonConfig(
-        damping=options.damping or NewtonConfig().damping,
-        hessian=options.hessian,
-        iterations=options.newton_iterations,
-        hessian_samples=hessian_samples,
-        objective_samples=objective_samples,
-        seed=seed,
-    )
-    ranking = ranking_config(config, ranking_hessian_samples, ranking_cg_iterations)
-    parameter_budget = options.parameter_budget or default_parameter_budget
+    config = recipe.newton_config()
     chosen = choose_parameters(
-        model,
-        options,
-        forget_x,
-        forget_y,
-        retained_x,
-        retained_y,
-        weight_decay,
-        config,
-        parameter_budget,
-        seed,
-        report,
-        ranking,
+        model, recipe, forget_x, forget_y, retained_x, retained_y, weight_decay, report
     )
     selection = chosen.selection
     units = selection.units
     report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
     # The served model is treated as the optimum of the full objective (grad J = 0): the steps
     # then move by the removal alone, and the later iterations and the acceptance test keep
-    # that model (newton._Region). Chasing the measured non-convergence instead would aim at
+    # that model (newton.damping._Region). Chasing the measured non-convergence instead would aim at
     # an optimum that neither this model nor a retrain reached (it cost 7 test-accuracy points
     # on the demo model for a two-sample forget; on a CNN trained on 60k samples it had
     # every step rejected into heavy damping).
@@ -263,23 +230,23 @@ def unlearn(
         f"{result.iterations} Newton steps taken, damping {result.damping:.3g}",
     )
     scale = 0.0
-    if options.epsilon > 0:
+    if recipe.epsilon > 0:
         # Noise goes on the parameters, so eps' bounds the distance to the retrained optimum: r / lambda.
         bound = (
             parameter_distance_bound(result.residual_norm_all, weight_decay)
             if weight_decay > 0
             else result.residual_norm_all
         )
-        scale = noise_scale(bound, options.epsilon, options.delta)
-        add_certified_noise(model, selection, scale, seed)
+        scale = noise_scale(bound, recipe.epsilon, recipe.delta)
+        add_certified_noise(model, selection, scale, recipe.seed)
     spent = BudgetLedger.from_dict(ledger, default_budget).spend(result.residual_norm_all)
     certificate = make_certificate(
         result.residual_norm_selected,
         result.residual_norm_all,
         scale,
         spent,
-        convex=is_convex(spec, options.selection),
-        all_parameters=options.selection == "all",
+        convex=is_convex(spec, recipe.selection),
+        all_parameters=recipe.selection == "all",
         weight_decay=weight_decay,
     )
     report.phase("verifying", message="measuring the model after the update")
@@ -296,41 +263,9 @@ def unlearn(
         "step_accepted": result.accepted,
         "accuracy_cost_flagged": flagged,
         "note": _note(result.accepted, flagged, certificate.budget_exhausted),
-        "method": _method(
-            options,
-            config,
-            ranking,
-            parameter_budget,
-            total_params,
-            result.iterations,
-            chosen.candidates,
-        ),
+        "method": recipe.method(total_params, result.iterations, chosen.candidates),
     }
     return UnlearningOutcome(receipt, spent.to_dict())
-
-
-def ranking_config(
-    config: NewtonConfig, hessian_samples: int = 0, cg_iterations: int = 0
-) -> NewtonConfig:
-    """The Newton-CG ranking step's config: ``config`` with the ranking's own counts.
-
-    ``hessian_samples`` 0: ``config``'s; ``cg_iterations`` 0: ``RANKING_CG_ITERATIONS``;
-    always ``RANKING_NEWTON_ITERATIONS`` Newton iterations.
-    """
-    return replace(
-        config,
-        hessian_samples=hessian_samples or config.hessian_samples,
-        cg_iterations=cg_iterations or RANKING_CG_ITERATIONS,
-        iterations=RANKING_NEWTON_ITERATIONS,
-    )
-
-
-def entry_budget(total_params: int, parameter_budget: int) -> int:
-    """Entries a sparse selection may touch: L-CODEC's budget rule, at most the whole model."""
-    from expunge.defenses.lcodec import LcodecConfig
-
-    budget = LcodecConfig(parameter_budget=parameter_budget).budget_for(total_params)
-    return min(budget, total_params)
 
 
 @dataclass(frozen=True)
@@ -343,29 +278,22 @@ class ChosenParameters:
 
 def choose_parameters(
     model: nn.Module,
-    options: UnlearningOptions,
+    recipe: ForgetRecipe,
     forget_x: torch.Tensor,
     forget_y: torch.Tensor,
     retained_x: torch.Tensor,
     retained_y: torch.Tensor,
     weight_decay: float,
-    config: NewtonConfig,
-    parameter_budget: int,
-    seed: int,
     report: PhaseReporter,
-    ranking: NewtonConfig | None = None,
 ) -> ChosenParameters:
-    """The entries the Newton step may change, per ``options.selection``.
-
-    ``ranking``: the Newton-CG step that ranks entries (default: ``ranking_config(config)``).
-    """
+    """The entries the Newton step may change, per ``recipe.selection``."""
     from expunge.defenses.lcodec import LcodecConfig, select_markov_blanket
     from expunge.defenses.selection import ParameterSelection
     from expunge.defenses.sparse_selection import CandidatePool, select_by_newton_direction
 
-    if options.selection == "all":
+    if recipe.selection == "all":
         return ChosenParameters(ParameterSelection.everything(model))
-    if options.selection == "output":
+    if recipe.selection == "output":
         layer = output_layer_name(model)
         output = {
             n: torch.arange(p.numel())
@@ -374,21 +302,21 @@ def choose_parameters(
         }
         return ChosenParameters(ParameterSelection(output, (f"{layer}:*",)))
     total = sum(p.numel() for p in model.parameters())
-    if options.selection == "lcodec":
+    if recipe.selection == "lcodec":
         report.phase("selecting", message="L-CODEC Markov blanket over units")
-        lcodec = LcodecConfig(parameter_budget=parameter_budget, seed=seed)
+        lcodec = LcodecConfig(parameter_budget=recipe.parameter_budget, seed=recipe.seed)
         return ChosenParameters(select_markov_blanket(model, forget_x, forget_y, lcodec).selection)
-    budget = entry_budget(total, parameter_budget)
+    budget = recipe.entry_budget(total)
     pool = None
-    if options.selection == "lcodec_cg":
+    if recipe.selection == "lcodec_cg":
         report.phase("selecting", message="L-CODEC Markov blanket over units (candidate pool)")
         lcodec = LcodecConfig(
-            parameter_budget=min(total, POOL_FACTOR * budget),
+            parameter_budget=min(total, recipe.pool_factor * budget),
             always_include_output_layer=False,
-            seed=seed,
+            seed=recipe.seed,
         )
         blanket = select_markov_blanket(model, forget_x, forget_y, lcodec)
-        pool = CandidatePool(blanket, POOL_COVERAGE)
+        pool = CandidatePool(blanket, recipe.pool_coverage)
     report.phase("selecting", message="ranking entries by a Newton-CG step")
     chosen = select_by_newton_direction(
         model,
@@ -398,41 +326,12 @@ def choose_parameters(
         retained_y,
         weight_decay,
         budget,
-        ranking or ranking_config(config),
+        recipe.ranking_config(),
         pool=pool,
         logits_layer=output_layer_name(model),
         assume_converged=True,
     )
     return ChosenParameters(chosen.selection, chosen.candidates)
-
-
-def _method(
-    options: UnlearningOptions,
-    config: NewtonConfig,
-    ranking: NewtonConfig,
-    parameter_budget: int,
-    total_params: int,
-    iterations_taken: int,
-    candidates: int,
-) -> dict[str, Any]:
-    """The receipt's ForgetMethod: every choice the update depended on."""
-    ranked = options.selection in ("lcodec_cg", "cg")
-    whole = options.selection in ("all", "output")
-    return {
-        "selection": options.selection,
-        "hessian": config.hessian,
-        "parameter_budget": 0 if whole else entry_budget(total_params, parameter_budget),
-        "newton_iterations": config.iterations,
-        "newton_iterations_taken": iterations_taken,
-        "damping_floor": config.damping,
-        "hessian_samples": config.hessian_samples,
-        "objective_samples": config.objective_samples,
-        "ranking_hessian_samples": ranking.hessian_samples if ranked else 0,
-        "ranking_cg_iterations": ranking.cg_iterations if ranked else 0,
-        "ranking_newton_iterations": ranking.iterations if ranked else 0,
-        "seed": config.seed,
-        "candidate_parameters": candidates,
-    }
 
 
 def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,21 +19,25 @@ import torch
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
-
-from . import weights as weights_io
-from .compute import ComputeProcess, UnlearningJob
-from .engine import Engine, parse_model_name
-from .errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
-from .faults import crash_point
-from .identifiers import IdentifierKey
-from .indexing import ARTEFACT as INDEX_ARTEFACT
-from .indexing import IndexService
-from .jobs import SUCCEEDED, JobRunner, ProgressReporter
-from .retraining import RetrainPayload, apply_retrain
-from .roles import require_effect
-from .store import RequestRow
-from .unlearning import UnlearningOptions, unlearn
-from .versioning import insert_next_version
+from expunge.server.engine import Engine, parse_model_name
+from expunge.server.errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
+from expunge.server.faults import crash_point
+from expunge.server.forget.computation import UnlearningOptions, recipe_for, unlearn
+from expunge.server.forget.compute_process import ComputeProcess, UnlearningJob
+from expunge.server.forget.journal import JobRunner, ProgressReporter
+from expunge.server.forget.retrain import RetrainPayload, apply_retrain
+from expunge.server.index.service import IndexService
+from expunge.server.roles import require_effect
+from expunge.server.state import weights as weights_io
+from expunge.server.state.identifiers import IdentifierKey
+from expunge.server.state.store import (
+    ForgetCommit,
+    JournalEntry,
+    RequestIdTaken,
+    RequestRow,
+    VersionRow,
+    utc_now,
+)
 
 MAX_IDS_PER_REQUEST = 100_000
 REQUEST_ID_MAX = 128
@@ -150,6 +152,10 @@ class ForgetService:
             self.compute.close()
         return stopped
 
+    def wait_done(self, request_id: str, timeout: float) -> RequestRow | None:
+        """The request's row once it has ended (or when ``timeout`` runs out)."""
+        return self.jobs.wait_done(request_id, timeout)
+
     # Submission --------------------------------------------------------------------------
 
     def submit(
@@ -176,31 +182,37 @@ class ForgetService:
         payload = ForgetPayload(
             name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options
         )
-        digest = self.engine.store.identifiers.payload_digest(payload.to_dict())
-        existing = self._existing(request_id, digest)
+        entry = self._entry(
+            request_id,
+            "forget",
+            payload.to_dict(),
+            actor,
+            {
+                "request_id": request_id,
+                "samples": len(payload.sample_ids),
+                "owners": len(payload.owner_ids),
+            },
+        )
+        existing = self._existing(request_id, entry.payload_digest)
         if existing is not None:
             return existing
         self.engine.model_row(name)
         self._check_known(payload)
-        details = {
-            "request_id": request_id,
-            "samples": len(payload.sample_ids),
-            "owners": len(payload.owner_ids),
-        }
-        return self._journal(request_id, "forget", payload.to_dict(), digest, actor, details)
+        return self._journal(entry)
 
     def submit_retrain(self, model: str, request_id: str, actor: str) -> RequestRow:
         """Journal an exact retrain of ``model`` behind the requests already queued."""
         require_effect("retrain", actor)
         _check_request_id(request_id)
         payload = RetrainPayload(parse_model_name(model))
-        digest = self.engine.store.identifiers.payload_digest(payload.to_dict())
-        existing = self._existing(request_id, digest)
+        entry = self._entry(
+            request_id, "retrain", payload.to_dict(), actor, {"request_id": request_id}
+        )
+        existing = self._existing(request_id, entry.payload_digest)
         if existing is not None:
             return existing
         self.engine.model_row(payload.model)
-        details = {"request_id": request_id}
-        return self._journal(request_id, "retrain", payload.to_dict(), digest, actor, details)
+        return self._journal(entry)
 
     def _accuracy_collapse(
         self, model: str, request_id: str, parent_version: int, metrics: dict[str, float]
@@ -238,75 +250,35 @@ class ForgetService:
             )
         return existing
 
-    def _journal(
-        self,
-        request_id: str,
-        kind: str,
-        payload: dict[str, Any],
-        payload_sha256: str,
-        actor: str,
-        details: dict[str, Any],
-    ) -> RequestRow:
-        model = payload["model"]
+    def _journal(self, entry: JournalEntry) -> RequestRow:
         try:
-            with self.engine.store.transaction() as tx:
-                tx.insert_request(
-                    request_id, model, kind, payload_sha256, {**payload, "actor": actor}
-                )
-                tx.audit(actor, f"{kind}_requested", f"models/{model}", details)
-        except sqlite3.IntegrityError:
+            self.engine.store.journal(entry)
+        except RequestIdTaken:
             # The same id journalled by a concurrent call since _existing looked: answer
             # as a retry would (or ALREADY_EXISTS for another payload).
-            existing = self._existing(request_id, payload_sha256)
+            existing = self._existing(entry.request_id, entry.payload_digest)
             if existing is None:
                 raise
             return existing
         self.jobs.notify()
-        row = self.engine.store.request(request_id)
+        row = self.engine.store.request(entry.request_id)
         assert row is not None
         return row
 
-    def _journal_in(
-        self,
-        tx: Any,
-        request_id: str,
-        payload: RetrainPayload,
-        actor: str,
-        details: dict[str, Any],
-    ) -> None:
-        """Journal a retrain inside another request's commit (no acknowledgement to give)."""
-        as_dict = payload.to_dict()
-        digest = self.engine.store.identifiers.payload_digest(as_dict)
-        tx.insert_request(request_id, payload.model, "retrain", digest, {**as_dict, "actor": actor})
-        tx.audit(actor, "retrain_requested", f"models/{payload.model}", details)
+    def _entry(
+        self, request_id: str, kind: str, payload: dict[str, Any], actor: str, audit: dict[str, Any]
+    ) -> JournalEntry:
+        digest = self.engine.store.identifiers.payload_digest(payload)
+        return JournalEntry(
+            request_id, payload["model"], kind, digest, {**payload, "actor": actor}, actor, audit
+        )
 
     def _check_known(self, payload: ForgetPayload) -> None:
         """Unknown ids are NOT_FOUND (listing them) and nothing is applied; forgotten ones are fine."""
         store = self.engine.store
-        unknown_samples = []
-        for start in range(0, len(payload.sample_ids), 500):
-            chunk = list(payload.sample_ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            known = {
-                int(r[0])
-                for r in store.query(
-                    f"SELECT sample_id FROM samples WHERE model = ? AND sample_id IN ({marks}) "
-                    f"UNION SELECT sample_id FROM forgotten WHERE model = ? AND sample_id IN ({marks})",
-                    (payload.model, *chunk, payload.model, *chunk),
-                )
-            }
-            unknown_samples += [s for s in chunk if s not in known]
-        unknown_owners = [
-            o
-            for o in payload.owner_ids
-            if not store.query(
-                "SELECT 1 FROM samples WHERE model = ? AND owner_id = ? LIMIT 1", (payload.model, o)
-            )
-            and not store.query(
-                "SELECT 1 FROM forgotten WHERE model = ? AND owner_sha256 = ? LIMIT 1",
-                (payload.model, store.identifiers.digest("owner", o)),
-            )
-        ]
+        known = store.known_sample_ids(payload.model, list(payload.sample_ids))
+        unknown_samples = [s for s in payload.sample_ids if s not in known]
+        unknown_owners = [o for o in payload.owner_ids if not store.owner_known(payload.model, o)]
         if unknown_samples or unknown_owners:
             parts = []
             if unknown_samples:
@@ -327,28 +299,10 @@ class ForgetService:
     def _check_leaves_data(self, payload: ForgetPayload) -> None:
         """A forget must leave training data: the update needs the retained objective."""
         store = self.engine.store
-        named: set[int] = set()
-        for start in range(0, len(payload.sample_ids), 500):
-            chunk = list(payload.sample_ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            named |= {
-                int(r[0])
-                for r in store.query(
-                    f"SELECT sample_id FROM samples WHERE model = ? AND sample_id IN ({marks})",
-                    (payload.model, *chunk),
-                )
-            }
+        named = store.present_sample_ids(payload.model, list(payload.sample_ids))
         for owner in payload.owner_ids:
-            named |= {
-                int(r[0])
-                for r in store.query(
-                    "SELECT sample_id FROM samples WHERE model = ? AND owner_id = ?",
-                    (payload.model, owner),
-                )
-            }
-        remaining = int(
-            store.query("SELECT COUNT(*) FROM samples WHERE model = ?", (payload.model,))[0][0]
-        )
+            named |= store.sample_ids_of_owner(payload.model, owner)
+        remaining = store.sample_count(payload.model)
         if named and len(named) >= remaining:
             raise _would_empty(payload.model, remaining)
 
@@ -389,18 +343,13 @@ class ForgetService:
                 "note": "everything named had been forgotten already; nothing changed",
                 "seconds": time.perf_counter() - started,
             }
-            with store.transaction() as tx:
-                tx.set_request_state(request.request_id, SUCCEEDED, result)
-                tx.audit(
-                    request.payload.get("actor", "anonymous"),
-                    "forget",
-                    f"models/{payload.model}",
-                    {
-                        "request_id": request.request_id,
-                        "already_forgotten": len(already),
-                        "removed": 0,
-                    },
-                )
+            store.commit_nothing_to_forget(
+                payload.model,
+                request.request_id,
+                result,
+                request.payload.get("actor", "anonymous"),
+                {"request_id": request.request_id, "already_forgotten": len(already), "removed": 0},
+            )
             return
 
         if mask.all():
@@ -423,17 +372,21 @@ class ForgetService:
             "test_x": torch.from_numpy(test.features),
             "test_y": torch.from_numpy(test.labels),
         }
+        settings = engine.settings
+        recipe = recipe_for(
+            payload.options,
+            seed=request_seed(request.request_id, row.current_version),
+            default_parameter_budget=settings.forget_parameter_budget,
+            hessian_samples=settings.forget_hessian_samples,
+            objective_samples=settings.forget_objective_samples,
+            ranking_hessian_samples=settings.forget_ranking_hessian_samples,
+            ranking_cg_iterations=settings.forget_ranking_cg_iterations,
+        )
         arguments: dict[str, Any] = {
             "weight_decay": config.weight_decay,
-            "options": payload.options,
+            "recipe": recipe,
             "ledger": row.ledger,
-            "default_budget": engine.settings.forget_budget,
-            "default_parameter_budget": engine.settings.forget_parameter_budget,
-            "hessian_samples": engine.settings.forget_hessian_samples,
-            "objective_samples": engine.settings.forget_objective_samples,
-            "ranking_hessian_samples": engine.settings.forget_ranking_hessian_samples,
-            "ranking_cg_iterations": engine.settings.forget_ranking_cg_iterations,
-            "seed": request_seed(request.request_id, row.current_version),
+            "default_budget": settings.forget_budget,
         }
         if self.compute is None:
             outcome = unlearn(model=model, spec=spec, reporter=reporter, **arrays, **arguments)
@@ -464,7 +417,7 @@ class ForgetService:
             )
             train_blob = store.blobs.put(shard)
             crash_point("forget_after_shard")
-            index_blob = (
+            index_artefact = (
                 self.index.remove_for_commit(payload.model, removed_ids) if self.index else None
             )
             crash_point("forget_after_index")
@@ -487,80 +440,54 @@ class ForgetService:
             )
             if collapse is not None:
                 receipt["accuracy_collapse"] = collapse.receipt_field()
-            crash_point("forget_before_commit")
-            with store.transaction() as tx:
-                insert_next_version(
-                    tx,
-                    row,
-                    new_version,
-                    request.request_id,
-                    weights_blob,
-                    metrics,
-                    int(keep.sum()),
-                    "the forget",
-                    held_reason=collapse.held_reason if collapse else None,
-                )
-                if collapse is not None and collapse.retrain_request_id:
-                    self._journal_in(
-                        tx,
-                        collapse.retrain_request_id,
-                        RetrainPayload(payload.model),
-                        actor,
-                        {"request_id": collapse.retrain_request_id, "after": request.request_id},
-                    )
-                tx.execute(
-                    "UPDATE models SET current_version = ?, train_blob = ?, num_samples = ?, ledger_json = ? WHERE name = ?",
-                    (
-                        new_version,
-                        train_blob,
-                        row.num_samples - len(removed_ids),
-                        json.dumps(outcome.ledger),
-                        payload.model,
-                    ),
-                )
-                tx.execute(
-                    "UPDATE versions SET superseded_by_forget = 1 WHERE model = ? AND version < ?",
-                    (payload.model, new_version),
-                )
-                owners_by_id = dict(
-                    zip(data.sample_ids[mask].tolist(), data.owner_ids[mask].tolist(), strict=True)
-                )
-                for start in range(0, len(removed_ids), 500):
-                    chunk = removed_ids[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    tx.execute(
-                        f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})",
-                        (payload.model, *chunk),
-                    )
-                for sid in removed_ids:
-                    tx.execute(
-                        "INSERT INTO forgotten (model, sample_id, owner_sha256, request_id, version) VALUES (?,?,?,?,?)",
-                        (
-                            payload.model,
-                            sid,
-                            store.identifiers.digest("owner", owners_by_id[sid]),
-                            request.request_id,
-                            new_version,
-                        ),
-                    )
-                if index_blob is not None:
-                    tx.execute(
-                        "UPDATE artefacts SET blob = ? WHERE model = ? AND kind = ?",
-                        (index_blob, payload.model, INDEX_ARTEFACT),
-                    )
-                tx.set_request_state(request.request_id, SUCCEEDED, receipt)
-                tx.audit(
+            retrain = (
+                self._entry(
+                    collapse.retrain_request_id,
+                    "retrain",
+                    RetrainPayload(payload.model).to_dict(),
                     actor,
-                    "forget",
-                    f"models/{payload.model}",
-                    {
+                    {"request_id": collapse.retrain_request_id, "after": request.request_id},
+                )
+                if collapse is not None and collapse.retrain_request_id
+                else None
+            )
+            crash_point("forget_before_commit")
+            store.commit_forget(
+                ForgetCommit(
+                    version=VersionRow(
+                        payload.model,
+                        new_version,
+                        row.current_version,
+                        weights_blob,
+                        request.request_id,
+                        utc_now(),
+                        metrics,
+                        int(keep.sum()),
+                        False,
+                        collapse.held_reason if collapse else None,
+                    ),
+                    train_blob=train_blob,
+                    ledger=outcome.ledger,
+                    removed_owner_by_sample=dict(
+                        zip(
+                            data.sample_ids[mask].tolist(),
+                            data.owner_ids[mask].tolist(),
+                            strict=True,
+                        )
+                    ),
+                    receipt=receipt,
+                    actor=actor,
+                    audit={
                         "request_id": request.request_id,
                         "removed_samples": len(removed_ids),
                         "owners": len(removed_owners),
                         "new_version": new_version,
                         "parameters_updated": receipt.get("parameters_updated", 0),
                     },
+                    index_artefact=index_artefact,
+                    then_journal=retrain,
                 )
+            )
             crash_point("forget_after_commit")
             store.blobs.collect_garbage(store.referenced_blobs())
             store.checkpoint_wal()

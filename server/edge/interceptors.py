@@ -19,9 +19,8 @@ from typing import Any
 
 import grpc
 
+from expunge.server.roles import METHOD_ROLES, ROLES, UNAUTHENTICATED_ACTOR, actor_name
 from expunge.v1 import expunge_pb2
-
-from .roles import METHOD_ROLES, ROLES, UNAUTHENTICATED_ACTOR, actor_name
 
 SERVICE = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"]
 

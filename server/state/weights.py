@@ -18,8 +18,7 @@ from safetensors.torch import save as torch_save
 from torch import nn
 
 from expunge.defenses.training import Checkpoint
-
-from .errors import InvalidArgument
+from expunge.server.errors import InvalidArgument
 
 
 def state_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from . import weights as weights_io
-from .unlearning import PhaseReporter, UnlearningOutcome, unlearn
+from expunge.server.forget.computation import PhaseReporter, UnlearningOutcome, unlearn
+from expunge.server.state import weights as weights_io
 
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.05
@@ -52,8 +52,7 @@ def run_unlearning(
 ) -> tuple[UnlearningOutcome, bytes]:
     """Rebuild the model, run ``unlearn`` on it, return the outcome and the new weights."""
     from expunge.defenses.architectures import ArchitectureSpec
-
-    from .model_factory import build_architecture
+    from expunge.server.model_factory import build_architecture
 
     spec = ArchitectureSpec.from_dict(job.spec)
     model = build_architecture(spec, job.trusted_factories, seed=0)

@@ -40,14 +40,14 @@ from expunge.defenses.targets import (
     target_score,
 )
 from expunge.defenses.training import TrainConfig, train
-
-from .engine import Engine
-from .errors import Aborted, FailedPrecondition, invalid_field
-from .forgetting import ForgetService
-from .jobs import TERMINAL
-from .model_factory import build_architecture
-from .roles import require_effect
-from .unlearning import UnlearningOptions
+from expunge.server.engine import Engine
+from expunge.server.errors import Aborted, FailedPrecondition, invalid_field
+from expunge.server.forget.computation import UnlearningOptions
+from expunge.server.forget.service import ForgetService
+from expunge.server.index.service import IndexService
+from expunge.server.model_factory import build_architecture
+from expunge.server.roles import require_effect
+from expunge.server.state.store import ArtefactRow
 
 ESTIMATORS = ("gas", "lgas", "tracincp", "gas+tracincp")
 # A union of detectors: an input is as suspicious as its most unusual component score,
@@ -59,6 +59,8 @@ CONFIRMATIONS = ("auto", "retrain", "newton")
 DENSE_HESSIAN_MAX = CounterfactualConfig().max_parameters
 CALIBRATION = "scan_calibration"
 CHUNK = 32
+# How long a Scan waits for the forget its mitigation submitted.
+MITIGATION_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,15 @@ def _changed() -> Aborted:
 
 class ScanService:
     def __init__(
-        self, engine: Engine, forget: ForgetService, settings: ScanSettings | None = None
+        self,
+        engine: Engine,
+        forget: ForgetService,
+        index: IndexService | None,
+        settings: ScanSettings | None = None,
     ) -> None:
         self.engine = engine
-        self.forget = forget
+        self.forget = forget  # mitigation submits through it and awaits the outcome
+        self.index = index  # GAS scores from its training embeddings when it has them
         self.settings = settings or ScanSettings()
         # (model, version) -> shared-Hessian solver of that version; one per model kept.
         self._solvers: dict[str, tuple[int, SharedHessianCounterfactual]] = {}
@@ -159,7 +166,7 @@ class ScanService:
         """(q, n_train) influences of the current training set on inputs x."""
         snapshot = self.engine.snapshot(model)
         data = self.engine.training_data(model)
-        index = self.forget.index
+        index = self.index
         if estimator == "gas" and index is not None:
             embedded = index.training_embeddings(model)
             if embedded is not None:
@@ -200,11 +207,9 @@ class ScanService:
         mode = self.confirmation(model)
         ks = "-".join(str(k) for k in self.settings.ks)
         kind = f"{CALIBRATION}:{estimator}:{mode}:k{ks}"
-        stored = self.engine.store.query(
-            "SELECT version, meta_json FROM artefacts WHERE model = ? AND kind = ?", (model, kind)
-        )
-        if stored and int(stored[0][0]) == row.current_version:
-            meta = json.loads(stored[0][1])
+        stored = self.engine.store.artefact(model, kind)
+        if stored is not None and stored.version == row.current_version:
+            meta = stored.meta
             return Calibration(float(meta["score_threshold"]), float(meta["drop_threshold"]), mode)
         test = self.engine.test_data(model)
         x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
@@ -239,11 +244,9 @@ class ScanService:
         }
         with self.engine.store.write_lock:
             blob = self.engine.store.blobs.put(json.dumps(meta, sort_keys=True).encode())
-            with self.engine.store.transaction() as tx:
-                tx.execute(
-                    "INSERT OR REPLACE INTO artefacts (model, kind, blob, version, meta_json) VALUES (?,?,?,?,?)",
-                    (model, kind, blob, row.current_version, json.dumps(meta, sort_keys=True)),
-                )
+            self.engine.store.put_artefact(
+                ArtefactRow(model, kind, blob, row.current_version, meta)
+            )
         return Calibration(score_threshold, drop_threshold, mode)
 
     def confirmation(self, model: str) -> str:
@@ -558,13 +561,7 @@ class ScanService:
         before = self.engine.model_info(model).version.metrics.get("test_accuracy", float("nan"))
         ids = [int(s["sample_id"]) for s in outcome.implicated]  # type: ignore[call-overload]
         self.forget.submit(model, ids, [], request_id, UnlearningOptions(), actor)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            row = self.engine.store.request(request_id)
-            if row is not None and row.state in TERMINAL:
-                break
-            time.sleep(0.05)
-        row = self.engine.store.request(request_id)
+        row = self.forget.wait_done(request_id, timeout=MITIGATION_TIMEOUT_S)
         if row is None or row.state != "SUCCEEDED":
             raise FailedPrecondition(
                 f"mitigation forget {request_id} ended {row.state if row else 'missing'}"

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import Cancelled, ExpungeError
-from .store import RequestRow, Store
+from expunge.server.errors import Cancelled, ExpungeError
+from expunge.server.state.store import RequestRow, Store, VersionMoved
 
-log = logging.getLogger("expunge.server.jobs")
+log = logging.getLogger("expunge.server.forget.journal")
 
 PENDING, APPLYING, SUCCEEDED, FAILED, CANCELLED = (
     "PENDING",
@@ -72,7 +73,10 @@ class ShuttingDown(Exception):
 
 
 class Redo(Exception):
-    """Raised by apply before committing when its inputs changed under it: computed again."""
+    """Raised by apply before committing when its inputs changed under it: computed again.
+
+    The store's ``VersionMoved`` (a commit refused because the model moved) is treated alike.
+    """
 
 
 # A request redone this many times in a row (the model kept changing under it) fails
@@ -174,10 +178,7 @@ class JobRunner:
             )
             return
         with self.store.transaction() as tx:
-            started = tx.execute(
-                "UPDATE requests SET state = ? WHERE request_id = ? AND state = ?",
-                (APPLYING, request.request_id, PENDING),
-            ).rowcount
+            started = tx.start_request(request.request_id)
         if not started:  # cancelled between the queue read and here
             self._set_progress(request.request_id, Progress("done"))
             return
@@ -188,7 +189,7 @@ class JobRunner:
             self._set_progress(request.request_id, Progress("done"))
         except ShuttingDown:
             return
-        except Redo as exc:
+        except (Redo, VersionMoved) as exc:
             self._redo(request.request_id, str(exc))
         except Cancelled as exc:
             self._finish(request.request_id, CANCELLED, ("CANCELLED", exc.message))
@@ -246,6 +247,21 @@ class JobRunner:
     def progress(self, request_id: str) -> tuple[Progress, int]:
         live = self._live(request_id)
         return live.progress, live.version
+
+    def wait_done(self, request_id: str, timeout: float) -> RequestRow | None:
+        """Block until the request has ended (or ``timeout``); its row (None if unknown).
+
+        Woken by the worker's progress notifications, not by polling the store.
+        """
+        deadline = time.monotonic() + timeout
+        _, seen = self.progress(request_id)
+        while True:
+            row = self.store.request(request_id)
+            left = deadline - time.monotonic()
+            if row is None or row.state in TERMINAL or left <= 0:
+                return row
+            # A bounded wait: a notification sent between the read and the wait is not lost.
+            seen = self.wait_for_change(request_id, seen, min(left, 1.0))
 
     def wait_for_change(self, request_id: str, seen: int, timeout: float) -> int:
         """Block until the operation changes past ``seen`` or ``timeout``; return the new version."""

@@ -8,9 +8,9 @@ one, and every finished forget is recorded exactly once.
 
 from __future__ import annotations
 
-from .blobs import sha256_hex
-from .store import Store
-from .weights import arrays_from_bytes
+from expunge.server.state.blobs import sha256_hex
+from expunge.server.state.store import Store
+from expunge.server.state.weights import arrays_from_bytes
 
 
 def check_state(store: Store) -> list[str]:
@@ -29,15 +29,11 @@ def check_state(store: Store) -> list[str]:
         if numbers and model.current_version not in numbers:
             problems.append(f"{name}: current version {model.current_version} does not exist")
         for v in versions[1:]:
-            if v.parent != v.version - 1:
+            # After a rollback a new version's parent is the restored one, not the last.
+            if not 1 <= v.parent < v.version:
                 problems.append(f"{name}: version {v.version} has parent {v.parent}")
-        rows = {
-            int(r[0]) for r in store.query("SELECT sample_id FROM samples WHERE model = ?", (name,))
-        }
-        forgotten = {
-            int(r[0])
-            for r in store.query("SELECT sample_id FROM forgotten WHERE model = ?", (name,))
-        }
+        rows = set(store.sample_ids(name))
+        forgotten = store.forgotten_sample_ids(name)
         if rows & forgotten:
             problems.append(
                 f"{name}: {len(rows & forgotten)} samples are both present and forgotten"
@@ -63,11 +59,8 @@ def check_state(store: Store) -> list[str]:
             # The receipt names its samples by keyed digest only (identifiers.py).
             removed = set(request.result.get("removed_sample_digests", []))
             recorded = {
-                store.identifiers.digest("sample", int(r[0]))
-                for r in store.query(
-                    "SELECT sample_id FROM forgotten WHERE model = ? AND request_id = ?",
-                    (name, request.request_id),
-                )
+                store.identifiers.digest("sample", s)
+                for s in store.forgotten_sample_ids(name, request.request_id)
             }
             if removed != recorded:
                 problems.append(

@@ -30,9 +30,9 @@ from expunge.defenses.index import (
     load_index,
 )
 from expunge.defenses.training import Checkpoint
-
-from .engine import Engine
-from .errors import FailedPrecondition, invalid_field
+from expunge.server.engine import Engine
+from expunge.server.errors import FailedPrecondition, invalid_field
+from expunge.server.state.store import ArtefactRow
 
 log = logging.getLogger("expunge.server.index")
 ARTEFACT = "gradient_index"
@@ -136,12 +136,10 @@ class IndexService:
             self._states[model] = replace(self._states.get(model, IndexState()), **changes)  # type: ignore[arg-type]
 
     def _load_persisted(self, model: str) -> None:
-        rows = self.engine.store.query(
-            "SELECT blob, version FROM artefacts WHERE model = ? AND kind = ?", (model, ARTEFACT)
-        )
-        if not rows:
+        artefact = self.engine.store.artefact(model, ARTEFACT)
+        if artefact is None:
             return
-        blob, version = str(rows[0][0]), int(rows[0][1])
+        blob, version = artefact.blob, artefact.version
         index = unpack_index(self.engine.store.blobs.get(blob))
         embedder = self._embedder(model, int(index.metadata.model_version or version))
         current = self.engine.model_row(model).current_version
@@ -271,11 +269,7 @@ class IndexService:
                 self._set_state(model, progress=0.0)
                 return self.build(model, shard_size)
             blob = store.blobs.put(pack_index(index))
-            with store.transaction() as tx:
-                tx.execute(
-                    "INSERT OR REPLACE INTO artefacts (model, kind, blob, version, meta_json) VALUES (?,?,?,?,?)",
-                    (model, ARTEFACT, blob, version, "{}"),
-                )
+            store.put_artefact(ArtefactRow(model, ARTEFACT, blob, version, {}))
             with self._lock:
                 self._loaded[model] = _Loaded(
                     index, embedder, version, all_vectors, data.sample_ids.copy()
@@ -288,29 +282,24 @@ class IndexService:
 
     # Forgetting -------------------------------------------------------------------------
 
-    def remove_for_commit(self, model: str, sample_ids: list[int]) -> str | None:
-        """Remove forgotten ids and write the index blob; the caller references it in its commit."""
+    def remove_for_commit(self, model: str, sample_ids: list[int]) -> ArtefactRow | None:
+        """Remove forgotten ids and write the index blob; the caller's commit records it."""
+        persisted = self.engine.store.artefact(model, ARTEFACT)
+        if persisted is None:
+            return None
         with self._lock:
             loaded = self._loaded.get(model)
         if loaded is None:
-            return self._remove_from_persisted(model, sample_ids)
-        # faiss indexes are not safe to search while ids are removed (the soak run answered
-        # 4 Neighbors calls INTERNAL before this lock): searches wait for the removal.
-        with self._index_lock:
-            loaded.index.remove(np.array(sample_ids, dtype=np.int64))
-            packed = pack_index(loaded.index)
-        return self.engine.store.blobs.put(packed)
-
-    def _remove_from_persisted(self, model: str, sample_ids: list[int]) -> str | None:
-        """An index on disk but not in memory still loses the forgotten ids in the commit."""
-        rows = self.engine.store.query(
-            "SELECT blob FROM artefacts WHERE model = ? AND kind = ?", (model, ARTEFACT)
-        )
-        if not rows:
-            return None
-        index = unpack_index(self.engine.store.blobs.get(str(rows[0][0])))
-        index.remove(np.array(sample_ids, dtype=np.int64))
-        return self.engine.store.blobs.put(pack_index(index))
+            # An index on disk but not in memory still loses the forgotten ids in the commit.
+            index = unpack_index(self.engine.store.blobs.get(persisted.blob))
+            index.remove(np.array(sample_ids, dtype=np.int64))
+            packed = pack_index(index)
+        else:
+            # faiss indexes are not safe to search while ids are removed: searches wait.
+            with self._index_lock:
+                loaded.index.remove(np.array(sample_ids, dtype=np.int64))
+                packed = pack_index(loaded.index)
+        return replace(persisted, blob=self.engine.store.blobs.put(packed))
 
     def training_embeddings(
         self, model: str

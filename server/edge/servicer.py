@@ -7,16 +7,15 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
+from expunge.server.edge import converters as conv
+from expunge.server.edge.interceptors import current_actor
+from expunge.server.edge.rpc_status import handles_errors
+from expunge.server.engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
+from expunge.server.errors import FailedPrecondition, NotFound, invalid_field
+from expunge.server.forget.service import ForgetService
+from expunge.server.scan.service import ScanService
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
-
-from . import converters as conv
-from .engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, parse_version_name
-from .errors import FailedPrecondition, NotFound, invalid_field
-from .forgetting import ForgetService
-from .interceptors import current_actor
-from .rpc_status import handles_errors
-from .scanning import ScanService
 
 
 def parse_operation_name(name: str) -> str:

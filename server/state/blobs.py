@@ -14,8 +14,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import FailedPrecondition
-from .faults import crash_point
+from expunge.server.errors import FailedPrecondition
+from expunge.server.faults import crash_point
 
 _HEX = set("0123456789abcdef")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgument, invalid_field
+from expunge.server.errors import InvalidArgument, invalid_field
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine")
 

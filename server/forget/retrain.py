@@ -10,7 +10,6 @@ renormalized influence reads them) with ones that never saw a forgotten sample.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.certificate import BudgetLedger
 from expunge.defenses.training import TrainConfig, train
-
-from . import weights as weights_io
-from .jobs import SUCCEEDED, ProgressReporter
-from .model_factory import build_architecture
-from .store import RequestRow
-from .versioning import insert_next_version
+from expunge.server.forget.journal import ProgressReporter
+from expunge.server.model_factory import build_architecture
+from expunge.server.state import weights as weights_io
+from expunge.server.state.store import RequestRow, RetrainCommit, VersionRow, utc_now
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from expunge.server.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -63,38 +60,49 @@ def apply_retrain(
     test = engine.test_data(payload.model)
     metrics = engine.evaluate(model, data.features, data.labels, test, config.weight_decay)
     reporter.phase("committing")
-    weights_blob = store.blobs.put(weights_io.model_to_bytes(model))
-    checkpoints_blob = store.blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
-    new_version = store.next_version(payload.model)
-    ledger = BudgetLedger.from_dict(row.ledger, engine.settings.forget_budget).reset()
-    receipt = {
-        "new_version": new_version,
-        "parent_version": row.current_version,
-        "training_samples": n,
-        "test_accuracy": metrics["test_accuracy"],
-        "parent_test_accuracy": parent.metrics.get("test_accuracy", 0.0),
-        "weights_sha256": weights_blob,
-        "budget_total": ledger.budget,
-        "seconds": time.perf_counter() - started,
-        "environment": environment,
-    }
-    with store.transaction() as tx:
-        insert_next_version(
-            tx, row, new_version, request.request_id, weights_blob, metrics, n, "the retrain"
+    # Held from the first blob written to the commit that references it: a garbage
+    # collection in between (an index build's) would take the new blobs.
+    with store.write_lock:
+        weights_blob = store.blobs.put(weights_io.model_to_bytes(model))
+        checkpoints_blob = store.blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
+        new_version = store.next_version(payload.model)
+        ledger = BudgetLedger.from_dict(row.ledger, engine.settings.forget_budget).reset()
+        receipt = {
+            "new_version": new_version,
+            "parent_version": row.current_version,
+            "training_samples": n,
+            "test_accuracy": metrics["test_accuracy"],
+            "parent_test_accuracy": parent.metrics.get("test_accuracy", 0.0),
+            "weights_sha256": weights_blob,
+            "budget_total": ledger.budget,
+            "seconds": time.perf_counter() - started,
+            "environment": environment,
+        }
+        store.commit_retrain(
+            RetrainCommit(
+                version=VersionRow(
+                    payload.model,
+                    new_version,
+                    row.current_version,
+                    weights_blob,
+                    request.request_id,
+                    utc_now(),
+                    metrics,
+                    n,
+                    False,
+                ),
+                checkpoints_blob=checkpoints_blob,
+                ledger=ledger.to_dict(),
+                receipt=receipt,
+                actor=request.payload.get("actor", "anonymous"),
+                audit={
+                    "request_id": request.request_id,
+                    "new_version": new_version,
+                    "training_samples": n,
+                },
+            )
         )
-        tx.execute(
-            "UPDATE models SET current_version = ?, checkpoints_blob = ?, ledger_json = ? "
-            "WHERE name = ?",
-            (new_version, checkpoints_blob, json.dumps(ledger.to_dict()), payload.model),
-        )
-        tx.set_request_state(request.request_id, SUCCEEDED, receipt)
-        tx.audit(
-            request.payload.get("actor", "anonymous"),
-            "retrain",
-            f"models/{payload.model}",
-            {"request_id": request.request_id, "new_version": new_version, "training_samples": n},
-        )
-    # The old checkpoints were trained on forgotten samples: nothing references them now.
-    store.blobs.collect_garbage(store.referenced_blobs())
+        # The old checkpoints were trained on forgotten samples: nothing references them now.
+        store.blobs.collect_garbage(store.referenced_blobs())
     engine.forget_snapshot_cache(payload.model)
     return new_version

@@ -7,13 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from expunge.server.engine import ModelInfo
+from expunge.server.errors import ResourceExhausted, invalid_field
+from expunge.server.forget.computation import UnlearningOptions
+from expunge.server.forget.journal import Progress
+from expunge.server.state.store import AuditRow, RequestRow, VersionRow
 from expunge.v1 import expunge_pb2 as pb
-
-from .engine import ModelInfo
-from .errors import ResourceExhausted, invalid_field
-from .jobs import Progress
-from .store import AuditRow, RequestRow, VersionRow
-from .unlearning import UnlearningOptions
 
 # Tensor dtypes the API accepts, by their wire name.
 DTYPES: dict[str, np.dtype[Any]] = {
