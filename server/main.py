@@ -22,7 +22,8 @@ from expunge.server.engine import Engine
 from expunge.server.forget.compute_process import ComputeProcess
 from expunge.server.forget.service import ForgetService
 from expunge.server.index.service import IndexService
-from expunge.server.scan.service import ScanService, ScanSettings
+from expunge.server.scan.service import ScanService
+from expunge.server.scan.settings import ScanSettings
 from expunge.server.settings import LOOPBACK_HOSTS, Settings
 from expunge.server.state.store import Store
 from expunge.v1 import expunge_pb2, expunge_pb2_grpc

@@ -206,10 +206,9 @@ def unlearn(
     report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
     # The served model is treated as the optimum of the full objective (grad J = 0): the steps
     # then move by the removal alone, and the later iterations and the acceptance test keep
-    # that model (newton.damping._Region). Chasing the measured non-convergence instead would aim at
-    # an optimum that neither this model nor a retrain reached (it cost 7 test-accuracy points
-    # on the demo model for a two-sample forget; on a CNN trained on 60k samples it had
-    # every step rejected into heavy damping).
+    # that model (newton.damping._Region). Chasing the measured non-convergence instead aims
+    # at an optimum that neither this model nor a retrain reached; measured, it cost test
+    # accuracy on the demo model and had every step rejected on a large CNN.
     assumed_converged = torch.zeros(selection.num_parameters, dtype=next(model.parameters()).dtype)
     result = newton_update(
         model,

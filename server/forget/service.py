@@ -9,9 +9,7 @@ audit event together.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,16 +18,25 @@ import torch
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
 from expunge.server.engine import Engine, parse_model_name
-from expunge.server.errors import AlreadyExists, FailedPrecondition, NotFound, invalid_field
+from expunge.server.errors import AlreadyExists, NotFound, invalid_field
 from expunge.server.faults import crash_point
 from expunge.server.forget.computation import UnlearningOptions, recipe_for, unlearn
 from expunge.server.forget.compute_process import ComputeProcess, UnlearningJob
 from expunge.server.forget.journal import JobRunner, ProgressReporter
+from expunge.server.forget.requests import (
+    MAX_IDS_PER_REQUEST,
+    AccuracyCollapse,
+    ForgetPayload,
+    NamedIdentifiers,
+    check_request_id,
+    environment,
+    request_seed,
+    would_empty,
+)
 from expunge.server.forget.retrain import RetrainPayload, apply_retrain
 from expunge.server.index.service import IndexService
 from expunge.server.roles import require_effect
 from expunge.server.state import weights as weights_io
-from expunge.server.state.identifiers import IdentifierKey
 from expunge.server.state.store import (
     ForgetCommit,
     JournalEntry,
@@ -38,90 +45,6 @@ from expunge.server.state.store import (
     VersionRow,
     utc_now,
 )
-
-MAX_IDS_PER_REQUEST = 100_000
-REQUEST_ID_MAX = 128
-
-
-@dataclass(frozen=True)
-class ForgetPayload:
-    """The canonical form of a request: what the idempotency hash covers."""
-
-    model: str
-    sample_ids: tuple[int, ...]
-    owner_ids: tuple[str, ...]
-    options: UnlearningOptions
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "sample_ids": list(self.sample_ids),
-            "owner_ids": list(self.owner_ids),
-            "options": self.options.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ForgetPayload:
-        return cls(
-            data["model"],
-            tuple(data["sample_ids"]),
-            tuple(data["owner_ids"]),
-            UnlearningOptions.from_dict(data["options"]),
-        )
-
-
-@dataclass(frozen=True)
-class AccuracyCollapse:
-    """An update that cost more test accuracy than allowed, and what the commit does about it."""
-
-    drop_points: float
-    limit_points: float
-    policy: str  # settings.on_accuracy_collapse
-    held_reason: str | None  # set unless the policy is "serve"
-    retrain_request_id: str  # set for "retrain": journalled in the forget's own commit
-
-    def receipt_field(self) -> dict[str, Any]:
-        return {
-            "drop_points": self.drop_points,
-            "limit_points": self.limit_points,
-            "policy": self.policy,
-            "action": self.policy,
-            "retrain_operation": (
-                f"operations/{self.retrain_request_id}" if self.retrain_request_id else ""
-            ),
-        }
-
-
-@dataclass(frozen=True)
-class _NamedIdentifiers:
-    """What a forget removed and found forgotten already, as the receipt keeps it: counts,
-    and keyed digests in place of the ids (identifiers.py)."""
-
-    key: IdentifierKey
-    removed_sample_ids: list[int]
-    removed_owner_ids: list[str]
-    already_sample_ids: list[int]
-    already_owner_ids: list[str]
-
-    def receipt_fields(self) -> dict[str, Any]:
-        def digests(domain: str, values: list[Any]) -> list[str]:
-            return sorted(self.key.digest(domain, v) for v in values)
-
-        return {
-            "removed_samples": len(self.removed_sample_ids),
-            "removed_owners": len(self.removed_owner_ids),
-            "removed_sample_digests": digests("sample", self.removed_sample_ids),
-            "removed_owner_digests": digests("owner", self.removed_owner_ids),
-            "already_forgotten_samples": len(self.already_sample_ids),
-            "already_forgotten_owners": len(self.already_owner_ids),
-            "already_forgotten_sample_digests": digests("sample", self.already_sample_ids),
-            "already_forgotten_owner_digests": digests("owner", self.already_owner_ids),
-        }
-
-
-def request_seed(request_id: str, version: int) -> int:
-    """Deterministic seed of one request on one model version."""
-    return int.from_bytes(hashlib.sha256(f"{request_id}:{version}".encode()).digest()[:4], "little")
 
 
 class ForgetService:
@@ -169,7 +92,7 @@ class ForgetService:
     ) -> RequestRow:
         """Validate, check idempotency, resolve ids, journal durably; return the request row."""
         require_effect("forget", actor)
-        _check_request_id(request_id)
+        check_request_id(request_id)
         name = parse_model_name(model)
         if not sample_ids and not owner_ids:
             raise invalid_field("sample_ids", "name at least one sample id or owner id to forget")
@@ -203,7 +126,7 @@ class ForgetService:
     def submit_retrain(self, model: str, request_id: str, actor: str) -> RequestRow:
         """Journal an exact retrain of ``model`` behind the requests already queued."""
         require_effect("retrain", actor)
-        _check_request_id(request_id)
+        check_request_id(request_id)
         payload = RetrainPayload(parse_model_name(model))
         entry = self._entry(
             request_id, "retrain", payload.to_dict(), actor, {"request_id": request_id}
@@ -304,7 +227,7 @@ class ForgetService:
             named |= store.sample_ids_of_owner(payload.model, owner)
         remaining = store.sample_count(payload.model)
         if named and len(named) >= remaining:
-            raise _would_empty(payload.model, remaining)
+            raise would_empty(payload.model, remaining)
 
     # Application (worker thread) -----------------------------------------------------------
 
@@ -332,7 +255,7 @@ class ForgetService:
         already = sorted(id_set - set(removed_ids))
         # Every named owner is known (submit checked): those with no rows left were forgotten.
         already_owners = sorted(owners_set - set(removed_owners))
-        named = _NamedIdentifiers(
+        named = NamedIdentifiers(
             store.identifiers, removed_ids, removed_owners, already, already_owners
         )
         if not removed_ids:
@@ -354,7 +277,7 @@ class ForgetService:
 
         if mask.all():
             # Earlier forgets left only what this one names (submit checked the rest).
-            raise _would_empty(payload.model, len(mask))
+            raise would_empty(payload.model, len(mask))
         snapshot = engine.snapshot(payload.model)
         spec = ArchitectureSpec.from_dict(row.spec)
         config = TrainConfig.from_dict(row.train_config)
@@ -493,27 +416,3 @@ class ForgetService:
             store.checkpoint_wal()
         # Listeners (the index's re-embed, scan's solver cache) follow from here.
         engine.forget_snapshot_cache(payload.model)
-
-
-def _check_request_id(request_id: str) -> None:
-    if not request_id or len(request_id) > REQUEST_ID_MAX or not request_id.isprintable():
-        raise invalid_field(
-            "request_id",
-            f"required: a printable idempotency key of at most {REQUEST_ID_MAX} characters",
-        )
-
-
-def _would_empty(model: str, remaining: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"forgetting these would remove all {remaining} remaining training samples of "
-        f"models/{model}, leaving nothing to update the model on; nothing was applied "
-        "(delete the model instead)"
-    )
-
-
-def environment() -> str:
-    device = "cpu"
-    return (
-        f"torch {torch.__version__}; device {device}; threads {torch.get_num_threads()}; "
-        f"deterministic {torch.are_deterministic_algorithms_enabled()}"
-    )

@@ -16,124 +16,44 @@ per model version).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from expunge.defenses.counterfactual import CounterfactualConfig, SharedHessianCounterfactual
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.influence import InfluenceConfig, influence_scores
-from expunge.defenses.newton import NewtonConfig, apply_update, newton_cg_update
-from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.targets import (
     calibrate_threshold,
     calibrated_surprise,
     implicated_samples,
     target_score,
 )
-from expunge.defenses.training import TrainConfig, train
+from expunge.defenses.training import TrainConfig
 from expunge.server.engine import Engine
-from expunge.server.errors import Aborted, FailedPrecondition, invalid_field
+from expunge.server.errors import FailedPrecondition, invalid_field
 from expunge.server.forget.computation import UnlearningOptions
 from expunge.server.forget.service import ForgetService
 from expunge.server.index.service import IndexService
-from expunge.server.model_factory import build_architecture
 from expunge.server.roles import require_effect
+from expunge.server.scan.confirmation import CounterfactualConfirmation, changed
+from expunge.server.scan.settings import (
+    ENSEMBLES,
+    ESTIMATORS,
+    Calibration,
+    ScanOutcome,
+    ScanSettings,
+)
 from expunge.server.state.store import ArtefactRow
 
-ESTIMATORS = ("gas", "lgas", "tracincp", "gas+tracincp")
-# A union of detectors: an input is as suspicious as its most unusual component score,
-# each measured against the same clean calibration inputs (calibrated_surprise). GAS and
-# TracInCP fail on different attacks (BENCHMARKS.md: z-score AUPRC 0.44 vs 0.97 on the
-# any-source backdoor, 0.94 vs 0.77 on targeted poisoning).
-ENSEMBLES = {"gas+tracincp": ("gas", "tracincp")}
-CONFIRMATIONS = ("auto", "retrain", "newton")
-DENSE_HESSIAN_MAX = CounterfactualConfig().max_parameters
 CALIBRATION = "scan_calibration"
 CHUNK = 32
 # How long a Scan waits for the forget its mitigation submitted.
 MITIGATION_TIMEOUT_S = 600.0
-
-
-@dataclass(frozen=True)
-class ScanSettings:
-    false_positive_rate: float = field(default=0.05, metadata={"help": "on clean held-out inputs"})
-    calibration_inputs: int = field(
-        default=100, metadata={"help": "clean inputs for the threshold"}
-    )
-    ks: tuple[int, ...] = field(
-        default=(2, 10),
-        metadata={
-            "help": "target scores at these k-th largest influences; with several, an input "
-            "takes the k whose score is rarest among the clean calibration inputs"
-        },
-    )
-    implicated_cutoff: float = field(
-        default=3.0, metadata={"help": "z above which a sample is implicated"}
-    )
-    proponents_removed: int = field(
-        default=30, metadata={"help": "counterfactual removes this many"}
-    )
-    drop_threshold: float = field(
-        default=0.1, metadata={"help": "least confirming drop (Newton removal); calibrated above"}
-    )
-    newton_iterations: int = field(default=3, metadata={"help": "fast counterfactual iterations"})
-    confirmation: str = field(
-        default="auto",
-        metadata={"help": "retrain, newton, or auto: retrain when it is cheap (below)"},
-    )
-    retrain_max_sample_epochs: int = field(
-        default=100_000,
-        metadata={"help": "auto retrains when training samples x epochs is at most this"},
-    )
-    retrain_filter_false_positive_rate: float = field(
-        default=0.5, metadata={"help": "the first filter's clean pass rate when retraining"}
-    )
-    retrain_drop_threshold: float = field(
-        default=0.5,
-        metadata={"help": "least confirming drop (retrained removal); calibrated above"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.confirmation not in CONFIRMATIONS:
-            raise ValueError(f"confirmation must be one of {CONFIRMATIONS}")
-        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
-            raise ValueError("ks must be distinct positive integers")
-
-
-class Calibration(NamedTuple):
-    """Thresholds of one model version, estimator and confirmation mode."""
-
-    score: float  # the first filter on the target score
-    drop: float  # the confirming fall of the predicted class's probability
-    confirmation: str  # retrain or newton
-
-
-@dataclass(frozen=True)
-class ScanOutcome:
-    index: int
-    predicted_label: int
-    target_score: float
-    threshold: float
-    flagged: bool
-    counterfactual_drop: float
-    implicated: list[dict[str, object]]
-    model_version: int
-    mitigation: dict[str, object] | None = None
-
-
-def _changed() -> Aborted:
-    return Aborted(
-        "the training set changed while this scan ran (a forget was committed); scan again"
-    )
 
 
 class ScanService:
@@ -148,17 +68,10 @@ class ScanService:
         self.forget = forget  # mitigation submits through it and awaits the outcome
         self.index = index  # GAS scores from its training embeddings when it has them
         self.settings = settings or ScanSettings()
-        # (model, version) -> shared-Hessian solver of that version; one per model kept.
-        self._solvers: dict[str, tuple[int, SharedHessianCounterfactual]] = {}
+        self.confirm = CounterfactualConfirmation(engine, self.settings)
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
-        # A solver holds the training data it was built on: gone once a forget commits.
-        engine.on_version_change(self._drop_solver)
-
-    def _drop_solver(self, model: str) -> None:
-        with self._cache_lock:
-            self._solvers.pop(model, None)
 
     # Influence -------------------------------------------------------------------------
 
@@ -176,7 +89,7 @@ class ScanService:
                 by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
                 missing = [int(s) for s in data.sample_ids if int(s) not in by_id]
                 if missing:
-                    raise _changed()
+                    raise changed()
                 rows = torch.tensor([by_id[int(s)] for s in data.sample_ids])
                 return queries @ vectors[rows].T
         checkpoints = self.engine.checkpoints(model)
@@ -204,7 +117,7 @@ class ScanService:
         ``false_positive_rate`` of the clean calibration inputs are flagged in all.
         """
         row = self.engine.model_row(model)
-        mode = self.confirmation(model)
+        mode = self.confirm.mode(model)
         ks = "-".join(str(k) for k in self.settings.ks)
         kind = f"{CALIBRATION}:{estimator}:{mode}:k{ks}"
         stored = self.engine.store.artefact(model, kind)
@@ -227,7 +140,7 @@ class ScanService:
         drops = np.full(len(scored), -np.inf)
         for i, (score, influences) in enumerate(scored):
             if score >= score_threshold:
-                drops[i] = self.counterfactual_drop(model, x[i], influences, mode)
+                drops[i] = self.confirm.drop(model, x[i], influences, mode)
         drop_threshold = max(
             calibrate_threshold(drops, self.settings.false_positive_rate),
             self.settings.retrain_drop_threshold
@@ -248,15 +161,6 @@ class ScanService:
                 ArtefactRow(model, kind, blob, row.current_version, meta)
             )
         return Calibration(score_threshold, drop_threshold, mode)
-
-    def confirmation(self, model: str) -> str:
-        """retrain or newton: how a suspected target's removal is checked for this model."""
-        mode = self.settings.confirmation
-        if mode != "auto":
-            return mode
-        config = TrainConfig.from_dict(self.engine.model_row(model).train_config)
-        size = len(self.engine.training_data(model).labels) * config.epochs
-        return "retrain" if size <= self.settings.retrain_max_sample_epochs else "newton"
 
     def _scores(
         self,
@@ -334,7 +238,7 @@ class ScanService:
         data = self.engine.training_data(model)
         influences = self._influences(model, estimator, x)
         if influences.shape[1] != len(data.labels):
-            raise _changed()
+            raise changed()
         out: dict[str, list[tuple[float, torch.Tensor]]] = {}
         for k in self.settings.ks:
             rows = []
@@ -345,90 +249,6 @@ class ScanService:
         return out
 
     # Counterfactual ---------------------------------------------------------------------
-
-    def _proponents(self, model: str, influences: torch.Tensor, label: int) -> torch.Tensor:
-        data = self.engine.training_data(model)
-        if len(influences) != len(data.labels):
-            raise _changed()
-        return implicated_samples(
-            influences.double(),
-            data.labels,
-            label,
-            cutoff=-math.inf,
-            limit=self.settings.proponents_removed,
-        ).indices
-
-    def counterfactual_drop(
-        self, model: str, x: torch.Tensor, influences: torch.Tensor, mode: str
-    ) -> float:
-        """Fall of the predicted class's probability once the top proponents are removed.
-
-        x ``(*shape)``; influences ``(n_train,)``. The proponents are the training samples
-        of the predicted label with the largest influence; nothing is committed.
-        """
-        snapshot = self.engine.snapshot(model)
-        with torch.no_grad():
-            before = torch.softmax(snapshot.module(x.unsqueeze(0)), dim=1)[0]
-        label = int(before.argmax())
-        top = self._proponents(model, influences, label)
-        if mode == "retrain":
-            scratch = self._retrained_without(model, top)
-        elif sum(p.numel() for p in snapshot.module.parameters()) <= DENSE_HESSIAN_MAX:
-            scratch = self._solver(model).removed(top)
-        else:
-            scratch = self._newton_cg_without(model, top)
-        with torch.no_grad():
-            after = torch.softmax(scratch(x.unsqueeze(0)), dim=1)[0]
-        return float(before[label] - after[label])
-
-    def _retrained_without(self, model: str, removed: torch.Tensor) -> torch.nn.Module:
-        """The model retrained from scratch without ``removed``: same spec, config and seed."""
-        row = self.engine.model_row(model)
-        data = self.engine.training_data(model)
-        keep = torch.ones(len(data.labels), dtype=torch.bool)
-        keep[removed] = False
-        config = TrainConfig.from_dict({**row.train_config, "checkpoints": 1})
-        spec = self.engine.snapshot(model).spec
-        scratch = build_architecture(spec, self.engine.settings.trusted_factories, config.seed)
-        train(scratch, data.features[keep], data.labels[keep], config)
-        scratch.eval()
-        return scratch
-
-    def _newton_cg_without(self, model: str, removed: torch.Tensor) -> torch.nn.Module:
-        """Large models: Newton-CG (Hessian-vector products) on every parameter."""
-        snapshot = self.engine.snapshot(model)
-        data = self.engine.training_data(model)
-        forget = torch.zeros(len(data.labels), dtype=torch.bool)
-        forget[removed] = True
-        scratch = copy.deepcopy(snapshot.module)
-        config = NewtonConfig(iterations=self.settings.newton_iterations, hessian_samples=1000)
-        result = newton_cg_update(
-            scratch,
-            data.features[forget],
-            data.labels[forget],
-            data.features[~forget],
-            data.labels[~forget],
-            self._weight_decay(model),
-            config,
-        )
-        apply_update(scratch, ParameterSelection.everything(scratch), result)
-        scratch.eval()
-        return scratch
-
-    def _solver(self, model: str) -> SharedHessianCounterfactual:
-        """The shared-Hessian counterfactual of the current version (built once per version)."""
-        snapshot = self.engine.snapshot(model)
-        with self._cache_lock:
-            cached = self._solvers.get(model)
-            if cached is not None and cached[0] == snapshot.version:
-                return cached[1]
-            data = self.engine.training_data(model)
-            config = CounterfactualConfig(iterations=self.settings.newton_iterations)
-            solver = SharedHessianCounterfactual(
-                snapshot.module, data.features, data.labels, self._weight_decay(model), config
-            )
-            self._solvers[model] = (snapshot.version, solver)
-            return solver
 
     # Scanning ---------------------------------------------------------------------------
 
@@ -505,14 +325,14 @@ class ScanService:
             labels = predicted_labels(snapshot.module, x)
             scored = self._scores(model, estimator, x, labels)
             if any(len(influences) != len(data.labels) for _, influences in scored):
-                raise _changed()
+                raise changed()
             done = len(x)
             for offset, (score, influences) in enumerate(scored):
                 label = int(labels[offset])
                 drop = 0.0
                 flagged = False
                 if score >= threshold:
-                    drop = self.counterfactual_drop(model, x[offset], influences, mode)
+                    drop = self.confirm.drop(model, x[offset], influences, mode)
                     flagged = drop >= required_drop
                 chosen = implicated_samples(
                     influences.double(),

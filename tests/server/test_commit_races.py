@@ -107,11 +107,11 @@ def test_scan_solvers_holding_the_old_data_are_dropped_at_the_commit(
 
     engine = server.engine  # type: ignore[attr-defined]
     scans = ScanService(engine, server.forget, server.forget.index)  # type: ignore[attr-defined]
-    scans._solver("digits")
-    assert "digits" in scans._solvers
+    scans.confirm._solver("digits")
+    assert "digits" in scans.confirm._solvers
     victim = int(engine.training_data("digits").sample_ids[0])
     client.forget("digits", sample_ids=[victim], request_id="solver", wait=True)
-    assert "digits" not in scans._solvers
+    assert "digits" not in scans.confirm._solvers
 
 
 def test_a_cancel_asked_while_running_survives_a_restart(tmp_path: Path) -> None:

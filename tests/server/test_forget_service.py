@@ -194,7 +194,7 @@ def test_cancel_a_queued_request(client: Client, state_dir: Path, server: object
 
 def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> None:
     from expunge.server.forget.computation import UnlearningOptions
-    from expunge.server.forget.service import ForgetPayload
+    from expunge.server.forget.requests import ForgetPayload
     from expunge.server.main import start
     from expunge.server.settings import Settings
     from expunge.server.state.store import Store
@@ -226,7 +226,7 @@ def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> Non
 
 def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None:
     # Settings -> the child process computing the forget -> the receipt.
-    from expunge.server.forget.service import request_seed
+    from expunge.server.forget.requests import request_seed
     from expunge.server.main import start
     from expunge.server.settings import Settings
 

@@ -201,7 +201,8 @@ def test_several_k_take_the_rarest_calibrated_score(
     # the k whose score is rarer among the clean calibration inputs: check that against
     # the single-k scores combined explicitly.
     from expunge.defenses.targets import calibrated_surprise
-    from expunge.server.scan.service import ScanService, ScanSettings
+    from expunge.server.scan.service import ScanService
+    from expunge.server.scan.settings import ScanSettings
 
     running = scan_server
     engine, forget = running.engine, running.forget  # type: ignore[attr-defined]

@@ -1,0 +1,145 @@
+"""The counterfactual confirmation of a suspected target (DESIGN 4.8).
+
+Remove the input's top proponents from a scratch copy of the model (nothing is committed)
+and measure how far the predicted class's probability falls: by retraining from scratch
+where that is cheap, else by the shared-Hessian Newton counterfactual (one damped Hessian
+per model version), or Newton-CG on every parameter for models too large for a dense
+Hessian.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+
+import torch
+
+from expunge.defenses.counterfactual import CounterfactualConfig, SharedHessianCounterfactual
+from expunge.defenses.newton import NewtonConfig, apply_update, newton_cg_update
+from expunge.defenses.selection import ParameterSelection
+from expunge.defenses.targets import implicated_samples
+from expunge.defenses.training import TrainConfig, train
+from expunge.server.engine import Engine
+from expunge.server.errors import Aborted
+from expunge.server.model_factory import build_architecture
+from expunge.server.scan.settings import ScanSettings
+
+DENSE_HESSIAN_MAX = CounterfactualConfig().max_parameters
+
+
+def changed() -> Aborted:
+    return Aborted(
+        "the training set changed while this scan ran (a forget was committed); scan again"
+    )
+
+
+class CounterfactualConfirmation:
+    """Drops of the predicted class's probability once top proponents are removed."""
+
+    def __init__(self, engine: Engine, settings: ScanSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        # model -> (version, shared-Hessian solver of that version); one per model kept.
+        self._solvers: dict[str, tuple[int, SharedHessianCounterfactual]] = {}
+        self._cache_lock = threading.Lock()
+        # A solver holds the training data it was built on: gone once a forget commits.
+        engine.on_version_change(self._drop_solver)
+
+    def _drop_solver(self, model: str) -> None:
+        with self._cache_lock:
+            self._solvers.pop(model, None)
+
+    def _weight_decay(self, model: str) -> float:
+        return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
+
+    def mode(self, model: str) -> str:
+        """retrain or newton: how a suspected target's removal is checked for this model."""
+        mode = self.settings.confirmation
+        if mode != "auto":
+            return mode
+        config = TrainConfig.from_dict(self.engine.model_row(model).train_config)
+        size = len(self.engine.training_data(model).labels) * config.epochs
+        return "retrain" if size <= self.settings.retrain_max_sample_epochs else "newton"
+
+    def _proponents(self, model: str, influences: torch.Tensor, label: int) -> torch.Tensor:
+        data = self.engine.training_data(model)
+        if len(influences) != len(data.labels):
+            raise changed()
+        return implicated_samples(
+            influences.double(),
+            data.labels,
+            label,
+            cutoff=-math.inf,
+            limit=self.settings.proponents_removed,
+        ).indices
+
+    def drop(self, model: str, x: torch.Tensor, influences: torch.Tensor, mode: str) -> float:
+        """Fall of the predicted class's probability once the top proponents are removed.
+
+        x ``(*shape)``; influences ``(n_train,)``. The proponents are the training samples
+        of the predicted label with the largest influence; nothing is committed.
+        """
+        snapshot = self.engine.snapshot(model)
+        with torch.no_grad():
+            before = torch.softmax(snapshot.module(x.unsqueeze(0)), dim=1)[0]
+        label = int(before.argmax())
+        top = self._proponents(model, influences, label)
+        if mode == "retrain":
+            scratch = self._retrained_without(model, top)
+        elif sum(p.numel() for p in snapshot.module.parameters()) <= DENSE_HESSIAN_MAX:
+            scratch = self._solver(model).removed(top)
+        else:
+            scratch = self._newton_cg_without(model, top)
+        with torch.no_grad():
+            after = torch.softmax(scratch(x.unsqueeze(0)), dim=1)[0]
+        return float(before[label] - after[label])
+
+    def _retrained_without(self, model: str, removed: torch.Tensor) -> torch.nn.Module:
+        """The model retrained from scratch without ``removed``: same spec, config and seed."""
+        row = self.engine.model_row(model)
+        data = self.engine.training_data(model)
+        keep = torch.ones(len(data.labels), dtype=torch.bool)
+        keep[removed] = False
+        config = TrainConfig.from_dict({**row.train_config, "checkpoints": 1})
+        spec = self.engine.snapshot(model).spec
+        scratch = build_architecture(spec, self.engine.settings.trusted_factories, config.seed)
+        train(scratch, data.features[keep], data.labels[keep], config)
+        scratch.eval()
+        return scratch
+
+    def _newton_cg_without(self, model: str, removed: torch.Tensor) -> torch.nn.Module:
+        """Large models: Newton-CG (Hessian-vector products) on every parameter."""
+        snapshot = self.engine.snapshot(model)
+        data = self.engine.training_data(model)
+        forget = torch.zeros(len(data.labels), dtype=torch.bool)
+        forget[removed] = True
+        scratch = copy.deepcopy(snapshot.module)
+        config = NewtonConfig(iterations=self.settings.newton_iterations, hessian_samples=1000)
+        result = newton_cg_update(
+            scratch,
+            data.features[forget],
+            data.labels[forget],
+            data.features[~forget],
+            data.labels[~forget],
+            self._weight_decay(model),
+            config,
+        )
+        apply_update(scratch, ParameterSelection.everything(scratch), result)
+        scratch.eval()
+        return scratch
+
+    def _solver(self, model: str) -> SharedHessianCounterfactual:
+        """The shared-Hessian counterfactual of the current version (built once per version)."""
+        snapshot = self.engine.snapshot(model)
+        with self._cache_lock:
+            cached = self._solvers.get(model)
+            if cached is not None and cached[0] == snapshot.version:
+                return cached[1]
+            data = self.engine.training_data(model)
+            config = CounterfactualConfig(iterations=self.settings.newton_iterations)
+            solver = SharedHessianCounterfactual(
+                snapshot.module, data.features, data.labels, self._weight_decay(model), config
+            )
+            self._solvers[model] = (snapshot.version, solver)
+            return solver
