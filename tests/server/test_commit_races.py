@@ -61,6 +61,9 @@ def test_a_commit_while_the_current_version_loads_is_not_cached_over(
     server: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = server.engine  # type: ignore[attr-defined]
+    # A version change starts a background re-embed, whose snapshot() would cache the
+    # current version concurrently with what this test watches.
+    server.forget.index.stop()  # type: ignore[attr-defined]
     engine.forget_snapshot_cache("digits")
     original_load = engine_module.weights_io.load_into
 
