@@ -20,7 +20,7 @@ from expunge.defenses.training import TrainConfig, train
 from expunge.server.forget.journal import ProgressReporter
 from expunge.server.model_factory import build_architecture
 from expunge.server.state import weights as weights_io
-from expunge.server.state.store import RequestRow, RetrainCommit, VersionRow, utc_now
+from expunge.server.state.store import RequestRow, RetrainCommit, VersionRow
 
 if TYPE_CHECKING:
     from expunge.server.engine import Engine
@@ -80,16 +80,14 @@ def apply_retrain(
         }
         store.commit_retrain(
             RetrainCommit(
-                version=VersionRow(
+                version=VersionRow.made_by(
+                    request.request_id,
                     payload.model,
                     new_version,
                     row.current_version,
                     weights_blob,
-                    request.request_id,
-                    utc_now(),
                     metrics,
                     n,
-                    False,
                 ),
                 checkpoints_blob=checkpoints_blob,
                 ledger=ledger.to_dict(),

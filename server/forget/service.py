@@ -43,7 +43,6 @@ from expunge.server.state.store import (
     RequestIdTaken,
     RequestRow,
     VersionRow,
-    utc_now,
 )
 
 
@@ -377,16 +376,14 @@ class ForgetService:
             crash_point("forget_before_commit")
             store.commit_forget(
                 ForgetCommit(
-                    version=VersionRow(
+                    version=VersionRow.made_by(
+                        request.request_id,
                         payload.model,
                         new_version,
                         row.current_version,
                         weights_blob,
-                        request.request_id,
-                        utc_now(),
                         metrics,
                         int(keep.sum()),
-                        False,
                         collapse.held_reason if collapse else None,
                     ),
                     train_blob=train_blob,

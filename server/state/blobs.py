@@ -56,7 +56,7 @@ class BlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
         return digest
 
     def get(self, digest: str, verify: bool = True) -> bytes:
@@ -92,7 +92,8 @@ class BlobStore:
         return removed
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -17,6 +17,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from expunge.server.state.blobs import fsync_directory
+
 SECRET_FILE_NAME = "secret.key"
 SECRET_BYTES = 32
 # Payload keys that hold identifiers, and the digest domain of each.
@@ -65,13 +67,5 @@ def _load_or_create(path: Path) -> bytes:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return key
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -41,6 +41,32 @@ class VersionRow:
     # Set: the version is kept for the record but not served (why, and what to do).
     held_reason: str | None = None
 
+    @classmethod
+    def made_by(
+        cls,
+        request_id: str,
+        model: str,
+        version: int,
+        parent: int,
+        weights_blob: str,
+        metrics: dict[str, float],
+        num_samples: int,
+        held_reason: str | None = None,
+    ) -> VersionRow:
+        """A new version, made now by ``request_id`` (or "train")."""
+        return cls(
+            model,
+            version,
+            parent,
+            weights_blob,
+            request_id,
+            utc_now(),
+            metrics,
+            num_samples,
+            False,
+            held_reason,
+        )
+
 
 @dataclass(frozen=True)
 class RequestRow:
