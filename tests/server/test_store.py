@@ -79,3 +79,26 @@ def test_blob_writes_are_fsynced_before_rename(
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("rename"), real_replace(a, b))[1])
     BlobStore(tmp_path).put(b"data")
     assert calls == ["fsync", "rename", "fsync"]  # file, rename, directory
+
+
+def test_migrating_schema_1_erases_the_unsalted_owner_digests(tmp_path: Path) -> None:
+    import hashlib
+    import sqlite3
+
+    from expunge.server.state.store.schema import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / "expunge.db")
+    db.executescript(MIGRATIONS[0])
+    unsalted = hashlib.sha256(b"u0023").hexdigest()
+    db.execute("INSERT INTO forgotten VALUES ('digits', 7, ?, 'r1', 2)", (unsalted,))
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.schema_version == 2
+        assert store.query("SELECT owner_sha256 FROM forgotten")[0][0] == ""
+        assert store.forgotten_sample_ids("digits") == {7}
+    finally:
+        store.close()
+    assert unsalted.encode() not in (tmp_path / "expunge.db").read_bytes()

@@ -83,9 +83,12 @@ MIGRATIONS: list[str] = [
         details_json TEXT NOT NULL
     );
     """,
-    # 1 -> 2: a version whose forget cost more accuracy than allowed is kept but not served.
+    # 1 -> 2: a version whose forget cost more accuracy than allowed is kept but not served;
+    # superseded weights can be pruned; owners forgotten under schema 1 were recorded by an
+    # unsalted SHA-256 (recoverable by trying every plausible id): those digests are erased.
     """
     ALTER TABLE versions ADD COLUMN held_reason TEXT;
     ALTER TABLE versions ADD COLUMN weights_pruned INTEGER NOT NULL DEFAULT 0;
+    UPDATE forgotten SET owner_sha256 = '';
     """,
 ]
