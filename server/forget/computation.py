@@ -85,8 +85,12 @@ class UnlearningOptions:
             )
         if not (0 <= damping < 1e6):
             raise invalid_field("options.damping", "must be >= 0 and finite (0: default floor)")
-        if epsilon < 0 or epsilon != epsilon or epsilon > 1e6:
-            raise invalid_field("options.epsilon", "must be >= 0 (0: no noise)")
+        # The Gaussian mechanism's calibration (sigma = c * eps' / eps) holds for eps <= 1
+        # (Guo et al. 2020); beyond it the noise would certify nothing.
+        if not 0 <= epsilon <= 1:
+            raise invalid_field(
+                "options.epsilon", "must lie in [0, 1] (0: no noise; the calibration needs <= 1)"
+            )
         if epsilon > 0 and not 0 < delta < 1:
             raise invalid_field("options.delta", "with epsilon > 0, delta must lie in (0, 1)")
         if epsilon == 0 and delta != 0:

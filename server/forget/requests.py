@@ -96,9 +96,15 @@ class NamedIdentifiers:
         }
 
 
-def request_seed(request_id: str, version: int) -> int:
-    """Deterministic seed of one request on one model version."""
-    return int.from_bytes(hashlib.sha256(f"{request_id}:{version}".encode()).digest()[:4], "little")
+def request_seed(payload_digest: str, version: int) -> int:
+    """Deterministic seed of one request's payload on one model version.
+
+    Derived from what is asked (the keyed payload digest), not from the request id, so the
+    same forget on the same version gives the same weights whatever id it was sent under;
+    keyed, so the seed in the receipt cannot be used to test a guess of the owner ids.
+    """
+    digest = hashlib.sha256(f"{payload_digest}:{version}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def check_request_id(request_id: str) -> None:

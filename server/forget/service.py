@@ -297,7 +297,7 @@ class ForgetService:
         settings = engine.settings
         recipe = recipe_for(
             payload.options,
-            seed=request_seed(request.request_id, row.current_version),
+            seed=request_seed(request.payload_sha256, row.current_version),
             default_parameter_budget=settings.forget_parameter_budget,
             hessian_samples=settings.forget_hessian_samples,
             objective_samples=settings.forget_objective_samples,

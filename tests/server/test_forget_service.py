@@ -144,6 +144,8 @@ def test_already_forgotten_is_a_success_that_says_so(client: Client, state_dir: 
             "options.parameter_budget",
         ),
         ({"sample_ids": [1], "epsilon": 1.0}, "options.delta"),
+        ({"sample_ids": [1], "epsilon": 2.0, "delta": 1e-5}, "options.epsilon"),
+        ({"sample_ids": [1], "epsilon": float("nan"), "delta": 1e-5}, "options.epsilon"),
         ({"sample_ids": [1], "delta": 0.1}, "options.delta"),
         ({"sample_ids": [1], "newton_iterations": 99}, "options.newton_iterations"),
     ],
@@ -224,6 +226,30 @@ def test_an_interrupted_request_is_redone_before_serving(state_dir: Path) -> Non
         running.stop(0)
 
 
+def test_the_same_forget_under_another_request_id_gives_the_same_weights(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+
+    owner, _ = _owner_with_samples(state_dir)
+    twin = tmp_path / "twin"
+    shutil.copytree(state_dir, twin)  # the same model version and the same state secret
+    hashes = []
+    for root, request_id in ((state_dir, "first-id"), (twin, "another-id")):
+        running = start(Settings(state_dir=root, port=0, build_index=False))
+        try:
+            with Client(running.target) as client:
+                op = client.forget("digits", owner_ids=[owner], request_id=request_id, wait=True)
+                assert op.state == "SUCCEEDED" and op.receipt is not None
+                hashes.append((op.receipt.weights_sha256, op.receipt.method.seed))
+        finally:
+            running.stop(5)
+    assert hashes[0] == hashes[1]
+
+
 def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None:
     # Settings -> the child process computing the forget -> the receipt.
     from expunge.server.forget.requests import request_seed
@@ -251,6 +277,7 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
             assert method.hessian == "gauss_newton"
             assert (method.hessian_samples, method.objective_samples) == (512, 256)
             assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (128, 5)
-            assert method.seed == request_seed("large", 1)
+            digest = running.engine.store.request("large").payload_sha256
+            assert method.seed == request_seed(digest, 1)
     finally:
         running.stop(0)
