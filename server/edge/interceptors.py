@@ -13,7 +13,7 @@ import hmac
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,12 +246,13 @@ def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
     if handler is None:
         return None
 
+    def held(context: grpc.ServicerContext) -> AbstractContextManager[None]:
+        return slot.held(context) if slot is not None else nullcontext()
+
     def unary_request(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             _refuse_malformed(request, context, method)
-            if slot is None:
-                return behavior(request, context)
-            with slot.held(context):
+            with held(context):
                 return behavior(request, context)
 
         return run
@@ -259,10 +260,7 @@ def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
     def unary_request_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             _refuse_malformed(request, context, method)
-            if slot is None:
-                yield from behavior(request, context)
-                return
-            with slot.held(context):
+            with held(context):
                 yield from behavior(request, context)
 
         return run
@@ -274,19 +272,14 @@ def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
 
     def stream_request(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            if slot is None:
-                return behavior(checked_requests(requests, context), context)
-            with slot.held(context):
+            with held(context):
                 return behavior(checked_requests(requests, context), context)
 
         return run
 
     def stream_request_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            if slot is None:
-                yield from behavior(checked_requests(requests, context), context)
-                return
-            with slot.held(context):
+            with held(context):
                 yield from behavior(checked_requests(requests, context), context)
 
         return run

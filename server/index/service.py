@@ -266,8 +266,10 @@ class IndexService:
             if gone:
                 index.remove(np.array(gone, dtype=np.int64))
             if self.engine.model_row(model).current_version != version:
+                # Not persisted: the version change that moved it asked for another build
+                # (build_in_background's loop runs it), so building again here would be twice.
                 self._set_state(model, progress=0.0)
-                return self.build(model, shard_size)
+                return self.state(model)
             blob = store.blobs.put(pack_index(index))
             store.put_artefact(ArtefactRow(model, ARTEFACT, blob, version, {}))
             with self._lock:

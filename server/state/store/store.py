@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -335,7 +335,9 @@ class Store:
         with self.transaction() as tx:
             tx.journal(entry)
 
-    def rollback(self, model: str, version: int, actor: str, check: Any) -> None:
+    def rollback(
+        self, model: str, version: int, actor: str, check: Callable[[str, int], None]
+    ) -> None:
         """Make ``version`` current; ``check(model, version)`` runs inside the transaction,
         so a forget committing between a check made outside and this write cannot slip in."""
         with self.transaction() as tx:
