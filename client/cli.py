@@ -204,14 +204,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"parameters; test accuracy {r.before.test_accuracy:.3f} -> {r.after.test_accuracy:.3f}; "
             f"MIA AUC {r.before.mia_auc:.3f} -> {r.after.mia_auc:.3f}; {r.seconds:.2f} s"
         )
+        print(f"path: {r.policy.path} ({r.policy.reason})")
         m = r.method
-        print(
-            f"method: {m.selection} ({m.parameter_budget} entries at most"
-            + (f" of {m.candidate_parameters} candidates" if m.candidate_parameters else "")
-            + f"), {m.hessian} Hessian "
-            f"on {m.hessian_samples} samples, {m.newton_iterations_taken}/{m.newton_iterations} "
-            f"Newton steps, seed {m.seed}"
-        )
+        if m.selection != "retrain":
+            print(
+                f"method: {m.selection} ({m.parameter_budget} entries at most"
+                + (f" of {m.candidate_parameters} candidates" if m.candidate_parameters else "")
+                + f"), {m.hessian} Hessian "
+                f"on {m.hessian_samples} samples, {m.newton_iterations_taken}/"
+                f"{m.newton_iterations} Newton steps, seed {m.seed}; retained gradient before "
+                f"{r.retained_gradient_norm_before:.3g}"
+            )
         print(r.certificate.statement)
         if r.accuracy_collapse is not None:
             c = r.accuracy_collapse
@@ -322,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--selection",
         default="",
-        choices=["", "lcodec_cg", "lcodec", "cg", "all", "output"],
-        help="parameters the update may change (default: the server's, lcodec_cg)",
+        choices=["", "auto", "retrain", "lcodec_cg", "lcodec", "cg", "all", "output"],
+        help="how to forget (default auto: the exact retrain when cheap, else Newton on "
+        "every parameter when it fits, else lcodec_cg; the receipt says which and why)",
     )
     p.add_argument("--budget", type=int, default=0, help="most parameters touched (0: default)")
     p.set_defaults(func=cmd_forget)

@@ -192,12 +192,15 @@ class Client:
         damping: float = 0.0,
         epsilon: float = 0.0,
         delta: float = 0.0,
+        correct_non_convergence: bool = False,
         timeout: float | None = None,
         wait_timeout: float = 600.0,
     ) -> t.Operation:
         """Ask the server to forget samples and/or owners.
 
-        Returns the operation at once, or with ``wait=True`` once it is done (progress
+        ``selection`` "" or "auto" lets the server pick the path (the receipt's ``policy``
+        says which and why); "retrain" asks for the exact retrain, any other value for
+        that approximate update (see proto ForgetOptions). Returns the operation at once, or with ``wait=True`` once it is done (progress
         through ``on_progress``). The ``request_id`` makes retries safe: a new one is
         generated when omitted, and the same id is reused for every retry of this call.
         """
@@ -214,6 +217,7 @@ class Client:
                 damping=damping,
                 epsilon=epsilon,
                 delta=delta,
+                correct_non_convergence=correct_non_convergence,
             ),
         )
         op = wire.operation(self._call(self._stub.Forget, request, timeout))

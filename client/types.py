@@ -90,6 +90,21 @@ class ForgetMethod:
     ranking_newton_iterations: int
     seed: int
     candidate_parameters: int  # entries the ranking chose from; 0: no ranking step
+    assume_converged: bool  # the served model was taken as the optimum of J
+
+
+@dataclass(frozen=True)
+class ForgetPolicy:
+    """Which path a forget took, why, and every path's estimated seconds (proto ForgetPolicy)."""
+
+    path: str  # retrain, all, lcodec_cg (or the explicit selection)
+    reason: str
+    requested: str  # auto or the explicit selection
+    estimated_retrain_s: float
+    estimated_newton_all_s: float
+    estimated_targeted_s: float
+    estimated_hessian_bytes: int
+    estimated_seconds_per_sample: float
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,9 @@ class ForgetReceipt:
     already_forgotten_sample_digests: list[str]
     already_forgotten_owner_digests: list[str]
     accuracy_collapse: AccuracyCollapse | None
+    policy: ForgetPolicy
+    retained_gradient_norm_before: float  # |grad J'| of the served model before the update
+    batchnorm_recomputed: bool
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,9 @@ def receipt(msg: pb.ForgetReceipt) -> t.ForgetReceipt:
         accuracy_collapse=_fields(t.AccuracyCollapse, msg.accuracy_collapse)
         if msg.HasField("accuracy_collapse")
         else None,
+        policy=_fields(t.ForgetPolicy, msg.policy),
+        retained_gradient_norm_before=msg.retained_gradient_norm_before,
+        batchnorm_recomputed=msg.batchnorm_recomputed,
     )
 
 

@@ -34,6 +34,7 @@ _PUBLIC = {
     # certificate and verification
     "BudgetLedger": "certificate",
     "make_certificate": "certificate",
+    "removal_bound": "certificate",
     "add_certified_noise": "certificate",
     "deletion_metrics": "evaluate",
     "retrain_gap": "evaluate",

@@ -11,8 +11,9 @@ convex and its unique minimiser theta* (the model retraining would give) satisfi
 
     |theta' - theta*| <= r / lambda                     (``parameter_distance_bound``)
 
-That is a proof. For a non-convex model or a partial selection there is no such bound:
-r only says how far theta' is from a stationary point, so it is a diagnostic.
+That is a proof, whichever parameters the step changed, provided r was measured on the
+whole retained set. For a non-convex model, or a residual taken on a subsample, there is
+no such bound: r only says how far theta' is from a stationary point, a diagnostic.
 
 Noise. Guo et al. (Theorem 3) make the removal (epsilon, delta)-certified by Gaussian
 noise of standard deviation s = c * eps' / epsilon, c = sqrt(2 ln(1.5 / delta)), where
@@ -26,7 +27,8 @@ under-noises by a factor 1 / lambda.
 
 Budget. Guo et al. fix s once and retrain when the accumulated residual bounds of the
 removals since the last retrain exceed the budget eps'_max = s * epsilon / c
-(``budget_for_noise``); ``BudgetLedger`` keeps that sum. Everything here is pure.
+(``budget_for_noise``); ``BudgetLedger`` keeps that sum, in the units the noise is
+calibrated in (``removal_bound``: r / lambda). Everything here is pure.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "noise_scale",
     "noisy_step",
     "parameter_distance_bound",
+    "removal_bound",
 ]
 
 
@@ -130,8 +133,10 @@ def add_certified_noise(
 class BudgetLedger:
     """Cumulative residual bounds of a model's removals since its last exact retrain."""
 
-    budget: float = field(metadata={"help": "eps'_max: the residual the noise covers"})
-    used: float = field(default=0.0, metadata={"help": "sum of the removals' residual bounds"})
+    budget: float = field(
+        metadata={"help": "eps'_max: the accumulated removal_bound the noise covers"}
+    )
+    used: float = field(default=0.0, metadata={"help": "sum of the removals' removal_bound"})
     removals: int = field(default=0, metadata={"help": "removals since the last retrain"})
 
     def __post_init__(self) -> None:
@@ -188,11 +193,22 @@ class Certificate:
     budget_exhausted: bool
     convex: bool
     statement: str
-    proof: bool = False  # the residual bound is a proof (convex, all parameters, L2)
+    proof: bool = False  # the bound is a proof (convex, L2, residual on the full retained set)
 
     @property
     def exhausted(self) -> bool:
         return self.budget_exhausted
+
+
+def removal_bound(residual_norm: float, weight_decay: float) -> float:
+    """eps' of one removal: what the noise is calibrated to and what the ledger spends.
+
+    r / lambda (the distance to the retrained optimum) when lambda > 0; the raw residual
+    r when there is no L2 term (then nothing is proved, and r is the only scale known).
+    """
+    if weight_decay > 0:
+        return parameter_distance_bound(residual_norm, weight_decay)
+    return residual_norm
 
 
 def make_certificate(
@@ -202,33 +218,36 @@ def make_certificate(
     ledger: BudgetLedger,
     convex: bool,
     *,
-    all_parameters: bool = True,
+    full_retained_set: bool = True,
     weight_decay: float | None = None,
 ) -> Certificate:
     """The receipt's certificate with a plain statement of what it proves.
 
-    ``convex``: the loss is convex in the parameters (e.g. logistic regression).
-    ``all_parameters``: every parameter was updated. ``weight_decay``: lambda; None
-    means the caller vouches that the objective is L2-regularised (lambda > 0). The
-    residual is a proof only when all three hold; otherwise it is a diagnostic.
-    ``ledger`` is the ledger *after* this removal was spent.
+    The bound |theta' - theta*| <= r / lambda needs three premises: the loss is convex in
+    the parameters (``convex``, e.g. logistic regression), the objective has an L2 term
+    (``weight_decay`` > 0; None means the caller vouches for it), and r, the gradient
+    residual over every parameter, was measured on the whole retained set
+    (``full_retained_set``; a subsample's residual bounds nothing). Which parameters the
+    step changed does not matter: strong convexity bounds the distance from any point.
+    With all three it is a proof; otherwise a diagnostic. ``ledger`` is the ledger
+    *after* this removal was spent, in the units of ``removal_bound``.
     """
     l2 = weight_decay is None or weight_decay > 0
-    proof = convex and all_parameters and l2
+    proof = convex and full_retained_set and l2
     r = residual_norm_all
     if proof:
         bound = (
             f" (|theta' - theta*| <= {r / weight_decay:.3g})" if weight_decay is not None else ""
         )
         statement = (
-            "The bound is a proof: the model is convex and L2-regularised and every parameter "
-            f"was updated, so the gradient residual {r:.3g} bounds the distance to the model "
-            f"retraining would give{bound}."
+            "The bound is a proof: the model is convex and L2-regularised and the gradient "
+            f"residual {r:.3g} over every parameter, measured on the whole retained set, "
+            f"bounds the distance to the model retraining would give{bound}."
         )
         if ledger.exhausted:
             statement += (
                 " The removal budget is spent, so the noise no longer covers the accumulated "
-                "residual: request an exact retrain."
+                "bound: request an exact retrain."
             )
         elif scale > 0:
             statement += (
@@ -242,8 +261,8 @@ def make_certificate(
         reasons = []
         if not convex:
             reasons.append("the model is not convex in its parameters")
-        if not all_parameters:
-            reasons.append("only a selection of the parameters was updated")
+        if not full_retained_set:
+            reasons.append("the residual was measured on a subsample of the retained data")
         if not l2:
             reasons.append("the objective has no L2 regularisation")
         statement = (
@@ -252,7 +271,7 @@ def make_certificate(
             "of the retained objective, not how far it is from retraining."
         )
         if ledger.exhausted:
-            statement += " The residual budget is spent: an exact retrain is advised."
+            statement += " The removal budget is spent: an exact retrain is advised."
     return Certificate(
         residual_norm_selected=residual_norm_selected,
         residual_norm_all=residual_norm_all,

@@ -65,6 +65,13 @@ class ForgetRecipe:
         metadata={"help": "lcodec_cg: the pool grows until it holds this share of the step"},
     )
     seed: int = field(default=0, metadata={"help": "perturbations, subsamples, noise"})
+    assume_converged: bool = field(
+        default=True,
+        metadata={
+            "help": "treat the model as the optimum of J (grad J = 0, the step moves by the "
+            "removal alone); False: form the step from the measured retained gradient"
+        },
+    )
 
     @property
     def ranked(self) -> bool:
@@ -120,4 +127,5 @@ class ForgetRecipe:
             "ranking_newton_iterations": ranking.iterations if self.ranked else 0,
             "seed": config.seed,
             "candidate_parameters": candidates,
+            "assume_converged": self.assume_converged,
         }

@@ -150,6 +150,8 @@ class Engine:
         x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
         result = train(model, x, y, config)
         metrics = self.evaluate(model, x, y, test_set, config.weight_decay)
+        # What the forget policy scales to estimate an exact retrain.
+        metrics["training_seconds"] = result.seconds
         blobs = self.store.blobs
         weights_blob = blobs.put(weights_io.model_to_bytes(model))
         checkpoints_blob = blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))

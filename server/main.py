@@ -118,6 +118,8 @@ def start(settings: Settings) -> RunningServer:
         index = IndexService(engine) if settings.build_index else None
         compute = ComputeProcess(settings.torch_threads) if settings.forget_in_subprocess else None
         forget = ForgetService(engine, index, compute)
+        if compute is not None:
+            compute.start()
         return _start_on(store, engine, forget, index, settings)
     except BaseException:
         if forget is not None:

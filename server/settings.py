@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from expunge.server.forget.policy import PolicySettings
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ACCURACY_COLLAPSE_POLICIES = ("retrain", "hold", "serve")
 
@@ -49,7 +51,30 @@ class Settings:
     forget_parameter_budget: int = field(
         default=0, metadata={"help": "Newton parameters; 0: 25% of the model, at most 4096"}
     )
-    forget_budget: float = field(default=1.0, metadata={"help": "certificate residual budget"})
+    # In parameter-distance units: one targeted forget on the digits MLP spends 2.4-3.4
+    # (r ~ 3e-3 over lambda 1e-3), so a budget of 10 covers a few before a retrain is due.
+    forget_budget: float = field(
+        default=10.0,
+        metadata={
+            "help": "removal budget: the sum of the removals' bounds r / lambda (the "
+            "quantity the certified noise is calibrated to) before an exact retrain is due"
+        },
+    )
+    forget_auto_retrain_below_s: float = field(
+        default=30.0,
+        metadata={"help": "auto: retrain exactly whenever its estimated time is below this"},
+    )
+    forget_auto_hessian_memory_bytes: int = field(
+        default=1 << 30,
+        metadata={"help": "auto: Newton on every parameter only if its Hessian fits this"},
+    )
+    forget_auto_approximate_time_share: float = field(
+        default=0.1,
+        metadata={
+            "help": "auto: Newton on every parameter only if estimated at most this share "
+            "of the retrain's time"
+        },
+    )
     scan_confirmation: str = field(
         default="auto",
         metadata={"help": "retrain, newton, or auto (retrain when training is cheap)"},
@@ -113,6 +138,14 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the default)")
+
+    def forget_policy(self) -> PolicySettings:
+        """The ``auto`` forget policy's thresholds."""
+        return PolicySettings(
+            retrain_below_s=self.forget_auto_retrain_below_s,
+            hessian_memory_bytes=self.forget_auto_hessian_memory_bytes,
+            approximate_time_share=self.forget_auto_approximate_time_share,
+        )
 
     @property
     def uses_tls(self) -> bool:

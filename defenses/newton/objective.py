@@ -97,17 +97,19 @@ class RetainedObjective:
         return (slice(i, i + size) for i in range(0, n, size))
 
     def value(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-        """J(v) on (x, y), including the fixed parameters' share of the L2 term."""
+        """J(v) on (x, y), including the fixed parameters' share of the L2 term.
+
+        Evaluated in float64 throughout (parameters, buffers, inputs): the ratio test
+        compares differences of J far below float32's resolution of J itself.
+        """
         with torch.no_grad():
-            # Accumulate in float64: acceptance compares values that differ by little.
-            total = sum(
-                (
-                    self.loss_sum(v, x[s], y[s]).double()
-                    for s in self._batches(len(x), self.batch_size)
-                ),
-                torch.zeros((), dtype=torch.float64),
-            )
-            sq = sum(float((p.double() ** 2).sum()) for p in self.full_params(v).values())
+            params = {k: _wide(t) for k, t in self.full_params(v).items()}
+            buffers = {k: _wide(t) for k, t in self.buffers.items()}
+            total = torch.zeros((), dtype=torch.float64)
+            for s in self._batches(len(x), self.batch_size):
+                logits = functional_call(self.model, (params, buffers), (_wide(x[s]),))
+                total += sample_loss(logits, y[s]).sum()
+            sq = sum(float((p**2).sum()) for p in params.values())
         return float(total) / len(x) + 0.5 * self.weight_decay * sq
 
     def loss_gradient_sum(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -209,6 +211,11 @@ class RetainedObjective:
             return total / len(x) + self.weight_decay * direction
 
         return product
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Floating tensors in float64 (integer ones, e.g. batch-norm counters, as they are)."""
+    return t.double() if t.is_floating_point() else t
 
 
 def _prepared(

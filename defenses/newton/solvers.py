@@ -101,11 +101,15 @@ def _newton_on_block(
     def solve(gradient: torch.Tensor, mu: float) -> torch.Tensor:
         return -(eigenvectors @ ((eigenvectors.T @ gradient) / (eigenvalues + mu)))
 
+    def curvature(step: torch.Tensor) -> float:
+        coordinates = (eigenvectors.T @ step).double()
+        return float((eigenvalues.double() * coordinates * coordinates).sum())
+
     mu = float(config.damping) + max(0.0, -min_eig)
     scale = float(eigenvalues.abs().max())
     offset = _modelled_offset(objective, g, rx, ry, full_gradient)
     v, before, after, mu, tries, steps, accepted = _newton_iterations(
-        objective, g, solve, mu, scale, rx, ry, config, offset
+        objective, g, solve, mu, scale, rx, ry, config, curvature, offset
     )
     residual = float(objective.gradient(v, rx, ry).norm())
     delta = (v - v0).detach()
@@ -270,7 +274,16 @@ def newton_cg_update(
             scale = abs(float(g_unit @ hvp(g_unit)))
         offset = _modelled_offset(objective, g, rx, ry, full_gradient)
         v, before, after, mu, tries, steps, accepted = _newton_iterations(
-            objective, g, solve, float(config.damping), scale, rx, ry, config, offset
+            objective,
+            g,
+            solve,
+            float(config.damping),
+            scale,
+            rx,
+            ry,
+            config,
+            lambda step: float(step.double() @ hvp(step).double()),
+            offset,
         )
         residual = float(objective.gradient(v, rx, ry).norm())
     delta = (v - v0).detach()

@@ -166,4 +166,5 @@ def forget_options(msg: pb.ForgetOptions) -> UnlearningOptions:
         damping=msg.damping,
         epsilon=msg.epsilon,
         delta=msg.delta,
+        correct_non_convergence=msg.correct_non_convergence,
     )

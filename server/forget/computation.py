@@ -6,7 +6,7 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -15,12 +15,16 @@ from torch import nn
 from expunge.defenses.architectures import ArchitectureSpec, output_layer_name
 from expunge.defenses.recipe import HESSIANS, SELECTIONS, ForgetRecipe
 from expunge.server.errors import invalid_field
+from expunge.server.forget.policy import PathChoice, PolicySettings, choose_path, estimate_costs
 
 if TYPE_CHECKING:
     from expunge.defenses.selection import ParameterSelection
+    from expunge.defenses.training import Checkpoint
 
 _DEFAULTS = ForgetRecipe()
-DEFAULT_SELECTION = _DEFAULTS.selection
+# What a caller may ask for: the policy (auto), the exact retrain, or one update.
+OPTION_SELECTIONS = ("auto", "retrain", *SELECTIONS)
+DEFAULT_SELECTION = "auto"
 DEFAULT_NEWTON_ITERATIONS = _DEFAULTS.newton_iterations
 
 
@@ -37,7 +41,9 @@ class SilentReporter:
 class UnlearningOptions:
     """What the caller may choose for one forget; zero values mean the server's defaults."""
 
-    selection: str = field(default=DEFAULT_SELECTION, metadata={"help": f"one of {SELECTIONS}"})
+    selection: str = field(
+        default=DEFAULT_SELECTION, metadata={"help": f"one of {OPTION_SELECTIONS}"}
+    )
     parameter_budget: int = field(default=0, metadata={"help": "0: server default"})
     hessian: str = field(default="exact", metadata={"help": "exact or gauss_newton"})
     newton_iterations: int = field(
@@ -46,6 +52,13 @@ class UnlearningOptions:
     damping: float = field(default=0.0, metadata={"help": "0: default floor"})
     epsilon: float = field(default=0.0, metadata={"help": "> 0: certified noise"})
     delta: float = field(default=0.0, metadata={"help": "with epsilon"})
+    correct_non_convergence: bool = field(
+        default=False,
+        metadata={
+            "help": "take the served model's measured retained gradient into the step "
+            "instead of treating the model as the optimum of J"
+        },
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,20 +77,25 @@ class UnlearningOptions:
         damping: float,
         epsilon: float,
         delta: float,
+        correct_non_convergence: bool = False,
     ) -> UnlearningOptions:
         """Check a caller's options; contradictory or out-of-range ones are INVALID_ARGUMENT."""
         selection = selection or DEFAULT_SELECTION
         hessian = hessian or "exact"
-        if selection not in SELECTIONS:
-            raise invalid_field("options.selection", f"{selection!r} is not one of {SELECTIONS}")
+        if selection not in OPTION_SELECTIONS:
+            raise invalid_field(
+                "options.selection", f"{selection!r} is not one of {OPTION_SELECTIONS}"
+            )
         if hessian not in HESSIANS:
             raise invalid_field("options.hessian", f"{hessian!r} is not one of {HESSIANS}")
         if parameter_budget < 0 or parameter_budget > 10_000_000:
             raise invalid_field(
                 "options.parameter_budget", "must lie in [0, 10,000,000] (0: default)"
             )
-        if parameter_budget and selection == "all":
-            raise invalid_field("options.parameter_budget", "contradicts selection 'all'; drop one")
+        if parameter_budget and selection in ("all", "retrain"):
+            raise invalid_field(
+                "options.parameter_budget", f"contradicts selection {selection!r}; drop one"
+            )
         if not 0 <= newton_iterations <= 20:
             raise invalid_field(
                 "options.newton_iterations",
@@ -105,6 +123,7 @@ class UnlearningOptions:
             damping,
             epsilon,
             delta,
+            correct_non_convergence,
         )
 
 
@@ -131,6 +150,7 @@ def recipe_for(
         ranking_hessian_samples=ranking_hessian_samples,
         ranking_cg_iterations=ranking_cg_iterations or _DEFAULTS.ranking_cg_iterations,
         seed=seed,
+        assume_converged=not options.correct_non_convergence,
     )
 
 
@@ -138,10 +158,12 @@ def recipe_for(
 class UnlearningOutcome:
     receipt: dict[str, Any]  # receipt fields (proto ForgetReceipt names) this step knows
     ledger: dict[str, Any]  # the model's budget ledger after this forget
+    checkpoints: list[Checkpoint] | None = None  # new ones when the path was the retrain
 
 
-def is_convex(spec: ArchitectureSpec, selection: str) -> bool:
-    return spec.name == "logreg" and selection == "all"
+def is_convex(spec: ArchitectureSpec) -> bool:
+    """The loss is convex in the parameters: a linear model under cross-entropy."""
+    return spec.name == "logreg"
 
 
 def deletion_metrics(
@@ -180,26 +202,80 @@ def unlearn(
     recipe: ForgetRecipe,
     ledger: dict[str, Any],
     default_budget: float,
+    train_config: dict[str, Any],
+    retrain_estimate_s: float,
+    policy: dict[str, Any] | None = None,
+    trusted_factories: dict[str, str] | None = None,
     reporter: PhaseReporter | None = None,
 ) -> UnlearningOutcome:
     """Update ``model`` in place so it behaves as if trained without the forget set.
 
     forget ``(m, *shape)``/``(m,)``, retained ``(n - m, *shape)``/``(n - m,)``, test likewise.
-    Never skips: a step that costs accuracy is applied and flagged in the receipt.
+    ``recipe.selection`` "auto" lets the policy choose the path (``policy``: the
+    ``PolicySettings`` fields); "retrain" trains from scratch on the retained data with
+    ``train_config``. Never skips: a step that costs accuracy is applied and flagged.
     """
-    from expunge.defenses.certificate import (
-        BudgetLedger,
-        add_certified_noise,
-        make_certificate,
-        noise_scale,
-        parameter_distance_bound,
-    )
-    from expunge.defenses.newton import apply_update, newton_update
+    from expunge.server.forget.policy import seconds_per_sample
 
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
     before = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    evaluated = len(forget_x) + len(retained_x) + len(test_x)
+    unit_s = seconds_per_sample(model, retained_x, retained_y)
+    if retrain_estimate_s < 0:  # never measured: epochs of passes over the retained data
+        epochs = int(train_config.get("epochs", 30))
+        retrain_estimate_s = 2.0 * epochs * len(retained_x) * unit_s
+    estimates = estimate_costs(
+        model, recipe, len(retained_x), evaluated, unit_s, retrain_estimate_s
+    )
+    choice = choose_path(recipe.selection, estimates, PolicySettings(**(policy or {})))
+    report.phase("verifying", message="measuring the served model's retained gradient")
+    gradient_before = retained_gradient_norm(model, retained_x, retained_y, weight_decay, recipe)
+    if choice.path == "retrain":
+        outcome = _retrain_exactly(
+            model, spec, retained_x, retained_y, forget_x, forget_y, test_x, test_y,
+            train_config, ledger, default_budget, trusted_factories or {}, before, choice,
+            report,
+        )  # fmt: skip
+    else:
+        outcome = _newton_removal(
+            model, spec, forget_x, forget_y, retained_x, retained_y, test_x, test_y,
+            weight_decay, replace(recipe, selection=choice.path), ledger, default_budget,
+            before, choice, report,
+        )  # fmt: skip
+    outcome.receipt["retained_gradient_norm_before"] = gradient_before
+    return outcome
+
+
+def _newton_removal(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    retained_x: torch.Tensor,
+    retained_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    weight_decay: float,
+    recipe: ForgetRecipe,
+    ledger: dict[str, Any],
+    default_budget: float,
+    before: dict[str, float],
+    choice: PathChoice,
+    report: PhaseReporter,
+) -> UnlearningOutcome:
+    """Select, take the damped Newton steps, recompute batch norms, (noise), certify."""
+    from expunge.defenses.batchnorm import recompute_batchnorm_statistics
+    from expunge.defenses.certificate import (
+        BudgetLedger,
+        add_certified_noise,
+        make_certificate,
+        noise_scale,
+        removal_bound,
+    )
+    from expunge.defenses.newton import apply_update, newton_update
+
     total_params = sum(p.numel() for p in model.parameters())
     config = recipe.newton_config()
     chosen = choose_parameters(
@@ -208,12 +284,15 @@ def unlearn(
     selection = chosen.selection
     units = selection.units
     report.phase("solving", 0, selection.num_parameters, "targeted Newton step on the selection")
-    # The served model is treated as the optimum of the full objective (grad J = 0): the steps
-    # then move by the removal alone, and the later iterations and the acceptance test keep
-    # that model (newton.damping._Region). Chasing the measured non-convergence instead aims
-    # at an optimum that neither this model nor a retrain reached; measured, it cost test
-    # accuracy on the demo model and had every step rejected on a large CNN.
-    assumed_converged = torch.zeros(selection.num_parameters, dtype=next(model.parameters()).dtype)
+    # By default the served model is taken as the optimum of the full objective (grad J =
+    # 0): training polishes it to one (TrainConfig.polish_tolerance), and the steps then move
+    # by the removal alone. ``correct_non_convergence`` instead forms the step from the
+    # measured retained gradient, which also removes what training left unconverged.
+    full_gradient = (
+        torch.zeros(selection.num_parameters, dtype=next(model.parameters()).dtype)
+        if recipe.assume_converged
+        else None
+    )
     result = newton_update(
         model,
         selection,
@@ -223,33 +302,31 @@ def unlearn(
         retained_y,
         weight_decay,
         config,
-        full_gradient=assumed_converged,
+        full_gradient=full_gradient,
     )
     apply_update(model, selection, result)
+    batchnorm = recompute_batchnorm_statistics(model, retained_x)
     report.phase(
         "solving",
         selection.num_parameters,
         selection.num_parameters,
         f"{result.iterations} Newton steps taken, damping {result.damping:.3g}",
     )
+    # The noise is calibrated to, and the ledger spends, the same quantity: r / lambda.
+    bound = removal_bound(result.residual_norm_all, weight_decay)
     scale = 0.0
     if recipe.epsilon > 0:
-        # Noise goes on the parameters, so eps' bounds the distance to the retrained optimum: r / lambda.
-        bound = (
-            parameter_distance_bound(result.residual_norm_all, weight_decay)
-            if weight_decay > 0
-            else result.residual_norm_all
-        )
         scale = noise_scale(bound, recipe.epsilon, recipe.delta)
         add_certified_noise(model, selection, scale, recipe.seed)
-    spent = BudgetLedger.from_dict(ledger, default_budget).spend(result.residual_norm_all)
+    spent = BudgetLedger.from_dict(ledger, default_budget).spend(bound)
+    full_set = recipe.objective_samples == 0 or recipe.objective_samples >= len(retained_x)
     certificate = make_certificate(
         result.residual_norm_selected,
         result.residual_norm_all,
         scale,
         spent,
-        convex=is_convex(spec, recipe.selection),
-        all_parameters=recipe.selection == "all",
+        convex=is_convex(spec),
+        full_retained_set=full_set,
         weight_decay=weight_decay,
     )
     report.phase("verifying", message="measuring the model after the update")
@@ -267,8 +344,103 @@ def unlearn(
         "accuracy_cost_flagged": flagged,
         "note": _note(result.accepted, flagged, certificate.budget_exhausted),
         "method": recipe.method(total_params, result.iterations, chosen.candidates),
+        "policy": choice.receipt(),
+        "batchnorm_recomputed": batchnorm,
     }
     return UnlearningOutcome(receipt, spent.to_dict())
+
+
+def retained_gradient_norm(
+    model: nn.Module,
+    retained_x: torch.Tensor,
+    retained_y: torch.Tensor,
+    weight_decay: float,
+    recipe: ForgetRecipe,
+) -> float:
+    """|grad J'| over every parameter of the model as it is, on the objective data."""
+    from expunge.defenses.newton import objective_gradient
+    from expunge.defenses.newton.objective import _subsample
+    from expunge.defenses.selection import ParameterSelection
+
+    x, y = retained_x, retained_y
+    if recipe.objective_samples:
+        x, y = _subsample(x, y, recipe.objective_samples, recipe.seed + 1)
+    everything = ParameterSelection.everything(model)
+    return float(objective_gradient(model, everything, x, y, weight_decay).norm())
+
+
+def _retrain_exactly(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    retained_x: torch.Tensor,
+    retained_y: torch.Tensor,
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    train_config: dict[str, Any],
+    ledger: dict[str, Any],
+    default_budget: float,
+    trusted_factories: dict[str, str],
+    before: dict[str, float],
+    choice: PathChoice,
+    report: PhaseReporter,
+) -> UnlearningOutcome:
+    """Train from scratch on the retained data (the model's own seed and configuration)."""
+    from expunge.defenses.certificate import BudgetLedger, Certificate
+    from expunge.defenses.selection import ParameterSelection
+    from expunge.defenses.training import TrainConfig, train
+    from expunge.server.model_factory import build_architecture
+
+    config = TrainConfig.from_dict(train_config)
+    report.phase("training", 0, len(retained_x), f"exact retrain on {len(retained_x)} samples")
+    fresh = build_architecture(spec, trusted_factories, seed=config.seed)
+    result = train(fresh, retained_x, retained_y, config)
+    model.load_state_dict(fresh.state_dict())
+    model.eval()
+    everything = ParameterSelection.everything(model)
+    from expunge.defenses.newton import objective_gradient
+
+    residual = float(
+        objective_gradient(model, everything, retained_x, retained_y, config.weight_decay).norm()
+    )
+    reset = BudgetLedger.from_dict(ledger, default_budget).reset()
+    certificate = Certificate(
+        residual_norm_selected=residual,
+        residual_norm_all=residual,
+        noise_scale=0.0,
+        budget_total=reset.budget,
+        budget_used=reset.used,
+        budget_remaining=reset.remaining,
+        budget_exhausted=False,
+        convex=is_convex(spec),
+        statement=(
+            "Exact retrain: the model was trained from scratch on the retained data only, "
+            f"with its own configuration and seed {config.seed}; no forgotten sample ever "
+            f"reached it, so nothing is left to bound (training's own residual {residual:.3g}). "
+            "The removal budget starts afresh."
+        ),
+        proof=True,
+    )
+    report.phase("verifying", message="measuring the retrained model")
+    after = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    total = everything.num_parameters
+    receipt = {
+        "units_selected": 0,
+        "parameters_updated": total,
+        "parameters_total": total,
+        "certificate": asdict(certificate),
+        "before": before,
+        "after": after,
+        "step_accepted": True,
+        "accuracy_cost_flagged": before["test_accuracy"] - after["test_accuracy"] > 0.01,
+        "note": f"exact retrain ({result.seconds:.3g} s)",
+        "training_seconds": result.seconds,
+        "method": {"selection": "retrain", "seed": config.seed},
+        "policy": choice.receipt(),
+        "batchnorm_recomputed": False,
+    }
+    return UnlearningOutcome(receipt, reset.to_dict(), result.checkpoints)
 
 
 @dataclass(frozen=True)
@@ -304,6 +476,8 @@ def choose_parameters(
             if n.startswith(f"{layer}.")
         }
         return ChosenParameters(ParameterSelection(output, (f"{layer}:*",)))
+    if recipe.selection not in SELECTIONS:
+        raise ValueError(f"no parameter selection {recipe.selection!r}; one of {SELECTIONS}")
     total = sum(p.numel() for p in model.parameters())
     if recipe.selection == "lcodec":
         report.phase("selecting", message="L-CODEC Markov blanket over units")

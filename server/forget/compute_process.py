@@ -82,10 +82,22 @@ class _PipeReporter:
         self.conn.send(("progress", (name, completed, total, message)))
 
 
+def _preload() -> None:
+    """Import what a forget computation uses, so the first forget pays no import time."""
+    import expunge.defenses.batchnorm
+    import expunge.defenses.certificate
+    import expunge.defenses.evaluate
+    import expunge.defenses.lcodec
+    import expunge.defenses.newton
+    import expunge.defenses.sparse_selection
+    import expunge.server.model_factory  # noqa: F401
+
+
 def _child_main(conn: Connection, parent: int, threads: int) -> None:
     _die_with_parent(parent)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    _preload()
     reporter = _PipeReporter(conn)
     while True:
         try:
@@ -99,12 +111,18 @@ def _child_main(conn: Connection, parent: int, threads: int) -> None:
 
 
 class ComputeProcess:
-    """One spawned child process, started on first use, for ``run_unlearning``."""
+    """One spawned child process for ``run_unlearning``: started with the server (``start``),
+    restarted on the next use after it was killed."""
 
     def __init__(self, torch_threads: int) -> None:
         self._threads = torch_threads
         self._lock = threading.Lock()
         self._child: tuple[Any, Connection] | None = None
+
+    def start(self) -> None:
+        """Spawn the child now (it imports torch and the algorithms while the server starts),
+        so the first forget does not wait for it."""
+        self._start()
 
     def _start(self) -> tuple[Any, Connection]:
         with self._lock:

@@ -59,6 +59,7 @@ def apply_retrain(
     reporter.phase("verifying", message="measuring the retrained model")
     test = engine.test_data(payload.model)
     metrics = engine.evaluate(model, data.features, data.labels, test, config.weight_decay)
+    metrics["training_seconds"] = result.seconds
     reporter.phase("committing")
     # Held from the first blob written to the commit that references it: a garbage
     # collection in between (an index build's) would take the new blobs.

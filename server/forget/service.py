@@ -228,6 +228,20 @@ class ForgetService:
         if named and len(named) >= remaining:
             raise would_empty(payload.model, remaining)
 
+    def _retrain_estimate(self, model: str, samples: int) -> float:
+        """Seconds an exact retrain on ``samples`` samples should take here: the last
+        measured training of this model scaled by its sample count; -1 when none was
+        measured (the computation then estimates from its own throughput)."""
+        store = self.engine.store
+        row = self.engine.model_row(model)
+        version = store.version(model, row.current_version)
+        while version is not None:
+            seconds = version.metrics.get("training_seconds")
+            if seconds is not None and seconds > 0 and version.num_samples > 0:
+                return float(seconds) * samples / version.num_samples
+            version = store.version(model, version.parent) if version.parent else None
+        return -1.0
+
     # Application (worker thread) -----------------------------------------------------------
 
     def _apply(self, request: RequestRow, reporter: ProgressReporter) -> None:
@@ -309,6 +323,10 @@ class ForgetService:
             "recipe": recipe,
             "ledger": row.ledger,
             "default_budget": settings.forget_budget,
+            "train_config": row.train_config,
+            "retrain_estimate_s": self._retrain_estimate(payload.model, int(keep.sum())),
+            "policy": settings.forget_policy().__dict__,
+            "trusted_factories": settings.trusted_factories,
         }
         if self.compute is None:
             outcome = unlearn(model=model, spec=spec, reporter=reporter, **arrays, **arguments)
@@ -338,6 +356,11 @@ class ForgetService:
                 }
             )
             train_blob = store.blobs.put(shard)
+            checkpoints_blob = (
+                store.blobs.put(weights_io.checkpoints_to_bytes(outcome.checkpoints))
+                if outcome.checkpoints is not None
+                else None
+            )
             crash_point("forget_after_shard")
             index_artefact = (
                 self.index.remove_for_commit(payload.model, removed_ids) if self.index else None
@@ -356,6 +379,8 @@ class ForgetService:
             metrics = engine.evaluate(
                 model, data.features[keep], data.labels[keep], test, config.weight_decay
             )
+            if outcome.checkpoints is not None:  # an exact retrain: its time is the new estimate
+                metrics["training_seconds"] = float(outcome.receipt.get("training_seconds", 0.0))
             actor = request.payload.get("actor", "anonymous")
             collapse = self._accuracy_collapse(
                 payload.model, request.request_id, row.current_version, metrics
@@ -405,6 +430,7 @@ class ForgetService:
                         "parameters_updated": receipt.get("parameters_updated", 0),
                     },
                     index_artefact=index_artefact,
+                    checkpoints_blob=checkpoints_blob,
                     then_journal=retrain,
                 )
             )

@@ -114,9 +114,11 @@ class IndexService:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop background builds at their next shard and wait for them; True once all ended."""
         self._stopping.set()
-        for thread in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(timeout)
-        return not any(thread.is_alive() for thread in list(self._threads))
+        return not any(thread.is_alive() for thread in threads)
 
     def state(self, model: str, current_version: int | None = None) -> IndexState:
         """The index's state against the served version: READY only if it embeds that version."""
@@ -187,12 +189,14 @@ class IndexService:
             if model in self._building:
                 return
             self._building.add(model)
-        thread = threading.Thread(
-            target=self._build_guarded, args=(model,), name=f"index-{model}", daemon=True
-        )
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(thread)
-        thread.start()
+            thread = threading.Thread(
+                target=self._build_guarded, args=(model,), name=f"index-{model}", daemon=True
+            )
+            # Started before it is listed, under the lock stop() lists under: stop() never
+            # joins a thread that has not started.
+            thread.start()
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
 
     def _build_guarded(self, model: str) -> None:
         while not self._stopping.is_set():

@@ -97,15 +97,16 @@ def test_cli_forgets_an_owner_with_progress_and_receipt(
     owner = str(data.owner_ids[0])
     removed = int((data.owner_ids == owner).sum())
     args = ["--target", target, "forget", "digits", "--owner", owner, "--request-id", "cli-1"]
-    assert cli_main(args) == 0
+    assert cli_main([*args, "--selection", "lcodec_cg"]) == 0
     out, err = capsys.readouterr()
     assert ": SUCCEEDED" in out
     assert f"version 1 -> 2: removed {removed} samples of 1 owners" in out
+    assert "path: lcodec_cg (selection asked for explicitly)" in out
     assert re.search(r"method: lcodec_cg \(\d+ entries at most of \d+ candidates\)", out)
     # The progress line is redrawn in place on stderr, phase by phase, ending at done.
     assert "\r" in err and err.rstrip().rsplit("\r", 1)[-1].startswith("done")
     # A retry with the same request id reports the same operation, nothing removed twice.
-    assert cli_main(args) == 0
+    assert cli_main([*args, "--selection", "lcodec_cg"]) == 0
     again, _ = capsys.readouterr()
     assert again.splitlines()[0] == out.splitlines()[0]
     after = server.engine.training_data("digits")  # type: ignore[attr-defined]

@@ -114,11 +114,11 @@ def _statement(convex: bool, **kwargs: object) -> tuple[str, bool]:
     return cert.statement, cert.proof
 
 
-def test_statement_says_proof_only_for_convex_all_parameter_l2_models() -> None:
+def test_statement_says_proof_only_when_every_premise_holds() -> None:
     text, proof = _statement(convex=False)
     assert proof is False and "diagnostic" in text and "not convex" in text
-    text, proof = _statement(convex=True, all_parameters=False)
-    assert proof is False and "diagnostic" in text and "selection" in text
+    text, proof = _statement(convex=True, full_retained_set=False)
+    assert proof is False and "diagnostic" in text and "subsample" in text
     text, proof = _statement(convex=True, weight_decay=0.0)
     assert proof is False and "diagnostic" in text and "L2" in text
     text, proof = _statement(convex=True, weight_decay=1e-2)

@@ -48,6 +48,7 @@ def _setup(arch: str, polish: int = 0) -> Setup:
         checkpoints=3,
         weight_decay=WEIGHT_DECAY,
         polish_iterations=polish,
+        polish_tolerance=1e-10,
     )
     result = train(model, x[train_idx], y[train_idx], config)
     return Setup(result.model, result.checkpoints, x[train_idx], y[train_idx], x[test_idx])

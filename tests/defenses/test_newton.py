@@ -144,7 +144,9 @@ def rough_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A digits MLP after two epochs: far from an optimum, with an indefinite Hessian."""
     x, y = _digits(400)
     model = _mlp()
-    train(model, x, y, TrainConfig(epochs=2, batch_size=32, weight_decay=MLP_WD))
+    train(
+        model, x, y, TrainConfig(epochs=2, batch_size=32, weight_decay=MLP_WD, polish_iterations=0)
+    )
     return model, x, y
 
 
@@ -169,7 +171,9 @@ def test_newton_step_reaches_the_retrained_logreg_optimum(cancer, logreg) -> Non
             LOGREG_WD,
             NewtonConfig(damping=0.0, iterations=iterations),
         )
-        assert result.accepted and result.iterations == iterations
+        # Once converged, a further step's predicted decrease is round-off: the ratio test
+        # ends the iterations there (9 of 10 measured).
+        assert result.accepted and min(iterations, 8) <= result.iterations <= iterations
         assert result.objective_after < result.objective_before
         errors[iterations] = _rel(_flat(model) + result.delta, target)
     # Doing nothing is ~8% off; one step is second-order accurate (measured 2.2e-3),
@@ -428,7 +432,12 @@ def test_assumed_convergence_is_kept_through_the_iterations(cancer) -> None:
     # explicit Newton oracle here), not J's own, which would chase the non-convergence.
     x, y, forget, keep = cancer
     model = build_model(ArchitectureSpec("logreg", (x.shape[1],), 2), seed=0).double()
-    train(model, x, y, TrainConfig(epochs=1, batch_size=64, weight_decay=LOGREG_WD))
+    train(
+        model,
+        x,
+        y,
+        TrainConfig(epochs=1, batch_size=64, weight_decay=LOGREG_WD, polish_iterations=0),
+    )
     selection = ParameterSelection.everything(model)
     j, _, v0 = _slice_objective(model, selection, x[keep], y[keep], LOGREG_WD)
     forget_sum = len(forget) * torch.autograd.functional.jacobian(

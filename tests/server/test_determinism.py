@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = """
 import sys
 from pathlib import Path
@@ -23,7 +25,8 @@ configure_torch(settings)
 store = Store(settings.state_dir)
 service = ForgetService(Engine(store, settings))
 service.jobs.start()
-service.submit("digits", [], [sys.argv[2]], "same-request", UnlearningOptions(), "test")
+options = UnlearningOptions(selection=sys.argv[3])
+service.submit("digits", [], [sys.argv[2]], "same-request", options, "test")
 assert service.jobs.wait_idle(300)
 row = store.request("same-request")
 print(row.result["weights_sha256"], row.result["environment"])
@@ -32,7 +35,11 @@ store.close()
 """
 
 
-def test_same_request_same_bytes_in_separate_processes(state_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("selection", ["auto", "lcodec_cg"])
+def test_same_request_same_bytes_in_separate_processes(
+    state_dir: Path, tmp_path: Path, selection: str
+) -> None:
+    """auto takes the exact retrain on this model; lcodec_cg the targeted Newton update."""
     db = sqlite3.connect(state_dir / "expunge.db")
     owner = db.execute("SELECT owner_id FROM samples ORDER BY owner_id LIMIT 1").fetchone()[0]
     db.close()
@@ -41,7 +48,7 @@ def test_same_request_same_bytes_in_separate_processes(state_dir: Path, tmp_path
         copy = tmp_path / f"copy{i}"
         shutil.copytree(state_dir, copy)
         done = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(copy), owner],
+            [sys.executable, "-c", SCRIPT, str(copy), owner, selection],
             capture_output=True,
             text=True,
             check=False,

@@ -41,6 +41,7 @@ def test_forgetting_an_owner_purges_and_versions(
         "digits",
         owner_ids=[owner],
         request_id="r-owner",
+        selection="lcodec_cg",
         wait=True,
         on_progress=lambda o: phases.append(o.phase),
     )
@@ -53,7 +54,7 @@ def test_forgetting_an_owner_purges_and_versions(
     assert 0 < receipt.parameters_updated <= receipt.parameters_total
     assert receipt.weights_sha256 and "torch" in receipt.environment
     assert receipt.certificate.statement
-    # The receipt says how the update was computed (server defaults here).
+    # The receipt says how the update was computed (the targeted path's defaults).
     method = receipt.method
     assert (method.selection, method.hessian) == ("lcodec_cg", "exact")
     assert method.parameter_budget == receipt.parameters_updated
@@ -269,7 +270,12 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
     try:
         with Client(running.target) as client:
             op = client.forget(
-                "digits", owner_ids=[owner], hessian="gauss_newton", request_id="large", wait=True
+                "digits",
+                owner_ids=[owner],
+                hessian="gauss_newton",
+                selection="lcodec_cg",
+                request_id="large",
+                wait=True,
             )
             assert op.state == "SUCCEEDED" and op.receipt is not None
             assert op.receipt.removed_sample_digests == sample_digests(state_dir, ids)

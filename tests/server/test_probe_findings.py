@@ -349,6 +349,7 @@ def test_a_collapsing_forget_is_handled_by_the_policy(state_dir: Path, policy: s
                 owner_ids=[_owner(state_dir)],
                 epsilon=1e-9,
                 delta=1e-5,
+                selection="lcodec_cg",
                 request_id="noisy",
                 wait=True,
             )

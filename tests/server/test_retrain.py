@@ -25,7 +25,9 @@ def test_a_retrain_starts_a_fresh_budget_on_the_retained_data(
 ) -> None:
     engine = server.engine  # type: ignore[attr-defined]
     first, second = _owners(state_dir, 2)
-    spent = client.forget("digits", owner_ids=[first], request_id="f1", wait=True).receipt
+    spent = client.forget(
+        "digits", owner_ids=[first], request_id="f1", selection="lcodec_cg", wait=True
+    ).receipt
     assert spent is not None and spent.certificate.budget_used > 0
     old_checkpoints = engine.model_row("digits").checkpoints_blob
     remaining = client.get_model("digits").num_training_samples
@@ -52,10 +54,13 @@ def test_a_retrain_starts_a_fresh_budget_on_the_retained_data(
     assert [e.action for e in client.audit("digits")].count("retrain") == 1
 
     # The next forget spends from a fresh ledger: its use is its own residual alone.
-    after = client.forget("digits", owner_ids=[second], request_id="f2", wait=True).receipt
+    after = client.forget(
+        "digits", owner_ids=[second], request_id="f2", selection="lcodec_cg", wait=True
+    ).receipt
     assert after is not None and after.parent_version == 3
     cert = after.certificate
-    assert cert.budget_used == pytest.approx(cert.residual_norm_all)
+    # In the units the noise is calibrated to: r / lambda (the model's weight decay 1e-3).
+    assert cert.budget_used == pytest.approx(cert.residual_norm_all / 1e-3)
     assert cert.budget_remaining == pytest.approx(cert.budget_total - cert.budget_used)
 
 
@@ -88,16 +93,20 @@ def test_a_spent_budget_is_said_and_a_retrain_restores_it(state_dir: Path) -> No
     running = start(Settings(state_dir=state_dir, port=0, forget_budget=1e-9))
     try:
         with Client(running.target) as client:
-            spent = client.forget("digits", owner_ids=[first], request_id="s1", wait=True)
+            spent = client.forget(
+                "digits", owner_ids=[first], request_id="s1", selection="lcodec_cg", wait=True
+            )
             assert spent.state == "SUCCEEDED" and spent.receipt is not None
             assert spent.receipt.certificate.budget_exhausted
             assert "budget is spent" in spent.receipt.note and "retrain" in spent.receipt.note
             assert client.retrain("digits", request_id="s2", wait=True).state == "SUCCEEDED"
             # Still applied after a retrain, and the ledger starts again from nothing.
-            after = client.forget("digits", owner_ids=[second], request_id="s3", wait=True)
+            after = client.forget(
+                "digits", owner_ids=[second], request_id="s3", selection="lcodec_cg", wait=True
+            )
             assert after.receipt is not None and after.receipt.parent_version == 3
             cert = after.receipt.certificate
-            assert cert.budget_used == pytest.approx(cert.residual_norm_all)
+            assert cert.budget_used == pytest.approx(cert.residual_norm_all / 1e-3)
     finally:
         running.stop(0)
 

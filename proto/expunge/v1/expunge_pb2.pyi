@@ -226,7 +226,7 @@ class PredictResponse(_message.Message):
     def __init__(self, labels: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ForgetOptions(_message.Message):
-    __slots__ = ("parameter_budget", "selection", "hessian", "newton_iterations", "damping", "epsilon", "delta")
+    __slots__ = ("parameter_budget", "selection", "hessian", "newton_iterations", "damping", "epsilon", "delta", "correct_non_convergence")
     PARAMETER_BUDGET_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ForgetOptions(_message.Message):
     DAMPING_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_NON_CONVERGENCE_FIELD_NUMBER: _ClassVar[int]
     parameter_budget: int
     selection: str
     hessian: str
@@ -241,7 +242,8 @@ class ForgetOptions(_message.Message):
     damping: float
     epsilon: float
     delta: float
-    def __init__(self, parameter_budget: _Optional[int] = ..., selection: _Optional[str] = ..., hessian: _Optional[str] = ..., newton_iterations: _Optional[int] = ..., damping: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
+    correct_non_convergence: bool
+    def __init__(self, parameter_budget: _Optional[int] = ..., selection: _Optional[str] = ..., hessian: _Optional[str] = ..., newton_iterations: _Optional[int] = ..., damping: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., correct_non_convergence: _Optional[bool] = ...) -> None: ...
 
 class ForgetRequest(_message.Message):
     __slots__ = ("model", "sample_ids", "owner_ids", "request_id", "options")
@@ -294,7 +296,7 @@ class DeletionMetrics(_message.Message):
     def __init__(self, forget_loss: _Optional[float] = ..., forget_accuracy: _Optional[float] = ..., retained_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., mia_auc: _Optional[float] = ...) -> None: ...
 
 class ForgetReceipt(_message.Message):
-    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method", "already_forgotten_owner_ids", "removed_samples", "removed_owners", "removed_sample_digests", "removed_owner_digests", "already_forgotten_samples", "already_forgotten_owners", "already_forgotten_sample_digests", "already_forgotten_owner_digests", "accuracy_collapse")
+    __slots__ = ("new_version", "parent_version", "removed_sample_ids", "removed_owner_ids", "already_forgotten_sample_ids", "units_selected", "parameters_updated", "parameters_total", "certificate", "before", "after", "seconds", "weights_sha256", "environment", "damping", "step_accepted", "accuracy_cost_flagged", "note", "method", "already_forgotten_owner_ids", "removed_samples", "removed_owners", "removed_sample_digests", "removed_owner_digests", "already_forgotten_samples", "already_forgotten_owners", "already_forgotten_sample_digests", "already_forgotten_owner_digests", "accuracy_collapse", "policy", "retained_gradient_norm_before", "batchnorm_recomputed")
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REMOVED_SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +326,9 @@ class ForgetReceipt(_message.Message):
     ALREADY_FORGOTTEN_SAMPLE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     ALREADY_FORGOTTEN_OWNER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_COLLAPSE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_GRADIENT_NORM_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BATCHNORM_RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
     new_version: int
     parent_version: int
     removed_sample_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -353,7 +358,30 @@ class ForgetReceipt(_message.Message):
     already_forgotten_sample_digests: _containers.RepeatedScalarFieldContainer[str]
     already_forgotten_owner_digests: _containers.RepeatedScalarFieldContainer[str]
     accuracy_collapse: AccuracyCollapse
-    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ..., already_forgotten_owner_ids: _Optional[_Iterable[str]] = ..., removed_samples: _Optional[int] = ..., removed_owners: _Optional[int] = ..., removed_sample_digests: _Optional[_Iterable[str]] = ..., removed_owner_digests: _Optional[_Iterable[str]] = ..., already_forgotten_samples: _Optional[int] = ..., already_forgotten_owners: _Optional[int] = ..., already_forgotten_sample_digests: _Optional[_Iterable[str]] = ..., already_forgotten_owner_digests: _Optional[_Iterable[str]] = ..., accuracy_collapse: _Optional[_Union[AccuracyCollapse, _Mapping]] = ...) -> None: ...
+    policy: ForgetPolicy
+    retained_gradient_norm_before: float
+    batchnorm_recomputed: bool
+    def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ..., already_forgotten_owner_ids: _Optional[_Iterable[str]] = ..., removed_samples: _Optional[int] = ..., removed_owners: _Optional[int] = ..., removed_sample_digests: _Optional[_Iterable[str]] = ..., removed_owner_digests: _Optional[_Iterable[str]] = ..., already_forgotten_samples: _Optional[int] = ..., already_forgotten_owners: _Optional[int] = ..., already_forgotten_sample_digests: _Optional[_Iterable[str]] = ..., already_forgotten_owner_digests: _Optional[_Iterable[str]] = ..., accuracy_collapse: _Optional[_Union[AccuracyCollapse, _Mapping]] = ..., policy: _Optional[_Union[ForgetPolicy, _Mapping]] = ..., retained_gradient_norm_before: _Optional[float] = ..., batchnorm_recomputed: _Optional[bool] = ...) -> None: ...
+
+class ForgetPolicy(_message.Message):
+    __slots__ = ("path", "reason", "requested", "estimated_retrain_s", "estimated_newton_all_s", "estimated_targeted_s", "estimated_hessian_bytes", "estimated_seconds_per_sample")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_RETRAIN_S_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_NEWTON_ALL_S_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TARGETED_S_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_HESSIAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_SECONDS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    reason: str
+    requested: str
+    estimated_retrain_s: float
+    estimated_newton_all_s: float
+    estimated_targeted_s: float
+    estimated_hessian_bytes: int
+    estimated_seconds_per_sample: float
+    def __init__(self, path: _Optional[str] = ..., reason: _Optional[str] = ..., requested: _Optional[str] = ..., estimated_retrain_s: _Optional[float] = ..., estimated_newton_all_s: _Optional[float] = ..., estimated_targeted_s: _Optional[float] = ..., estimated_hessian_bytes: _Optional[int] = ..., estimated_seconds_per_sample: _Optional[float] = ...) -> None: ...
 
 class AccuracyCollapse(_message.Message):
     __slots__ = ("drop_points", "limit_points", "policy", "action", "retrain_operation")
@@ -370,7 +398,7 @@ class AccuracyCollapse(_message.Message):
     def __init__(self, drop_points: _Optional[float] = ..., limit_points: _Optional[float] = ..., policy: _Optional[str] = ..., action: _Optional[str] = ..., retrain_operation: _Optional[str] = ...) -> None: ...
 
 class ForgetMethod(_message.Message):
-    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters")
+    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters", "assume_converged")
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +412,7 @@ class ForgetMethod(_message.Message):
     RANKING_NEWTON_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ASSUME_CONVERGED_FIELD_NUMBER: _ClassVar[int]
     selection: str
     hessian: str
     parameter_budget: int
@@ -397,7 +426,8 @@ class ForgetMethod(_message.Message):
     ranking_newton_iterations: int
     seed: int
     candidate_parameters: int
-    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ..., candidate_parameters: _Optional[int] = ...) -> None: ...
+    assume_converged: bool
+    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ..., candidate_parameters: _Optional[int] = ..., assume_converged: _Optional[bool] = ...) -> None: ...
 
 class OperationProgress(_message.Message):
     __slots__ = ("phase", "completed", "total", "message")

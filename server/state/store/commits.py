@@ -34,6 +34,9 @@ class ForgetCommit:
     actor: str
     audit: dict[str, Any]
     index_artefact: ArtefactRow | None = None  # the index without the forgotten ids
+    # New training checkpoints when the forget was an exact retrain (the old ones saw the
+    # forgotten samples); None keeps the model's.
+    checkpoints_blob: str | None = None
     # A request journalled in the same commit (the exact retrain of an accuracy collapse).
     then_journal: JournalEntry | None = None
 

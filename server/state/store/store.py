@@ -292,6 +292,7 @@ class Store:
                 current_version=commit.version.version,
                 train_blob=commit.train_blob,
                 num_samples=commit.version.num_samples,
+                checkpoints_blob=commit.checkpoints_blob,
                 ledger=commit.ledger,
             )
             tx.supersede_versions_before(commit.version.model, commit.version.version)

@@ -1,0 +1,184 @@
+"""The ``auto`` forget policy: the best deletion a request can afford, and why.
+
+Paths, best first: the exact ``retrain`` (perfect forgetting), a Newton update on ``all``
+parameters, the L-CODEC-targeted update (``lcodec_cg``). The retrain is taken whenever its
+estimated cost is below ``retrain_below_s`` or below the chosen approximate path's own
+estimate; otherwise Newton on every parameter when its Hessian fits the memory budget and
+its estimate is at most ``approximate_time_share`` of the retrain's; otherwise the targeted
+update. Every estimate goes into the receipt, chosen or not.
+
+Estimates are in seconds on this machine. The retrain's comes from the model's last
+measured training time, scaled by the samples it will train on. The approximate paths'
+come from a cost model in units of ``seconds_per_sample``, the measured time of one
+sample's forward and backward pass: Hessian columns cost a pass per (sample, column), the
+eigendecomposition ``EIGH_S_PER_CUBE`` p^3, each pass over the objective data one unit per
+sample. The constants were measured on the development models (digits logistic regression,
+MLP and CNN; BENCHMARKS.md); the benchmark reports estimate beside measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch stays unimported until a forget runs (settings import this module)
+    import torch
+    from torch import nn
+
+    from expunge.defenses.recipe import ForgetRecipe
+
+PATHS = ("retrain", "all", "lcodec_cg")
+EIGH_S_PER_CUBE = 2e-10  # torch.linalg.eigh, float32, one thread (measured 1.0-1.7e-10)
+GAUSS_NEWTON_S_PER_SQUARE = 6e-10  # per sample and p^2 entry (measured 5-7e-10)
+GAUSS_NEWTON_PASSES = 100  # jacobian of the logits per sample, in forward-backward units
+HESSIAN_COPIES = 3  # H, its eigenvectors and the solver's workspace
+LCODEC_PASSES = 400  # perturbed copies' forward passes and FOCI, in forward-backward units
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The server's thresholds for ``auto`` (settings ``forget_auto_*``)."""
+
+    retrain_below_s: float = field(
+        default=30.0, metadata={"help": "retrain exactly when its estimate is below this"}
+    )
+    hessian_memory_bytes: int = field(
+        default=1 << 30, metadata={"help": "largest Hessian (with workspace) Newton-all builds"}
+    )
+    approximate_time_share: float = field(
+        default=0.1,
+        metadata={"help": "Newton-all only when its estimate is at most this share of a retrain"},
+    )
+
+
+@dataclass(frozen=True)
+class CostEstimates:
+    """Seconds each path is expected to take here, and what they were derived from."""
+
+    retrain_s: float
+    newton_all_s: float
+    targeted_s: float
+    hessian_bytes: int  # Newton-all's Hessian with workspace
+    seconds_per_sample: float  # measured forward + backward, per sample
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """The path taken, the rule that took it, and every estimate (the receipt's ForgetPolicy)."""
+
+    path: str  # retrain, all or lcodec_cg
+    reason: str
+    requested: str  # auto, or the explicit selection
+    estimates: CostEstimates
+
+    def receipt(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "reason": self.reason,
+            "requested": self.requested,
+            **{f"estimated_{k}": v for k, v in asdict(self.estimates).items()},
+        }
+
+
+def seconds_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Measured forward + backward time per sample on up to 256 samples (best of 3)."""
+    import torch
+    from torch import nn
+
+    batch_x, batch_y = x[:256], y[:256].long()
+    if len(batch_x) == 0:
+        return 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(batch_x), batch_y)
+        torch.autograd.grad(loss, params)
+        best = min(best, time.perf_counter() - started)
+    return best / len(batch_x)
+
+
+def estimate_costs(
+    model: nn.Module,
+    recipe: ForgetRecipe,
+    retained: int,
+    evaluated: int,
+    unit_s: float,
+    retrain_s: float,
+) -> CostEstimates:
+    """Cost model of the approximate paths (module docstring); ``evaluated``: samples the
+    receipt's metrics pass over (forget, retained and test sets)."""
+    p = sum(q.numel() for q in model.parameters())
+    classes = _output_width(model)
+    hessian_n = min(recipe.hessian_samples, retained)
+    objective_n = min(recipe.objective_samples or retained, retained)
+    # Per Newton iteration: a gradient and about two float64 values; plus the gradient norm
+    # before, the residuals after and the receipt's two metric passes.
+    common = ((3 * recipe.newton_iterations + 3) * objective_n + 2 * evaluated) * unit_s
+
+    def hessian(k: int) -> float:
+        if recipe.hessian == "exact":
+            return hessian_n * k * unit_s
+        return hessian_n * (k * k * GAUSS_NEWTON_S_PER_SQUARE + classes * 10 * unit_s)
+
+    def solve(k: int) -> float:
+        return EIGH_S_PER_CUBE * k**3
+
+    budget = recipe.entry_budget(p)
+    ranking_n = min(recipe.ranking_hessian_samples or hessian_n, retained)
+    ranking = (
+        recipe.ranking_newton_iterations * (recipe.ranking_cg_iterations * 3 * ranking_n)
+        + LCODEC_PASSES
+    ) * unit_s
+    return CostEstimates(
+        retrain_s=retrain_s,
+        newton_all_s=hessian(p) + solve(p) + common,
+        targeted_s=ranking + hessian(budget) + solve(budget) + common + retained * unit_s,
+        hessian_bytes=HESSIAN_COPIES * p * p * 4,
+        seconds_per_sample=unit_s,
+    )
+
+
+def choose_path(requested: str, estimates: CostEstimates, settings: PolicySettings) -> PathChoice:
+    """The path for ``requested`` (``auto`` decides; anything else is taken as asked)."""
+    if requested != "auto":
+        return PathChoice(requested, "selection asked for explicitly", requested, estimates)
+    retrain = estimates.retrain_s
+    if retrain <= settings.retrain_below_s:
+        return PathChoice(
+            "retrain",
+            f"the exact retrain is estimated at {retrain:.3g} s, within the "
+            f"{settings.retrain_below_s:g} s allowed for it",
+            requested,
+            estimates,
+        )
+    fits = estimates.hessian_bytes <= settings.hessian_memory_bytes
+    fast = estimates.newton_all_s <= settings.approximate_time_share * retrain
+    if fits and fast:
+        path, approximate = "all", estimates.newton_all_s
+        why = (
+            f"Newton on every parameter: its Hessian ({estimates.hessian_bytes / 2**20:.0f} MiB) "
+            f"fits and it is estimated at {approximate:.3g} s"
+        )
+    else:
+        path, approximate = "lcodec_cg", estimates.targeted_s
+        missing = "its Hessian does not fit the memory budget" if not fits else "too slow"
+        why = f"the L-CODEC-targeted update ({approximate:.3g} s; Newton on every parameter: {missing})"
+    if retrain <= approximate:
+        return PathChoice(
+            "retrain",
+            f"the exact retrain ({retrain:.3g} s) is estimated to cost no more than {why}",
+            requested,
+            estimates,
+        )
+    return PathChoice(
+        path, f"{why}, against {retrain:.3g} s for the exact retrain", requested, estimates
+    )
+
+
+def _output_width(model: nn.Module) -> int:
+    from torch import nn
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else 1
