@@ -332,6 +332,10 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
     ref_quality = _quality(reference, reference, forget_xy, test_xy)
 
     running = start(settings)
+    # The compute process starts with the server; a forget sent within its first seconds
+    # waits for its imports. Timed forgets are those of a server that is up.
+    if running.forget.compute is not None:
+        running.forget.compute.wait_ready(120)
     rows: dict[str, dict[str, Any]] = {}
     try:
         with Client(running.target, timeout=600.0) as client:

@@ -93,11 +93,12 @@ def _preload() -> None:
     import expunge.server.model_factory  # noqa: F401
 
 
-def _child_main(conn: Connection, parent: int, threads: int) -> None:
+def _child_main(conn: Connection, parent: int, threads: int, ready: Any) -> None:
     _die_with_parent(parent)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     _preload()
+    ready.set()
     reporter = _PipeReporter(conn)
     while True:
         try:
@@ -118,20 +119,28 @@ class ComputeProcess:
         self._threads = torch_threads
         self._lock = threading.Lock()
         self._child: tuple[Any, Connection] | None = None
+        self._ready: Any = None  # set by the child once its imports are done
 
     def start(self) -> None:
         """Spawn the child now (it imports torch and the algorithms while the server starts),
         so the first forget does not wait for it."""
         self._start()
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the child has imported what a forget needs; False on timeout."""
+        with self._lock:
+            ready = self._ready
+        return ready is not None and bool(ready.wait(timeout))
+
     def _start(self) -> tuple[Any, Connection]:
         with self._lock:
             if self._child is None or not self._child[0].is_alive():
                 context = multiprocessing.get_context("spawn")
                 ours, theirs = context.Pipe(duplex=True)
+                self._ready = context.Event()
                 process = context.Process(
                     target=_child_main,
-                    args=(theirs, os.getpid(), self._threads),
+                    args=(theirs, os.getpid(), self._threads, self._ready),
                     name="expunge-compute",
                     daemon=True,
                 )

@@ -95,8 +95,11 @@ def test_the_default_forget_is_an_exact_retrain_when_it_is_cheap(state_dir: Path
 def test_the_compute_process_starts_with_the_server(state_dir: Path) -> None:
     running = start(Settings(state_dir=state_dir, port=0, build_index=False))
     try:
-        child = running.forget.compute._child  # type: ignore[union-attr]
-        assert child is not None and child[0].is_alive()
+        compute = running.forget.compute
+        assert compute is not None
+        child = compute._child
+        assert child is not None and child[0].is_alive()  # before any forget was sent
+        assert compute.wait_ready(120)
     finally:
         running.stop(grace=1.0)
 
