@@ -479,11 +479,13 @@ def choose_parameters(
     if recipe.selection not in SELECTIONS:
         raise ValueError(f"no parameter selection {recipe.selection!r}; one of {SELECTIONS}")
     total = sum(p.numel() for p in model.parameters())
+    budget = recipe.entry_budget(total)
+    if budget >= total:  # the budget covers the model: nothing to select
+        return ChosenParameters(ParameterSelection.everything(model))
     if recipe.selection == "lcodec":
         report.phase("selecting", message="L-CODEC Markov blanket over units")
-        lcodec = LcodecConfig(parameter_budget=recipe.parameter_budget, seed=recipe.seed)
+        lcodec = LcodecConfig(parameter_budget=budget, seed=recipe.seed)
         return ChosenParameters(select_markov_blanket(model, forget_x, forget_y, lcodec).selection)
-    budget = recipe.entry_budget(total)
     pool = None
     if recipe.selection == "lcodec_cg":
         report.phase("selecting", message="L-CODEC Markov blanket over units (candidate pool)")
