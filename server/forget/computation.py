@@ -6,6 +6,7 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -220,7 +221,20 @@ def unlearn(
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
-    before = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    # With a subsampled objective (large data), the receipt's retained figures use the same
+    # subsample: a full pass before and after would cost more than the update.
+    metric_x, metric_y = retained_x, retained_y
+    if recipe.objective_samples:
+        from expunge.defenses.newton.objective import _subsample
+
+        metric_x, metric_y = _subsample(
+            retained_x, retained_y, recipe.objective_samples, recipe.seed + 1
+        )
+
+    def measure(candidate: nn.Module) -> dict[str, float]:
+        return deletion_metrics(candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y)
+
+    before = measure(model)
     evaluated = len(forget_x) + len(retained_x) + len(test_x)
     unit_s = seconds_per_sample(model, retained_x, retained_y)
     if retrain_estimate_s < 0:  # never measured: epochs of passes over the retained data
@@ -234,15 +248,14 @@ def unlearn(
     gradient_before = retained_gradient_norm(model, retained_x, retained_y, weight_decay, recipe)
     if choice.path == "retrain":
         outcome = _retrain_exactly(
-            model, spec, retained_x, retained_y, forget_x, forget_y, test_x, test_y,
-            train_config, ledger, default_budget, trusted_factories or {}, before, choice,
-            report,
+            model, spec, retained_x, retained_y, train_config, ledger, default_budget,
+            trusted_factories or {}, before, measure, choice, report,
         )  # fmt: skip
     else:
         outcome = _newton_removal(
             model, spec, forget_x, forget_y, retained_x, retained_y, test_x, test_y,
             weight_decay, replace(recipe, selection=choice.path), ledger, default_budget,
-            before, choice, report,
+            before, measure, choice, report,
         )  # fmt: skip
     outcome.receipt["retained_gradient_norm_before"] = gradient_before
     return outcome
@@ -262,6 +275,7 @@ def _newton_removal(
     ledger: dict[str, Any],
     default_budget: float,
     before: dict[str, float],
+    measure: Callable[[nn.Module], dict[str, float]],
     choice: PathChoice,
     report: PhaseReporter,
 ) -> UnlearningOutcome:
@@ -330,7 +344,7 @@ def _newton_removal(
         weight_decay=weight_decay,
     )
     report.phase("verifying", message="measuring the model after the update")
-    after = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    after = measure(model)
     flagged = before["test_accuracy"] - after["test_accuracy"] > 0.01
     receipt = {
         "units_selected": len(units),
@@ -374,15 +388,12 @@ def _retrain_exactly(
     spec: ArchitectureSpec,
     retained_x: torch.Tensor,
     retained_y: torch.Tensor,
-    forget_x: torch.Tensor,
-    forget_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
     train_config: dict[str, Any],
     ledger: dict[str, Any],
     default_budget: float,
     trusted_factories: dict[str, str],
     before: dict[str, float],
+    measure: Callable[[nn.Module], dict[str, float]],
     choice: PathChoice,
     report: PhaseReporter,
 ) -> UnlearningOutcome:
@@ -423,7 +434,7 @@ def _retrain_exactly(
         proof=True,
     )
     report.phase("verifying", message="measuring the retrained model")
-    after = deletion_metrics(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    after = measure(model)
     total = everything.num_parameters
     receipt = {
         "units_selected": 0,

@@ -140,7 +140,11 @@ def estimate_costs(
     return CostEstimates(
         retrain_s=retrain_s + RETRAIN_OVERHEAD_S,
         newton_all_s=hessian(p) + solve(p) + common + APPROXIMATE_OVERHEAD_S,
-        targeted_s=ranking + hessian(budget) + solve(budget) + common + retained * unit_s
+        targeted_s=ranking
+        + hessian(budget)
+        + solve(budget)
+        + common
+        + retained * unit_s
         + APPROXIMATE_OVERHEAD_S,
         hessian_bytes=HESSIAN_COPIES * p * p * 4,
         seconds_per_sample=unit_s,

@@ -150,8 +150,13 @@ def test_the_ledger_spends_what_the_noise_is_calibrated_to_and_proof_needs_its_p
     config = TrainConfig(epochs=5, weight_decay=WD)
     model = build_model(spec, seed=0)
     train(model, x, y, config)
-    options = UnlearningOptions(selection="lcodec_cg", epsilon=0.5, delta=1e-5)
+    # A budget below the model's 62 entries: a true selection (unbudgeted, a model this small
+    # is updated whole).
+    options = UnlearningOptions(selection="lcodec_cg", parameter_budget=20, epsilon=0.5, delta=1e-5)
     receipt = _run(copy.deepcopy(model), spec, x, y, options, config)
+    assert receipt["parameters_updated"] == 20 < receipt["parameters_total"]
+    whole = _run(copy.deepcopy(model), spec, x, y, UnlearningOptions(selection="lcodec_cg"), config)
+    assert whole["parameters_updated"] == whole["parameters_total"] == 62
     cert = receipt["certificate"]
     bound = cert["residual_norm_all"] / WD  # r / lambda: the noise's eps'
     assert cert["budget_used"] == pytest.approx(bound, rel=1e-12)
