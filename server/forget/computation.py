@@ -16,7 +16,14 @@ from torch import nn
 from expunge.defenses.architectures import ArchitectureSpec, output_layer_name
 from expunge.defenses.recipe import HESSIANS, SELECTIONS, ForgetRecipe
 from expunge.server.errors import invalid_field
-from expunge.server.forget.policy import PathChoice, PolicySettings, choose_path, estimate_costs
+from expunge.server.forget.policy import (
+    TRAINING_PASS_SHARE,
+    PathChoice,
+    PolicySettings,
+    TrainingCost,
+    choose_path,
+    estimate_costs,
+)
 
 if TYPE_CHECKING:
     from expunge.defenses.selection import ParameterSelection
@@ -204,7 +211,7 @@ def unlearn(
     ledger: dict[str, Any],
     default_budget: float,
     train_config: dict[str, Any],
-    retrain_estimate_s: float,
+    training_cost: TrainingCost,
     policy: dict[str, Any] | None = None,
     trusted_factories: dict[str, str] | None = None,
     reporter: PhaseReporter | None = None,
@@ -214,10 +221,10 @@ def unlearn(
     forget ``(m, *shape)``/``(m,)``, retained ``(n - m, *shape)``/``(n - m,)``, test likewise.
     ``recipe.selection`` "auto" lets the policy choose the path (``policy``: the
     ``PolicySettings`` fields); "retrain" trains from scratch on the retained data with
-    ``train_config``. Never skips: a step that costs accuracy is applied and flagged.
+    ``train_config``; ``training_cost`` (the model's recorded training) is what the
+    policy's estimates come from. Never skips: a step that costs accuracy is applied and
+    flagged.
     """
-    from expunge.server.forget.policy import seconds_per_sample
-
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
@@ -236,13 +243,12 @@ def unlearn(
 
     before = measure(model)
     evaluated = len(forget_x) + len(retained_x) + len(test_x)
-    unit_s = seconds_per_sample(model, retained_x, retained_y)
-    if retrain_estimate_s < 0:  # never measured: epochs of passes over the retained data
-        epochs = int(train_config.get("epochs", 30))
-        retrain_estimate_s = 2.0 * epochs * len(retained_x) * unit_s
-    estimates = estimate_costs(
-        model, recipe, len(retained_x), evaluated, unit_s, retrain_estimate_s
-    )
+    epochs = int(train_config.get("epochs", 30))
+    unit_s = training_cost.unit_s(epochs)
+    retrain_s = training_cost.retrain_s(len(retained_x))
+    if retrain_s < 0:  # never measured: epochs of training steps over the retained data
+        retrain_s = epochs * len(retained_x) * unit_s / TRAINING_PASS_SHARE
+    estimates = estimate_costs(model, recipe, len(retained_x), evaluated, unit_s, retrain_s)
     choice = choose_path(recipe.selection, estimates, PolicySettings(**(policy or {})))
     report.phase("verifying", message="measuring the served model's retained gradient")
     gradient_before = retained_gradient_norm(model, retained_x, retained_y, weight_decay, recipe)

@@ -8,9 +8,9 @@ its estimate is at most ``approximate_time_share`` of the retrain's; otherwise t
 update. Every estimate goes into the receipt, chosen or not.
 
 Estimates are in seconds on this machine. The retrain's comes from the model's last
-measured training time, scaled by the samples it will train on. The approximate paths'
-come from a cost model in units of ``seconds_per_sample``, the measured time of one
-sample's forward and backward pass: Hessian columns cost a pass per (sample, column), the
+measured training time, scaled by the samples it will train on (``TrainingCost``). The
+approximate paths' come from a cost model in units of one sample's forward and backward
+pass, derived from the same record: Hessian columns cost a pass per (sample, column), the
 eigendecomposition ``EIGH_S_PER_CUBE`` p^3, each pass over the objective data one unit per
 sample, plus a fixed overhead per forget. The constants were measured on the development
 models (digits logistic regression, MLP and CNN; BENCHMARKS.md); the benchmark reports
@@ -19,12 +19,10 @@ estimate beside measurement on every case.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch stays unimported until a forget runs (settings import this module)
-    import torch
     from torch import nn
 
     from expunge.defenses.recipe import ForgetRecipe
@@ -40,6 +38,10 @@ LCODEC_PASSES = 400  # perturbed copies' forward passes and FOCI, in forward-bac
 # 0.45 s for an approximate path and 0.15 s for the exact retrain.
 APPROXIMATE_OVERHEAD_S = 0.45
 RETRAIN_OVERHEAD_S = 0.15
+# A forward-backward pass over a batch of 256 costs this share of a training step's time
+# per sample (small batches, optimizer, polish): measured 0.22-0.29 on the digits MLP and CNN.
+TRAINING_PASS_SHARE = 0.25
+DEFAULT_UNIT_S = 1e-5  # models trained before training time was recorded
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class CostEstimates:
     newton_all_s: float
     targeted_s: float
     hessian_bytes: int  # Newton-all's Hessian with workspace
-    seconds_per_sample: float  # measured forward + backward, per sample
+    seconds_per_sample: float  # one forward + backward, per sample (from the training record)
 
 
 @dataclass(frozen=True)
@@ -87,22 +89,30 @@ class PathChoice:
         }
 
 
-def seconds_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Measured forward + backward time per sample on up to 256 samples (best of 3)."""
-    import torch
-    from torch import nn
+@dataclass(frozen=True)
+class TrainingCost:
+    """A model's last measured training: the policy's only measurement.
 
-    batch_x, batch_y = x[:256], y[:256].long()
-    if len(batch_x) == 0:
-        return 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(batch_x), batch_y)
-        torch.autograd.grad(loss, params)
-        best = min(best, time.perf_counter() - started)
-    return best / len(batch_x)
+    Estimates are a function of this record and the request alone, never of a clock read
+    while the forget runs: the same request on the same version takes the same path and so
+    gives the same bytes (a timing near a threshold would otherwise flip the path).
+    """
+
+    seconds: float  # wall time of the training run (SGD and polish); 0: never measured
+    samples: int  # samples it trained on
+
+    def retrain_s(self, samples: int) -> float:
+        """An exact retrain on ``samples`` samples: the measured run, scaled."""
+        if self.seconds <= 0 or self.samples <= 0:
+            return -1.0
+        return self.seconds * samples / self.samples
+
+    def unit_s(self, epochs: int) -> float:
+        """One sample's forward and backward pass: ``TRAINING_PASS_SHARE`` of a training
+        step's per-sample time; ``DEFAULT_UNIT_S`` when never measured."""
+        if self.seconds <= 0 or self.samples <= 0:
+            return DEFAULT_UNIT_S
+        return TRAINING_PASS_SHARE * self.seconds / (max(epochs, 1) * self.samples)
 
 
 def estimate_costs(

@@ -23,6 +23,7 @@ from expunge.server.faults import crash_point
 from expunge.server.forget.computation import UnlearningOptions, recipe_for, unlearn
 from expunge.server.forget.compute_process import ComputeProcess, UnlearningJob
 from expunge.server.forget.journal import JobRunner, ProgressReporter
+from expunge.server.forget.policy import TrainingCost
 from expunge.server.forget.requests import (
     MAX_IDS_PER_REQUEST,
     AccuracyCollapse,
@@ -228,19 +229,18 @@ class ForgetService:
         if named and len(named) >= remaining:
             raise would_empty(payload.model, remaining)
 
-    def _retrain_estimate(self, model: str, samples: int) -> float:
-        """Seconds an exact retrain on ``samples`` samples should take here: the last
-        measured training of this model scaled by its sample count; -1 when none was
-        measured (the computation then estimates from its own throughput)."""
+    def _training_cost(self, model: str) -> TrainingCost:
+        """The model's last measured training (time and samples), from its version metrics;
+        a fixed default for models trained before it was recorded."""
         store = self.engine.store
         row = self.engine.model_row(model)
         version = store.version(model, row.current_version)
         while version is not None:
             seconds = version.metrics.get("training_seconds")
             if seconds is not None and seconds > 0 and version.num_samples > 0:
-                return float(seconds) * samples / version.num_samples
+                return TrainingCost(float(seconds), version.num_samples)
             version = store.version(model, version.parent) if version.parent else None
-        return -1.0
+        return TrainingCost(0.0, 0)
 
     # Application (worker thread) -----------------------------------------------------------
 
@@ -324,7 +324,7 @@ class ForgetService:
             "ledger": row.ledger,
             "default_budget": settings.forget_budget,
             "train_config": row.train_config,
-            "retrain_estimate_s": self._retrain_estimate(payload.model, int(keep.sum())),
+            "training_cost": self._training_cost(payload.model),
             "policy": settings.forget_policy().__dict__,
             "trusted_factories": settings.trusted_factories,
         }

@@ -23,7 +23,7 @@ from expunge.defenses.batchnorm import recompute_batchnorm_statistics
 from expunge.defenses.certificate import noise_constant
 from expunge.defenses.training import TrainConfig, train
 from expunge.server.forget.computation import UnlearningOptions, recipe_for, unlearn
-from expunge.server.forget.policy import CostEstimates, PolicySettings, choose_path
+from expunge.server.forget.policy import CostEstimates, PolicySettings, TrainingCost, choose_path
 from expunge.server.main import start
 from expunge.server.settings import Settings
 from expunge.server.state.store import Store
@@ -139,7 +139,7 @@ def _run(
         ledger={},
         default_budget=1.0,
         train_config=config.to_dict(),
-        retrain_estimate_s=1.0,
+        training_cost=TrainingCost(1.0, len(x)),
     )
     return outcome.receipt
 
@@ -227,3 +227,15 @@ def test_training_records_its_time_for_the_retrain_estimate(state_dir: Path) -> 
     finally:
         store.close()
     assert metrics["training_seconds"] > 0
+
+
+def test_the_policy_reads_no_clock_so_the_same_request_takes_the_same_path() -> None:
+    x, y = _cancer()
+    spec = ArchitectureSpec("logreg", (x.shape[1],), 2)
+    config = TrainConfig(epochs=5, weight_decay=WD)
+    model = build_model(spec, seed=0)
+    train(model, x, y, config)
+    runs = [_run(copy.deepcopy(model), spec, x, y, UnlearningOptions(), config) for _ in range(2)]
+    assert runs[0]["policy"] == runs[1]["policy"]
+    # The unit comes from the training record: 1 s for 5 epochs over 569 samples, a quarter.
+    assert runs[0]["policy"]["estimated_seconds_per_sample"] == pytest.approx(0.25 / (5 * len(x)))
