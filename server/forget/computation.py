@@ -259,8 +259,8 @@ def unlearn(
         )  # fmt: skip
     else:
         outcome = _newton_removal(
-            model, spec, forget_x, forget_y, retained_x, retained_y, test_x, test_y,
-            weight_decay, replace(recipe, selection=choice.path), ledger, default_budget,
+            model, spec, forget_x, forget_y, retained_x, retained_y, weight_decay,
+            replace(recipe, selection=choice.path), ledger, default_budget,
             before, measure, choice, report,
         )  # fmt: skip
     outcome.receipt["retained_gradient_norm_before"] = gradient_before
@@ -274,8 +274,6 @@ def _newton_removal(
     forget_y: torch.Tensor,
     retained_x: torch.Tensor,
     retained_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
     weight_decay: float,
     recipe: ForgetRecipe,
     ledger: dict[str, Any],
