@@ -93,12 +93,12 @@ def _preload() -> None:
     import expunge.server.model_factory  # noqa: F401
 
 
-def _child_main(conn: Connection, parent: int, threads: int, ready: Any) -> None:
+def _child_main(conn: Connection, parent: int, threads: int) -> None:
     _die_with_parent(parent)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     _preload()
-    ready.set()
+    conn.send(("ready", None))  # a message, not a multiprocessing.Event: no semaphores to leak
     reporter = _PipeReporter(conn)
     while True:
         try:
@@ -119,7 +119,8 @@ class ComputeProcess:
         self._threads = torch_threads
         self._lock = threading.Lock()
         self._child: tuple[Any, Connection] | None = None
-        self._ready: Any = None  # set by the child once its imports are done
+        self._ready = False  # the child's "ready" message was read
+        self._reading = threading.Lock()  # one reader of the child's pipe at a time
 
     def start(self) -> None:
         """Spawn the child now (it imports torch and the algorithms while the server starts),
@@ -129,18 +130,24 @@ class ComputeProcess:
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the child has imported what a forget needs; False on timeout."""
         with self._lock:
-            ready = self._ready
-        return ready is not None and bool(ready.wait(timeout))
+            child = self._child
+        if child is None:
+            return False
+        with self._reading:
+            if not self._ready and child[1].poll(timeout):
+                kind, _ = child[1].recv()
+                self._ready = kind == "ready"
+            return self._ready
 
     def _start(self) -> tuple[Any, Connection]:
         with self._lock:
             if self._child is None or not self._child[0].is_alive():
                 context = multiprocessing.get_context("spawn")
                 ours, theirs = context.Pipe(duplex=True)
-                self._ready = context.Event()
+                self._ready = False
                 process = context.Process(
                     target=_child_main,
-                    args=(theirs, os.getpid(), self._threads, self._ready),
+                    args=(theirs, os.getpid(), self._threads),
                     name="expunge-compute",
                     daemon=True,
                 )
@@ -158,6 +165,7 @@ class ComputeProcess:
         would never be used, and the next job must not queue behind it.
         """
         process, conn = self._start()
+        self._reading.acquire()
         try:
             conn.send(job)
             while True:
@@ -169,7 +177,9 @@ class ComputeProcess:
                         check()  # raises when cancelled or the server is stopping
                     continue
                 kind, payload = conn.recv()
-                if kind == "progress":
+                if kind == "ready":  # the child's start-up message, if nobody waited for it
+                    self._ready = True
+                elif kind == "progress":
                     reporter.phase(*payload)
                 elif kind == "done":
                     return payload  # type: ignore[no-any-return]
@@ -182,6 +192,8 @@ class ComputeProcess:
         except BaseException:
             self.close()
             raise
+        finally:
+            self._reading.release()
         raise failure  # the computation itself failed; the child stays for the next job
 
     def close(self) -> None:
