@@ -31,6 +31,7 @@ __all__ = [
     "deletion_report",
     "gap_closed",
     "inference",
+    "losses_and_hits",
     "mean_loss",
     "membership_auc",
     "output_kl",
@@ -75,6 +76,19 @@ def per_sample_losses(
         return torch.zeros(0, dtype=next(model.parameters()).dtype)
     logits = _logits(model, inputs, batch_size)
     return sample_loss(logits, labels.to(device=logits.device, dtype=torch.long))
+
+
+def losses_and_hits(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batched pass: each sample's cross-entropy ``(n,)`` and whether the arg-max
+    prediction is its label ``(n,)`` bool; empty in, empty out."""
+    if len(inputs) == 0:
+        empty = torch.zeros(0, dtype=next(model.parameters()).dtype)
+        return empty, empty.bool()
+    logits = _logits(model, inputs, batch_size)
+    targets = labels.to(device=logits.device, dtype=torch.long)
+    return sample_loss(logits, targets), logits.argmax(dim=1) == targets
 
 
 def mean_loss(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from expunge.defenses.architectures import ArchitectureSpec
-from expunge.defenses.training import Checkpoint, TrainConfig, accuracy, objective, train
+from expunge.defenses.training import Checkpoint, TrainConfig, train
 from expunge.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -103,6 +103,10 @@ class TrainingData:
     sample_ids: np.ndarray
     owner_ids: np.ndarray
     blob: str
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else float("nan")
 
 
 class Engine:
@@ -202,15 +206,22 @@ class Engine:
     def evaluate(
         model: nn.Module, x: torch.Tensor, y: torch.Tensor, test_set: Dataset, weight_decay: float
     ) -> dict[str, float]:
+        """A version's metrics: one batched pass over the training data and one over the test
+        set (a forget on 60k samples spent 1.6 s of its commit in four full-batch passes)."""
+        from expunge.defenses.evaluate import losses_and_hits
+
         model.eval()
         tx, ty = torch.from_numpy(test_set.features), torch.from_numpy(test_set.labels)
+        train_losses, train_hits = losses_and_hits(model, x, y)
+        test_losses, test_hits = losses_and_hits(model, tx, ty)
         with torch.no_grad():
-            return {
-                "train_accuracy": accuracy(model, x, y),
-                "test_accuracy": accuracy(model, tx, ty),
-                "train_objective": float(objective(model, x, y, weight_decay)),
-                "test_loss": float(nn.functional.cross_entropy(model(tx), ty)),
-            }
+            l2 = float(sum((p.double() ** 2).sum() for p in model.parameters()))
+        return {
+            "train_accuracy": _mean(train_hits),
+            "test_accuracy": _mean(test_hits),
+            "train_objective": _mean(train_losses) + 0.5 * weight_decay * l2,
+            "test_loss": _mean(test_losses),
+        }
 
     # Reading ---------------------------------------------------------------------------
 
