@@ -52,16 +52,11 @@ def test_the_reversed_step_is_rejected_where_the_old_tolerance_accepted_it() -> 
     h = objective.hessian(objective.v0, rx, ry, "exact", 512)
     before = objective.value(objective.v0, rx, ry)
 
-    for factor in (-1.0, -5.0):
-        wrong = factor * step
-        increase = objective.value(objective.v0 + wrong, rx, ry) - before
-        assert increase > 0  # the wrong step does raise J' ...
-        old_tolerance = 16.0 * torch.finfo(torch.float32).eps * max(abs(before), 1.0)
-        assert increase < old_tolerance  # ... by less than the old rule could see
-        steps = _newton_iterations(
+    def judged(candidate: torch.Tensor):  # one iteration whose solver returns ``candidate``
+        return _newton_iterations(
             objective,
             g,
-            lambda gradient, mu, wrong=wrong: wrong,
+            lambda gradient, mu: candidate,
             1e-6,
             1.0,
             rx,
@@ -69,18 +64,16 @@ def test_the_reversed_step_is_rejected_where_the_old_tolerance_accepted_it() -> 
             config,
             lambda s: float(s.double() @ (h.double() @ s.double())),
         )
+
+    for factor in (-1.0, -5.0):
+        wrong = factor * step
+        increase = objective.value(objective.v0 + wrong, rx, ry) - before
+        assert increase > 0  # the wrong step does raise J' ...
+        old_tolerance = 16.0 * torch.finfo(torch.float32).eps * max(abs(before), 1.0)
+        assert increase < old_tolerance  # ... by less than the old rule could see
+        steps = judged(wrong)
         assert not steps.accepted
         assert steps.steps == 0
 
-    right = _newton_iterations(
-        objective,
-        g,
-        lambda gradient, mu: step,
-        1e-6,
-        1.0,
-        rx,
-        ry,
-        config,
-        lambda s: float(s.double() @ (h.double() @ s.double())),
-    )
+    right = judged(step)
     assert right.accepted and right.after < right.before
