@@ -49,7 +49,11 @@ class Settings:
     token_sha256_roles: dict[str, str] = field(default_factory=dict)
     rate_limit_per_s: float = field(default=50.0, metadata={"help": "membership-revealing calls"})
     forget_parameter_budget: int = field(
-        default=0, metadata={"help": "Newton parameters; 0: 25% of the model, at most 4096"}
+        default=0,
+        metadata={
+            "help": "entries a sparse selection may update; 0: every entry of a model of at "
+            "most 1,024, else 25% of the model, at most 4,096"
+        },
     )
     # In parameter-distance units: one targeted forget on the digits MLP spends 2.4-3.4
     # (r ~ 3e-3 over lambda 1e-3), so a budget of 10 covers a few before a retrain is due.
