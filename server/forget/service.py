@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -325,7 +326,7 @@ class ForgetService:
             "default_budget": settings.forget_budget,
             "train_config": row.train_config,
             "training_cost": self._training_cost(payload.model),
-            "policy": settings.forget_policy().__dict__,
+            "policy": asdict(settings.forget_policy()),
             "trusted_factories": settings.trusted_factories,
         }
         if self.compute is None:
@@ -382,8 +383,14 @@ class ForgetService:
             if outcome.checkpoints is not None:  # an exact retrain: its time is the new estimate
                 metrics["training_seconds"] = float(outcome.receipt.get("training_seconds", 0.0))
             actor = request.payload.get("actor", "anonymous")
-            collapse = self._accuracy_collapse(
-                payload.model, request.request_id, row.current_version, metrics
+            # The collapse policy guards against approximate updates; an exact retrain is
+            # the ground truth it would fall back to (a retrain after it would repeat it).
+            collapse = (
+                None
+                if outcome.checkpoints is not None
+                else self._accuracy_collapse(
+                    payload.model, request.request_id, row.current_version, metrics
+                )
             )
             if collapse is not None:
                 receipt["accuracy_collapse"] = collapse.receipt_field()

@@ -18,6 +18,7 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.preprocessing import StandardScaler
 
 from expunge.client import Client
+from expunge.client.errors import NotFoundError
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.batchnorm import recompute_batchnorm_statistics
 from expunge.defenses.certificate import noise_constant
@@ -90,6 +91,27 @@ def test_the_default_forget_is_an_exact_retrain_when_it_is_cheap(state_dir: Path
     from expunge.server.state import weights as weights_io
 
     assert weights == weights_io.model_to_bytes(expected)
+
+
+def test_an_exact_retrain_is_never_taken_for_an_accuracy_collapse(state_dir: Path) -> None:
+    # Forgetting every class-0 sample costs the retrained model the class (about 10 points):
+    # the truth, served as is, not held or retrained again like a collapsing update.
+    running = start(Settings(state_dir=state_dir, port=0, build_index=False))
+    try:
+        data = running.engine.training_data("digits")
+        zeros = sorted(int(i) for i in data.sample_ids[data.labels.numpy() == 0])
+        with Client(running.target, timeout=120) as client:
+            op = client.forget("digits", sample_ids=zeros, wait=True)
+            assert op.state == "SUCCEEDED" and op.receipt is not None
+            assert op.receipt.policy.path == "retrain"
+            assert op.receipt.before.test_accuracy - op.receipt.after.test_accuracy > 0.05
+            assert op.receipt.accuracy_collapse is None
+            assert client.get_model("digits").current_version == 2
+            # No retrain was journalled behind it (the collapse policy's would be "<id>:retrain").
+            with pytest.raises(NotFoundError):
+                client.get_operation(f"{op.name}:retrain")
+    finally:
+        running.stop(grace=1.0)
 
 
 def test_the_compute_process_starts_with_the_server(state_dir: Path) -> None:
