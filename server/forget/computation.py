@@ -251,7 +251,8 @@ def unlearn(
     estimates = estimate_costs(model, recipe, len(retained_x), evaluated, unit_s, retrain_s)
     choice = choose_path(recipe.selection, estimates, PolicySettings(**(policy or {})))
     report.phase("verifying", message="measuring the served model's retained gradient")
-    gradient_before = retained_gradient_norm(model, retained_x, retained_y, weight_decay, recipe)
+    # On the objective data: the metrics' subsample when one is configured.
+    gradient_before = retained_gradient_norm(model, metric_x, metric_y, weight_decay)
     if choice.path == "retrain":
         outcome = _retrain_exactly(
             model, spec, retained_x, retained_y, train_config, ledger, default_budget,
@@ -369,20 +370,12 @@ def _newton_removal(
 
 
 def retained_gradient_norm(
-    model: nn.Module,
-    retained_x: torch.Tensor,
-    retained_y: torch.Tensor,
-    weight_decay: float,
-    recipe: ForgetRecipe,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float
 ) -> float:
-    """|grad J'| over every parameter of the model as it is, on the objective data."""
+    """|grad J| over every parameter of the model as it is, on ``x`` ``(n, *shape)``, ``y``."""
     from expunge.defenses.newton import objective_gradient
-    from expunge.defenses.newton.objective import _subsample
     from expunge.defenses.selection import ParameterSelection
 
-    x, y = retained_x, retained_y
-    if recipe.objective_samples:
-        x, y = _subsample(x, y, recipe.objective_samples, recipe.seed + 1)
     everything = ParameterSelection.everything(model)
     return float(objective_gradient(model, everything, x, y, weight_decay).norm())
 
@@ -403,7 +396,6 @@ def _retrain_exactly(
 ) -> UnlearningOutcome:
     """Train from scratch on the retained data (the model's own seed and configuration)."""
     from expunge.defenses.certificate import BudgetLedger, Certificate
-    from expunge.defenses.selection import ParameterSelection
     from expunge.defenses.training import TrainConfig, train
     from expunge.server.model_factory import build_architecture
 
@@ -413,12 +405,7 @@ def _retrain_exactly(
     result = train(fresh, retained_x, retained_y, config)
     model.load_state_dict(fresh.state_dict())
     model.eval()
-    everything = ParameterSelection.everything(model)
-    from expunge.defenses.newton import objective_gradient
-
-    residual = float(
-        objective_gradient(model, everything, retained_x, retained_y, config.weight_decay).norm()
-    )
+    residual = retained_gradient_norm(model, retained_x, retained_y, config.weight_decay)
     reset = BudgetLedger.from_dict(ledger, default_budget).reset()
     certificate = Certificate(
         residual_norm_selected=residual,
@@ -439,7 +426,7 @@ def _retrain_exactly(
     )
     report.phase("verifying", message="measuring the retrained model")
     after = measure(model)
-    total = everything.num_parameters
+    total = sum(p.numel() for p in model.parameters())
     receipt = {
         "units_selected": 0,
         "parameters_updated": total,
