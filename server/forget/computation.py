@@ -196,6 +196,20 @@ def deletion_metrics(
     }
 
 
+def metric_subset(
+    retained_x: torch.Tensor, retained_y: torch.Tensor, recipe: ForgetRecipe
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The retained samples a forget's figures are measured on: all of them, or with a
+    subsampled objective (large data) that seeded subsample, for the receipt and the new
+    version's training metrics alike. A full pass before, after and at the commit would
+    cost more than the update (0.34 s of a 2 s forget on 60k samples)."""
+    if not recipe.objective_samples or recipe.objective_samples >= len(retained_x):
+        return retained_x, retained_y
+    from expunge.defenses.newton.objective import _subsample
+
+    return _subsample(retained_x, retained_y, recipe.objective_samples, recipe.seed + 1)
+
+
 def unlearn(
     *,
     model: nn.Module,
@@ -228,15 +242,7 @@ def unlearn(
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
-    # With a subsampled objective (large data), the receipt's retained figures use the same
-    # subsample: a full pass before and after would cost more than the update.
-    metric_x, metric_y = retained_x, retained_y
-    if recipe.objective_samples:
-        from expunge.defenses.newton.objective import _subsample
-
-        metric_x, metric_y = _subsample(
-            retained_x, retained_y, recipe.objective_samples, recipe.seed + 1
-        )
+    metric_x, metric_y = metric_subset(retained_x, retained_y, recipe)
 
     def measure(candidate: nn.Module) -> dict[str, float]:
         return deletion_metrics(candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y)
@@ -306,7 +312,15 @@ def _newton_removal(
     # By default the served model is taken as the optimum of the full objective (grad J =
     # 0): training polishes it to one (TrainConfig.polish_tolerance), and the steps then move
     # by the removal alone. ``correct_non_convergence`` instead forms the step from the
-    # measured retained gradient, which also removes what training left unconverged.
+    # measured retained gradient, which also removes what training left unconverged. A
+    # convex model updated whole always does: J' has one minimiser, the one retraining
+    # approaches, so the leftover gradient only keeps the step from reaching it (wine
+    # logistic regression: 5.5x the seed noise from the polish tolerance's residue).
+    recipe = replace(
+        recipe,
+        assume_converged=recipe.assume_converged
+        and not (is_convex(spec) and selection.num_parameters == total_params),
+    )
     full_gradient = (
         torch.zeros(selection.num_parameters, dtype=next(model.parameters()).dtype)
         if recipe.assume_converged

@@ -92,6 +92,11 @@ def _preload() -> None:
     import expunge.defenses.sparse_selection
     import expunge.server.model_factory  # noqa: F401
 
+    # torch.func imports torch._dynamo on its first transform: 1.45 s on this machine,
+    # which the first forget paid (most of the expensive case's 2.5 s; BENCHMARKS.md).
+    torch.func.grad(lambda w: (w * w).sum())(torch.ones(2))
+    torch.func.vmap(torch.func.grad(lambda w: (w * w).sum()))(torch.ones(2, 2))
+
 
 def _child_main(conn: Connection, parent: int, threads: int) -> None:
     _die_with_parent(parent)

@@ -21,7 +21,12 @@ from expunge.defenses.training import TrainConfig
 from expunge.server.engine import Engine, parse_model_name
 from expunge.server.errors import AlreadyExists, NotFound, invalid_field
 from expunge.server.faults import crash_point
-from expunge.server.forget.computation import UnlearningOptions, recipe_for, unlearn
+from expunge.server.forget.computation import (
+    UnlearningOptions,
+    metric_subset,
+    recipe_for,
+    unlearn,
+)
 from expunge.server.forget.compute_process import ComputeProcess, UnlearningJob
 from expunge.server.forget.journal import JobRunner, ProgressReporter
 from expunge.server.forget.policy import TrainingCost
@@ -377,9 +382,10 @@ class ForgetService:
                 "environment": environment(),
                 "seconds": time.perf_counter() - started,
             }
-            metrics = engine.evaluate(
-                model, data.features[keep], data.labels[keep], test, config.weight_decay
-            )
+            train_x, train_y = metric_subset(data.features[keep], data.labels[keep], recipe)
+            metrics = engine.evaluate(model, train_x, train_y, test, config.weight_decay)
+            if len(train_x) < int(keep.sum()):
+                metrics["train_metrics_samples"] = float(len(train_x))
             if outcome.checkpoints is not None:  # an exact retrain: its time is the new estimate
                 metrics["training_seconds"] = float(outcome.receipt.get("training_seconds", 0.0))
             actor = request.payload.get("actor", "anonymous")

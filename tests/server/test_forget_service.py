@@ -285,5 +285,10 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
             assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (128, 5)
             digest = running.engine.store.request("large").payload_sha256
             assert method.seed == request_seed(digest, 1)
+            # The new version's training figures are measured on the same subsample as
+            # the receipt's retained figures, and say so.
+            metrics = running.engine.version_row("digits", op.receipt.new_version).metrics
+            assert metrics["train_metrics_samples"] == 256
+            assert metrics["train_accuracy"] == op.receipt.after.retained_accuracy
     finally:
         running.stop(0)
