@@ -14,6 +14,7 @@ MODULES = (
     "benchmarks.index_bench",
     "benchmarks.forget_bench",
     "benchmarks.scan_bench",
+    "benchmarks.estimator_bench",
     "benchmarks.reliability",
 )
 

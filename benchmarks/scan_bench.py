@@ -1,626 +1,558 @@
-"""Scan benchmark: target identification with influence estimators (DESIGN 4.7, 4.8, 7).
+"""Scan benchmark: attacks nobody tuned the scan for, through the real server and client.
 
-``python -m benchmarks.scan_bench`` runs on CPU (float32, 2 torch threads) these cases:
+``python -m benchmarks.scan_bench`` (``--quick``: one seed per held-out attack, no clean
+tabular model, no throughput run). Every figure is of what is served: each model is
+created by ``Engine.create_model`` (the ``expunge train`` path: served ``TrainConfig``
+defaults, the attack's held-out clean inputs as the test set, so its first 100 are the
+scan's calibration inputs), a real server is started on it with its default settings
+(gradient index on), and everything below is a call of the public client.
 
-- ``digits_patch_src1``: digits patch backdoor (1.2k training samples, 30 poisons,
-  source label 1 -> 0), seed 0;
-- ``digits_patch_any``: digits patch backdoor, any source label -> 0, seed 1;
-- ``digits_blend_src1``: digits blended-noise backdoor (alpha 0.2), source 1 -> 0, seed 2;
-- ``digits_targeted``: targeted poisoning of 10 held-out digits, 10 label-flipped
-  near-duplicates each, seed 0;
-- ``breast_cancer_targeted``: targeted poisoning of 10 held-out inputs, 10 label-flipped
-  near-duplicates each, seed 0.
+Cases. **Development** (the scan's defaults may be chosen here): the digits 2x2
+bottom-right patch backdoor from one source class and from any class, label-flipped
+near-duplicates on digits and on breast cancer (``expunge.defenses.attacks``); MLP.
+**Held-out** (made by another procedure, ``benchmarks.heldout_attacks``; nothing is
+chosen on them): a 3x3 plus sign in the top-left corner (CNN), a vertical line on the
+left edge (MLP), and tabular backdoors that set three features of standardised rows to an
+out-of-range value (breast cancer; a ``make_classification`` task), each with several
+seeds. **Clean models** (no attack): digits, and the synthetic tabular task.
 
-Each trains a tanh MLP (hidden 32) for 30 epochs with 10 checkpoints. Positives are the
-attack's targets that the model actually predicts with the adversarial label; negatives
-are 60 clean held-out inputs; 100 further clean inputs calibrate the score threshold
-(5% false-positive rate). Figures:
+Per attack: the targets and 60 clean inputs (not calibration inputs) are scanned with
+``dry_run`` (timed, beside ``EstimateScan``'s estimate), then with ``mitigate``:
+- ``auprc``: the p-value ranking of the targets the attack turned (predicted with the
+  adversarial label before any mitigation) against the clean inputs;
+- the attack set (the dry run's ``sample_ids``) against the poisons: recall and precision;
+- attack success (targets predicted with the adversarial label) before and after the
+  mitigation, and clean accuracy on the attack's other held-out inputs before and after;
+- the same run's peers on the same served model: IBM ART 1.20.1 activation clustering and
+  spectral signatures with their defaults, and restricted to the attacked class
+  (``art_ac``, ``art_ac_class``, ``art_spectral``, ``art_spectral_class``), and
+  ``gas_top10``: the union of each turned target's top-10 GAS proponents of the
+  adversarial label, from the ``Neighbors`` RPC (the target known in advance, which the
+  scan is not told).
+Clean models: 200 clean inputs scanned with ``mitigate``; ``clean_model_mitigations``
+counts the forgets applied (the goal is 0).
 
-- ``auprc_<estimator>``: target identification as Scan decides it for models this small
-  (``ScanSettings.confirmation="auto"`` -> retrain): a lenient first filter on Scan's
-  score (below; threshold at a 50% clean pass rate on the calibration inputs), then
-  retrain from scratch (same configuration and seed) without the input's top-30
-  proponents of the estimator and score the fall of the predicted class's probability
-  (-1 when filtered out); worst over cases (gas, lgas, tracincp; the influence-function
-  and representer baselines, plain and renormalized, only where a probe on 5 inputs
-  takes under 60 s), and ``gas+tracincp``: Scan's ensemble estimator, each input scored
-  by the component (estimator and k) whose score is rarest among the clean calibration
-  inputs (``targets.calibrated_surprise``). ``auprc_counterfactual_retrain`` is the GAS
-  figure;
-- ``auprc_zscore_<estimator>`` / ``auprc_zscore_only`` (GAS): the robust z-score target
-  score alone at one k (10, DESIGN 4.8);
-- ``auprc_zscore_multik_<estimator>``: Scan's score (``ScanSettings.ks``) alone: per
-  input the largest calibrated surprise of its z-scores at k in ``MULTI_K`` (2 and 10),
-  each against the clean calibration inputs' z-scores at the same k (for
-  ``gas+tracincp`` the key is ``auprc_zscore_gas+tracincp``);
-- ``auprc_counterfactual_fast[_<estimator>]``: the Newton removal instead of retraining,
-  for every input: the shared-Hessian counterfactual (one damped Hessian per model,
-  3 Newton iterations; ``defenses.counterfactual``); ``..._filtered``: only for inputs
-  whose score passes the strict threshold (5% clean pass rate), -1 for the others;
-- ``<case>_auprc_veto<d>_<estimator>`` (per case only): an alternative decision measured
-  side by side, not Scan's: Scan's score ranks and the retrain confirmation only vetoes
-  (an input passing the lenient filter whose probability falls by at most ``d`` goes to
-  the bottom);
-- ``poison_recall_at_zero_fp[_<estimator>]``: per turned target, share of its poisons
-  whose influence z-score exceeds every clean training sample of the same label; mean
-  over targets, worst case (GAS unsuffixed); ``..._spectral_signature`` and
-  ``..._activation_clustering``: the target-agnostic baselines (Tran et al. 2018; Chen
-  et al. 2018) on penultimate-layer features, share of poisons scoring above every
-  clean sample of the poisons' label;
-- ``scan_inputs_per_s``: GAS influence over the whole training set plus the target score,
-  for 200 inputs, on a training set augmented to 10k digits by seeded pixel shifts, as the
-  server computes it once its gradient index is built (the training side embedded once
-  per model version, projected as ``IndexService`` does; the build time is
-  ``scan_index_build_s``); ``scan_inputs_per_s_cold``: exact GAS with the training-side
-  gradients recomputed for the batch.
-
-Writes ``benchmarks/results/scan.json`` (flat keys; a figure not measured is absent).
+Headlines are the worst over every case of a split (held-out unprefixed, ``dev_``
+prefixed); a figure with nothing to measure in a case (no target turned, no attack set)
+is reported per case and counted as a miss in the headline, not dropped.
+``scan_inputs_per_s``: the scoring path on 10k training samples (from
+``benchmarks.estimator_bench``'s throughput run). Writes ``benchmarks/results/scan.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
-import os
+import math
 import platform
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from benchmarks.heldout_attacks import shape_backdoor, tabular_backdoor
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.attacks import (
+    AttackedDataset,
     BackdoorConfig,
     TargetedConfig,
     backdoor_digits,
     targeted_poisoning,
 )
-from expunge.defenses.counterfactual import CounterfactualConfig, SharedHessianCounterfactual
-from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
-from expunge.defenses.gradients import predicted_labels
-from expunge.defenses.influence import InfluenceConfig, influence_scores
-from expunge.defenses.poison_filters import (
-    activation_clustering,
-    penultimate_features,
-    recall_at_zero_false_positives,
-    spectral_signature_scores,
-)
-from expunge.defenses.targets import (
-    average_precision,
-    calibrate_threshold,
-    calibrated_surprise,
-    implicated_samples,
-    influence_z_scores,
-    target_score,
-)
-from expunge.defenses.training import TrainConfig, train
-from expunge.server.index.service import PROJECTION_DIM
+from expunge.defenses.targets import average_precision
+from expunge.defenses.training import TrainConfig
 
-THREADS = 2
-WEIGHT_DECAY = 1e-3
-N_NEG = 60
-N_CALIB = 100
-TOP = 30
-ENSEMBLE = "gas+tracincp"
-VETO_DROPS = (0.0, 0.02, 0.05)
-MULTI_K = (2, 10)
-RETRAIN_FILTER_FPR = 0.5  # ScanSettings.retrain_filter_false_positive_rate
-OPTIONAL_ESTIMATORS = ("rif", "if", "rrepresenter", "representer")
-OPTIONAL_LIMIT_S = 60.0
-RETRAIN_BUDGET_S = 1200.0  # total wall time allowed for the retraining counterfactual
 RESULTS = Path(__file__).resolve().parent / "results" / "scan.json"
+CLEAN_SCANNED = 60  # clean inputs scanned beside the targets (after the 100 calibration ones)
+CALIBRATION = 100
+PEERS = ("gas_top10", "art_ac", "art_ac_class", "art_spectral", "art_spectral_class")
 
 
-def _backdoor(trigger, source_label, seed):
-    """A digits backdoor: 1.2k training samples, 30 poisons, 10 targets."""
-    config = BackdoorConfig(
-        trigger=trigger,
-        n_train=1200,
-        n_poison=30,
-        n_targets=10,
-        n_clean=200,
-        source_label=source_label,
-        seed=seed,
-    )
-    return lambda: backdoor_digits(config)
+@dataclass(frozen=True)
+class Case:
+    name: str
+    split: str  # dev, held_out, clean
+    make: Callable[[], AttackedDataset]
+    architecture: str = "mlp"
+    config: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30))
 
 
-def _targeted(dataset):
-    """Targeted poisoning: 10 targets, 10 label-flipped near-duplicates each, seed 0."""
-    config = TargetedConfig(
-        dataset=dataset, n_targets=10, n_poison_per_target=10, n_clean=N_NEG + N_CALIB, seed=0
-    )
-    return lambda: targeted_poisoning(config)
-
-
-def _cases():
-    """(name, attacked data set, training seed)."""
-    return [
-        ("digits_patch_src1", _backdoor("patch", 1, seed=0), 0),
-        ("digits_patch_any", _backdoor("patch", None, seed=1), 1),
-        ("digits_blend_src1", _backdoor("blend", 1, seed=2), 2),
-        ("digits_targeted", _targeted("digits"), 0),
-        ("breast_cancer_targeted", _targeted("breast_cancer"), 0),
-    ]
-
-
-def _spec(data) -> ArchitectureSpec:
-    return ArchitectureSpec("mlp", tuple(data.train_x.shape[1:]), data.num_classes)
-
-
-def _probs(model, x):
-    with torch.no_grad():
-        return torch.softmax(model(x), dim=1)
-
-
-def _scores(infl, train_y, preds, k=10):
-    return np.array(
-        [target_score(infl[j], train_y, int(preds[j]), k=k).score for j in range(infl.shape[0])]
+def _clean_digits() -> AttackedDataset:
+    """The digits without an attack (the patch attack's split, no poison, no target)."""
+    attack = backdoor_digits(BackdoorConfig(seed=5, n_clean=300))
+    poison = attack.poison_mask
+    keep = ~poison
+    return AttackedDataset(
+        "clean_digits",
+        attack.train_x[keep],
+        attack.train_y[keep],
+        torch.zeros(int(keep.sum()), dtype=torch.bool),
+        torch.full((int(keep.sum()),), -1),
+        attack.target_x[:0],
+        attack.target_y[:0],
+        attack.target_adversarial_y[:0],
+        attack.clean_x,
+        attack.clean_y,
+        10,
     )
 
 
-def _surprises(zscores, n_eval):
-    """k -> (evaluated, calibration) inputs' calibrated surprises of the z-score at k.
-
-    ``zscores``: k -> z-scores of every input; the first ``n_eval`` are evaluated, the
-    rest are the clean calibration inputs. Scan's score (``ScanSettings.ks``) is the
-    largest over k (and over estimators for an ensemble), as ``ScanService._combine``
-    takes it.
-    """
-    out = {}
-    for k, scores in zscores.items():
-        calib = scores[n_eval:]
-        out[k] = (calibrated_surprise(calib, scores[:n_eval]), calibrated_surprise(calib, calib))
-    return out
-
-
-def _run_case(name, make, seed, deadline):
-    out: dict[str, float] = {}
-    data = make()
-    spec = _spec(data)
-    t0 = time.perf_counter()
-    res = train(
-        build_model(spec, seed=seed),
-        data.train_x,
-        data.train_y,
-        TrainConfig(epochs=30, checkpoints=10, weight_decay=WEIGHT_DECAY, seed=seed),
+def _clean_synthetic() -> AttackedDataset:
+    attack = tabular_backdoor("synthetic", (0, 5, 11), 6.0, 1, 2, seed=9, n_clean=400)
+    keep = ~attack.poison_mask
+    return AttackedDataset(
+        "clean_synthetic",
+        attack.train_x[keep],
+        attack.train_y[keep],
+        torch.zeros(int(keep.sum()), dtype=torch.bool),
+        torch.full((int(keep.sum()),), -1),
+        attack.target_x[:0],
+        attack.target_y[:0],
+        attack.target_adversarial_y[:0],
+        attack.clean_x,
+        attack.clean_y,
+        attack.num_classes,
     )
-    train_s = time.perf_counter() - t0
-    model, ckpts = res.model, res.checkpoints
-    model.eval()
-    tpred = predicted_labels(model, data.target_x)
-    turned = torch.nonzero(tpred == data.target_adversarial_y).reshape(-1)
-    neg_x, calib_x = data.clean_x[:N_NEG], data.clean_x[N_NEG : N_NEG + N_CALIB]
-    eval_x = torch.cat([data.target_x[turned], neg_x])
-    labels = np.r_[np.ones(len(turned)), np.zeros(len(neg_x))]
-    all_x = torch.cat([eval_x, calib_x])
-    preds = predicted_labels(model, all_x)
-    n_eval = eval_x.shape[0]
-    out.update(
-        {
-            f"{name}_train_samples": int(data.train_x.shape[0]),
-            f"{name}_turned_targets": len(turned),
-            f"{name}_targets": int(data.target_x.shape[0]),
-            f"{name}_negatives": len(neg_x),
-            f"{name}_train_s": round(train_s, 2),
-        }
-    )
-    print(
-        f"[{name}] trained in {train_s:.1f}s; turned {len(turned)}/{data.target_x.shape[0]}"
-        f" targets; {len(neg_x)} negatives",
-        flush=True,
-    )
-    if len(turned) == 0:
-        return out
-    out[f"{name}_chance_auprc"] = float(labels.mean())
-    icfg = InfluenceConfig(weight_decay=WEIGHT_DECAY)
-    gas_infl = None
-    target_influence: dict[str, torch.Tensor] = {}
-    eval_influence: dict[str, torch.Tensor] = {}
-    # Scan's score per method: evaluated and calibration inputs; and per (method, k).
-    scan_scores: dict[str, np.ndarray] = {}
-    scan_calib: dict[str, np.ndarray] = {}
-    components: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    for method in ("gas", "lgas", "tracincp", *OPTIONAL_ESTIMATORS):
-        x_in = all_x
-        if method in OPTIONAL_ESTIMATORS:
-            # Probe on 5 inputs; skip when the full set would take >= the limit.
-            t1 = time.perf_counter()
-            try:
-                influence_scores(model, ckpts, data.train_x, data.train_y, x_in[:5], method, icfg)
-            except Exception as exc:
-                print(f"[{name}] {method}: failed ({type(exc).__name__}: {exc})", flush=True)
-                continue
-            # Most of an influence function's cost is the inverse Hessian, paid once
-            # whatever the number of inputs: the probe's time bounds the whole run's.
-            probe = time.perf_counter() - t1
-            if probe >= OPTIONAL_LIMIT_S:
-                print(
-                    f"[{name}] {method}: 5 inputs took {probe:.0f}s >= "
-                    f"{OPTIONAL_LIMIT_S}s, not reported",
-                    flush=True,
-                )
-                continue
-        t1 = time.perf_counter()
-        try:
-            infl = influence_scores(model, ckpts, data.train_x, data.train_y, x_in, method, icfg)
-        except Exception as exc:
-            print(f"[{name}] {method}: failed ({type(exc).__name__}: {exc})", flush=True)
-            continue
-        secs = time.perf_counter() - t1
-        target_influence[method] = infl[: len(turned)]
-        eval_influence[method] = infl[:n_eval]
-        # Every input's z-score at each k, once: k = 10 alone is DESIGN 4.8's score.
-        zscores = {k: _scores(infl, data.train_y, preds, k=k) for k in MULTI_K}
-        sc = zscores[10][:n_eval]
-        out[f"{name}_auprc_zscore_{method}"] = average_precision(labels, sc)
-        out[f"{name}_{method}_influence_s"] = round(secs, 2)
-        print(
-            f"[{name}] {method}: z-score AUPRC {out[f'{name}_auprc_zscore_{method}']:.3f}"
-            f" ({secs:.1f}s)",
-            flush=True,
-        )
-        # Scan's score: the attack set's size is unknown (3 poisons per source class in
-        # the any-source backdoor, 10 per target in targeted poisoning), so several k,
-        # each calibrated on the clean inputs, the rarest kept.
-        components[method] = _surprises(zscores, n_eval)
-        scan_scores[method] = np.max([e for e, _ in components[method].values()], axis=0)
-        scan_calib[method] = np.max([c for _, c in components[method].values()], axis=0)
-        out[f"{name}_auprc_zscore_multik_{method}"] = average_precision(labels, scan_scores[method])
-        print(
-            f"[{name}] {method}: Scan's score (k in {MULTI_K}) AUPRC "
-            f"{out[f'{name}_auprc_zscore_multik_{method}']:.3f}",
-            flush=True,
-        )
-        if method == "gas":
-            gas_infl, gas_scores = infl, scan_scores[method]
-            calib_scores = scan_calib[method]
 
-    if gas_infl is None:
-        return out
-    if "gas" in components and "tracincp" in components:
-        # The union of the two detectors, as Scan's "gas+tracincp" estimator: each input
-        # takes the component (estimator, k) whose score is rarer among the clean inputs.
-        parts = [(e, k) for e in ("gas", "tracincp") for k in MULTI_K]
-        eval_surprise = np.stack([components[e][k][0] for e, k in parts])
-        best = eval_surprise.argmax(axis=0)
-        scan_scores[ENSEMBLE] = eval_surprise.max(axis=0)
-        scan_calib[ENSEMBLE] = np.stack([components[e][k][1] for e, k in parts]).max(axis=0)
-        eval_influence[ENSEMBLE] = torch.stack(
-            [eval_influence[parts[b][0]][j] for j, b in enumerate(best.tolist())]
-        )
-        out[f"{name}_auprc_zscore_{ENSEMBLE}"] = average_precision(labels, scan_scores[ENSEMBLE])
-        print(
-            f"[{name}] {ENSEMBLE}: Scan's score AUPRC {out[f'{name}_auprc_zscore_{ENSEMBLE}']:.3f}",
-            flush=True,
-        )
-    # ---- poison recall at zero clean false positives: influence on each turned target
-    # A backdoor's one trigger serves every target: all its poisons count for each.
-    backdoor = data.name.startswith("backdoor_")
-    for method, influence in target_influence.items():
-        recalls = []
-        for t_pos, t_idx in enumerate(turned.tolist()):
-            y = int(preds[t_pos])
-            z = influence_z_scores(influence[t_pos], data.train_y, y)
-            pool = data.train_y == y
-            mine = (
-                data.poison_mask if backdoor else data.poison_mask & (data.poison_target == t_idx)
-            )
-            if mine.sum() == 0:
-                continue
-            # Clean = same label, not a poison of any target (as before the baselines).
-            candidates = (pool & ~data.poison_mask) | mine
-            recalls.append(recall_at_zero_false_positives(z, mine, candidates))
-        if recalls:
-            key = "" if method == "gas" else f"_{method}"
-            out[f"{name}_poison_recall_at_zero_fp{key}"] = float(np.mean(recalls))
-    # ---- the target-agnostic baselines on penultimate-layer features (DESIGN 4.8)
-    features = penultimate_features(model, data.train_x)
-    baselines = {
-        "spectral_signature": spectral_signature_scores(features, data.train_y),
-        "activation_clustering": activation_clustering(features, data.train_y, seed=seed).scores,
-    }
-    poison_labels = torch.unique(data.train_y[data.poison_mask]).tolist()
-    for baseline, scores in baselines.items():
-        recalls = [
-            recall_at_zero_false_positives(scores, data.poison_mask, data.train_y == label)
-            for label in poison_labels
-        ]
-        out[f"{name}_poison_recall_at_zero_fp_{baseline}"] = float(np.mean(recalls))
-    print(
-        f"[{name}] poison recall at zero FP: "
-        + ", ".join(
-            f"{k.removeprefix(name + '_poison_recall_at_zero_fp').lstrip('_') or 'gas'} {v:.3f}"
-            for k, v in out.items()
-            if k.startswith(f"{name}_poison_recall_at_zero_fp")
+
+def _cases(quick: bool) -> list[Case]:
+    cnn = TrainConfig(epochs=20, batch_size=32)
+    seeds = (0,) if quick else (0, 1)
+    cases = [
+        Case(
+            "digits_patch_src1",
+            "dev",
+            lambda: backdoor_digits(BackdoorConfig(source_label=1, seed=0, n_clean=560)),
         ),
-        flush=True,
-    )
-
-    # ---- Scan's decision: the fast counterfactual (shared Hessian, 3 Newton iterations)
-    # on every input, with each estimator's top proponents; and behind the strict filter on
-    # Scan's score (5% of the clean calibration inputs pass).
-    threshold = calibrate_threshold(calib_scores, 0.05)
-    t1 = time.perf_counter()
-    solver = SharedHessianCounterfactual(
-        model, data.train_x, data.train_y, WEIGHT_DECAY, CounterfactualConfig(iterations=3)
-    )
-    out[f"{name}_counterfactual_hessian_s"] = round(time.perf_counter() - t1, 2)
-    tops: dict[int, torch.Tensor] = {}
-    for method, influence in eval_influence.items():
-        t1 = time.perf_counter()
-        drops = np.zeros(n_eval)
-        for j in range(n_eval):
-            y = int(preds[j])
-            top = implicated_samples(
-                influence[j], data.train_y, y, cutoff=-float("inf"), limit=TOP
-            ).indices
-            if method == "gas":
-                tops[j] = top
-            drops[j] = solver.probability_drop(eval_x[j], top)
-        per_input_ms = 1000 * (time.perf_counter() - t1) / n_eval
-        out[f"{name}_auprc_counterfactual_fast_{method}"] = average_precision(labels, drops)
-        out[f"{name}_counterfactual_fast_{method}_ms_per_input"] = round(per_input_ms, 1)
-        if method == "gas":
-            out[f"{name}_auprc_counterfactual_fast"] = out[f"{name}_auprc_counterfactual_fast_gas"]
-            filtered = np.where(gas_scores >= threshold, drops, -1.0)
-            out[f"{name}_auprc_counterfactual_fast_filtered"] = average_precision(labels, filtered)
-        print(
-            f"[{name}] {method}: shared-Hessian counterfactual AUPRC "
-            f"{out[f'{name}_auprc_counterfactual_fast_{method}']:.3f}, {per_input_ms:.0f} ms/input",
-            flush=True,
-        )
-    out[f"{name}_scan_score_threshold"] = float(threshold)
-    out[f"{name}_passed_filter_pos"] = int((gas_scores[labels == 1] >= threshold).sum())
-    out[f"{name}_passed_filter_neg"] = int((gas_scores[labels == 0] >= threshold).sum())
-
-    # ---- Scan's decision (confirmation "auto" -> retrain for models this small): a lenient
-    # first filter (half the clean calibration inputs pass), then retrain from scratch with
-    # the model's own configuration and seed without the input's top-30 proponents; the
-    # score is the fall of the predicted class's probability (-1 when filtered out).
-    probs = _probs(model, eval_x)
-    retrain_config = TrainConfig(epochs=30, checkpoints=1, weight_decay=WEIGHT_DECAY, seed=seed)
-    retrained: dict[tuple[int, ...], torch.nn.Module] = {}
-    for method, influence in eval_influence.items():
-        if time.perf_counter() > deadline:
-            print(f"[{name}] {method}: retrained decision skipped (out of time)", flush=True)
-            continue
-        lenient = calibrate_threshold(scan_calib[method], RETRAIN_FILTER_FPR)
-        passed = scan_scores[method] >= lenient
-        decision = np.full(n_eval, -1.0)
-        t1 = time.perf_counter()
-        for j in np.nonzero(passed)[0]:
-            y = int(preds[j])
-            top = implicated_samples(
-                influence[j], data.train_y, y, cutoff=-float("inf"), limit=TOP
-            ).indices
-            key = tuple(sorted(top.tolist()))
-            if key not in retrained:
-                keep = torch.ones(data.train_x.shape[0], dtype=torch.bool)
-                keep[top] = False
-                m = build_model(spec, seed=seed)
-                train(m, data.train_x[keep], data.train_y[keep], retrain_config)
-                retrained[key] = m.eval()
-            decision[j] = float(probs[j, y] - _probs(retrained[key], eval_x[j : j + 1])[0, y])
-        out[f"{name}_auprc_{method}"] = average_precision(labels, decision)
-        # Confirmation as a veto: Scan's score ranks; an input whose prediction does not
-        # fall by more than ``veto`` without its proponents goes to the bottom.
-        bottom = float(scan_scores[method].min()) - 1.0
-        for veto in VETO_DROPS:
-            vetoed = passed & (decision <= veto)
-            ranked = np.where(vetoed, bottom, scan_scores[method])
-            out[f"{name}_auprc_veto{veto:g}_{method}"] = average_precision(labels, ranked)
-        print(
-            f"[{name}] {method}: Scan's score with retrain veto AUPRC "
-            + ", ".join(
-                f"veto {v:g}: {out[f'{name}_auprc_veto{v:g}_{method}']:.3f}" for v in VETO_DROPS
+        Case(
+            "digits_patch_any",
+            "dev",
+            lambda: backdoor_digits(BackdoorConfig(seed=1, n_clean=560)),
+        ),
+        Case(
+            "digits_targeted",
+            "dev",
+            lambda: targeted_poisoning(TargetedConfig("digits", n_targets=10, n_clean=500)),
+        ),
+        Case(
+            "cancer_targeted",
+            "dev",
+            lambda: targeted_poisoning(TargetedConfig("breast_cancer", n_targets=10, n_clean=170)),
+        ),
+    ]
+    for seed in seeds:
+        cases += [
+            Case(
+                f"digits_cross_cnn_s{seed}",
+                "held_out",
+                lambda seed=seed: shape_backdoor("cross", 7, 3, seed, n_clean=560),  # type: ignore[misc]
+                "cnn",
+                cnn,
             ),
-            flush=True,
+            Case(
+                f"digits_line_mlp_s{seed}",
+                "held_out",
+                lambda seed=seed: shape_backdoor("line", 4, 9, seed + 10, n_clean=560),  # type: ignore[misc]
+            ),
+            Case(
+                f"cancer_tabular_mlp_s{seed}",
+                "held_out",
+                lambda seed=seed: tabular_backdoor(  # type: ignore[misc]
+                    "breast_cancer", (3, 7, 20), 5.0, 1, 0, seed + 20, n_clean=170
+                ),
+            ),
+            Case(
+                f"synthetic_tabular_mlp_s{seed}",
+                "held_out",
+                lambda seed=seed: tabular_backdoor(  # type: ignore[misc]
+                    "synthetic", (2, 9, 17), 6.0, 0, 3, seed + 30, n_clean=900
+                ),
+            ),
+        ]
+    cases.append(Case("clean_digits", "clean", _clean_digits))
+    if not quick:
+        cases.append(Case("clean_synthetic", "clean", _clean_synthetic))
+    return cases
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def _create_state(case: Case, attack: AttackedDataset, state: Path) -> ArchitectureSpec:
+    from expunge.server.engine import Engine
+    from expunge.server.settings import Settings
+    from expunge.server.state.datasets import synthetic_owners, validate
+    from expunge.server.state.store import Store
+
+    n = len(attack.train_y)
+    train = validate(
+        attack.train_x.numpy().astype(np.float32),
+        attack.train_y.numpy(),
+        np.arange(n),
+        synthetic_owners(n, 0),
+    )
+    test = validate(
+        attack.clean_x.numpy().astype(np.float32),
+        attack.clean_y.numpy(),
+        np.arange(n, n + len(attack.clean_y)),
+        np.full(len(attack.clean_y), "-"),
+        attack.num_classes,
+    )
+    spec = ArchitectureSpec(case.architecture, tuple(attack.train_x.shape[1:]), attack.num_classes)
+    store = Store(state)
+    try:
+        Engine(store, Settings(state_dir=state)).create_model(
+            "m", train, spec, case.config, test_set=test
         )
-        out[f"{name}_decision_{method}_passed_pos"] = int(passed[labels == 1].sum())
-        out[f"{name}_decision_{method}_passed_neg"] = int(passed[labels == 0].sum())
-        if method == "gas":
-            out[f"{name}_auprc_counterfactual_retrain"] = out[f"{name}_auprc_gas"]
-        print(
-            f"[{name}] {method}: Scan decision (lenient filter + retrain) AUPRC "
-            f"{out[f'{name}_auprc_{method}']:.3f}; passed {int(passed.sum())}/{n_eval}"
-            f" ({time.perf_counter() - t1:.1f}s)",
-            flush=True,
+    finally:
+        store.close()
+    return spec
+
+
+def _served(state: Path) -> Any:
+    from expunge.client import Client
+    from expunge.server.main import start
+    from expunge.server.settings import Settings
+
+    running = start(Settings(state_dir=state, port=0))
+    with Client(running.target) as client:
+        deadline = time.monotonic() + 600
+        while client.get_model("m").index.state != "READY":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gradient index was not built within 10 minutes")
+            time.sleep(0.2)
+    return running
+
+
+def _load(spec: ArchitectureSpec, weights: bytes) -> nn.Module:
+    from expunge.server.state import weights as weights_io
+
+    model = build_model(spec, seed=0)
+    weights_io.load_into(model, weights)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def _art_flags(
+    model: nn.Module, spec: ArchitectureSpec, x: np.ndarray, y: np.ndarray, method: str
+) -> np.ndarray:
+    """ART's poison flags (True = flagged) on ``x``, ``y`` with the library's defaults.
+
+    Both defences work class by class (clustering, or the spectral score and its cut,
+    within each class), so their flags restricted to the attacked class are what they
+    give when run on that class alone.
+    """
+    from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
+    from art.estimators.classification import PyTorchClassifier
+
+    classifier = PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=spec.input_shape,
+        nb_classes=spec.num_classes,
+    )
+    onehot = np.eye(spec.num_classes, dtype=np.float32)[y]
+    defence = (
+        ActivationDefence(classifier, x, onehot)
+        if method == "ac"
+        else SpectralSignatureDefense(classifier, x, onehot)
+    )
+    _, is_clean = defence.detect_poison()
+    return np.asarray(is_clean) == 0
+
+
+def _recall_precision(named: np.ndarray, poison: np.ndarray) -> tuple[float, float]:
+    """(recall, precision) of a named set of training rows (bool mask) against the poisons."""
+    hits = int((named & poison).sum())
+    recall = hits / int(poison.sum()) if poison.any() else math.nan
+    precision = hits / int(named.sum()) if named.any() else 0.0
+    return recall, precision
+
+
+def _peers(
+    client: Any,
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    attack: AttackedDataset,
+    turned: np.ndarray,
+    row_of: dict[int, int],
+) -> dict[str, tuple[float, float]]:
+    x = attack.train_x.numpy().astype(np.float32)
+    y = attack.train_y.numpy()
+    poison = attack.poison_mask.numpy()
+    attacked = int(attack.target_adversarial_y[0])
+    out: dict[str, tuple[float, float]] = {}
+    named = np.zeros(len(y), dtype=bool)
+    if turned.any():
+        result = client.neighbors(
+            "m", attack.target_x.numpy()[turned].astype(np.float32), k=10, label=attacked
         )
+        for hits in result.neighbors:
+            for hit in hits:
+                named[row_of[hit.sample_id]] = True
+    out["gas_top10"] = _recall_precision(named, poison)
+    in_class = y == attacked
+    for method in ("ac", "spectral"):
+        flags = _art_flags(model, spec, x, y, method)
+        out[f"art_{method}"] = _recall_precision(flags, poison)
+        out[f"art_{method}_class"] = _recall_precision(flags & in_class, poison)
     return out
 
 
-def _augmented_digits(n_target: int = 10_000):
-    data = backdoor_digits(BackdoorConfig(trigger="patch", source_label=1, seed=0))
-    x, y = data.train_x, data.train_y
-    g = torch.Generator().manual_seed(0)
-    xs, ys = [x], [y]
-    total = x.shape[0]
-    while total < n_target:
-        dy, dx = (torch.randint(-1, 2, (2,), generator=g)).tolist()
-        shifted = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-        if dy == 1:
-            shifted[..., 0, :] = 0
-        if dy == -1:
-            shifted[..., -1, :] = 0
-        if dx == 1:
-            shifted[..., :, 0] = 0
-        if dx == -1:
-            shifted[..., :, -1] = 0
-        take = min(x.shape[0], n_target - total)
-        xs.append(shifted[:take])
-        ys.append(y[:take])
-        total += take
-    return torch.cat(xs), torch.cat(ys), data
+# --------------------------------------------------------------------------- one case
 
 
-def _throughput():
-    x, y, data = _augmented_digits()
-    spec = ArchitectureSpec("mlp", tuple(x.shape[1:]), 10)
-    t0 = time.perf_counter()
-    res = train(
-        build_model(spec, seed=0),
-        x,
-        y,
-        TrainConfig(epochs=5, checkpoints=10, weight_decay=WEIGHT_DECAY, seed=0),
-    )
-    train_s = time.perf_counter() - t0
-    model = res.model.eval()
-    inputs = data.clean_x[:200]
-    t1 = time.perf_counter()
-    preds = predicted_labels(model, inputs)
-    infl = influence_scores(
-        model, res.checkpoints, x, y, inputs, "gas", InfluenceConfig(weight_decay=WEIGHT_DECAY)
-    )
-    _scores(infl, y, preds)
-    secs = time.perf_counter() - t1
-    print(
-        f"[throughput] cold: {inputs.shape[0]} inputs vs {x.shape[0]} training samples, "
-        f"10 checkpoints: {secs:.2f}s (model trained 5 epochs in {train_s:.1f}s)",
-        flush=True,
-    )
-    # Served: the training side is embedded once per model version by the gradient
-    # index (projected GAS, as IndexService builds it); a scan embeds its inputs only.
-    embedder = GradientEmbedder(
-        model, res.checkpoints, EmbeddingConfig(kind="gas", projection_dim=PROJECTION_DIM, seed=0)
-    )
-    t2 = time.perf_counter()
-    training_embeddings = embedder.embed(x, y)
-    index_s = time.perf_counter() - t2
-    t3 = time.perf_counter()
-    preds = predicted_labels(model, inputs)
-    served = embedder.embed(inputs, preds) @ training_embeddings.T
-    _scores(served, y, preds)
-    served_s = time.perf_counter() - t3
-    print(
-        f"[throughput] served (embeddings from the index, built once in {index_s:.1f}s): "
-        f"{inputs.shape[0]} inputs in {served_s:.2f}s",
-        flush=True,
+def _accuracy(client: Any, x: np.ndarray, y: np.ndarray) -> float:
+    return float((client.predict("m", x.astype(np.float32)).labels == y).mean())
+
+
+def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str, Any]:
+    from expunge.client import Client
+
+    state = workdir / case.name
+    spec = _create_state(case, attack, state)
+    running = _served(state)
+    targets = attack.target_x.numpy().astype(np.float32)
+    adversarial = attack.target_adversarial_y.numpy()
+    clean = attack.clean_x.numpy()[CALIBRATION : CALIBRATION + CLEAN_SCANNED]
+    held_x = attack.clean_x.numpy()[CALIBRATION + CLEAN_SCANNED :]
+    held_y = attack.clean_y.numpy()[CALIBRATION + CLEAN_SCANNED :]
+    inputs = np.concatenate([targets, clean]).astype(np.float32)
+    poison = attack.poison_mask.numpy()
+    try:
+        with Client(running.target, timeout=3600) as client:
+            turned = client.predict("m", targets).labels == adversarial
+            accuracy_before = _accuracy(client, held_x, held_y)
+            estimate = client.estimate_scan("m", inputs, dry_run=True)
+            began = time.perf_counter()
+            planned = list(client.scan("m", inputs, dry_run=True))
+            dry_s = time.perf_counter() - began
+            row_of = {k: k for k in range(len(poison))}  # sample ids are the rows
+            model = _load(spec, client.export_model("m"))
+            peers = _peers(client, model, spec, attack, turned, row_of)
+            began = time.perf_counter()
+            mitigated = list(client.scan("m", inputs, mitigate=True, request_id="mitigate"))
+            mitigate_s = time.perf_counter() - began
+            success_after = (
+                float((client.predict("m", targets).labels == adversarial)[turned].mean())
+                if turned.any()
+                else math.nan
+            )
+            accuracy_after = _accuracy(client, held_x, held_y)
+    finally:
+        running.stop(grace=1.0)
+    n_targets = len(targets)
+    p = np.array([r.p_value for r in planned])
+    labels = np.concatenate([turned, np.zeros(len(clean), dtype=bool)])
+    keep = np.concatenate([turned, np.ones(len(clean), dtype=bool)])
+    plan = next((r.mitigation for r in planned if r.mitigation is not None), None)
+    named = np.zeros(len(poison), dtype=bool)
+    if plan is not None:
+        named[[row_of[int(i)] for i in plan.sample_ids]] = True
+    recall, precision = _recall_precision(named, poison)
+    applied = next(
+        (r.mitigation for r in mitigated if r.mitigation is not None and r.mitigation.applied),
+        None,
     )
     return {
-        "scan_inputs_per_s": inputs.shape[0] / served_s,
-        "scan_inputs_per_s_cold": inputs.shape[0] / secs,
-        "scan_index_build_s": round(index_s, 2),
-        "scan_train_samples": int(x.shape[0]),
-        "scan_inputs": int(inputs.shape[0]),
-        "scan_checkpoints": len(res.checkpoints),
+        "case": case.name,
+        "split": case.split,
+        "architecture": case.architecture,
+        "training_samples": len(poison),
+        "poisons": int(poison.sum()),
+        "targets": n_targets,
+        "targets_turned": int(turned.sum()),
+        "attack_success_before": float(turned.mean()),
+        "auprc": average_precision(labels[keep], -np.log(p[keep])) if turned.any() else math.nan,
+        "chance_auprc": float(turned.sum() / keep.sum()) if turned.any() else math.nan,
+        "flagged_targets": int(sum(r.flagged for r in planned[:n_targets])),
+        "flagged_clean": int(sum(r.flagged for r in planned[n_targets:])),
+        "attack_set_size": int(named.sum()),
+        "attack_set_recall": recall,
+        "attack_set_precision": precision,
+        "plan_decision": plan.decision if plan is not None else "no input flagged",
+        "mitigation_applied": applied is not None,
+        "attack_success_after": success_after,
+        "clean_accuracy_before": accuracy_before,
+        "clean_accuracy_after": accuracy_after,
+        "accuracy_drop_pts": 100 * (accuracy_before - accuracy_after),
+        "estimated_s": estimate.estimated_seconds,
+        "dry_run_s": dry_s,
+        "estimate_ratio": estimate.estimated_seconds / dry_s,
+        "mitigate_s": mitigate_s,
+        "peers": {name: {"recall": r, "precision": q} for name, (r, q) in peers.items()},
     }
 
 
-def main() -> None:
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    results: dict[str, object] = {}
-    cases = _cases()
-    for _i, (name, make, seed) in enumerate(cases):
-        # Share the retraining budget: each case may spend up to its slice.
-        deadline = time.perf_counter() + 60 + RETRAIN_BUDGET_S / len(cases)
-        results.update(_run_case(name, make, seed, deadline))
-    results.update(_throughput())
-    names = [c[0] for c in cases]
+def _run_clean(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str, Any]:
+    from expunge.client import Client
 
-    def worst(suffix):
-        vals = [results[f"{n}_{suffix}"] for n in names if f"{n}_{suffix}" in results]
-        return min(vals) if len(vals) == len(names) else None
+    state = workdir / case.name
+    _create_state(case, attack, state)
+    running = _served(state)
+    inputs = attack.clean_x.numpy()[CALIBRATION : CALIBRATION + 200].astype(np.float32)
+    try:
+        with Client(running.target, timeout=3600) as client:
+            estimate = client.estimate_scan("m", inputs, mitigate=True)
+            began = time.perf_counter()
+            results = list(client.scan("m", inputs, mitigate=True, request_id="clean"))
+            seconds = time.perf_counter() - began
+            version = client.get_model("m").current_version
+    finally:
+        running.stop(grace=1.0)
+    decision = next((r.mitigation.decision for r in results if r.mitigation), "no input flagged")
+    return {
+        "case": case.name,
+        "split": case.split,
+        "inputs": len(inputs),
+        "flagged": int(sum(r.flagged for r in results)),
+        "mitigations": int(version - 1),
+        "plan_decision": decision,
+        "estimated_s": estimate.estimated_seconds,
+        "scan_s": seconds,
+        "estimate_ratio": estimate.estimated_seconds / seconds,
+    }
 
-    flat = {}
-    for est in ("gas", "lgas", "tracincp", ENSEMBLE, *OPTIONAL_ESTIMATORS):
-        v = worst(f"auprc_{est}")
-        if v is not None:
-            flat[f"auprc_{est}"] = v
-    for est in ("gas", "lgas", "tracincp", ENSEMBLE, *OPTIONAL_ESTIMATORS):
-        v = worst(f"auprc_zscore_{est}")
-        if v is not None:
-            flat[f"auprc_zscore_{est}"] = v
-    for est in ("gas", "lgas", "tracincp"):
-        v = worst(f"auprc_zscore_multik_{est}")
-        if v is not None:
-            flat[f"auprc_zscore_multik_{est}"] = v
-    if "auprc_zscore_gas" in flat:
-        flat["auprc_zscore_only"] = flat["auprc_zscore_gas"]
-    recall_keys = ["poison_recall_at_zero_fp"] + [
-        f"poison_recall_at_zero_fp_{m}"
-        for m in (
-            "lgas",
-            "tracincp",
-            *OPTIONAL_ESTIMATORS,
-            "spectral_signature",
-            "activation_clustering",
-        )
-    ]
-    for key in (
-        "auprc_counterfactual_fast",
-        "auprc_counterfactual_fast_filtered",
-        "auprc_counterfactual_retrain",
-        *recall_keys,
-    ):
-        v = worst(key)
-        if v is not None:
-            flat[key] = v
-    chances = [results[f"{n}_chance_auprc"] for n in names if f"{n}_chance_auprc" in results]
-    if chances:
-        flat["chance_auprc"] = float(np.mean(chances))
-        flat["chance_auprc_max"] = float(np.max(chances))
-    flat["scan_inputs_per_s"] = results.pop("scan_inputs_per_s")
-    flat.update(results)
-    flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in flat.items()}
-    flat["worst_case_over"] = ",".join(names)
-    flat["device"] = (
-        f"cpu ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores visible, torch threads {THREADS})"
-    )
-    flat["command"] = "python -m benchmarks.scan_bench"
-    flat["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    flat["wall_s"] = round(time.perf_counter() - start, 1)
 
-    cols = [
-        "chance_auprc",
-        "auprc_gas",
-        "auprc_lgas",
-        "auprc_tracincp",
-        f"auprc_{ENSEMBLE}",
-        "auprc_zscore_gas",
-        "auprc_zscore_tracincp",
-        f"auprc_zscore_{ENSEMBLE}",
-        "auprc_zscore_multik_gas",
-        "auprc_zscore_multik_lgas",
-        "auprc_zscore_multik_tracincp",
-        "auprc_rif",
-        "auprc_if",
-        "auprc_rrepresenter",
-        "auprc_representer",
-        "auprc_counterfactual_fast",
-        "auprc_counterfactual_retrain",
-        "auprc_counterfactual_fast_filtered",
-        *recall_keys,
-    ]
-    print()
-    print(f"{'metric':32s}" + "".join(f"{n:>24s}" for n in names) + f"{'headline':>12s}")
-    for c in cols:
-        row = f"{c:32s}"
-        for n in names:
-            v = flat.get(f"{n}_{c}")
-            row += f"{v:>24.3f}" if isinstance(v, (int, float)) else f"{'-':>24s}"
-        h = flat.get(c)
-        row += f"{h:>12.3f}" if isinstance(h, (int, float)) else f"{'-':>12s}"
-        print(row)
+# --------------------------------------------------------------------------- summary
+
+
+def _worst(values: list[float], worst: Callable[[list[float]], float]) -> float:
+    """The worst value; a case with nothing measured (NaN) makes the headline NaN."""
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    return worst(values)
+
+
+def _headlines(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    if not rows:
+        return {}
+    out: dict[str, Any] = {
+        f"{prefix}cases": len(rows),
+        f"{prefix}auprc_min": _worst([r["auprc"] for r in rows], min),
+        f"{prefix}attack_set_recall_min": _worst([r["attack_set_recall"] for r in rows], min),
+        f"{prefix}attack_set_precision_min": _worst([r["attack_set_precision"] for r in rows], min),
+        f"{prefix}mitigated_attack_success_max": _worst(
+            [r["attack_success_after"] for r in rows], max
+        ),
+        f"{prefix}mitigation_acc_drop_pts_max": max(r["accuracy_drop_pts"] for r in rows),
+        f"{prefix}mitigations_applied": sum(r["mitigation_applied"] for r in rows),
+        f"{prefix}estimate_ratio_max": max(r["estimate_ratio"] for r in rows),
+        f"{prefix}estimate_ratio_min": min(r["estimate_ratio"] for r in rows),
+    }
+    ahead = True
+    for peer in PEERS:
+        recalls = [r["peers"][peer]["recall"] for r in rows]
+        precisions = [r["peers"][peer]["precision"] for r in rows]
+        out[f"{prefix}{peer}_recall_min"] = _worst(recalls, min)
+        out[f"{prefix}{peer}_precision_min"] = _worst(precisions, min)
+    for r in rows:
+        ours = _f1(r["attack_set_recall"], r["attack_set_precision"])
+        best = max(_f1(v["recall"], v["precision"]) for v in r["peers"].values())
+        r["ahead_of_best_peer"] = ours >= best
+        ahead = ahead and ours >= best
+    out[f"{prefix}ahead_of_best_peer_every_attack"] = ahead
+    return out
+
+
+def _f1(recall: float, precision: float) -> float:
+    if math.isnan(recall) or recall + precision == 0:
+        return 0.0
+    return 2 * recall * precision / (recall + precision)
+
+
+def _print_attack(r: dict[str, Any]) -> None:
     print(
-        f"{'turned/targets':32s}"
-        + "".join(
-            f"{str(flat.get(f'{n}_turned_targets')) + '/' + str(flat.get(f'{n}_targets')):>24s}"
-            for n in names
-        )
+        f"== {r['case']} ({r['split']}, {r['architecture']}): n={r['training_samples']}, "
+        f"{r['poisons']} poisons, {r['targets_turned']}/{r['targets']} targets turned"
     )
     print(
-        f"scan_inputs_per_s: {flat['scan_inputs_per_s']:.1f} "
-        f"({flat['scan_inputs']} inputs vs {flat['scan_train_samples']} training samples)"
+        f"   auprc {r['auprc']:.3f} (chance {r['chance_auprc']:.3f}); flagged "
+        f"{r['flagged_targets']} targets, {r['flagged_clean']} of {CLEAN_SCANNED} clean"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(flat, indent=2) + "\n")
-    print(f"wrote {RESULTS} ({flat['wall_s']}s)")
+    print(
+        f"   attack set {r['attack_set_size']}: recall {r['attack_set_recall']:.2f}, "
+        f"precision {r['attack_set_precision']:.2f}; {r['plan_decision']}"
+    )
+    print(
+        f"   mitigation applied {r['mitigation_applied']}: attack success "
+        f"{r['attack_success_before']:.2f} -> {r['attack_success_after']:.2f}, clean accuracy "
+        f"{r['clean_accuracy_before']:.3f} -> {r['clean_accuracy_after']:.3f}"
+    )
+    print(
+        f"   time: estimate {r['estimated_s']:.1f} s, dry run {r['dry_run_s']:.1f} s "
+        f"(ratio {r['estimate_ratio']:.2f}), mitigate {r['mitigate_s']:.1f} s"
+    )
+    for name, v in r["peers"].items():
+        print(f"   peer {name:20s} recall {v['recall']:.2f} precision {v['precision']:.2f}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer cases")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument(
+        "--split", default="", help="dev, held_out or clean: run only that split's cases"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    attacks: list[dict[str, Any]] = []
+    cleans: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="scan-bench-") as tmp:
+        for case in _cases(args.quick):
+            if (args.only and args.only not in case.name) or args.split not in ("", case.split):
+                continue
+            attack = case.make()
+            if case.split == "clean":
+                row = _run_clean(case, attack, Path(tmp))
+                print(
+                    f"== {row['case']} (clean model): {row['flagged']} of {row['inputs']} "
+                    f"flagged, {row['mitigations']} mitigations; {row['plan_decision']}; "
+                    f"estimate {row['estimated_s']:.1f} s vs {row['scan_s']:.1f} s",
+                    flush=True,
+                )
+                cleans.append(row)
+            else:
+                row = _run_attack(case, attack, Path(tmp))
+                _print_attack(row)
+                attacks.append(row)
+    summary: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.scan_bench" + (" --quick" if args.quick else ""),
+        "device": f"cpu: {platform.machine()}, torch threads {torch.get_num_threads()}",
+        "seconds": time.perf_counter() - started,
+    }
+    summary.update(_headlines([r for r in attacks if r["split"] == "held_out"], ""))
+    summary.update(_headlines([r for r in attacks if r["split"] == "dev"], "dev_"))
+    if cleans:
+        summary["clean_model_mitigations"] = sum(r["mitigations"] for r in cleans)
+        summary["clean_model_flagged"] = sum(r["flagged"] for r in cleans)
+        summary["clean_estimate_ratio_max"] = max(r["estimate_ratio"] for r in cleans)
+    if not args.quick and not args.only and not args.split:
+        from benchmarks.estimator_bench import _throughput
+
+        summary.update(_throughput())
+    summary["cases"] = attacks + cleans
+    print("\nheadlines:")
+    for key, value in summary.items():
+        if key != "cases":
+            print(f"  {key}: {value}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -230,11 +230,28 @@ def cmd_scan(args: argparse.Namespace) -> int:
     inputs = _load_inputs(args.inputs)
     with _client(args) as client:
         results = list(
-            client.scan(args.model, inputs, estimator=args.estimator, mitigate=args.mitigate)
+            client.scan(
+                args.model,
+                inputs,
+                estimator=args.estimator,
+                mitigate=args.mitigate,
+                dry_run=args.dry_run,
+            )
         )
     for r in results:
         flag = "FLAGGED" if r.flagged else "clean"
-        print(f"{r.index}\tlabel={r.predicted_label}\tscore={r.target_score:.2f}\t{flag}")
+        print(
+            f"{r.index}\tlabel={r.predicted_label}\tp={r.p_value:.3g}\t"
+            f"score={r.target_score:.2f}\t{flag}\t{r.decision}"
+        )
+    mitigation = next((r.mitigation for r in results if r.mitigation is not None), None)
+    if mitigation is not None:
+        print(f"mitigation: {mitigation.decision}")
+        if mitigation.applied:
+            print(f"forgot {len(mitigation.sample_ids)} samples: {mitigation.operation}")
+        else:
+            ids = " ".join(str(i) for i in mitigation.sample_ids)
+            print(f"attack set ({'dry run' if mitigation.dry_run else 'not applied'}): {ids}")
     if args.report:
         from expunge.client.report import write_scan_report
 
@@ -342,7 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", help=".npz with an 'inputs' array")
     p.add_argument("--model", default="digits")
     p.add_argument("--estimator", default="gas", help="gas, lgas, tracincp or gas+tracincp")
-    p.add_argument("--mitigate", action="store_true", help="forget implicated samples, then rescan")
+    p.add_argument(
+        "--mitigate",
+        action="store_true",
+        help="forget the flagged inputs' attack set once its removal is confirmed, then rescan",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="show the attack set --mitigate would forget"
+    )
     p.add_argument("--report", help="write an HTML report here")
     p.set_defaults(func=cmd_scan)
 

@@ -291,8 +291,16 @@ class Client:
         mitigate: bool = False,
         request_id: str | None = None,
         timeout: float | None = 600.0,
+        dry_run: bool = False,
     ) -> Iterator[t.ScanResult]:
-        """Per-input target-identification results, streamed as the server computes them."""
+        """Per-input target-identification results.
+
+        Without ``mitigate`` or ``dry_run`` they stream as the server computes them. With
+        ``mitigate`` the server names the attack set of the flagged inputs, forgets it only
+        if its removal is confirmed against a random control, rescans the flagged inputs,
+        and then sends every result (flagged ones carry ``mitigation``); ``dry_run`` does
+        the same but forgets nothing (``mitigation.sample_ids`` is the plan).
+        """
         request = pb.ScanRequest(
             model=_model(model),
             inputs=wire.to_tensor(np.asarray(inputs)),
@@ -300,19 +308,42 @@ class Client:
             max_implicated=max_implicated,
             mitigate=mitigate,
             request_id=_new_id() if request_id is None and mitigate else (request_id or ""),
+            dry_run=dry_run,
         )
         for msg in self._stream(self._stub.Scan, request, timeout):
             yield wire.scan_result(msg)
 
     def estimate_scan(
-        self, model: str, inputs: np.ndarray, estimator: str = "", timeout: float | None = None
+        self,
+        model: str,
+        inputs: np.ndarray,
+        estimator: str = "",
+        timeout: float | None = None,
+        *,
+        mitigate: bool = False,
+        dry_run: bool = False,
     ) -> t.ScanEstimate:
+        """What ``scan`` with the same arguments will cost: scoring, this version's
+        calibration if not stored yet, confirmations, and the mitigation if asked for."""
         request = pb.ScanRequest(
-            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), estimator=estimator
+            model=_model(model),
+            inputs=wire.to_tensor(np.asarray(inputs)),
+            estimator=estimator,
+            mitigate=mitigate,
+            dry_run=dry_run,
         )
         r = self._call(self._stub.EstimateScan, request, timeout)
         return t.ScanEstimate(
-            r.inputs, r.training_samples, r.checkpoints, r.estimated_seconds, r.estimated_bytes
+            r.inputs,
+            r.training_samples,
+            r.checkpoints,
+            r.estimated_seconds,
+            r.estimated_bytes,
+            r.estimated_scoring_seconds,
+            r.estimated_calibration_seconds,
+            r.estimated_confirmation_seconds,
+            r.estimated_mitigation_seconds,
+            r.calibrated,
         )
 
     def neighbors(

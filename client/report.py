@@ -34,6 +34,7 @@ DETAIL_THUMB_PX = 112
 
 _FLAGGED_COLOR = "#c0392b"
 _CLEAN_COLOR = "#7f95b5"
+_UNCONFIRMED_COLOR = "#e0a33a"
 _INSTALL_HINT = "pip install 'expunge[server]'"
 
 
@@ -87,9 +88,14 @@ def _require_matplotlib() -> None:
         ) from exc
 
 
-def _by_score(r: ScanResult) -> tuple[float, int]:
+def _by_score(r: ScanResult) -> tuple[float, float, int]:
+    """Most suspicious first: smallest p-value, then largest influence score."""
     score = r.target_score if math.isfinite(r.target_score) else -math.inf
-    return (-score, r.index)
+    return (r.p_value, -score, r.index)
+
+
+def _passed(r: ScanResult) -> bool:
+    return r.p_value <= r.threshold
 
 
 def _e(value: object) -> str:
@@ -115,22 +121,26 @@ def _header(
         scanned += f" <small>of {len(inputs)} sent</small>"
     thresholds = _distinct(r.threshold for r in results)
     versions = _distinct(r.model_version for r in results)
-    mitigated = sum(r.mitigation is not None for r in results)
+    applied = sum(r.mitigation is not None and r.mitigation.applied for r in results)
     stats = [
         ("inputs scanned", scanned),
+        ("passed the filter", str(sum(_passed(r) for r in results))),
         ("flagged", f'<span class="{"bad" if flagged else "ok"}">{len(flagged)}</span>'),
-        ("threshold", _e(", ".join(_num(t) for t in thresholds)) or "—"),
+        ("filter p-value cut", _e(", ".join(_num(t) for t in thresholds)) or "—"),
         ("model version", _e(", ".join(str(v) for v in versions)) or "—"),
     ]
-    if mitigated:
-        stats.append(("mitigated", str(mitigated)))
+    if applied:
+        stats.append(("mitigated", str(applied)))
     cards = "".join(f"<div><dt>{label}</dt><dd>{value}</dd></div>" for label, value in stats)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     shape = "×".join(str(d) for d in inputs.shape[1:]) or "scalar"
     return (
         f"<header><h1>{_e(title)}</h1>"
         f'<p class="muted">Generated {generated} · input shape {_e(shape)} · '
-        "inputs whose target score reaches the threshold are flagged</p>"
+        "an input passes the first filter when its p-value against the clean calibration "
+        "inputs is at most the cut; it is flagged when removing its top proponents lowers "
+        "its predicted class's probability by at least the calibrated drop and removing as "
+        "many random samples of that label does not</p>"
         f'<dl class="stats">{cards}</dl></header>'
     )
 
@@ -140,8 +150,10 @@ def _score_section(results: Sequence[ScanResult]) -> str:
         return '<section><h2>Target scores</h2><p class="muted">No results.</p></section>'
     png = _score_histogram(results)
     return (
-        "<section><h2>Target scores</h2>"
-        f'<img class="chart" src="{_data_uri(png)}" alt="histogram of target scores with the threshold">'
+        "<section><h2>p-values</h2>"
+        f'<img class="chart" src="{_data_uri(png)}" alt="histogram of p-values with the filter cut">'
+        '<p class="muted">Inputs at or left of a dashed line passed the filter; of those, the '
+        "red ones were confirmed and flagged, the amber ones were not.</p>"
         "</section>"
     )
 
@@ -151,10 +163,14 @@ def _inputs_section(
 ) -> str:
     out = ["<section><h2>Inputs</h2>"]
     if flagged:
-        out.append(f"<h3>Flagged ({len(flagged)}, highest score first)</h3>")
+        out.append(f"<h3>Flagged ({len(flagged)}, smallest p-value first)</h3>")
         out.append(_input_table(flagged, images, link=True))
     else:
-        out.append('<p class="ok-note">No input reached the threshold.</p>')
+        passed = sum(_passed(r) for r in unflagged)
+        out.append(
+            f'<p class="ok-note">No input was flagged: {passed} passed the filter and none '
+            "was confirmed.</p>"
+        )
     if unflagged:
         shown = unflagged[:MAX_UNFLAGGED_ROWS]
         count = (
@@ -163,7 +179,7 @@ def _inputs_section(
             else f"showing {len(shown)} of {len(unflagged)}"
         )
         out.append(
-            f"<details><summary>Not flagged ({count}, highest score first)</summary>"
+            f"<details><summary>Not flagged ({count}, smallest p-value first)</summary>"
             f"{_input_table(shown, images, link=False)}"
         )
         if len(shown) < len(unflagged):
@@ -176,7 +192,10 @@ def _inputs_section(
 def _input_table(rows: list[ScanResult], images: _ImageSource, link: bool) -> str:
     thumbs = images.inputs_are_images
     head = "<th>index</th>" + ("<th>input</th>" if thumbs else "")
-    head += '<th>predicted label</th><th class="num">score</th><th class="num">counterfactual drop</th><th>flag</th>'
+    head += (
+        '<th>predicted label</th><th class="num">p-value</th><th class="num">score</th>'
+        '<th class="num">drop (needed)</th><th class="num">control drop</th><th>flag</th>'
+    )
     body = []
     for r in rows:
         index = f'<a href="#input-{r.index}">#{r.index}</a>' if link else f"#{r.index}"
@@ -185,12 +204,20 @@ def _input_table(rows: list[ScanResult], images: _ImageSource, link: bool) -> st
             cells += f"<td>{images.input_thumb(r.index, THUMB_PX)}</td>"
         cells += (
             f"<td>{r.predicted_label}</td>"
+            f'<td class="num">{_num(r.p_value)}</td>'
             f'<td class="num">{_num(r.target_score)}</td>'
-            f'<td class="num">{_num(r.counterfactual_drop)}</td>'
+            f'<td class="num">{_confirmation_cell(r)}</td>'
+            f'<td class="num">{_num(r.control_drop) if r.counterfactual_drop >= r.drop_threshold and _passed(r) else "—"}</td>'
             f"<td>{_flag_badge(r.flagged)}</td>"
         )
         body.append(f'<tr class="{"flagged" if r.flagged else ""}">{cells}</tr>')
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _confirmation_cell(r: ScanResult) -> str:
+    if not _passed(r):
+        return "—"
+    return f"{_num(r.counterfactual_drop)} ({_num(r.drop_threshold)})"
 
 
 def _flag_badge(flagged: bool) -> str:
@@ -206,7 +233,7 @@ def _flagged_section(flagged: list[ScanResult], images: _ImageSource) -> str:
     out = ["<section><h2>Implicated training samples</h2>"]
     if len(shown) < len(flagged):
         out.append(
-            f'<p class="muted">Details for the {len(shown)} highest-scoring of {len(flagged)} flagged inputs.</p>'
+            f'<p class="muted">Details for the {len(shown)} most suspicious of {len(flagged)} flagged inputs.</p>'
         )
     out.extend(_flagged_detail(r, images) for r in shown)
     out.append("</section>")
@@ -217,13 +244,16 @@ def _flagged_detail(r: ScanResult, images: _ImageSource) -> str:
     implicated = sorted(r.implicated, key=lambda s: (-s.z, s.sample_id))
     thumb = images.input_thumb(r.index, DETAIL_THUMB_PX) if images.inputs_are_images else ""
     facts = (
-        f"predicted label <b>{r.predicted_label}</b> · score <b>{_num(r.target_score)}</b> "
-        f"(threshold {_num(r.threshold)}) · counterfactual drop <b>{_num(r.counterfactual_drop)}</b>"
-        f" · model version {r.model_version}"
+        f"predicted label <b>{r.predicted_label}</b> · p-value <b>{_num(r.p_value)}</b> "
+        f"(cut {_num(r.threshold)}; influence alone {_num(r.influence_p_value)}; its top "
+        f"proponents' class-outlier z {_num(r.group_outlier_z)}) · influence score "
+        f"{_num(r.target_score)} · drop <b>{_num(r.counterfactual_drop)}</b> (needed "
+        f"{_num(r.drop_threshold)}; control {_num(r.control_drop)}) · model version {r.model_version}"
     )
     out = [
         f'<article id="input-{r.index}"><h3>Input #{r.index}</h3>',
-        f'<div class="detail-head">{thumb}<div><p>{facts}</p>{_implicated_summary(implicated)}</div></div>',
+        f'<div class="detail-head">{thumb}<div><p>{facts}</p><p class="muted">{_e(r.decision)}</p>'
+        f"{_implicated_summary(implicated)}</div></div>",
     ]
     if not implicated:
         out.append('<p class="muted">The scan returned no implicated samples.</p></article>')
@@ -254,7 +284,10 @@ def _implicated_summary(implicated: list[ImplicatedSample]) -> str:
 def _implicated_table(implicated: list[ImplicatedSample], images: _ImageSource) -> str:
     thumbs = images.has_training_images
     head = "<th>rank</th>" + ("<th>image</th>" if thumbs else "")
-    head += '<th>sample id</th><th>owner id</th><th>label</th><th class="num">influence</th><th class="num">z</th>'
+    head += (
+        '<th>sample id</th><th>owner id</th><th>label</th><th class="num">influence</th>'
+        '<th class="num">z</th><th class="num">class-outlier z</th><th>why named</th>'
+    )
     rows = []
     for rank, s in enumerate(implicated, start=1):
         cells = f"<td>{rank}</td>"
@@ -263,6 +296,7 @@ def _implicated_table(implicated: list[ImplicatedSample], images: _ImageSource) 
         cells += (
             f'<td>{s.sample_id}</td><td class="owner">{_e(s.owner_id)}</td><td>{s.label}</td>'
             f'<td class="num">{_num(s.influence)}</td><td class="num">{_num(s.z)}</td>'
+            f'<td class="num">{_num(s.class_outlier_z)}</td><td>{_e(s.reason)}</td>'
         )
         rows.append(f"<tr>{cells}</tr>")
     return (
@@ -272,28 +306,45 @@ def _implicated_table(implicated: list[ImplicatedSample], images: _ImageSource) 
 
 
 def _mitigation_section(mitigated: list[ScanResult]) -> str:
+    first = min(mitigated, key=lambda r: r.index).mitigation
+    assert first is not None
+    if first.applied:
+        verdict = (
+            f"The attack set of {len(first.sample_ids)} samples was forgotten "
+            f"(<code>{_e(first.operation)}</code>, version {first.new_version}; test accuracy "
+            f"{first.test_accuracy_before:.2%} → {first.test_accuracy_after:.2%}) and the "
+            "flagged inputs were scanned again."
+        )
+    elif first.dry_run:
+        verdict = f"Dry run: the attack set of {len(first.sample_ids)} samples was not forgotten."
+    else:
+        verdict = "Nothing was forgotten: the attack set was not confirmed."
     rows = []
     for r in sorted(mitigated, key=lambda r: r.index):
         m = r.mitigation
         assert m is not None
-        delta = m.test_accuracy_after - m.test_accuracy_before
-        changed = (
-            '<span class="badge ok">changed</span>'
-            if m.prediction_changed
-            else '<span class="badge bad">unchanged</span>'
-        )
+        if m.applied:
+            changed = (
+                '<span class="badge ok">changed</span>'
+                if m.prediction_changed
+                else '<span class="badge bad">unchanged</span>'
+            )
+            after = f"{r.predicted_label} → {m.predicted_label_after}"
+            p_after = _num(m.p_value_after)
+        else:
+            changed, after, p_after = "—", f"{r.predicted_label}", "—"
         rows.append(
-            f"<tr><td>#{r.index}</td><td><code>{_e(m.operation)}</code></td>"
-            f"<td>{m.new_version}</td>"
-            f"<td>{r.predicted_label} → {m.predicted_label_after}</td><td>{changed}</td>"
-            f'<td class="num">{m.test_accuracy_before:.2%} → {m.test_accuracy_after:.2%} '
-            f'<span class="muted">({100 * delta:+.2f} pp)</span></td></tr>'
+            f"<tr><td>#{r.index}</td><td>{after}</td><td>{changed}</td>"
+            f'<td class="num">{_num(r.p_value)} → {p_after}</td></tr>'
         )
+    ids = ", ".join(str(i) for i in first.sample_ids[:200])
+    more = f" … ({len(first.sample_ids) - 200} more)" if len(first.sample_ids) > 200 else ""
     return (
         "<section><h2>Mitigation</h2>"
-        '<p class="muted">The implicated samples of each flagged input were forgotten and the input rescanned.</p>'
-        "<table><thead><tr><th>input</th><th>operation</th><th>new version</th>"
-        '<th>prediction before → after</th><th>prediction</th><th class="num">test accuracy before → after</th>'
+        f'<p>{verdict}</p><p class="muted">{_e(first.decision)}</p>'
+        f'<p class="muted">Attack set: {ids}{more}</p>'
+        "<table><thead><tr><th>input</th><th>prediction before → after</th><th>prediction</th>"
+        '<th class="num">p-value before → after</th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
     )
 
@@ -395,35 +446,37 @@ def _figure_png(fig: Figure) -> bytes:
 
 
 def _score_histogram(results: Sequence[ScanResult]) -> bytes:
-    """Stacked histogram of target scores, flagged in red, every distinct threshold as a line."""
+    """Stacked histogram of p-values (log axis): not passing the filter, passing but not
+    confirmed, flagged; every distinct filter cut as a dashed line."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    scores = np.array([r.target_score for r in results], dtype=np.float64)
-    is_flagged = np.array([r.flagged for r in results], dtype=bool)
-    finite = np.isfinite(scores)
-    thresholds = [t for t in _distinct(r.threshold for r in results) if math.isfinite(t)]
-    span = np.concatenate([scores[finite], np.asarray(thresholds, dtype=np.float64)])
+    p = np.array([r.p_value for r in results], dtype=np.float64)
+    p = np.clip(np.nan_to_num(p, nan=1.0), 1e-6, 1.0)
+    flagged = np.array([r.flagged for r in results], dtype=bool)
+    passed = np.array([_passed(r) for r in results], dtype=bool)
+    cuts = [t for t in _distinct(r.threshold for r in results) if math.isfinite(t) and t > 0]
     fig = Figure(figsize=(10.0, 3.2))
     ax = fig.add_subplot()
-    if span.size:
-        bins = np.histogram_bin_edges(span, bins=min(60, max(10, int(np.sqrt(span.size)) * 2)))
-        ax.hist(
-            [scores[finite & ~is_flagged], scores[finite & is_flagged]],
-            bins=bins.tolist(),
-            stacked=True,
-            color=[_CLEAN_COLOR, _FLAGGED_COLOR],
-            label=[
-                f"not flagged ({int((~is_flagged).sum())})",
-                f"flagged ({int(is_flagged.sum())})",
-            ],
-            edgecolor="white",
-            linewidth=0.5,
-        )
-    for t in thresholds[:5]:
+    bins = np.logspace(np.log10(min(p.min(), *cuts) if cuts else p.min()) - 0.05, 0.0, 40)
+    ax.hist(
+        [p[~passed], p[passed & ~flagged], p[flagged]],
+        bins=bins.tolist(),
+        stacked=True,
+        color=[_CLEAN_COLOR, _UNCONFIRMED_COLOR, _FLAGGED_COLOR],
+        label=[
+            f"did not pass the filter ({int((~passed).sum())})",
+            f"passed, not confirmed ({int((passed & ~flagged).sum())})",
+            f"flagged ({int(flagged.sum())})",
+        ],
+        edgecolor="white",
+        linewidth=0.5,
+    )
+    ax.set_xscale("log")
+    for t in cuts[:5]:
         ax.axvline(t, color="#222222", linestyle="--", linewidth=1.5)
         ax.annotate(
-            f"threshold {_num(t)}",
+            f"filter cut {_num(t)}",
             xy=(t, 1.0),
             xycoords=("data", "axes fraction"),
             xytext=(4, -4),
@@ -431,10 +484,10 @@ def _score_histogram(results: Sequence[ScanResult]) -> bytes:
             va="top",
             fontsize=9,
         )
-    ax.set_xlabel("target score")
+    ax.set_xlabel("p-value against the clean calibration inputs")
     ax.set_ylabel("inputs")
     # Above the axes, so it never hides the bars.
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False, fontsize=9)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=3, frameon=False, fontsize=9)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.spines[["top", "right"]].set_visible(False)
     return _figure_png(fig)

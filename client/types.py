@@ -190,30 +190,49 @@ class ImplicatedSample:
     owner_id: str
     label: int
     influence: float
-    z: float
+    z: float  # standardised influence
+    class_outlier_z: float = 0.0  # robust z of its spectral score within its class
+    reason: str = ""  # why it was named
 
 
 @dataclass(frozen=True)
 class Mitigation:
-    operation: str
+    """The request's mitigation (or, with ``dry_run``, its plan) and this input's rescan."""
+
+    operation: str  # empty unless applied
     new_version: int
     predicted_label_after: int
     prediction_changed: bool
     test_accuracy_before: float
     test_accuracy_after: float
+    applied: bool = False
+    dry_run: bool = False
+    sample_ids: tuple[int, ...] = ()  # the attack set: forgotten, or would be
+    targets: int = 0  # flagged inputs
+    targets_affected: int = 0  # ... whose prediction removing the set changes
+    control_affected: int = 0  # ... that removing a random equal-size set changes
+    target_score_after: float = 0.0
+    p_value_after: float = 0.0
+    decision: str = ""
 
 
 @dataclass(frozen=True)
 class ScanResult:
     index: int
     predicted_label: int
-    target_score: float
-    threshold: float
+    target_score: float  # the robust influence score, on the estimator's own scale
+    threshold: float  # the first filter's p-value cut
     flagged: bool
     counterfactual_drop: float
     implicated: list[ImplicatedSample]
     mitigation: Mitigation | None
     model_version: int
+    p_value: float = 1.0  # conformal, against the clean calibration inputs
+    influence_p_value: float = 1.0
+    group_outlier_z: float = 0.0
+    control_drop: float = 0.0
+    drop_threshold: float = 0.0
+    decision: str = ""  # every cut that decided it, with its value
 
 
 @dataclass(frozen=True)
@@ -221,8 +240,13 @@ class ScanEstimate:
     inputs: int
     training_samples: int
     checkpoints: int
-    estimated_seconds: float
+    estimated_seconds: float  # the sum of the parts below
     estimated_bytes: int
+    estimated_scoring_seconds: float = 0.0
+    estimated_calibration_seconds: float = 0.0  # 0 when the version is calibrated already
+    estimated_confirmation_seconds: float = 0.0
+    estimated_mitigation_seconds: float = 0.0
+    calibrated: bool = False
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,9 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
         flagged=msg.flagged,
         counterfactual_drop=msg.counterfactual_drop,
         implicated=[
-            t.ImplicatedSample(s.sample_id, s.owner_id, s.label, s.influence, s.z)
+            t.ImplicatedSample(
+                s.sample_id, s.owner_id, s.label, s.influence, s.z, s.class_outlier_z, s.reason
+            )
             for s in msg.implicated
         ],
         mitigation=t.Mitigation(
@@ -178,10 +180,25 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
             m.prediction_changed,
             m.test_accuracy_before,
             m.test_accuracy_after,
+            m.applied,
+            m.dry_run,
+            tuple(m.sample_ids),
+            m.targets,
+            m.targets_affected,
+            m.control_affected,
+            m.target_score_after,
+            m.p_value_after,
+            m.decision,
         )
         if msg.HasField("mitigation")
         else None,
         model_version=msg.model_version,
+        p_value=msg.p_value,
+        influence_p_value=msg.influence_p_value,
+        group_outlier_z=msg.group_outlier_z,
+        control_drop=msg.control_drop,
+        drop_threshold=msg.drop_threshold,
+        decision=msg.decision,
     )
 
 

@@ -45,10 +45,13 @@ def _forget_neighbours_scan(client: Client, test_inputs: np.ndarray) -> None:
     print(
         f"  owner {owner} is gone from the gradient index (stale until re-embedded: {after.stale})"
     )
-    results = list(client.scan("digits", test_inputs[:8]))
+    # The last test digits: the first 100 are the scan's clean calibration inputs.
+    results = list(client.scan("digits", test_inputs[-8:]))
     flagged = sum(r.flagged for r in results)
+    lowest = min(results, key=lambda r: r.p_value)
     print(
-        f"scanned 8 clean test digits for attack targets: {flagged} flagged (threshold {results[0].threshold:.2f})"
+        f"scanned 8 clean test digits for attack targets: {flagged} flagged; lowest p-value "
+        f"{lowest.p_value:.3f} (input {lowest.index}: {lowest.decision})"
     )
 
 

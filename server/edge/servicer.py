@@ -199,6 +199,7 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             request.mitigate,
             request.request_id,
             actor_of(context),
+            request.dry_run,
         ):
             result = pb.ScanResult(
                 index=outcome.index,
@@ -209,6 +210,12 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
                 counterfactual_drop=outcome.counterfactual_drop,
                 implicated=[pb.ImplicatedSample(**s) for s in outcome.implicated],  # type: ignore[arg-type]
                 model_version=outcome.model_version,
+                p_value=outcome.p_value,
+                influence_p_value=outcome.influence_p_value,
+                group_outlier_z=outcome.group_outlier_z,
+                control_drop=outcome.control_drop,
+                drop_threshold=outcome.drop_threshold,
+                decision=outcome.decision,
             )
             if outcome.mitigation is not None:
                 result.mitigation.CopyFrom(pb.Mitigation(**outcome.mitigation))  # type: ignore[arg-type]
@@ -228,7 +235,14 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
         self, request: pb.ScanRequest, context: grpc.ServicerContext
     ) -> pb.ScanEstimate:
         model, inputs = self._scan_inputs(request)
-        return pb.ScanEstimate(**self.scans.estimate(model, inputs, request.estimator or "gas"))  # type: ignore[arg-type]
+        if request.mitigate and request.dry_run:
+            raise invalid_field(
+                "dry_run", "dry_run returns the mitigation plan without applying it; unset mitigate"
+            )
+        estimate = self.scans.estimate(
+            model, inputs, request.estimator or "gas", request.mitigate, request.dry_run
+        )
+        return pb.ScanEstimate(**estimate)
 
     @handles_errors
     def Neighbors(

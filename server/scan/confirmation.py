@@ -80,20 +80,34 @@ class CounterfactualConfirmation:
         x ``(*shape)``; influences ``(n_train,)``. The proponents are the training samples
         of the predicted label with the largest influence; nothing is committed.
         """
+        label = int(self.probabilities(model, None, x.unsqueeze(0), mode)[0].argmax())
+        return self.drop_without(model, x, label, self._proponents(model, influences, label), mode)
+
+    def drop_without(
+        self, model: str, x: torch.Tensor, label: int, removed: torch.Tensor, mode: str
+    ) -> float:
+        """Fall of P(``label`` | x) once the training rows ``removed`` are removed."""
+        before, after = (
+            self.probabilities(model, r, x.unsqueeze(0), mode)[0, label] for r in (None, removed)
+        )
+        return float(before - after)
+
+    def probabilities(
+        self, model: str, removed: torch.Tensor | None, x: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """Softmax outputs ``(q, C)`` on ``x`` ``(q, *shape)`` of the current model, or of a
+        scratch copy without the training rows ``removed`` (nothing is committed)."""
         snapshot = self.engine.snapshot(model)
-        with torch.no_grad():
-            before = torch.softmax(snapshot.module(x.unsqueeze(0)), dim=1)[0]
-        label = int(before.argmax())
-        top = self._proponents(model, influences, label)
-        if mode == "retrain":
-            scratch = self._retrained_without(model, top)
+        if removed is None:
+            scratch = snapshot.module
+        elif mode == "retrain":
+            scratch = self._retrained_without(model, removed)
         elif sum(p.numel() for p in snapshot.module.parameters()) <= DENSE_HESSIAN_MAX:
-            scratch = self._solver(model).removed(top)
+            scratch = self._solver(model).removed(removed)
         else:
-            scratch = self._newton_cg_without(model, top)
+            scratch = self._newton_cg_without(model, removed)
         with torch.no_grad():
-            after = torch.softmax(scratch(x.unsqueeze(0)), dim=1)[0]
-        return float(before[label] - after[label])
+            return torch.softmax(scratch(x), dim=1)
 
     def _retrained_without(self, model: str, removed: torch.Tensor) -> torch.nn.Module:
         """The model retrained from scratch without ``removed``: same spec, config and seed."""

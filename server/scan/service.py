@@ -1,17 +1,23 @@
 """Scan: is each input the target of a training-set attack? (DESIGN 4.7-4.8)
 
 Per input: renormalized influence of every training sample (GAS by default, from the
-gradient index's embeddings when one is ready, else exactly over the checkpoints), the
-robust target score (at k = 2 and 10, each calibrated on clean held-out inputs, the rarer
-kept) against a threshold calibrated on the same inputs, and, for
-inputs that pass that first filter, a counterfactual confirmation: remove the input's
-top proponents from a scratch copy (no commit) and measure how far the predicted
-class's probability falls. Where retraining is cheap (a small model and data set) the
-scratch copy is retrained from scratch without them, with the model's own training
-configuration and seed: on the benchmark's attacks that separated targets far better
-than the Newton approximation (BENCHMARKS.md), so the first filter can then be lenient.
-Otherwise the removal is the shared-Hessian Newton counterfactual (one damped Hessian
-per model version).
+gradient index's embeddings when one is ready, else exactly over the checkpoints; the
+clean calibration of a version uses the same source, and its cache key says which), the
+robust target score (at k = 2 and 10, the rarer among clean inputs kept), and the
+training-side evidence (the class-outlier z of the input's top proponents). Both become
+one conformal p-value against the clean calibration inputs (``defenses.attack_sets``).
+Inputs whose p-value passes the first filter get a counterfactual confirmation: remove
+their top proponents from a scratch copy (no commit) and measure how far the predicted
+class's probability falls, and remove an equal-size random set of the same label as a
+control, which must not reach the same (calibrated) drop. Where retraining is cheap the
+scratch copy is retrained from scratch, with the model's own configuration and seed;
+otherwise the removal is the shared-Hessian Newton counterfactual (one damped Hessian per
+model version).
+
+Mitigation (and its dry run) works on the whole request: the attack set is the union of
+the flagged inputs' top proponents; it is forgotten only when removing it changes at
+least half of the flagged inputs' predictions while its random control changes far
+fewer (``mitigation.py``); the flagged inputs are then scored again on the new version.
 """
 
 from __future__ import annotations
@@ -21,26 +27,36 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from expunge.defenses.attack_sets import (
+    class_outlier_z,
+    combined_p_values,
+    conformal_p_values,
+    group_outlier_z,
+    random_control,
+    top_proponents,
+)
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.influence import InfluenceConfig, influence_scores
+from expunge.defenses.poison_filters import penultimate_features
 from expunge.defenses.targets import (
     calibrate_threshold,
     calibrated_surprise,
-    implicated_samples,
+    influence_z_scores,
     target_score,
 )
 from expunge.defenses.training import TrainConfig
 from expunge.server.engine import Engine
 from expunge.server.errors import FailedPrecondition, invalid_field
-from expunge.server.forget.computation import UnlearningOptions
 from expunge.server.forget.service import ForgetService
 from expunge.server.index.service import IndexService
 from expunge.server.roles import require_effect
 from expunge.server.scan.confirmation import CounterfactualConfirmation, changed
+from expunge.server.scan.mitigation import Mitigator, Suspect
 from expunge.server.scan.settings import (
     ENSEMBLES,
     ESTIMATORS,
@@ -52,8 +68,6 @@ from expunge.server.state.store import ArtefactRow
 
 CALIBRATION = "scan_calibration"
 CHUNK = 32
-# How long a Scan waits for the forget its mitigation submitted.
-MITIGATION_TIMEOUT_S = 600.0
 
 
 class ScanService:
@@ -65,33 +79,42 @@ class ScanService:
         settings: ScanSettings | None = None,
     ) -> None:
         self.engine = engine
-        self.forget = forget  # mitigation submits through it and awaits the outcome
         self.index = index  # GAS scores from its training embeddings when it has them
         self.settings = settings or ScanSettings()
         self.confirm = CounterfactualConfirmation(engine, self.settings)
+        self.mitigator = Mitigator(engine, forget, self.confirm, self.settings.member_z)
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
+        # model -> (version, class-outlier z of every training sample).
+        self._outliers: dict[str, tuple[int, torch.Tensor]] = {}
 
     # Influence -------------------------------------------------------------------------
 
-    def _influences(self, model: str, estimator: str, x: torch.Tensor) -> torch.Tensor:
-        """(q, n_train) influences of the current training set on inputs x."""
+    def _source(self, model: str, estimator: str) -> str:
+        """Where this version's influences come from: the index's embeddings or exact GAS."""
+        index = self.index
+        if estimator == "gas" and index is not None and index.training_embeddings(model):
+            return "index"
+        return "exact"
+
+    def _influences(self, model: str, estimator: str, x: torch.Tensor, source: str) -> torch.Tensor:
+        """(q, n_train) influences of the current training set on inputs x, from ``source``."""
         snapshot = self.engine.snapshot(model)
         data = self.engine.training_data(model)
-        index = self.index
-        if estimator == "gas" and index is not None:
-            embedded = index.training_embeddings(model)
-            if embedded is not None:
-                embedder, vectors, ids = embedded
-                labels = predicted_labels(snapshot.module, x)
-                queries = embedder.embed(x, labels)
-                by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
-                missing = [int(s) for s in data.sample_ids if int(s) not in by_id]
-                if missing:
-                    raise changed()
-                rows = torch.tensor([by_id[int(s)] for s in data.sample_ids])
-                return queries @ vectors[rows].T
+        if source == "index":
+            embedded = self.index.training_embeddings(model) if self.index else None
+            if embedded is None:
+                raise changed()  # calibrated on the index, which is gone: scan again
+            embedder, vectors, ids = embedded
+            labels = predicted_labels(snapshot.module, x)
+            queries = embedder.embed(x, labels)
+            by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+            missing = [int(s) for s in data.sample_ids if int(s) not in by_id]
+            if missing:
+                raise changed()
+            rows = torch.tensor([by_id[int(s)] for s in data.sample_ids])
+            return queries @ vectors[rows].T
         checkpoints = self.engine.checkpoints(model)
         config = InfluenceConfig(weight_decay=self._weight_decay(model))
         return influence_scores(
@@ -107,70 +130,140 @@ class ScanService:
     def _weight_decay(self, model: str) -> float:
         return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
 
+    def _outlier_z(self, model: str) -> torch.Tensor:
+        """Class-outlier z ``(n_train,)`` of the current version's training samples (cached)."""
+        snapshot = self.engine.snapshot(model)
+        with self._cache_lock:
+            cached = self._outliers.get(model)
+        if cached is not None and cached[0] == snapshot.version:
+            return cached[1]
+        data = self.engine.training_data(model)
+        z = class_outlier_z(penultimate_features(snapshot.module, data.features), data.labels)
+        with self._cache_lock:
+            self._outliers[model] = (snapshot.version, z)
+        return z
+
+    def _group_z(
+        self, model: str, scored: list[tuple[float, torch.Tensor]], labels: torch.Tensor
+    ) -> np.ndarray:
+        """The training-side evidence per input: its top proponents' median class-outlier z."""
+        train_labels = self.engine.training_data(model).labels
+        outliers = self._outlier_z(model)
+        return np.array(
+            [
+                group_outlier_z(
+                    outliers,
+                    top_proponents(influences, train_labels, int(label), self.settings.group_size),
+                )
+                for (_, influences), label in zip(scored, labels.tolist(), strict=True)
+            ]
+        )
+
     # Calibration -----------------------------------------------------------------------
 
     def threshold(self, model: str, estimator: str) -> Calibration:
-        """Thresholds of the current version, calibrated once per version and estimator.
+        """The current version's calibration for ``estimator``, computed once per version,
+        influence source, confirmation mode and evidence setting (the artefact's kind).
 
-        The score filter at the configured clean pass rate (lenient before a retrained
-        removal, strict before a Newton one), then the drop threshold so that at most
-        ``false_positive_rate`` of the clean calibration inputs are flagged in all.
+        The clean calibration inputs' influence scores and training-side evidence are the
+        reference every p-value is computed against; the first filter passes inputs with
+        a p-value of at most the configured clean pass rate (lenient before a retrained
+        removal, strict before a Newton one); the drop threshold is then set so that at
+        most ``false_positive_rate`` of the clean calibration inputs would be flagged.
         """
         row = self.engine.model_row(model)
         mode = self.confirm.mode(model)
-        ks = "-".join(str(k) for k in self.settings.ks)
-        kind = f"{CALIBRATION}:{estimator}:{mode}:k{ks}"
+        source = self._source(model, estimator)
+        settings = self.settings
+        ks = "-".join(str(k) for k in settings.ks)
+        evidence = f"ts{settings.group_size}" if settings.training_side else "influence"
+        kind = f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
         stored = self.engine.store.artefact(model, kind)
         if stored is not None and stored.version == row.current_version:
             meta = stored.meta
-            return Calibration(float(meta["score_threshold"]), float(meta["drop_threshold"]), mode)
-        test = self.engine.test_data(model)
-        x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
+            return Calibration(
+                float(meta["filter_p"]),
+                float(meta["drop_threshold"]),
+                mode,
+                source,
+                tuple(meta["clean_scores"]),
+                tuple(meta["clean_group_z"]),
+            )
+        x = self._calibration_inputs(model)
         snapshot = self.engine.snapshot(model)
         labels = predicted_labels(snapshot.module, x)
-        scored = self._scores(model, estimator, x, labels, clean_version=snapshot.version)
+        scored = self._scores(model, estimator, x, labels, source, clean_version=snapshot.version)
         scores = np.array([s for s, _ in scored])
-        filter_rate = (
-            self.settings.retrain_filter_false_positive_rate
+        group_z = self._group_z(model, scored, labels)
+        if settings.training_side:
+            _, clean_p = combined_p_values([scores, group_z], [scores, group_z])
+        else:
+            clean_p = conformal_p_values(scores, scores)
+        filter_p = (
+            settings.retrain_filter_false_positive_rate
             if mode == "retrain"
-            else self.settings.false_positive_rate
+            else settings.false_positive_rate
         )
-        score_threshold = calibrate_threshold(scores, filter_rate)
         # Inputs the filter stops are never flagged: their drop counts as -inf.
         drops = np.full(len(scored), -np.inf)
-        for i, (score, influences) in enumerate(scored):
-            if score >= score_threshold:
+        for i, (_, influences) in enumerate(scored):
+            if clean_p[i] <= filter_p:
                 drops[i] = self.confirm.drop(model, x[i], influences, mode)
         drop_threshold = max(
-            calibrate_threshold(drops, self.settings.false_positive_rate),
-            self.settings.retrain_drop_threshold
-            if mode == "retrain"
-            else self.settings.drop_threshold,
+            calibrate_threshold(drops, settings.false_positive_rate),
+            settings.retrain_drop_threshold if mode == "retrain" else settings.drop_threshold,
         )
         meta = {
             "confirmation": mode,
-            "score_threshold": score_threshold,
-            "filter_false_positive_rate": filter_rate,
+            "source": source,
+            "filter_p": filter_p,
             "drop_threshold": drop_threshold,
-            "false_positive_rate": self.settings.false_positive_rate,
+            "false_positive_rate": settings.false_positive_rate,
             "inputs": len(scores),
+            "clean_scores": scores.tolist(),
+            "clean_group_z": group_z.tolist(),
         }
         with self.engine.store.write_lock:
             blob = self.engine.store.blobs.put(json.dumps(meta, sort_keys=True).encode())
             self.engine.store.put_artefact(
                 ArtefactRow(model, kind, blob, row.current_version, meta)
             )
-        return Calibration(score_threshold, drop_threshold, mode)
+        return Calibration(
+            filter_p,
+            drop_threshold,
+            mode,
+            source,
+            tuple(scores.tolist()),
+            tuple(group_z.tolist()),
+        )
+
+    def _calibration_inputs(self, model: str) -> torch.Tensor:
+        test = self.engine.test_data(model)
+        return torch.from_numpy(test.features[: self.settings.calibration_inputs])
+
+    def p_values(
+        self, calibration: Calibration, scores: np.ndarray, group_z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(p-value, influence-only p-value) per input against the clean calibration inputs."""
+        clean_scores = np.array(calibration.clean_scores)
+        influence_p = conformal_p_values(clean_scores, scores)
+        if not self.settings.training_side:
+            return influence_p, influence_p
+        combined, _ = combined_p_values(
+            [clean_scores, np.array(calibration.clean_group_z)], [scores, group_z]
+        )
+        return combined, influence_p
 
     def _scores(
         self,
         model: str,
         estimator: str,
         x: torch.Tensor,
-        labels: torch.Tensor | None = None,
+        labels: torch.Tensor,
+        source: str,
         clean_version: int | None = None,
     ) -> list[tuple[float, torch.Tensor]]:
-        """(target score, influences ``(n_train,)``) per input; ``labels`` = predictions if known.
+        """(target score, influences ``(n_train,)``) per input.
 
         Component scores: each estimator's robust target score at each k of
         ``settings.ks`` (the attack set's size is unknown: a few poisons per target in an
@@ -180,63 +273,68 @@ class ScanService:
         are that version's clean calibration inputs: the components' scores are kept as
         the clean reference (so they are not computed a second time).
         """
-        if labels is None:
-            labels = predicted_labels(self.engine.snapshot(model).module, x)
         parts: dict[str, list[tuple[float, torch.Tensor]]] = {}
         for component in ENSEMBLES.get(estimator, (estimator,)):
-            parts.update(self._component_scores(model, component, x, labels))
+            parts.update(self._component_scores(model, component, x, labels, source))
         if len(parts) == 1:
             return next(iter(parts.values()))
         if clean_version is not None:
             for name, part in parts.items():
-                self._remember_clean(model, clean_version, name, np.array([s for s, _ in part]))
-        return self._combine(model, parts)
+                self._remember_clean(
+                    model, clean_version, name, source, np.array([s for s, _ in part])
+                )
+        return self._combine(model, parts, source)
 
     def _combine(
-        self, model: str, parts: dict[str, list[tuple[float, torch.Tensor]]]
+        self, model: str, parts: dict[str, list[tuple[float, torch.Tensor]]], source: str
     ) -> list[tuple[float, torch.Tensor]]:
         """Per input, the component whose score is rarer among the clean calibration inputs."""
         names = list(parts)
         surprise = np.stack(
             [
-                calibrated_surprise(self._clean_scores(model, name), [s for s, _ in parts[name]])
+                calibrated_surprise(
+                    self._clean_scores(model, name, source), [s for s, _ in parts[name]]
+                )
                 for name in names
             ]
         )
         best = surprise.argmax(axis=0)
         return [(float(surprise[b, i]), parts[names[b]][i][1]) for i, b in enumerate(best.tolist())]
 
-    def _clean_scores(self, model: str, component: str) -> np.ndarray:
+    def _clean_scores(self, model: str, component: str, source: str) -> np.ndarray:
         """Scores of one component on the clean calibration inputs (cached per version)."""
         version = self.engine.snapshot(model).version
+        key = (model, version, f"{component}:{source}")
         with self._cache_lock:
-            cached = self._clean.get((model, version, component))
+            cached = self._clean.get(key)
         if cached is not None:
             return cached
-        test = self.engine.test_data(model)
-        x = torch.from_numpy(test.features[: self.settings.calibration_inputs])
+        x = self._calibration_inputs(model)
         labels = predicted_labels(self.engine.snapshot(model).module, x)
         estimator = component.split("@", 1)[0]
         scores = {
             name: np.array([s for s, _ in part])
-            for name, part in self._component_scores(model, estimator, x, labels).items()
+            for name, part in self._component_scores(model, estimator, x, labels, source).items()
         }
         for name, values in scores.items():
-            self._remember_clean(model, version, name, values)
+            self._remember_clean(model, version, name, source, values)
         return scores[component]
 
-    def _remember_clean(self, model: str, version: int, component: str, scores: np.ndarray) -> None:
+    def _remember_clean(
+        self, model: str, version: int, component: str, source: str, scores: np.ndarray
+    ) -> None:
         with self._cache_lock:
             # Keep other models' scores; drop this model's older versions.
             self._clean = {k: v for k, v in self._clean.items() if k[0] != model or k[1] == version}
-            self._clean[(model, version, component)] = scores
+            self._clean[(model, version, f"{component}:{source}")] = scores
 
     def _component_scores(
-        self, model: str, estimator: str, x: torch.Tensor, labels: torch.Tensor
+        self, model: str, estimator: str, x: torch.Tensor, labels: torch.Tensor, source: str
     ) -> dict[str, list[tuple[float, torch.Tensor]]]:
         """``"<estimator>@k<k>"`` -> (score, influences) per input, for each k of the settings."""
         data = self.engine.training_data(model)
-        influences = self._influences(model, estimator, x)
+        component_source = source if estimator == "gas" else "exact"
+        influences = self._influences(model, estimator, x, component_source)
         if influences.shape[1] != len(data.labels):
             raise changed()
         out: dict[str, list[tuple[float, torch.Tensor]]] = {}
@@ -247,8 +345,6 @@ class ScanService:
                 rows.append((score.score if math.isfinite(score.score) else 0.0, influences[i]))
             out[f"{estimator}@k{k}"] = rows
         return out
-
-    # Counterfactual ---------------------------------------------------------------------
 
     # Scanning ---------------------------------------------------------------------------
 
@@ -266,25 +362,6 @@ class ScanService:
             )
         return estimator
 
-    def estimate(self, model: str, inputs: np.ndarray, estimator: str) -> dict[str, float]:
-        estimator = self.validate(model, inputs, estimator)
-        data = self.engine.training_data(model)
-        checkpoints = len(self.engine.checkpoints(model))
-        params = sum(p.numel() for p in self.engine.snapshot(model).module.parameters())
-        probe = torch.from_numpy(inputs[:1])
-        started = time.perf_counter()
-        for component in ENSEMBLES.get(estimator, (estimator,)):
-            self._influences(model, component, probe)
-        one = time.perf_counter() - started
-        chunks = math.ceil(len(inputs) / CHUNK)
-        return {
-            "inputs": len(inputs),
-            "training_samples": len(data.labels),
-            "checkpoints": checkpoints,
-            "estimated_seconds": one * chunks * 1.2,
-            "estimated_bytes": 4 * (len(data.labels) * CHUNK + 256 * params),
-        }
-
     def scan(
         self,
         model: str,
@@ -294,8 +371,14 @@ class ScanService:
         mitigate: bool,
         request_id: str,
         actor: str,
+        dry_run: bool = False,
     ) -> Iterator[ScanOutcome]:
         estimator = self.validate(model, inputs, estimator or "gas")
+        if mitigate and dry_run:
+            raise invalid_field(
+                "dry_run",
+                "dry_run returns the mitigation plan without applying it; unset mitigate",
+            )
         if mitigate:
             # Refused before any scoring; the forget's submission checks the same rule.
             require_effect("forget", actor)
@@ -304,97 +387,283 @@ class ScanService:
                 "request_id", "required with mitigate: it makes the forget idempotent"
             )
         if not 0 <= max_implicated <= 10_000:
-            raise invalid_field("max_implicated", "must lie in [0, 10000] (0: default 30)")
-        limit = max_implicated or 30
-        self.engine.store.record_audit(
-            actor, "scan", f"models/{model}", {"inputs": len(inputs), "estimator": estimator}
-        )
-        start = 0
-        while start < len(inputs):
-            # Thresholds, data and influences of one version; after a mitigation (a new
-            # version) the rest is scored again against the new one.
-            calibration = self.threshold(model, estimator)
-            mode, threshold, required_drop = (
-                calibration.confirmation,
-                calibration.score,
-                calibration.drop,
+            raise invalid_field(
+                "max_implicated",
+                f"must lie in [0, 10000] (0: default {self.settings.proponents_per_target})",
             )
+        limit = max_implicated or self.settings.proponents_per_target
+        self.engine.store.record_audit(
+            actor,
+            "scan",
+            f"models/{model}",
+            {
+                "inputs": len(inputs),
+                "estimator": estimator,
+                "mitigate": mitigate,
+                "dry_run": dry_run,
+            },
+        )
+        calibration = self.threshold(model, estimator)
+        version = self.engine.snapshot(model).version
+        planning = mitigate or dry_run
+        outcomes: list[ScanOutcome] = []
+        suspects: list[Suspect] = []
+        for start in range(0, len(inputs), CHUNK):
             x = torch.from_numpy(inputs[start : start + CHUNK])
-            snapshot = self.engine.snapshot(model)
-            data = self.engine.training_data(model)
-            labels = predicted_labels(snapshot.module, x)
-            scored = self._scores(model, estimator, x, labels)
-            if any(len(influences) != len(data.labels) for _, influences in scored):
-                raise changed()
-            done = len(x)
-            for offset, (score, influences) in enumerate(scored):
-                label = int(labels[offset])
-                drop = 0.0
-                flagged = False
-                if score >= threshold:
-                    drop = self.confirm.drop(model, x[offset], influences, mode)
-                    flagged = drop >= required_drop
-                chosen = implicated_samples(
-                    influences.double(),
-                    data.labels,
-                    label,
-                    self.settings.implicated_cutoff,
-                    limit=limit,
+            for outcome, suspect in self._decide(
+                model, estimator, calibration, version, x, start, limit
+            ):
+                if suspect is not None and planning:
+                    suspects.append(suspect)
+                if planning:
+                    outcomes.append(outcome)
+                else:
+                    yield outcome
+        if planning:
+            yield from self.mitigator.resolve(
+                model, outcomes, suspects, calibration, request_id, actor, dry_run,
+                rescore=lambda xs: self._rescore(model, estimator, xs),
+                outliers=self._outlier_z(model),
+            )  # fmt: skip
+
+    def _decide(
+        self,
+        model: str,
+        estimator: str,
+        calibration: Calibration,
+        version: int,
+        x: torch.Tensor,
+        start: int,
+        limit: int,
+    ) -> Iterator[tuple[ScanOutcome, Suspect | None]]:
+        """Score, filter and confirm one chunk; each outcome with its suspect when flagged."""
+        snapshot = self.engine.snapshot(model)
+        if snapshot.version != version:
+            raise changed()
+        data = self.engine.training_data(model)
+        labels = predicted_labels(snapshot.module, x)
+        scored = self._scores(model, estimator, x, labels, calibration.source)
+        if any(len(influences) != len(data.labels) for _, influences in scored):
+            raise changed()
+        scores = np.array([s for s, _ in scored])
+        group_z = self._group_z(model, scored, labels)
+        p, influence_p = self.p_values(calibration, scores, group_z)
+        outliers = self._outlier_z(model)
+        mode, required = calibration.confirmation, calibration.drop
+        for offset, (score, influences) in enumerate(scored):
+            index = start + offset
+            label = int(labels[offset])
+            passed = bool(p[offset] <= calibration.filter_p)
+            drop = control = 0.0
+            flagged = False
+            implicated: list[dict[str, object]] = []
+            suspect = None
+            if passed:
+                removed = top_proponents(
+                    influences, data.labels, label, self.settings.proponents_removed
                 )
+                drop = self.confirm.drop_without(model, x[offset], label, removed, mode)
+                if drop >= required:
+                    seed = version * 1_000_003 + index
+                    control_set = random_control(data.labels, removed, seed)
+                    control = self.confirm.drop_without(model, x[offset], label, control_set, mode)
+                    flagged = control < required
+                z = influence_z_scores(influences.double(), data.labels, label)
+                named = top_proponents(influences, data.labels, label, limit)
                 implicated = [
                     {
                         "sample_id": int(data.sample_ids[i]),
                         "owner_id": str(data.owner_ids[i]),
                         "label": int(data.labels[i]),
-                        "influence": float(v),
-                        "z": float(z),
+                        "influence": float(influences[i]),
+                        "z": float(z[i]),
+                        "class_outlier_z": float(outliers[i]),
+                        "reason": f"top-{rank} proponent of input {index} "
+                        f"(influence z {float(z[i]):.2f}); class-outlier z {float(outliers[i]):.2f}",
                     }
-                    for i, z, v in zip(
-                        chosen.indices.tolist(),
-                        chosen.z.tolist(),
-                        chosen.influence.tolist(),
-                        strict=True,
-                    )
+                    for rank, i in enumerate(named.tolist(), start=1)
                 ]
-                outcome = ScanOutcome(
-                    start + offset,
-                    label,
-                    score,
-                    threshold,
-                    flagged,
-                    drop,
-                    implicated,
-                    snapshot.version,
-                )
-                if mitigate and flagged and implicated:
-                    yield self._mitigate(
-                        model, outcome, x[offset], f"{request_id}:{start + offset}", actor
+                if flagged:
+                    suspect = Suspect(
+                        index,
+                        x[offset],
+                        label,
+                        top_proponents(
+                            influences, data.labels, label, self.settings.proponents_per_target
+                        ),
+                        z,
                     )
-                    done = offset + 1
-                    break
-                yield outcome
-            start += done
+            outcome = ScanOutcome(
+                index=index,
+                predicted_label=label,
+                target_score=float(score),
+                threshold=calibration.filter_p,
+                flagged=flagged,
+                counterfactual_drop=drop,
+                implicated=implicated,
+                model_version=snapshot.version,
+                p_value=float(p[offset]),
+                influence_p_value=float(influence_p[offset]),
+                group_outlier_z=float(group_z[offset]),
+                control_drop=control,
+                drop_threshold=required,
+                decision=_decision(
+                    float(p[offset]), calibration, passed, drop, control, flagged, label,
+                    self.settings.proponents_removed,
+                ),
+            )  # fmt: skip
+            yield outcome, suspect
 
-    def _mitigate(
-        self, model: str, outcome: ScanOutcome, x: torch.Tensor, request_id: str, actor: str
-    ) -> ScanOutcome:
-        before = self.engine.model_info(model).version.metrics.get("test_accuracy", float("nan"))
-        ids = [int(s["sample_id"]) for s in outcome.implicated]  # type: ignore[call-overload]
-        self.forget.submit(model, ids, [], request_id, UnlearningOptions(), actor)
-        row = self.forget.wait_done(request_id, timeout=MITIGATION_TIMEOUT_S)
-        if row is None or row.state != "SUCCEEDED":
-            raise FailedPrecondition(
-                f"mitigation forget {request_id} ended {row.state if row else 'missing'}"
-            )
-        info = self.engine.model_info(model)
-        with torch.no_grad():
-            after_label = int(self.engine.snapshot(model).module(x.unsqueeze(0)).argmax(dim=1))
-        mitigation = {
-            "operation": f"operations/{request_id}",
-            "new_version": info.row.current_version,
-            "predicted_label_after": after_label,
-            "prediction_changed": after_label != outcome.predicted_label,
-            "test_accuracy_before": before,
-            "test_accuracy_after": info.version.metrics.get("test_accuracy", float("nan")),
+    def _rescore(
+        self, model: str, estimator: str, x: torch.Tensor
+    ) -> list[tuple[int, float, float]]:
+        """(predicted label, target score, p-value) of inputs on the current version: the
+        rescan after a mitigation (no confirmation: the clean reference alone)."""
+        calibration = self.reference(model, estimator)
+        labels = predicted_labels(self.engine.snapshot(model).module, x)
+        scored = self._scores(model, estimator, x, labels, calibration.source)
+        scores = np.array([s for s, _ in scored])
+        p, _ = self.p_values(calibration, scores, self._group_z(model, scored, labels))
+        return [
+            (int(label), float(score), float(pv))
+            for label, score, pv in zip(labels.tolist(), scores.tolist(), p.tolist(), strict=True)
+        ]
+
+    def reference(self, model: str, estimator: str) -> Calibration:
+        """The clean reference (scores and evidence of the calibration inputs) of the current
+        version, without the drop threshold's confirmations (NaN there) unless calibrated."""
+        source = self._source(model, estimator)
+        x = self._calibration_inputs(model)
+        snapshot = self.engine.snapshot(model)
+        labels = predicted_labels(snapshot.module, x)
+        scored = self._scores(model, estimator, x, labels, source, clean_version=snapshot.version)
+        scores = np.array([s for s, _ in scored])
+        group_z = self._group_z(model, scored, labels)
+        mode = self.confirm.mode(model)
+        filter_p = (
+            self.settings.retrain_filter_false_positive_rate
+            if mode == "retrain"
+            else self.settings.false_positive_rate
+        )
+        return Calibration(
+            filter_p, math.nan, mode, source, tuple(scores.tolist()), tuple(group_z.tolist())
+        )
+
+    # Estimating ---------------------------------------------------------------------------
+
+    def estimate(
+        self,
+        model: str,
+        inputs: np.ndarray,
+        estimator: str,
+        mitigate: bool = False,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """What a Scan of ``inputs`` will cost, from timed probes on this version: scoring,
+        the version's calibration when it is not stored yet, the confirmations the clean
+        pass rate predicts (their controls at the false-positive rate), the attack set's
+        two removals (mitigate or dry run), and the forget and the rescan (mitigate)."""
+        estimator = self.validate(model, inputs, estimator or "gas")
+        data = self.engine.training_data(model)
+        snapshot = self.engine.snapshot(model)
+        params = sum(p.numel() for p in snapshot.module.parameters())
+        mode = self.confirm.mode(model)
+        source = self._source(model, estimator)
+        probe = torch.from_numpy(inputs[:1])
+        labels = predicted_labels(snapshot.module, probe)
+        # Each probe runs until it is in steady state: the first pass pays what is built
+        # once per process or version and kept (torch.func's imports, the class-outlier z,
+        # the Newton solver's shared Hessian), so the scan that follows does not pay it.
+        for _ in range(2):
+            started = time.perf_counter()
+            scored = self._scores(model, estimator, probe, labels, source)
+            self._group_z(model, scored, labels)
+            chunk_s = time.perf_counter() - started
+        confirm_s = self._confirmation_seconds(model, probe[0], scored[0][1], mode)
+        settings = self.settings
+        filter_p = (
+            settings.retrain_filter_false_positive_rate
+            if mode == "retrain"
+            else settings.false_positive_rate
+        )
+        calibrated = self._calibrated(model, estimator, mode, source)
+        calibration_inputs = min(
+            settings.calibration_inputs, len(self.engine.test_data(model).labels)
+        )
+        reference_s = math.ceil(calibration_inputs / CHUNK) * chunk_s
+        calibration_s = 0.0
+        if not calibrated:
+            calibration_s = reference_s + filter_p * calibration_inputs * confirm_s
+        expected = filter_p * len(inputs) * (1 + settings.false_positive_rate)
+        confirmation_s = expected * confirm_s
+        mitigation_s = 0.0
+        if mitigate or dry_run:  # the attack set's removal and its control
+            mitigation_s = 2 * confirm_s
+        if mitigate:  # the forget, then the rescan against the new version's reference
+            metrics = self.engine.version_row(model, 0).metrics
+            forget_s = max(float(metrics.get("training_seconds", 0.0)), confirm_s)
+            mitigation_s += forget_s + reference_s + chunk_s
+        scoring_s = math.ceil(len(inputs) / CHUNK) * chunk_s
+        return {
+            "inputs": len(inputs),
+            "training_samples": len(data.labels),
+            "checkpoints": len(self.engine.checkpoints(model)),
+            "estimated_seconds": scoring_s + calibration_s + confirmation_s + mitigation_s,
+            "estimated_bytes": 4 * (len(data.labels) * CHUNK + 256 * params),
+            "estimated_scoring_seconds": scoring_s,
+            "estimated_calibration_seconds": calibration_s,
+            "estimated_confirmation_seconds": confirmation_s,
+            "estimated_mitigation_seconds": mitigation_s,
+            "calibrated": calibrated,
         }
-        return ScanOutcome(**{**outcome.__dict__, "mitigation": mitigation})
+
+    def _confirmation_seconds(
+        self, model: str, x: torch.Tensor, influences: torch.Tensor, mode: str
+    ) -> float:
+        """One confirmation's time, from timed removals of the probe's proponents: a
+        retrained one costs the same every time; the first Newton one also builds the
+        version's shared Hessian (kept for the scan), so the second is timed."""
+        for _ in range(1 if mode == "retrain" else 2):
+            started = time.perf_counter()
+            self.confirm.drop(model, x, influences, mode)
+            elapsed = time.perf_counter() - started
+        return elapsed
+
+    def _calibrated(self, model: str, estimator: str, mode: str, source: str) -> bool:
+        settings = self.settings
+        ks = "-".join(str(k) for k in settings.ks)
+        evidence = f"ts{settings.group_size}" if settings.training_side else "influence"
+        kind = f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
+        stored = self.engine.store.artefact(model, kind)
+        return stored is not None and stored.version == self.engine.model_row(model).current_version
+
+
+def _decision(
+    p: float,
+    calibration: Calibration,
+    passed: bool,
+    drop: float,
+    control: float,
+    flagged: bool,
+    label: int,
+    removed: int,
+) -> str:
+    """Every cut that decided the input, with its value, in one sentence."""
+    first = (
+        f"p-value {p:.3g} {'<=' if passed else '>'} the filter's {calibration.filter_p:g} "
+        f"(clean calibration inputs, {calibration.source} influence)"
+    )
+    if not passed:
+        return f"{first}: not suspected"
+    how = "retrained" if calibration.confirmation == "retrain" else "Newton"
+    second = (
+        f"removing its top {removed} proponents ({how}) lowered P(label {label}) by {drop:.3f} "
+        f"{'>=' if drop >= calibration.drop else '<'} the calibrated {calibration.drop:.3f}"
+    )
+    if drop < calibration.drop:
+        return f"{first}; {second}: not confirmed"
+    third = (
+        f"removing {removed} random label-{label} samples lowered it by {control:.3f} "
+        f"{'<' if control < calibration.drop else '>='} {calibration.drop:.3f}"
+    )
+    return f"{first}; {second}; {third}: {'flagged' if flagged else 'control also moved it: not flagged'}"

@@ -51,6 +51,27 @@ class ScanSettings:
         default=0.5,
         metadata={"help": "least confirming drop (retrained removal); calibrated above"},
     )
+    training_side: bool = field(
+        default=True,
+        metadata={
+            "help": "combine the influence score's p-value with the training-side evidence "
+            "(the class-outlier z of the input's top proponents) by Fisher's method"
+        },
+    )
+    group_size: int = field(
+        default=10, metadata={"help": "top proponents whose class-outlier z is the group's"}
+    )
+    proponents_per_target: int = field(
+        default=10,
+        metadata={"help": "top proponents a flagged input names (its share of the attack set)"},
+    )
+    member_z: float = field(
+        default=3.5,
+        metadata={
+            "help": "a top proponent joins the attack set when its influence z or its "
+            "class-outlier z reaches this (chosen on the development attacks)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.confirmation not in CONFIRMATIONS:
@@ -60,11 +81,14 @@ class ScanSettings:
 
 
 class Calibration(NamedTuple):
-    """Thresholds of one model version, estimator and confirmation mode."""
+    """Thresholds of one model version, influence source, estimator and confirmation mode."""
 
-    score: float  # the first filter on the target score
+    filter_p: float  # the first filter: an input passes when its p-value is at most this
     drop: float  # the confirming fall of the predicted class's probability
     confirmation: str  # retrain or newton
+    source: str  # where the influences came from: "index" or "exact" (the same when scoring)
+    clean_scores: tuple[float, ...]  # the clean calibration inputs' influence scores
+    clean_group_z: tuple[float, ...]  # ... and their top proponents' class-outlier z
 
 
 @dataclass(frozen=True)
@@ -72,9 +96,15 @@ class ScanOutcome:
     index: int
     predicted_label: int
     target_score: float
-    threshold: float
+    threshold: float  # the filter's p-value cut
     flagged: bool
     counterfactual_drop: float
     implicated: list[dict[str, object]]
     model_version: int
     mitigation: dict[str, object] | None = None
+    p_value: float = 1.0
+    influence_p_value: float = 1.0
+    group_outlier_z: float = 0.0
+    control_drop: float = 0.0
+    drop_threshold: float = 0.0
+    decision: str = ""

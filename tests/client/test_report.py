@@ -15,7 +15,7 @@ import pytest
 from expunge.client.report import MAX_UNFLAGGED_ROWS, write_scan_report
 from expunge.client.types import ImplicatedSample, Mitigation, ScanResult
 
-THRESHOLD = 2.5
+THRESHOLD = 0.5  # the filter's p-value cut
 MODEL_VERSION = 3
 EVIL_OWNER = "<script>alert(1)</script>"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,13 +55,16 @@ def _implicated(first_id: int, owners: list[str], label: int) -> list[Implicated
             label=label,
             influence=0.05 / (k + 1),
             z=6.0 - 0.8 * k,
+            class_outlier_z=4.5 - k,
+            reason=f"top-{k + 1} proponent of confirmed input(s) 2",
         )
         for k, owner in enumerate(owners)
     ]
 
 
 def _results(labels: np.ndarray) -> list[ScanResult]:
-    """Inputs 2 and 5 flagged (5 mitigated, 2 implicating a hostile owner id); the rest clean."""
+    """Inputs 2 and 5 flagged (the attack set forgotten, 2 implicating a hostile owner id);
+    inputs 0, 3 and 6 passed the filter but were not confirmed; the rest did not pass."""
     implicated = {
         2: _implicated(1000, ["alice", EVIL_OWNER, "alice", "bob"], label=7),
         5: _implicated(1100, ["carol", "carol", "dave"], label=1),
@@ -69,6 +72,7 @@ def _results(labels: np.ndarray) -> list[ScanResult]:
     results = []
     for i, label in enumerate(labels):
         flagged = i in implicated
+        passed = flagged or i in (0, 3, 6)
         results.append(
             ScanResult(
                 index=i,
@@ -76,7 +80,7 @@ def _results(labels: np.ndarray) -> list[ScanResult]:
                 target_score=4.0 + i / 10 if flagged else 0.3 * (i % 7) - 0.5,
                 threshold=THRESHOLD,
                 flagged=flagged,
-                counterfactual_drop=0.6 if flagged else 0.01,
+                counterfactual_drop=0.6 if flagged else (0.1 if passed else 0.0),
                 implicated=implicated.get(i, []),
                 mitigation=(
                     Mitigation(
@@ -86,11 +90,24 @@ def _results(labels: np.ndarray) -> list[ScanResult]:
                         prediction_changed=True,
                         test_accuracy_before=0.962,
                         test_accuracy_after=0.958,
+                        applied=True,
+                        sample_ids=(1000, 1001, 1002, 1003, 1100, 1101, 1102),
+                        targets=2,
+                        targets_affected=2,
+                        control_affected=0,
+                        p_value_after=0.6,
+                        decision="attack set of 7 samples ...: confirmed: forgetting it",
                     )
-                    if i == 5
+                    if flagged
                     else None
                 ),
                 model_version=MODEL_VERSION,
+                p_value=0.01 * (i + 1) if passed else 0.6 + i / 100,
+                influence_p_value=0.02,
+                group_outlier_z=4.0 if flagged else 0.2,
+                control_drop=0.01 if flagged else 0.0,
+                drop_threshold=0.5,
+                decision=f"decision of input {i}",
             )
         )
     return results
@@ -114,8 +131,9 @@ def test_image_report_shows_counts_flags_implicated_samples_and_mitigation(
     page = path.read_text(encoding="utf-8")
     text = _text(page)
     assert "inputs scanned 12" in text
+    assert "passed the filter 5" in text
     assert "flagged 2" in text
-    assert f"threshold {THRESHOLD}" in text
+    assert f"filter p-value cut {THRESHOLD}" in text
     assert f"model version {MODEL_VERSION}" in text
     for index in (2, 5):
         assert f'id="input-{index}"' in page
@@ -124,6 +142,14 @@ def test_image_report_shows_counts_flags_implicated_samples_and_mitigation(
         assert f"<td>{sample_id}</td>" in page
     assert "operations/scan-req-17" in text
     assert "96.20% → 95.80%" in text
+    # Every cut that decided a flag is on the page with its value.
+    for index in (2, 5):
+        assert f"decision of input {index}" in text
+    assert "drop 0.6 (needed 0.5; control 0.01)" in text
+    assert "0.6 (0.5)" in text  # the table's drop and its calibrated threshold
+    assert "top-1 proponent of confirmed input(s) 2" in text
+    assert "The attack set of 7 samples was forgotten" in text
+    assert "confirmed: forgetting it" in text
 
     pngs = _pngs(page)
     assert pngs and all(png.startswith(PNG_SIGNATURE) for png in pngs)
@@ -185,7 +211,9 @@ def test_report_of_nothing_flagged_says_so(tmp_path: Path) -> None:
 
     text = _text(path.read_text(encoding="utf-8"))
     assert "flagged 0" in text
-    assert "No input reached the threshold." in text
+    passed = sum(r.p_value <= r.threshold for r in results)
+    assert passed == 2
+    assert f"No input was flagged: {passed} passed the filter and none was confirmed." in text
 
 
 def test_importing_the_report_module_loads_neither_matplotlib_nor_torch() -> None:

@@ -74,6 +74,20 @@ def scan_server(backdoored_state: Path, tmp_path: Path) -> Iterator[object]:
     running.stop(0)  # type: ignore[attr-defined]
 
 
+def _check_decisions(results: list[object]) -> None:
+    """Every flag follows from the cuts the result reports, and its sentence names them."""
+    for r in results:
+        passed = r.p_value <= r.threshold  # type: ignore[attr-defined]
+        assert (f"p-value {r.p_value:.3g}") in r.decision  # type: ignore[attr-defined]
+        if not passed:
+            assert r.counterfactual_drop == 0.0 and not r.flagged  # type: ignore[attr-defined]
+            assert r.decision.endswith("not suspected") and not r.implicated  # type: ignore[attr-defined]
+        if r.flagged:  # type: ignore[attr-defined]
+            assert passed and r.counterfactual_drop >= r.drop_threshold  # type: ignore[attr-defined]
+            assert r.control_drop < r.drop_threshold  # type: ignore[attr-defined]
+            assert r.decision.endswith("flagged")  # type: ignore[attr-defined]
+
+
 def test_newton_confirmation_uses_the_calibrated_filter_and_drop(
     backdoored_state: Path, tmp_path: Path, attack: AttackedDataset
 ) -> None:
@@ -88,12 +102,12 @@ def test_newton_confirmation_uses_the_calibrated_filter_and_drop(
         running.stop(0)  # type: ignore[attr-defined]
     clean = results[len(attack.target_x) :]
     assert sum(r.flagged for r in clean) <= 3
+    _check_decisions(results)
     for r in results:
-        if r.flagged:  # the drop threshold is calibrated, never below the 0.1 floor
-            assert r.target_score >= r.threshold and r.counterfactual_drop >= 0.1
-        if r.target_score < r.threshold:
-            assert r.counterfactual_drop == 0.0 and not r.flagged
-    assert any(r.target_score >= r.threshold for r in results[: len(attack.target_x)])
+        assert r.threshold == 0.05 and r.drop_threshold >= 0.1  # strict filter, floored drop
+        assert "Newton" in r.decision or r.decision.endswith("not suspected")
+    # Measured: 7 of 10 targets flagged, 0 of 30 clean inputs.
+    assert sum(r.flagged for r in results[: len(attack.target_x)]) >= 3
 
 
 def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
@@ -109,48 +123,87 @@ def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
             and estimate.training_samples == 1200
             and estimate.checkpoints == 10
         )
+        assert not estimate.calibrated and estimate.estimated_calibration_seconds > 0
+        assert estimate.estimated_mitigation_seconds == 0  # none asked for
+        parts = (
+            estimate.estimated_scoring_seconds
+            + estimate.estimated_calibration_seconds
+            + estimate.estimated_confirmation_seconds
+        )
+        assert estimate.estimated_seconds == pytest.approx(parts)
         results = list(client.scan("bd", inputs))
+        # The version is calibrated now: a second estimate leaves calibration out.
+        again = client.estimate_scan("bd", inputs, mitigate=True)
+        assert again.calibrated and again.estimated_calibration_seconds == 0
+        assert again.estimated_mitigation_seconds > 0
     assert [r.index for r in results] == list(range(len(inputs)))
     targets, clean = results[: len(attack.target_x)], results[len(attack.target_x) :]
-    assert np.median([r.target_score for r in targets]) > np.median([r.target_score for r in clean])
-    implicated = [s.sample_id for r in targets for s in r.implicated]
+    # p-values against the 100 clean calibration inputs: 1/101 is the smallest possible.
+    assert all(1 / 101 <= r.p_value <= 1 for r in results)
+    assert np.median([r.p_value for r in targets]) < np.median([r.p_value for r in clean])
+    # The training side: the targets' top proponents are outliers of their class.
+    assert np.median([r.group_outlier_z for r in targets]) > 3
+    assert np.median([r.group_outlier_z for r in clean]) < 1
     poison = attack.poison_mask.numpy()
+    implicated = [s.sample_id for r in targets if r.flagged for s in r.implicated]
     assert implicated and np.mean(poison[implicated]) > 0.8  # implicated samples are the poisons
-    assert all(r.threshold == results[0].threshold for r in results)
+    assert all(s.reason.startswith("top-") for r in targets for s in r.implicated)
     # 1,200 samples x 30 epochs: cheap enough that Scan confirms by retraining, after a
-    # lenient first filter (half the clean calibration inputs pass it); the drop threshold
-    # is calibrated so that at most 5% of clean calibration inputs are flagged.
+    # lenient first filter (p <= 0.5); the drop threshold is calibrated so that at most 5%
+    # of clean calibration inputs would be flagged.
+    assert all(r.threshold == 0.5 and "retrained" in r.decision for r in targets)
+    # One estimator per threshold: the index was ready, so the calibration and every score
+    # came from its embeddings, and the stored calibration's key says so.
+    assert all("index influence" in r.decision for r in results)
+    store = scan_server.engine.store  # type: ignore[attr-defined]
+    stored = store.artefact("bd", "scan_calibration:gas:index:retrain:k2-10:ts10")
+    assert stored is not None and stored.meta["source"] == "index"
+    assert store.artefact("bd", "scan_calibration:gas:exact:retrain:k2-10:ts10") is None
     assert sum(r.flagged for r in clean) <= 3
-    for r in results:
-        if r.flagged:
-            assert r.target_score >= r.threshold and r.counterfactual_drop >= 0.5
-        elif r.target_score < r.threshold:
-            assert r.counterfactual_drop == 0.0  # filtered out: no removal was computed
-    assert sum(r.flagged for r in targets) >= 3  # measured: 5 of 10 targets, 0 of 30 clean
+    _check_decisions(results)
+    assert sum(r.flagged for r in targets) >= 3  # measured: 7 of 10 targets, 1 of 30 clean
 
 
-def test_mitigation_forgets_the_implicated_samples(
+def test_mitigation_forgets_a_confirmed_attack_set_and_rescans(
     scan_server: object, attack: AttackedDataset
 ) -> None:
+    targets = attack.target_x.numpy().astype(np.float32)
+    poison = attack.poison_mask.numpy()
     with Client(scan_server.target, timeout=600) as client:  # type: ignore[attr-defined]
-        results = list(client.scan("bd", attack.target_x.numpy().astype(np.float32)))
+        planned = list(client.scan("bd", targets, dry_run=True))
+        assert client.get_model("bd").current_version == 1  # a dry run forgets nothing
+        plan = next(r.mitigation for r in planned if r.flagged)
+        assert plan is not None and plan.dry_run and not plan.applied and not plan.operation
+        assert all(r.mitigation is None for r in planned if not r.flagged)
+        results = list(client.scan("bd", targets, mitigate=True, request_id="mitigate-1"))
         flagged = [r for r in results if r.flagged]
-        assert flagged, "no target confirmed: nothing to mitigate"
-        strongest = max(flagged, key=lambda r: r.counterfactual_drop).index
-        x = attack.target_x.numpy()[strongest : strongest + 1].astype(np.float32)
-        (result,) = client.scan("bd", x, mitigate=True, request_id="mitigate-1")
-        assert result.flagged  # same version, same calibration: the same decision
-        assert result.mitigation is not None and result.mitigation.new_version == 2
-        op = client.get_operation(result.mitigation.operation)
+        assert [r.flagged for r in results] == [r.flagged for r in planned]  # same version
+        mitigation = flagged[0].mitigation
+        assert mitigation is not None and mitigation.applied and mitigation.new_version == 2
+        assert mitigation.sample_ids == plan.sample_ids  # what the dry run announced
+        assert all(r.mitigation.sample_ids == mitigation.sample_ids for r in flagged)  # type: ignore[union-attr]
+        # Confirmed against its control: most flagged targets changed, the control's none.
+        assert 2 * mitigation.targets_affected >= mitigation.targets == len(flagged)
+        assert 4 * mitigation.control_affected < mitigation.targets_affected
+        assert "confirmed" in mitigation.decision
+        op = client.get_operation(mitigation.operation)
         assert op.state == "SUCCEEDED" and op.receipt is not None
         assert op.receipt.removed_sample_digests == sample_digests(
             scan_server.engine.store.root,  # type: ignore[attr-defined]
-            (s.sample_id for s in result.implicated),
+            mitigation.sample_ids,
         )
+        # The attack set is the poisons (measured: 26 of 30 poisons, no clean sample).
+        named = np.array(mitigation.sample_ids)
+        assert poison[named].mean() >= 0.9 and poison[named].sum() >= 0.8 * poison.sum()
+        # The rescan on the new version: the targets' predictions left the attack's label.
+        changed = sum(r.mitigation.prediction_changed for r in flagged)  # type: ignore[union-attr]
+        assert 2 * changed >= len(flagged)
+        assert all(r.mitigation.p_value_after > 0 for r in flagged)  # type: ignore[union-attr]
         assert (
-            abs(result.mitigation.test_accuracy_after - result.mitigation.test_accuracy_before)
-            < 0.05
+            abs(mitigation.test_accuracy_after - mitigation.test_accuracy_before) < 0.05
         )
+        with pytest.raises(InvalidArgumentError, match="dry_run"):
+            list(client.scan("bd", targets[:1], mitigate=True, dry_run=True, request_id="x"))
 
 
 def test_bad_scans_are_refused_clearly(scan_server: object) -> None:
@@ -188,10 +241,12 @@ def test_the_gas_tracincp_ensemble_scores_targets_above_clean_inputs(
     # Scores are surprises (-log clean tail share): a clean input sits near log(2).
     assert min(r.target_score for r in targets) > np.median([r.target_score for r in clean])
     assert sum(r.flagged for r in clean) <= 3
-    assert results[0].threshold != single[0].threshold  # its own calibration
+    # Each estimator has its own clean reference: the same input scores differently.
+    assert results[0].target_score != single[0].target_score
     poison = attack.poison_mask.numpy()
-    implicated = [s.sample_id for r in targets for s in r.implicated]
+    implicated = [s.sample_id for r in targets if r.flagged for s in r.implicated]
     assert implicated and np.mean(poison[implicated]) > 0.8
+    _check_decisions(results)
 
 
 def test_several_k_take_the_rarest_calibrated_score(
@@ -200,6 +255,7 @@ def test_several_k_take_the_rarest_calibrated_score(
     # The attack set's size is unknown, so Scan scores each input at k = 2 and 10 and keeps
     # the k whose score is rarer among the clean calibration inputs: check that against
     # the single-k scores combined explicitly.
+    from expunge.defenses.gradients import predicted_labels
     from expunge.defenses.targets import calibrated_surprise
     from expunge.server.scan.service import ScanService
     from expunge.server.scan.settings import ScanSettings
@@ -210,15 +266,41 @@ def test_several_k_take_the_rarest_calibrated_score(
     clean_x = torch.from_numpy(test.features[:100])
     x = torch.from_numpy(np.concatenate([attack.target_x.numpy()[:5], test.features[100:105]]))
     multi = ScanService(engine, forget, forget.index, ScanSettings(ks=(2, 10)))
-    got = [s for s, _ in multi._scores("bd", "gas", x)]
+    labels = predicted_labels(engine.snapshot("bd").module, x)
+    clean_labels = predicted_labels(engine.snapshot("bd").module, clean_x)
+    got = [s for s, _ in multi._scores("bd", "gas", x, labels, "exact")]
     expected = []
     for k in (2, 10):
         single = ScanService(engine, forget, forget.index, ScanSettings(ks=(k,)))
-        clean = [s for s, _ in single._scores("bd", "gas", clean_x)]
-        scores = [s for s, _ in single._scores("bd", "gas", x)]
+        clean = [s for s, _ in single._scores("bd", "gas", clean_x, clean_labels, "exact")]
+        scores = [s for s, _ in single._scores("bd", "gas", x, labels, "exact")]
         expected.append(calibrated_surprise(clean, scores))
     np.testing.assert_allclose(got, np.max(expected, axis=0), rtol=1e-12)
     with pytest.raises(ValueError, match="distinct positive"):
         ScanSettings(ks=(10, 10))
     with pytest.raises(ValueError, match="distinct positive"):
         ScanSettings(ks=())
+
+
+def test_a_clean_model_scanned_with_mitigation_forgets_nothing(state_dir: Path) -> None:
+    # The demo digits model has no attack: 200 clean held-out inputs (none of them the
+    # calibration inputs) scanned with mitigate must leave the model as it was.
+    running = start(Settings(state_dir=state_dir, port=0, build_index=False))
+    try:
+        test = running.engine.test_data("digits")
+        inputs = test.features[100:300]
+        assert len(inputs) == 200
+        with Client(running.target, timeout=900) as client:
+            results = list(client.scan("digits", inputs, mitigate=True, request_id="clean-1"))
+            assert client.get_model("digits").current_version == 1
+        assert len(results) == 200
+        applied = [r for r in results if r.mitigation is not None and r.mitigation.applied]
+        assert not applied
+        # Measured: 6 of 200 flagged (3%, below the 5% calibrated rate); removing the 28
+        # standing-out top proponents of all six changed only one of them, so the attack
+        # set was refused and nothing was forgotten.
+        assert sum(r.flagged for r in results) <= 10
+        _check_decisions(results)
+        assert running.engine.store.request("clean-1") is None  # no forget was journalled
+    finally:
+        running.stop(0)

@@ -502,53 +502,77 @@ class CancelOperationRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
-    __slots__ = ("model", "inputs", "estimator", "max_implicated", "mitigate", "request_id")
+    __slots__ = ("model", "inputs", "estimator", "max_implicated", "mitigate", "request_id", "dry_run")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     MAX_IMPLICATED_FIELD_NUMBER: _ClassVar[int]
     MITIGATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: Tensor
     estimator: str
     max_implicated: int
     mitigate: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., estimator: _Optional[str] = ..., max_implicated: _Optional[int] = ..., mitigate: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    dry_run: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., estimator: _Optional[str] = ..., max_implicated: _Optional[int] = ..., mitigate: _Optional[bool] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class ImplicatedSample(_message.Message):
-    __slots__ = ("sample_id", "owner_id", "label", "influence", "z")
+    __slots__ = ("sample_id", "owner_id", "label", "influence", "z", "class_outlier_z", "reason")
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     INFLUENCE_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
+    CLASS_OUTLIER_Z_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     sample_id: int
     owner_id: str
     label: int
     influence: float
     z: float
-    def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., influence: _Optional[float] = ..., z: _Optional[float] = ...) -> None: ...
+    class_outlier_z: float
+    reason: str
+    def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., influence: _Optional[float] = ..., z: _Optional[float] = ..., class_outlier_z: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Mitigation(_message.Message):
-    __slots__ = ("operation", "new_version", "predicted_label_after", "prediction_changed", "test_accuracy_before", "test_accuracy_after")
+    __slots__ = ("operation", "new_version", "predicted_label_after", "prediction_changed", "test_accuracy_before", "test_accuracy_after", "applied", "dry_run", "sample_ids", "targets", "targets_affected", "control_affected", "target_score_after", "p_value_after", "decision")
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LABEL_AFTER_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_CHANGED_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_BEFORE_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SCORE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     operation: str
     new_version: int
     predicted_label_after: int
     prediction_changed: bool
     test_accuracy_before: float
     test_accuracy_after: float
-    def __init__(self, operation: _Optional[str] = ..., new_version: _Optional[int] = ..., predicted_label_after: _Optional[int] = ..., prediction_changed: _Optional[bool] = ..., test_accuracy_before: _Optional[float] = ..., test_accuracy_after: _Optional[float] = ...) -> None: ...
+    applied: bool
+    dry_run: bool
+    sample_ids: _containers.RepeatedScalarFieldContainer[int]
+    targets: int
+    targets_affected: int
+    control_affected: int
+    target_score_after: float
+    p_value_after: float
+    decision: str
+    def __init__(self, operation: _Optional[str] = ..., new_version: _Optional[int] = ..., predicted_label_after: _Optional[int] = ..., prediction_changed: _Optional[bool] = ..., test_accuracy_before: _Optional[float] = ..., test_accuracy_after: _Optional[float] = ..., applied: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., targets: _Optional[int] = ..., targets_affected: _Optional[int] = ..., control_affected: _Optional[int] = ..., target_score_after: _Optional[float] = ..., p_value_after: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class ScanResult(_message.Message):
-    __slots__ = ("index", "predicted_label", "target_score", "threshold", "flagged", "counterfactual_drop", "implicated", "mitigation", "model_version")
+    __slots__ = ("index", "predicted_label", "target_score", "threshold", "flagged", "counterfactual_drop", "implicated", "mitigation", "model_version", "p_value", "influence_p_value", "group_outlier_z", "control_drop", "drop_threshold", "decision")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LABEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -558,6 +582,12 @@ class ScanResult(_message.Message):
     IMPLICATED_FIELD_NUMBER: _ClassVar[int]
     MITIGATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INFLUENCE_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_OUTLIER_Z_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_DROP_FIELD_NUMBER: _ClassVar[int]
+    DROP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     index: int
     predicted_label: int
     target_score: float
@@ -567,21 +597,37 @@ class ScanResult(_message.Message):
     implicated: _containers.RepeatedCompositeFieldContainer[ImplicatedSample]
     mitigation: Mitigation
     model_version: int
-    def __init__(self, index: _Optional[int] = ..., predicted_label: _Optional[int] = ..., target_score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., counterfactual_drop: _Optional[float] = ..., implicated: _Optional[_Iterable[_Union[ImplicatedSample, _Mapping]]] = ..., mitigation: _Optional[_Union[Mitigation, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    p_value: float
+    influence_p_value: float
+    group_outlier_z: float
+    control_drop: float
+    drop_threshold: float
+    decision: str
+    def __init__(self, index: _Optional[int] = ..., predicted_label: _Optional[int] = ..., target_score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., counterfactual_drop: _Optional[float] = ..., implicated: _Optional[_Iterable[_Union[ImplicatedSample, _Mapping]]] = ..., mitigation: _Optional[_Union[Mitigation, _Mapping]] = ..., model_version: _Optional[int] = ..., p_value: _Optional[float] = ..., influence_p_value: _Optional[float] = ..., group_outlier_z: _Optional[float] = ..., control_drop: _Optional[float] = ..., drop_threshold: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class ScanEstimate(_message.Message):
-    __slots__ = ("inputs", "training_samples", "checkpoints", "estimated_seconds", "estimated_bytes")
+    __slots__ = ("inputs", "training_samples", "checkpoints", "estimated_seconds", "estimated_bytes", "estimated_scoring_seconds", "estimated_calibration_seconds", "estimated_confirmation_seconds", "estimated_mitigation_seconds", "calibrated")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_SCORING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_CALIBRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_CONFIRMATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_MITIGATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     inputs: int
     training_samples: int
     checkpoints: int
     estimated_seconds: float
     estimated_bytes: int
-    def __init__(self, inputs: _Optional[int] = ..., training_samples: _Optional[int] = ..., checkpoints: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., estimated_bytes: _Optional[int] = ...) -> None: ...
+    estimated_scoring_seconds: float
+    estimated_calibration_seconds: float
+    estimated_confirmation_seconds: float
+    estimated_mitigation_seconds: float
+    calibrated: bool
+    def __init__(self, inputs: _Optional[int] = ..., training_samples: _Optional[int] = ..., checkpoints: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., estimated_bytes: _Optional[int] = ..., estimated_scoring_seconds: _Optional[float] = ..., estimated_calibration_seconds: _Optional[float] = ..., estimated_confirmation_seconds: _Optional[float] = ..., estimated_mitigation_seconds: _Optional[float] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class NeighborsRequest(_message.Message):
     __slots__ = ("model", "inputs", "k", "mode", "filter_label", "label")

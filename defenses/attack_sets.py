@@ -1,0 +1,209 @@
+"""Evidence that a test input is an attack's target, and the attack set behind it (DESIGN 4.8).
+
+Two sides, each measured against the same clean calibration inputs:
+
+- **test side** (influence): the robust target score of ``targets.target_score``, turned
+  into a conformal p-value against the clean inputs' scores, so it has one scale across
+  models, versions and estimators;
+- **training side** (representations): do the input's strongest proponents form an
+  anomalous group *in their own class*? Poisons carry the label the attack wants, so
+  they hide in that class, and a planted group sits off the class's main direction of
+  variation (spectral signatures, Tran et al. 2018). ``class_outlier_z`` gives every
+  training sample the robust z of its spectral score within its class; a candidate
+  group's evidence is the median z of its members (a few clean members do not move it).
+
+``combined_p_values`` merges the two p-values with Fisher's method and calibrates the
+merged statistic against the clean inputs again, so the result is itself a conformal
+p-value: under the null (a clean input, exchangeable with the calibration inputs) it is
+uniform, whatever the model.
+
+``attack_set`` names the training samples to remove for a set of confirmed targets: the
+union of each target's top proponents, each member with the reasons it was named.
+Everything here is pure computation on tensors/arrays; the confirmation (retraining or
+a Newton removal without the set, against an equal-size random control) is the
+caller's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .poison_filters import spectral_signature_scores
+from .targets import qn_scale
+
+__all__ = [
+    "AttackSetMember",
+    "attack_set",
+    "class_outlier_z",
+    "combined_p_values",
+    "conformal_p_values",
+    "group_outlier_z",
+    "random_control",
+    "top_proponents",
+]
+
+
+def conformal_p_values(clean_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``(1 + #{clean >= s}) / (n + 1)`` per score ``(q,)``: a valid p-value for "s is no
+    larger than a clean input's score" when the input is exchangeable with the ``n``
+    clean calibration inputs. The smallest possible value is ``1 / (n + 1)``."""
+    clean = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    values = np.asarray(scores, dtype=np.float64)
+    if clean.size == 0:
+        raise ValueError("need at least one clean score")
+    if np.isnan(clean).any() or np.isnan(values).any():
+        raise ValueError("scores contain NaN")
+    at_least = clean.size - np.searchsorted(clean, values, side="left")
+    return (1.0 + at_least) / (clean.size + 1.0)
+
+
+def _fisher(*p_values: np.ndarray) -> np.ndarray:
+    return -2.0 * np.sum([np.log(p) for p in p_values], axis=0)
+
+
+def combined_p_values(
+    clean_components: Sequence[np.ndarray], components: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fisher-combined conformal p-values of inputs from several component scores.
+
+    ``clean_components[j]`` ``(n,)``: component j's scores of the clean calibration
+    inputs; ``components[j]`` ``(q,)``: the inputs'. Each component becomes a conformal
+    p-value (a clean input's own against the other clean inputs, leave-one-out), the
+    p-values are merged by Fisher's statistic ``-2 sum log p``, and that statistic is
+    calibrated against the clean inputs' own. Returns ``(p (q,), clean_p (n,))``.
+    """
+    if len(clean_components) != len(components) or not components:
+        raise ValueError("need the same, positive number of clean and input components")
+    n = len(clean_components[0])
+    if n < 2:
+        raise ValueError("need at least two clean calibration inputs")
+    clean_p = []
+    input_p = []
+    for clean, values in zip(clean_components, components, strict=True):
+        clean = np.asarray(clean, dtype=np.float64)
+        if clean.shape != (n,):
+            raise ValueError("every clean component needs one score per calibration input")
+        # Leave-one-out: a clean input against the n - 1 others.
+        rank_from_top = n - np.searchsorted(np.sort(clean), clean, side="left") - 1
+        clean_p.append((1.0 + rank_from_top) / n)
+        input_p.append(conformal_p_values(clean, values))
+    clean_statistic = _fisher(*clean_p)
+    statistic = _fisher(*input_p)
+    return conformal_p_values(clean_statistic, statistic), conformal_p_values(
+        clean_statistic, clean_statistic
+    )
+
+
+def class_outlier_z(representations: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Robust z ``(n,)`` float64 of each training sample's spectral score within its class.
+
+    ``representations`` ``(n, d)`` (penultimate features), ``labels`` ``(n,)``. A class
+    whose scores have no spread (one member, identical rows) gets z = 0.
+    """
+    scores = spectral_signature_scores(representations, labels)
+    z = torch.zeros_like(scores)
+    for label in torch.unique(labels).tolist():
+        members = labels == label
+        values = scores[members].numpy()
+        scale = qn_scale(values) if values.size > 1 else 0.0
+        if scale > 0 and math.isfinite(scale):
+            z[members] = (scores[members] - float(np.median(values))) / scale
+    return z
+
+
+def top_proponents(
+    influences: torch.Tensor, train_labels: torch.Tensor, label: int, count: int
+) -> torch.Tensor:
+    """Indices ``(<= count,)`` of the training samples labelled ``label`` with the largest
+    influence, largest first (ties in training order)."""
+    same = torch.nonzero(train_labels == label).reshape(-1)
+    order = torch.argsort(influences[same].double(), descending=True, stable=True)
+    return same[order[:count]]
+
+
+def group_outlier_z(outlier_z: torch.Tensor, members: torch.Tensor) -> float:
+    """The training-side evidence of a candidate group: its members' median class-outlier z."""
+    if members.numel() == 0:
+        return 0.0
+    return float(outlier_z[members].median())
+
+
+def random_control(train_labels: torch.Tensor, removed: torch.Tensor, seed: int) -> torch.Tensor:
+    """An equal-size random set with the same label counts as ``removed``, disjoint from it.
+
+    The confirmation's control: if removing it changes a prediction as much as removing
+    the implicated set does, the change says nothing about the set. Seeded.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    taken = torch.zeros(len(train_labels), dtype=torch.bool)
+    taken[removed] = True
+    picked: list[torch.Tensor] = []
+    labels, counts = torch.unique(train_labels[removed], return_counts=True)
+    for label, count in zip(labels.tolist(), counts.tolist(), strict=True):
+        pool = torch.nonzero((train_labels == label) & ~taken).reshape(-1)
+        order = torch.randperm(len(pool), generator=generator)
+        picked.append(pool[order[: min(count, len(pool))]])
+    if not picked:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.sort(torch.cat(picked)).values
+
+
+@dataclass(frozen=True)
+class AttackSetMember:
+    """One training sample an attack set names, and why."""
+
+    index: int  # row in the training set
+    targets: tuple[int, ...]  # the confirmed inputs (scan indices) it is a top proponent of
+    best_rank: int  # 1 = the strongest proponent of one of them
+    influence_z: float  # its largest standardised influence over those inputs
+    class_outlier_z: float
+
+    def reason(self) -> str:
+        inputs = ", ".join(str(t) for t in self.targets[:5]) + (
+            " ..." if len(self.targets) > 5 else ""
+        )
+        return (
+            f"top-{self.best_rank} proponent of confirmed input(s) {inputs} "
+            f"(influence z {self.influence_z:.2f}); class-outlier z {self.class_outlier_z:.2f}"
+        )
+
+
+def attack_set(
+    proponents: Mapping[int, torch.Tensor],
+    influence_z: Mapping[int, torch.Tensor],
+    outlier_z: torch.Tensor,
+    min_z: float = -math.inf,
+) -> list[AttackSetMember]:
+    """The confirmed targets' top proponents that stand out on either side, strongest first.
+
+    ``proponents[t]`` ``(k,)``: target t's top proponents (``top_proponents``), largest
+    influence first; ``influence_z[t]`` ``(n_train,)``: its standardised influences;
+    ``outlier_z`` ``(n_train,)``: ``class_outlier_z``. A proponent is a member when its
+    influence z (on any of the targets) or its class-outlier z is at least ``min_z``: a
+    top proponent that is neither unusually influential for its class nor unusual in its
+    class is what a clean input's proponents look like too. Members are ordered by best
+    rank, then by the number of targets naming them (more first), then by index.
+    """
+    ranks: dict[int, int] = {}
+    named_by: dict[int, list[int]] = {}
+    best_z: dict[int, float] = {}
+    for target in sorted(proponents):
+        z = influence_z[target]
+        for rank, index in enumerate(proponents[target].tolist(), start=1):
+            ranks[index] = min(ranks.get(index, rank), rank)
+            named_by.setdefault(index, []).append(target)
+            best_z[index] = max(best_z.get(index, -math.inf), float(z[index]))
+    members = [
+        AttackSetMember(
+            index, tuple(named_by[index]), ranks[index], best_z[index], float(outlier_z[index])
+        )
+        for index in ranks
+        if max(best_z[index], float(outlier_z[index])) >= min_z
+    ]
+    members.sort(key=lambda m: (m.best_rank, -len(m.targets), m.index))
+    return members
