@@ -174,10 +174,7 @@ class ScanService:
         row = self.engine.model_row(model)
         mode = self.confirm.mode(model)
         source = self._source(model, estimator)
-        settings = self.settings
-        ks = "-".join(str(k) for k in settings.ks)
-        evidence = f"ts{settings.group_size}" if settings.training_side else "influence"
-        kind = f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
+        kind = self._kind(estimator, source, mode)
         stored = self.engine.store.artefact(model, kind)
         if stored is not None and stored.version == row.current_version:
             meta = stored.meta
@@ -189,26 +186,18 @@ class ScanService:
                 tuple(meta["clean_scores"]),
                 tuple(meta["clean_group_z"]),
             )
-        x = self._calibration_inputs(model)
-        snapshot = self.engine.snapshot(model)
-        labels = predicted_labels(snapshot.module, x)
-        scored = self._scores(model, estimator, x, labels, source, clean_version=snapshot.version)
-        scores = np.array([s for s, _ in scored])
-        group_z = self._group_z(model, scored, labels)
-        if settings.training_side:
+        x, scored, reference = self._clean_reference(model, estimator, source, mode)
+        scores, group_z = np.array(reference.clean_scores), np.array(reference.clean_group_z)
+        if self.settings.training_side:
             _, clean_p = combined_p_values([scores, group_z], [scores, group_z])
         else:
             clean_p = conformal_p_values(scores, scores)
-        filter_p = (
-            settings.retrain_filter_false_positive_rate
-            if mode == "retrain"
-            else settings.false_positive_rate
-        )
         # Inputs the filter stops are never flagged: their drop counts as -inf.
         drops = np.full(len(scored), -np.inf)
         for i, (_, influences) in enumerate(scored):
-            if clean_p[i] <= filter_p:
+            if clean_p[i] <= reference.filter_p:
                 drops[i] = self.confirm.drop(model, x[i], influences, mode)
+        settings = self.settings
         drop_threshold = max(
             calibrate_threshold(drops, settings.false_positive_rate),
             settings.retrain_drop_threshold if mode == "retrain" else settings.drop_threshold,
@@ -216,7 +205,7 @@ class ScanService:
         meta = {
             "confirmation": mode,
             "source": source,
-            "filter_p": filter_p,
+            "filter_p": reference.filter_p,
             "drop_threshold": drop_threshold,
             "false_positive_rate": settings.false_positive_rate,
             "inputs": len(scores),
@@ -228,14 +217,34 @@ class ScanService:
             self.engine.store.put_artefact(
                 ArtefactRow(model, kind, blob, row.current_version, meta)
             )
-        return Calibration(
-            filter_p,
-            drop_threshold,
-            mode,
-            source,
-            tuple(scores.tolist()),
-            tuple(group_z.tolist()),
-        )
+        return reference._replace(drop=drop_threshold)
+
+    def _kind(self, estimator: str, source: str, mode: str) -> str:
+        """The calibration artefact's kind: everything its thresholds depend on."""
+        settings = self.settings
+        ks = "-".join(str(k) for k in settings.ks)
+        evidence = f"ts{settings.group_size}" if settings.training_side else "influence"
+        return f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
+
+    def _filter_p(self, mode: str) -> float:
+        settings = self.settings
+        if mode == "retrain":
+            return settings.retrain_filter_false_positive_rate
+        return settings.false_positive_rate
+
+    def _clean_reference(
+        self, model: str, estimator: str, source: str, mode: str
+    ) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor]], Calibration]:
+        """The calibration inputs, their (score, influences), and the clean reference of
+        the current version (its drop threshold NaN: no confirmation was run)."""
+        x = self._calibration_inputs(model)
+        snapshot = self.engine.snapshot(model)
+        labels = predicted_labels(snapshot.module, x)
+        scored = self._scores(model, estimator, x, labels, source, clean_version=snapshot.version)
+        scores = tuple(float(s) for s, _ in scored)
+        group_z = tuple(self._group_z(model, scored, labels).tolist())
+        reference = Calibration(self._filter_p(mode), math.nan, mode, source, scores, group_z)
+        return x, scored, reference
 
     def _calibration_inputs(self, model: str) -> torch.Tensor:
         test = self.engine.test_data(model)
@@ -530,24 +539,10 @@ class ScanService:
         ]
 
     def reference(self, model: str, estimator: str) -> Calibration:
-        """The clean reference (scores and evidence of the calibration inputs) of the current
-        version, without the drop threshold's confirmations (NaN there) unless calibrated."""
+        """The clean reference of the current version (scores and evidence of the
+        calibration inputs) without the drop threshold's confirmations (NaN there)."""
         source = self._source(model, estimator)
-        x = self._calibration_inputs(model)
-        snapshot = self.engine.snapshot(model)
-        labels = predicted_labels(snapshot.module, x)
-        scored = self._scores(model, estimator, x, labels, source, clean_version=snapshot.version)
-        scores = np.array([s for s, _ in scored])
-        group_z = self._group_z(model, scored, labels)
-        mode = self.confirm.mode(model)
-        filter_p = (
-            self.settings.retrain_filter_false_positive_rate
-            if mode == "retrain"
-            else self.settings.false_positive_rate
-        )
-        return Calibration(
-            filter_p, math.nan, mode, source, tuple(scores.tolist()), tuple(group_z.tolist())
-        )
+        return self._clean_reference(model, estimator, source, self.confirm.mode(model))[2]
 
     # Estimating ---------------------------------------------------------------------------
 
@@ -581,11 +576,7 @@ class ScanService:
             chunk_s = time.perf_counter() - started
         confirm_s = self._confirmation_seconds(model, probe[0], scored[0][1], mode)
         settings = self.settings
-        filter_p = (
-            settings.retrain_filter_false_positive_rate
-            if mode == "retrain"
-            else settings.false_positive_rate
-        )
+        filter_p = self._filter_p(mode)
         calibrated = self._calibrated(model, estimator, mode, source)
         calibration_inputs = min(
             settings.calibration_inputs, len(self.engine.test_data(model).labels)
@@ -630,11 +621,7 @@ class ScanService:
         return elapsed
 
     def _calibrated(self, model: str, estimator: str, mode: str, source: str) -> bool:
-        settings = self.settings
-        ks = "-".join(str(k) for k in settings.ks)
-        evidence = f"ts{settings.group_size}" if settings.training_side else "influence"
-        kind = f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
-        stored = self.engine.store.artefact(model, kind)
+        stored = self.engine.store.artefact(model, self._kind(estimator, source, mode))
         return stored is not None and stored.version == self.engine.model_row(model).current_version
 
 
