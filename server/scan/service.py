@@ -492,7 +492,7 @@ class ScanService:
                     }
                     for rank, i in enumerate(named.tolist(), start=1)
                 ]
-                if flagged:
+                if flagged and p[offset] <= self.settings.attack_set_p:
                     suspect = Suspect(
                         index,
                         x[offset],
@@ -518,7 +518,7 @@ class ScanService:
                 drop_threshold=required,
                 decision=_decision(
                     float(p[offset]), calibration, passed, drop, control, flagged, label,
-                    self.settings.proponents_removed,
+                    self.settings.proponents_removed, self.settings.attack_set_p,
                 ),
             )  # fmt: skip
             yield outcome, suspect
@@ -634,6 +634,7 @@ def _decision(
     flagged: bool,
     label: int,
     removed: int,
+    attack_set_p: float,
 ) -> str:
     """Every cut that decided the input, with its value, in one sentence."""
     first = (
@@ -653,4 +654,11 @@ def _decision(
         f"removing {removed} random label-{label} samples lowered it by {control:.3f} "
         f"{'<' if control < calibration.drop else '>='} {calibration.drop:.3f}"
     )
-    return f"{first}; {second}; {third}: {'flagged' if flagged else 'control also moved it: not flagged'}"
+    if not flagged:
+        return f"{first}; {second}; {third}: control also moved it: not flagged"
+    if p > attack_set_p:
+        return (
+            f"{first}; {second}; {third}: flagged (its p-value is above the attack set's "
+            f"{attack_set_p:g}: it names no sample for mitigation)"
+        )
+    return f"{first}; {second}; {third}: flagged"

@@ -66,10 +66,18 @@ class ScanSettings:
         metadata={"help": "top proponents a flagged input names (its share of the attack set)"},
     )
     member_z: float = field(
-        default=3.5,
+        default=3.0,
         metadata={
             "help": "a top proponent joins the attack set when its influence z or its "
             "class-outlier z reaches this (chosen on the development attacks)"
+        },
+    )
+    attack_set_p: float = field(
+        default=0.05,
+        metadata={
+            "help": "flagged inputs with a p-value at most this name the attack set (the "
+            "lenient retrain filter lets clean inputs through; chosen on the development "
+            "attacks)"
         },
     )
 

@@ -85,7 +85,9 @@ def _check_decisions(results: list[object]) -> None:
         if r.flagged:  # type: ignore[attr-defined]
             assert passed and r.counterfactual_drop >= r.drop_threshold  # type: ignore[attr-defined]
             assert r.control_drop < r.drop_threshold  # type: ignore[attr-defined]
-            assert r.decision.endswith("flagged")  # type: ignore[attr-defined]
+            assert r.decision.endswith(  # type: ignore[attr-defined]
+                "flagged" if r.p_value <= 0.05 else "no sample for mitigation)"  # type: ignore[attr-defined]
+            )
 
 
 def test_newton_confirmation_uses_the_calibrated_filter_and_drop(
@@ -183,7 +185,9 @@ def test_mitigation_forgets_a_confirmed_attack_set_and_rescans(
         assert mitigation.sample_ids == plan.sample_ids  # what the dry run announced
         assert all(r.mitigation.sample_ids == mitigation.sample_ids for r in flagged)  # type: ignore[union-attr]
         # Confirmed against its control: most flagged targets changed, the control's none.
-        assert 2 * mitigation.targets_affected >= mitigation.targets == len(flagged)
+        # The inputs naming the attack set: flagged ones with p <= 0.05.
+        assert mitigation.targets == sum(r.p_value <= 0.05 for r in flagged) > 0
+        assert 2 * mitigation.targets_affected >= mitigation.targets
         assert 4 * mitigation.control_affected < mitigation.targets_affected
         assert "confirmed" in mitigation.decision
         op = client.get_operation(mitigation.operation)
