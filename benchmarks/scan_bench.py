@@ -85,35 +85,16 @@ class Case:
     config: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30))
 
 
-def _clean_digits() -> AttackedDataset:
-    """The digits without an attack (the patch attack's split, no poison, no target)."""
-    attack = backdoor_digits(BackdoorConfig(seed=5, n_clean=300))
-    poison = attack.poison_mask
-    keep = ~poison
-    return AttackedDataset(
-        "clean_digits",
-        attack.train_x[keep],
-        attack.train_y[keep],
-        torch.zeros(int(keep.sum()), dtype=torch.bool),
-        torch.full((int(keep.sum()),), -1),
-        attack.target_x[:0],
-        attack.target_y[:0],
-        attack.target_adversarial_y[:0],
-        attack.clean_x,
-        attack.clean_y,
-        10,
-    )
-
-
-def _clean_synthetic() -> AttackedDataset:
-    attack = tabular_backdoor("synthetic", (0, 5, 11), 6.0, 1, 2, seed=9, n_clean=400)
+def _without_poisons(attack: AttackedDataset, name: str) -> AttackedDataset:
+    """The attack's clean training rows and held-out inputs: a model with no attack."""
     keep = ~attack.poison_mask
+    n = int(keep.sum())
     return AttackedDataset(
-        "clean_synthetic",
+        name,
         attack.train_x[keep],
         attack.train_y[keep],
-        torch.zeros(int(keep.sum()), dtype=torch.bool),
-        torch.full((int(keep.sum()),), -1),
+        torch.zeros(n, dtype=torch.bool),
+        torch.full((n,), -1),
         attack.target_x[:0],
         attack.target_y[:0],
         attack.target_adversarial_y[:0],
@@ -121,6 +102,15 @@ def _clean_synthetic() -> AttackedDataset:
         attack.clean_y,
         attack.num_classes,
     )
+
+
+def _clean_digits() -> AttackedDataset:
+    return _without_poisons(backdoor_digits(BackdoorConfig(seed=5, n_clean=300)), "clean_digits")
+
+
+def _clean_synthetic() -> AttackedDataset:
+    attack = tabular_backdoor("synthetic", (0, 5, 11), 6.0, 1, 2, seed=9, n_clean=400)
+    return _without_poisons(attack, "clean_synthetic")
 
 
 def _cases(quick: bool) -> list[Case]:
