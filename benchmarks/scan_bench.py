@@ -26,9 +26,9 @@ Per attack: the targets and 60 clean inputs (not calibration inputs) are scanned
 - the same run's peers on the same served model: IBM ART 1.20.1 activation clustering and
   spectral signatures with their defaults, and restricted to the attacked class
   (``art_ac``, ``art_ac_class``, ``art_spectral``, ``art_spectral_class``), and
-  ``gas_top10``: the union of each turned target's top-10 GAS proponents of the
-  adversarial label, from the ``Neighbors`` RPC (the target known in advance, which the
-  scan is not told).
+  ``gas_top10``: the union of each turned target's top-10 GAS proponents of its
+  adversarial label, from the ``Neighbors`` RPC (the targets and their labels known in
+  advance, which the scan is not told).
 Clean models: 200 clean inputs scanned with ``mitigate``; ``clean_model_mitigations``
 counts the forgets applied (the goal is 0).
 
@@ -280,18 +280,20 @@ def _peers(
     x = attack.train_x.numpy().astype(np.float32)
     y = attack.train_y.numpy()
     poison = attack.poison_mask.numpy()
-    attacked = int(attack.target_adversarial_y[0])
+    adversarial = attack.target_adversarial_y.numpy()
     out: dict[str, tuple[float, float]] = {}
     named = np.zeros(len(y), dtype=bool)
-    if turned.any():
+    for target in np.flatnonzero(turned):  # each with its own adversarial label
         result = client.neighbors(
-            "m", attack.target_x.numpy()[turned].astype(np.float32), k=10, label=attacked
+            "m",
+            attack.target_x.numpy()[target : target + 1].astype(np.float32),
+            k=10,
+            label=int(adversarial[target]),
         )
-        for hits in result.neighbors:
-            for hit in hits:
-                named[row_of[hit.sample_id]] = True
+        for hit in result.neighbors[0]:
+            named[row_of[hit.sample_id]] = True
     out["gas_top10"] = _recall_precision(named, poison)
-    in_class = y == attacked
+    in_class = np.isin(y, np.unique(adversarial))  # the attacked classes
     for method in ("ac", "spectral"):
         flags = _art_flags(model, spec, x, y, method)
         out[f"art_{method}"] = _recall_precision(flags, poison)
