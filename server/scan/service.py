@@ -82,7 +82,13 @@ class ScanService:
         self.index = index  # GAS scores from its training embeddings when it has them
         self.settings = settings or ScanSettings()
         self.confirm = CounterfactualConfirmation(engine, self.settings)
-        self.mitigator = Mitigator(engine, forget, self.confirm, self.settings.member_z)
+        self.mitigator = Mitigator(
+            engine,
+            forget,
+            self.confirm,
+            self.settings.member_z,
+            self.settings.proponents_per_target,
+        )
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
