@@ -365,7 +365,14 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "targets": n_targets,
         "targets_turned": int(turned.sum()),
         "attack_success_before": float(turned.mean()),
-        "auprc": average_precision(labels[keep], -np.log(p[keep])) if turned.any() else math.nan,
+        "auprc": _auprc(labels, keep, -np.log(p)),
+        # The two sides alone: the influence score's p-value, the top proponents' group z.
+        "auprc_influence_only": _auprc(
+            labels, keep, -np.log(np.array([r.influence_p_value for r in planned]))
+        ),
+        "auprc_training_side_only": _auprc(
+            labels, keep, np.array([r.group_outlier_z for r in planned])
+        ),
         "chance_auprc": float(turned.sum() / keep.sum()) if turned.any() else math.nan,
         "flagged_targets": int(sum(r.flagged for r in planned[:n_targets])),
         "flagged_clean": int(sum(r.flagged for r in planned[n_targets:])),
@@ -384,6 +391,13 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "mitigate_s": mitigate_s,
         "peers": {name: {"recall": r, "precision": q} for name, (r, q) in peers.items()},
     }
+
+
+def _auprc(labels: np.ndarray, keep: np.ndarray, scores: np.ndarray) -> float:
+    """AUPRC of the turned targets (``labels``) among the kept inputs; NaN if none turned."""
+    if not labels.any():
+        return math.nan
+    return average_precision(labels[keep], scores[keep])
 
 
 def _run_clean(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str, Any]:
@@ -432,6 +446,10 @@ def _headlines(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         f"{prefix}cases": len(rows),
         f"{prefix}auprc_min": _worst([r["auprc"] for r in rows], min),
+        f"{prefix}auprc_influence_only_min": _worst([r["auprc_influence_only"] for r in rows], min),
+        f"{prefix}auprc_training_side_only_min": _worst(
+            [r["auprc_training_side_only"] for r in rows], min
+        ),
         f"{prefix}attack_set_recall_min": _worst([r["attack_set_recall"] for r in rows], min),
         f"{prefix}attack_set_precision_min": _worst([r["attack_set_precision"] for r in rows], min),
         f"{prefix}mitigated_attack_success_max": _worst(
@@ -469,7 +487,8 @@ def _print_attack(r: dict[str, Any]) -> None:
         f"{r['poisons']} poisons, {r['targets_turned']}/{r['targets']} targets turned"
     )
     print(
-        f"   auprc {r['auprc']:.3f} (chance {r['chance_auprc']:.3f}); flagged "
+        f"   auprc {r['auprc']:.3f} (influence alone {r['auprc_influence_only']:.3f}, training "
+        f"side alone {r['auprc_training_side_only']:.3f}; chance {r['chance_auprc']:.3f}); flagged "
         f"{r['flagged_targets']} targets, {r['flagged_clean']} of {CLEAN_SCANNED} clean"
     )
     print(
