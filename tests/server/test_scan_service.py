@@ -203,9 +203,7 @@ def test_mitigation_forgets_a_confirmed_attack_set_and_rescans(
         changed = sum(r.mitigation.prediction_changed for r in flagged)  # type: ignore[union-attr]
         assert 2 * changed >= len(flagged)
         assert all(r.mitigation.p_value_after > 0 for r in flagged)  # type: ignore[union-attr]
-        assert (
-            abs(mitigation.test_accuracy_after - mitigation.test_accuracy_before) < 0.05
-        )
+        assert abs(mitigation.test_accuracy_after - mitigation.test_accuracy_before) < 0.05
         with pytest.raises(InvalidArgumentError, match="dry_run"):
             list(client.scan("bd", targets[:1], mitigate=True, dry_run=True, request_id="x"))
 
