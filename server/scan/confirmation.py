@@ -80,8 +80,11 @@ class CounterfactualConfirmation:
         x ``(*shape)``; influences ``(n_train,)``. The proponents are the training samples
         of the predicted label with the largest influence; nothing is committed.
         """
-        label = int(self.probabilities(model, None, x.unsqueeze(0), mode)[0].argmax())
-        return self.drop_without(model, x, label, self._proponents(model, influences, label), mode)
+        before = self.probabilities(model, None, x.unsqueeze(0), mode)[0]
+        label = int(before.argmax())
+        removed = self._proponents(model, influences, label)
+        after = self.probabilities(model, removed, x.unsqueeze(0), mode)[0, label]
+        return float(before[label] - after)
 
     def drop_without(
         self, model: str, x: torch.Tensor, label: int, removed: torch.Tensor, mode: str
