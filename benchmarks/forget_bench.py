@@ -11,12 +11,15 @@ client, its weights read back with ``ExportModel``. Methods:
 - ``lcodec_cg``: the L-CODEC-targeted update asked for explicitly (``selection``);
 - ``nothing``: the model as served before the forget.
 
-Ground truth: two retrains on the retained training data with the model's own training
-configuration and seeds *other* than the original's (101 and 202); the reference is the
-first, the noise is KL between the two. Per case and method: KL(reference || model) on the
-forget inputs, gap closed = 1 - KL(model) / KL(nothing), KL over the noise, test-accuracy
-gap to the reference in points (beside the two retrains' own spread), loss-threshold
-membership AUC (forget set vs test set) and its gap to the reference's, forget time and
+Ground truth: three retrains on the retained training data with the model's own training
+configuration and seeds *other* than the original's (101, 202, 303); the reference is the
+first, the noise is the mean KL between it and each of the other two (one pair's KL is a
+single draw: an exact retrain scored 3.0x one pair's KL on a held-out case). Per case and
+method: KL(reference || model) on the forget inputs, gap closed = 1 - KL(model) /
+KL(nothing), KL over the noise, test-accuracy gap to the reference in points (beside the
+retrains' own spread), loss-threshold membership AUC (forget set vs test set) and its gap
+to the retrains' mean AUC (with 9-30 forgotten samples one retrain's AUC moves by up to
+0.09 with the seed), forget time and
 speedup = reference retrain time / forget time. A case's gap is measurable when
 KL(nothing) >= 3x the noise; where it is not, the per-case table says so and KL/noise
 judges the case instead. Repeatability: the auto forget is sent again, under another
@@ -65,15 +68,20 @@ from expunge.server.state.datasets import Dataset, builtin, train_test_split
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forget.json"
 MEASURABLE_GAP = 3.0  # KL(nothing) over the noise from which a gap closed is meaningful
-REFERENCE_SEEDS = (101, 202)
+REFERENCE_SEEDS = (101, 202, 303)
 METHODS = ("auto", "lcodec_cg")
 TEST_FRACTION = 0.2  # the engine's default split
 # The large-data server profile (BENCHMARKS.md): chosen on the expensive (development) case.
+# The Hessian is built on the objective's subsample (at most objective_samples); one Newton
+# step and one ranking iteration: the further iterations on a 512-1024 sample subsample
+# fitted that subsample (KL to the retrain 0.0393 with 8, 0.0372 with 1, nothing 0.0365).
 LARGE_DATA_SETTINGS = {
-    "forget_hessian_samples": 2048,
-    "forget_objective_samples": 1024,
+    "forget_hessian_samples": 512,
+    "forget_objective_samples": 512,
     "forget_ranking_hessian_samples": 256,
     "forget_ranking_cg_iterations": 5,
+    "forget_newton_iterations": 1,
+    "forget_ranking_newton_iterations": 1,
 }
 LARGE_DATA_OPTIONS = {"hessian": "gauss_newton"}
 
@@ -331,10 +339,12 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
         train(model, *retained, replace(config, seed=seed))
         retrain_s.append(time.perf_counter() - began)
         references.append(model.eval())
-    reference, second = references
-    noise = output_kl(reference, second, forget_xy[0])
-    spread_pts = 100 * abs(accuracy(reference, *test_xy) - accuracy(second, *test_xy))
-    ref_quality = _quality(reference, reference, forget_xy, test_xy)
+    reference, second, *others = references
+    noise = float(np.mean([output_kl(reference, m, forget_xy[0]) for m in (second, *others)]))
+    reference_acc = accuracy(reference, *test_xy)
+    spread_pts = 100 * max(abs(reference_acc - accuracy(m, *test_xy)) for m in (second, *others))
+    retrain_mia = [_quality(m, reference, forget_xy, test_xy)["mia_auc"] for m in references]
+    ref_quality = {"test_acc": reference_acc, "mia_auc": float(np.mean(retrain_mia))}
 
     running = start(settings)
     # The compute process starts with the server; a forget sent within its first seconds
@@ -351,7 +361,7 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
                 "seconds": 0.0,
             }
             # What an exact retrain with yet another seed scores against the reference: the
-            # floor every figure is measured against (its KL/noise is 1 by construction).
+            # floor every figure is measured against (its KL is one of the two in the noise).
             rows["other_seed"] = {
                 **_quality(second, reference, forget_xy, test_xy),
                 "seconds": retrain_s[1],
@@ -403,6 +413,7 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
         "training_s": training_s,
         "retrain_s": retrain_s[0],
         "noise_kl": noise,
+        "retrain_mia_aucs": retrain_mia,
         "retrain_spread_pts": spread_pts,
         "gap_measurable": measurable,
         "identical_copies": identical_copies,
@@ -517,7 +528,7 @@ def _headlines(cases: list[dict[str, Any]], method: str, prefix: str) -> dict[st
     if expensive:
         out[f"{prefix}speedup_vs_retrain_expensive"] = expensive[0]
     if method == "other_seed":
-        return {f"{prefix}retrain_pair_mia_gap_max": max(r["mia_gap"] for _, r in rows)}
+        return {f"{prefix}other_seed_mia_gap_max": max(r["mia_gap"] for _, r in rows)}
     if method == "auto":
         out[f"{prefix}auto_choice_counts"] = dict(Counter(r["path"] for _, r in rows))
         out[f"{prefix}repeatable"] = all(c["repeatable"] for c, _ in rows)

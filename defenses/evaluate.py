@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ __all__ = [
     "DeletionMetrics",
     "DeletionReport",
     "RetrainGap",
+    "SetMeasurement",
     "accuracy",
     "auc",
     "deletion_metrics",
@@ -33,6 +35,7 @@ __all__ = [
     "inference",
     "losses_and_hits",
     "mean_loss",
+    "measure_set",
     "membership_auc",
     "output_kl",
     "parameter_distance",
@@ -191,6 +194,25 @@ class DeletionMetrics:
         return asdict(self)
 
 
+class SetMeasurement(NamedTuple):
+    """One model on one set: per-sample losses ``(k,)`` and accuracy (NaN when empty)."""
+
+    losses: torch.Tensor
+    accuracy: float
+
+
+def measure_set(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
+) -> SetMeasurement:
+    """``model``'s losses and accuracy on ``inputs`` ``(k, *shape)``, ``labels`` ``(k,)``."""
+    if len(inputs) == 0:
+        return SetMeasurement(torch.zeros(0), float("nan"))
+    logits = _logits(model, inputs, batch_size)
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    correct = float((logits.argmax(dim=1) == labels).double().mean())
+    return SetMeasurement(sample_loss(logits, labels), correct)
+
+
 def deletion_metrics(
     model: nn.Module,
     forget_inputs: torch.Tensor,
@@ -200,20 +222,17 @@ def deletion_metrics(
     test_inputs: torch.Tensor,
     test_labels: torch.Tensor,
     batch_size: int = 1024,
+    test_measured: SetMeasurement | None = None,
 ) -> DeletionMetrics:
-    """Measure ``model``; inputs ``(k, *shape)`` with labels ``(k,)`` for each set."""
+    """Measure ``model``; inputs ``(k, *shape)`` with labels ``(k,)`` for each set.
 
-    def measured(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if len(x) == 0:
-            return torch.zeros(0), float("nan")
-        logits = _logits(model, x, batch_size)
-        labels = y.to(device=logits.device, dtype=torch.long)
-        correct = float((logits.argmax(dim=1) == labels).double().mean())
-        return sample_loss(logits, labels), correct
-
-    forget_losses, forget_acc = measured(forget_inputs, forget_labels)
-    retained_losses, retained_acc = measured(retained_inputs, retained_labels)
-    test_losses, test_acc = measured(test_inputs, test_labels)
+    ``test_measured``: the model's test measurement when already known (the test set is the
+    largest of the three; a served version's is kept), else measured here."""
+    forget_losses, forget_acc = measure_set(model, forget_inputs, forget_labels, batch_size)
+    retained_losses, retained_acc = measure_set(model, retained_inputs, retained_labels, batch_size)
+    test_losses, test_acc = test_measured or measure_set(
+        model, test_inputs, test_labels, batch_size
+    )
 
     def mean(t: torch.Tensor) -> float:
         return float(t.double().mean()) if t.numel() else float("nan")

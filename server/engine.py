@@ -6,6 +6,7 @@ them directly. Forgetting lives in ``forgetting.py`` and scanning in ``scanning.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.evaluate import SetMeasurement, measure_set
 from expunge.defenses.training import Checkpoint, TrainConfig, train
 from expunge.server.errors import (
     AlreadyExists,
@@ -30,6 +32,8 @@ from expunge.server.settings import Settings
 from expunge.server.state import weights as weights_io
 from expunge.server.state.datasets import Dataset, train_test_split
 from expunge.server.state.store import ModelRow, Store, VersionRow, utc_now
+
+log = logging.getLogger("expunge.server.engine")
 
 MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 EXPORT_CHUNK_BYTES = 1 << 20
@@ -118,6 +122,9 @@ class Engine:
         # The current version's snapshot per model: Predict's hot path reads no database.
         self._current: dict[str, ModelSnapshot] = {}
         self._data_cache: dict[str, TrainingData] = {}
+        # (model, version) -> that version's test-set losses and accuracy, for the "before"
+        # of the next forget (versions are immutable; one per model is kept).
+        self._test_measured: dict[str, tuple[int, SetMeasurement]] = {}
         # Bumped per model whenever its current version changes (forget_snapshot_cache).
         self._generations: dict[str, int] = {}
         self._version_listeners: list[Callable[[str], None]] = []
@@ -221,6 +228,21 @@ class Engine:
             "test_accuracy": _mean(test_hits),
             "train_objective": _mean(train_losses) + 0.5 * weight_decay * l2,
             "test_loss": _mean(test_losses),
+        }
+
+    @staticmethod
+    def metrics_of(
+        measured: dict[str, float], model: nn.Module, weight_decay: float
+    ) -> dict[str, float]:
+        """``evaluate``'s figures from a forget's own after-measurement (``deletion_metrics``
+        on the same retained subset and test set): the commit then makes no pass of its own."""
+        with torch.no_grad():
+            l2 = float(sum((p.double() ** 2).sum() for p in model.parameters()))
+        return {
+            "train_accuracy": measured["retained_accuracy"],
+            "test_accuracy": measured["test_accuracy"],
+            "train_objective": measured["retained_loss"] + 0.5 * weight_decay * l2,
+            "test_loss": measured["test_loss"],
         }
 
     # Reading ---------------------------------------------------------------------------
@@ -328,6 +350,36 @@ class Engine:
         with self._lock:
             self._data_cache[row.name] = data
         return data
+
+    def test_measurement(self, name: str, version: int) -> SetMeasurement | None:
+        """The kept test-set measurement of ``version``, or None when it was not kept."""
+        with self._lock:
+            kept = self._test_measured.get(name)
+        return kept[1] if kept is not None and kept[0] == version else None
+
+    def keep_test_measurement(self, name: str, version: int, measured: SetMeasurement) -> None:
+        with self._lock:
+            self._test_measured[name] = (version, measured)
+
+    def preload(self) -> None:
+        """Load every model's training data and measure its served version on the test set
+        (the server starts this in the background): the first forget of a 60k-sample model
+        spent 0.11 s of its 1.7 s reading the shard and owners and 0.07 s on the test set.
+        Best effort: a store closed meanwhile ends it."""
+        try:
+            for row in self.store.models():
+                self.training_data(row.name)
+                snapshot = self.snapshot(row.name)
+                if self.test_measurement(row.name, snapshot.version) is None:
+                    test = self.test_data(row.name)
+                    measured = measure_set(
+                        snapshot.module,
+                        torch.from_numpy(test.features),
+                        torch.from_numpy(test.labels),
+                    )
+                    self.keep_test_measurement(row.name, snapshot.version, measured)
+        except Exception:  # a warm-up: the first forget measures what is missing
+            log.debug("preload stopped", exc_info=True)
 
     def test_data(self, name: str) -> Dataset:
         row = self.model_row(name)

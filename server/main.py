@@ -120,6 +120,7 @@ def start(settings: Settings) -> RunningServer:
         forget = ForgetService(engine, index, compute)
         if compute is not None:
             compute.start()
+        threading.Thread(target=engine.preload, name="preload", daemon=True).start()
         return _start_on(store, engine, forget, index, settings)
     except BaseException:
         if forget is not None:

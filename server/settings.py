@@ -101,6 +101,17 @@ class Settings:
         default=0,
         metadata={"help": "conjugate-gradient iterations of that ranking; 0: the default (20)"},
     )
+    forget_newton_iterations: int = field(
+        default=0,
+        metadata={
+            "help": "damped Newton iterations on the selection when a request leaves them "
+            "at 0; 0: the default (8)"
+        },
+    )
+    forget_ranking_newton_iterations: int = field(
+        default=0,
+        metadata={"help": "Newton iterations of the Newton-CG ranking; 0: the default (3)"},
+    )
     max_input_magnitude: float = field(
         default=1e6,
         metadata={
@@ -139,6 +150,8 @@ class Settings:
             "forget_objective_samples",
             "forget_ranking_hessian_samples",
             "forget_ranking_cg_iterations",
+            "forget_newton_iterations",
+            "forget_ranking_newton_iterations",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the default)")

@@ -26,6 +26,7 @@ from expunge.server.forget.policy import (
 )
 
 if TYPE_CHECKING:
+    from expunge.defenses.evaluate import SetMeasurement
     from expunge.defenses.selection import ParameterSelection
     from expunge.defenses.training import Checkpoint
 
@@ -55,7 +56,7 @@ class UnlearningOptions:
     parameter_budget: int = field(default=0, metadata={"help": "0: server default"})
     hessian: str = field(default="exact", metadata={"help": "exact or gauss_newton"})
     newton_iterations: int = field(
-        default=DEFAULT_NEWTON_ITERATIONS, metadata={"help": "Newton steps on the slice"}
+        default=0, metadata={"help": "Newton steps on the slice; 0: the server's default"}
     )
     damping: float = field(default=0.0, metadata={"help": "0: default floor"})
     epsilon: float = field(default=0.0, metadata={"help": "> 0: certified noise"})
@@ -107,7 +108,7 @@ class UnlearningOptions:
         if not 0 <= newton_iterations <= 20:
             raise invalid_field(
                 "options.newton_iterations",
-                f"must lie in [0, 20] (0: default {DEFAULT_NEWTON_ITERATIONS})",
+                "must lie in [0, 20] (0: the server's default, forget_newton_iterations)",
             )
         if not (0 <= damping < 1e6):
             raise invalid_field("options.damping", "must be >= 0 and finite (0: default floor)")
@@ -127,7 +128,7 @@ class UnlearningOptions:
             selection,
             parameter_budget,
             hessian,
-            newton_iterations or DEFAULT_NEWTON_ITERATIONS,
+            newton_iterations,
             damping,
             epsilon,
             delta,
@@ -143,13 +144,17 @@ def recipe_for(
     objective_samples: int = 0,
     ranking_hessian_samples: int = 0,
     ranking_cg_iterations: int = 0,
+    newton_iterations: int = 0,
+    ranking_newton_iterations: int = 0,
 ) -> ForgetRecipe:
     """The recipe a caller's options and the server's settings give (0: the defaults)."""
     return ForgetRecipe(
         selection=options.selection,
         parameter_budget=options.parameter_budget or default_parameter_budget,
         hessian=options.hessian,
-        newton_iterations=options.newton_iterations,
+        newton_iterations=options.newton_iterations
+        or newton_iterations
+        or DEFAULT_NEWTON_ITERATIONS,
         damping=options.damping,
         epsilon=options.epsilon,
         delta=options.delta,
@@ -157,6 +162,7 @@ def recipe_for(
         objective_samples=objective_samples,
         ranking_hessian_samples=ranking_hessian_samples,
         ranking_cg_iterations=ranking_cg_iterations or _DEFAULTS.ranking_cg_iterations,
+        ranking_newton_iterations=ranking_newton_iterations or _DEFAULTS.ranking_newton_iterations,
         seed=seed,
         assume_converged=not options.correct_non_convergence,
     )
@@ -167,6 +173,8 @@ class UnlearningOutcome:
     receipt: dict[str, Any]  # receipt fields (proto ForgetReceipt names) this step knows
     ledger: dict[str, Any]  # the model's budget ledger after this forget
     checkpoints: list[Checkpoint] | None = None  # new ones when the path was the retrain
+    # The new model's test-set measurement: the next forget's "before" (Engine keeps it).
+    test_after: SetMeasurement | None = None
 
 
 def is_convex(spec: ArchitectureSpec) -> bool:
@@ -182,15 +190,22 @@ def deletion_metrics(
     retained_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
+    test_measured: SetMeasurement | None = None,
 ) -> dict[str, float]:
-    """The receipt's DeletionMetrics (forget, retained, test sets) as proto field names."""
+    """The receipt's DeletionMetrics (forget, retained, test sets) as proto field names, with
+    the retained and test losses the new version's metrics are made of (``Engine.metrics_of``)."""
     from expunge.defenses.evaluate import deletion_metrics as measure
 
-    metrics = measure(model, forget_x, forget_y, retained_x, retained_y, test_x, test_y)
+    metrics = measure(
+        model, forget_x, forget_y, retained_x, retained_y, test_x, test_y,
+        test_measured=test_measured,
+    )  # fmt: skip
     return {
         "forget_loss": metrics.forget_loss,
         "forget_accuracy": metrics.forget_accuracy,
+        "retained_loss": metrics.retained_loss,
         "retained_accuracy": metrics.retained_accuracy,
+        "test_loss": metrics.test_loss,
         "test_accuracy": metrics.test_accuracy,
         "mia_auc": metrics.mia_auc,
     }
@@ -229,6 +244,7 @@ def unlearn(
     policy: dict[str, Any] | None = None,
     trusted_factories: dict[str, str] | None = None,
     reporter: PhaseReporter | None = None,
+    test_before: SetMeasurement | None = None,
 ) -> UnlearningOutcome:
     """Update ``model`` in place so it behaves as if trained without the forget set.
 
@@ -236,16 +252,26 @@ def unlearn(
     ``recipe.selection`` "auto" lets the policy choose the path (``policy``: the
     ``PolicySettings`` fields); "retrain" trains from scratch on the retained data with
     ``train_config``; ``training_cost`` (the model's recorded training) is what the
-    policy's estimates come from. Never skips: a step that costs accuracy is applied and
-    flagged.
+    policy's estimates come from. ``test_before``: the served model's test measurement when
+    the server kept it (a pass over the largest set saved). Never skips: a step that costs
+    accuracy is applied and flagged.
     """
+    from expunge.defenses.evaluate import measure_set
+
     report = reporter or SilentReporter()
     model.eval()
     report.phase("verifying", message="measuring the model before the update")
     metric_x, metric_y = metric_subset(retained_x, retained_y, recipe)
 
+    # Each measured model's test side, in order: the last is the new model's.
+    tested: list[SetMeasurement] = []
+
     def measure(candidate: nn.Module) -> dict[str, float]:
-        return deletion_metrics(candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y)
+        known = test_before if not tested and test_before is not None else None
+        tested.append(known or measure_set(candidate, test_x, test_y))
+        return deletion_metrics(
+            candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y, tested[-1]
+        )
 
     before = measure(model)
     evaluated = len(forget_x) + len(retained_x) + len(test_x)
@@ -271,7 +297,7 @@ def unlearn(
             before, measure, choice, report,
         )  # fmt: skip
     outcome.receipt["retained_gradient_norm_before"] = gradient_before
-    return outcome
+    return replace(outcome, test_after=tested[-1])
 
 
 def _newton_removal(

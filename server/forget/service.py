@@ -261,12 +261,8 @@ class ForgetService:
         data = engine.training_data(payload.model)
         owners_set = set(payload.owner_ids)
         id_set = set(payload.sample_ids)
-        mask = np.array(
-            [
-                int(s) in id_set or str(o) in owners_set
-                for s, o in zip(data.sample_ids, data.owner_ids, strict=True)
-            ],
-            dtype=bool,
+        mask = np.isin(data.sample_ids, np.array(sorted(id_set), dtype=np.int64)) | np.isin(
+            data.owner_ids, np.array(sorted(owners_set), dtype=str)
         )
         removed_ids = [int(s) for s in data.sample_ids[mask]]
         # Owners named in the request whose samples this forget removes.
@@ -313,6 +309,7 @@ class ForgetService:
             "retained_y": data.labels[keep],
             "test_x": torch.from_numpy(test.features),
             "test_y": torch.from_numpy(test.labels),
+            "test_before": engine.test_measurement(payload.model, snapshot.version),
         }
         settings = engine.settings
         recipe = recipe_for(
@@ -323,6 +320,8 @@ class ForgetService:
             objective_samples=settings.forget_objective_samples,
             ranking_hessian_samples=settings.forget_ranking_hessian_samples,
             ranking_cg_iterations=settings.forget_ranking_cg_iterations,
+            newton_iterations=settings.forget_newton_iterations,
+            ranking_newton_iterations=settings.forget_ranking_newton_iterations,
         )
         arguments: dict[str, Any] = {
             "weight_decay": config.weight_decay,
@@ -382,10 +381,11 @@ class ForgetService:
                 "environment": environment(),
                 "seconds": time.perf_counter() - started,
             }
-            train_x, train_y = metric_subset(data.features[keep], data.labels[keep], recipe)
-            metrics = engine.evaluate(model, train_x, train_y, test, config.weight_decay)
-            if len(train_x) < int(keep.sum()):
-                metrics["train_metrics_samples"] = float(len(train_x))
+            # The after-measurement's figures, on the receipt's retained subset.
+            metrics = engine.metrics_of(outcome.receipt["after"], model, config.weight_decay)
+            measured_on = len(metric_subset(data.features[keep], data.labels[keep], recipe)[0])
+            if measured_on < int(keep.sum()):
+                metrics["train_metrics_samples"] = float(measured_on)
             if outcome.checkpoints is not None:  # an exact retrain: its time is the new estimate
                 metrics["training_seconds"] = float(outcome.receipt.get("training_seconds", 0.0))
             actor = request.payload.get("actor", "anonymous")
@@ -450,5 +450,7 @@ class ForgetService:
             crash_point("forget_after_commit")
             store.blobs.collect_garbage(store.referenced_blobs())
             store.checkpoint_wal()
+        if outcome.test_after is not None:  # the next forget's "before" on the test set
+            engine.keep_test_measurement(payload.model, new_version, outcome.test_after)
         # Listeners (the index's re-embed, scan's solver cache) follow from here.
         engine.forget_snapshot_cache(payload.model)

@@ -253,6 +253,9 @@ def test_the_same_forget_under_another_request_id_gives_the_same_weights(
 
 def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None:
     # Settings -> the child process computing the forget -> the receipt.
+    from expunge.defenses.recipe import ForgetRecipe
+    from expunge.defenses.training import TrainConfig
+    from expunge.server.forget.computation import metric_subset
     from expunge.server.forget.requests import request_seed
     from expunge.server.main import start
     from expunge.server.settings import Settings
@@ -265,6 +268,8 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
         forget_objective_samples=256,
         forget_ranking_hessian_samples=128,
         forget_ranking_cg_iterations=5,
+        forget_newton_iterations=2,
+        forget_ranking_newton_iterations=1,
     )
     running = start(profile)
     try:
@@ -283,6 +288,9 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
             assert method.hessian == "gauss_newton"
             assert (method.hessian_samples, method.objective_samples) == (512, 256)
             assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (128, 5)
+            # The request left newton_iterations at 0: the server's setting applies.
+            assert (method.newton_iterations, method.ranking_newton_iterations) == (2, 1)
+            assert method.newton_iterations_taken <= 2
             digest = running.engine.store.request("large").payload_sha256
             assert method.seed == request_seed(digest, 1)
             # The new version's training figures are measured on the same subsample as
@@ -290,5 +298,48 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
             metrics = running.engine.version_row("digits", op.receipt.new_version).metrics
             assert metrics["train_metrics_samples"] == 256
             assert metrics["train_accuracy"] == op.receipt.after.retained_accuracy
+            assert metrics["test_accuracy"] == op.receipt.after.test_accuracy
+            # The figures equal a pass of their own over the same data and weights.
+            engine = running.engine
+            model = engine.snapshot("digits", op.receipt.new_version).module
+            retained = engine.training_data("digits")
+            sub_x, sub_y = metric_subset(
+                retained.features,
+                retained.labels,
+                ForgetRecipe(objective_samples=256, seed=method.seed),
+            )
+            weight_decay = TrainConfig.from_dict(engine.model_row("digits").train_config)
+            own = engine.evaluate(
+                model, sub_x, sub_y, engine.test_data("digits"), weight_decay.weight_decay
+            )
+            for key in ("train_accuracy", "test_accuracy", "train_objective", "test_loss"):
+                assert metrics[key] == pytest.approx(own[key], rel=1e-5, abs=1e-7), key
     finally:
         running.stop(0)
+
+
+def test_a_forget_measures_the_served_version_once(
+    client: Client, server: object, state_dir: Path
+) -> None:
+    # The served version's test-set measurement is kept (at start-up and at each commit)
+    # and reused as the next forget's "before": the same figures a fresh pass gives.
+    import torch
+
+    from expunge.defenses.evaluate import measure_set
+
+    engine = server.engine  # type: ignore[attr-defined]
+    owners = sorted({o for o in engine.training_data("digits").owner_ids})
+    first = client.forget("digits", owner_ids=[owners[0]], selection="lcodec_cg", wait=True)
+    assert first.receipt is not None
+    kept = engine.test_measurement("digits", first.receipt.new_version)
+    assert kept is not None
+    test = engine.test_data("digits")
+    fresh = measure_set(
+        engine.snapshot("digits", first.receipt.new_version).module,
+        torch.from_numpy(test.features),
+        torch.from_numpy(test.labels),
+    )
+    assert torch.equal(kept.losses, fresh.losses) and kept.accuracy == fresh.accuracy
+    second = client.forget("digits", owner_ids=[owners[1]], selection="lcodec_cg", wait=True)
+    assert second.receipt is not None
+    assert second.receipt.before.test_accuracy == first.receipt.after.test_accuracy == kept.accuracy

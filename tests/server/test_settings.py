@@ -26,6 +26,12 @@ def test_environment_overrides_defaults_and_is_coerced() -> None:
         ("forget_objective_samples", -1, "forget_objective_samples must be >= 0"),
         ("forget_ranking_hessian_samples", -5, "forget_ranking_hessian_samples must be >= 0"),
         ("forget_ranking_cg_iterations", -1, "forget_ranking_cg_iterations must be >= 0"),
+        ("forget_newton_iterations", -1, "forget_newton_iterations must be >= 0"),
+        (
+            "forget_ranking_newton_iterations",
+            -2,
+            "forget_ranking_newton_iterations must be >= 0",
+        ),
     ],
 )
 def test_bad_forget_sampling_is_refused_at_load(name: str, value: int, message: str) -> None:
