@@ -12,6 +12,10 @@ chosen on them (DESIGN 7):
   ``make_classification`` task): three chosen features set to an out-of-range value,
   poisons drawn from one source class.
 
+``tabular_backdoor`` also makes the one *development* tabular attack, on other data
+(``blobs``: ``make_blobs``, three classes of two Gaussian blobs each, 16 features) with
+a two-feature trigger: the procedure is shared, the data and the trigger are not.
+
 Each returns an ``AttackedDataset`` with the same ground truth as the development attacks.
 """
 
@@ -21,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits, make_classification
+from sklearn.datasets import load_breast_cancer, load_digits, make_blobs, make_classification
 
 from expunge.defenses.attacks import AttackedDataset
 
@@ -122,6 +126,11 @@ def _tabular(dataset: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if dataset == "breast_cancer":
         raw = load_breast_cancer()
         return torch.tensor(raw.data, dtype=torch.float64), torch.tensor(raw.target)
+    if dataset == "blobs":  # the development tabular data: 3 classes of 2 Gaussian blobs each
+        features, blob = make_blobs(
+            n_samples=3000, n_features=16, centers=6, cluster_std=2.0, random_state=seed + 200
+        )
+        return torch.tensor(features), torch.tensor(blob % 3)
     features, labels = make_classification(
         n_samples=3000,
         n_features=20,
@@ -135,7 +144,7 @@ def _tabular(dataset: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tabular_backdoor(
-    dataset: Literal["breast_cancer", "synthetic"],
+    dataset: Literal["breast_cancer", "synthetic", "blobs"],
     features: tuple[int, ...],
     value: float,
     source: int,

@@ -9,7 +9,8 @@ scan's calibration inputs), a real server is started on it with its default sett
 
 Cases. **Development** (the scan's defaults may be chosen here): the digits 2x2
 bottom-right patch backdoor from one source class and from any class, label-flipped
-near-duplicates on digits and on breast cancer (``expunge.defenses.attacks``); MLP.
+near-duplicates on digits and on breast cancer (``expunge.defenses.attacks``), and a
+two-feature backdoor on ``make_blobs`` data with two blobs per class; MLP.
 **Held-out** (made by another procedure, ``benchmarks.heldout_attacks``; nothing is
 chosen on them): a 3x3 plus sign in the top-left corner (CNN), a vertical line on the
 left edge (MLP), and tabular backdoors that set three features of standardised rows to an
@@ -136,6 +137,11 @@ def _cases(quick: bool) -> list[Case]:
             "cancer_targeted",
             "dev",
             lambda: targeted_poisoning(TargetedConfig("breast_cancer", n_targets=10, n_clean=170)),
+        ),
+        Case(
+            "blobs_tabular_mlp",
+            "dev",
+            lambda: tabular_backdoor("blobs", (1, 4), 4.0, 2, 1, seed=55, n_clean=300),
         ),
     ]
     for seed in seeds:

@@ -7,10 +7,13 @@ Two sides, each measured against the same clean calibration inputs:
   models, versions and estimators;
 - **training side** (representations): do the input's strongest proponents form an
   anomalous group *in their own class*? Poisons carry the label the attack wants, so
-  they hide in that class, and a planted group sits off the class's main direction of
-  variation (spectral signatures, Tran et al. 2018). ``class_outlier_z`` gives every
-  training sample the robust z of its spectral score within its class; a candidate
-  group's evidence is the median z of its members (a few clean members do not move it).
+  they hide in that class as a group set apart from its members. ``group_direction_z``
+  measures it along Fisher's discriminant of the group against its class: the robust z
+  of the group's median projection among the class's own projections. The class's main
+  direction of variation (spectral signatures, Tran et al. 2018; ``class_outlier_z``,
+  kept to describe single samples) is a poor stand-in when a class has several modes:
+  on a development tabular backdoor with two clusters per class it ranked targets below
+  chance (AUPRC 0.04, chance 0.05).
 
 ``combined_p_values`` merges the two p-values with Fisher's method and calibrates the
 merged statistic against the clean inputs again, so the result is itself a conformal
@@ -29,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,13 +40,17 @@ import torch
 from .poison_filters import spectral_signature_scores
 from .targets import qn_scale
 
+MAD_CONSISTENCY = 1.4826  # MAD * this estimates a normal standard deviation
+
 __all__ = [
     "AttackSetMember",
+    "ClassShape",
     "attack_set",
     "class_outlier_z",
+    "class_shapes",
     "combined_p_values",
     "conformal_p_values",
-    "group_outlier_z",
+    "group_direction_z",
     "random_control",
     "top_proponents",
 ]
@@ -126,11 +134,71 @@ def top_proponents(
     return same[order[:count]]
 
 
-def group_outlier_z(outlier_z: torch.Tensor, members: torch.Tensor) -> float:
-    """The training-side evidence of a candidate group: its members' median class-outlier z."""
-    if members.numel() == 0:
+class ClassShape(NamedTuple):
+    """One class's representations summarised for ``group_direction_z``: the members'
+    indices ``(n_c,)``, their mean ``(d,)`` and the Cholesky factor ``(d, d)`` of their
+    (ridge-regularised) covariance."""
+
+    members: torch.Tensor
+    centre: torch.Tensor
+    factor: torch.Tensor
+
+
+def class_shapes(representations: torch.Tensor, labels: torch.Tensor) -> dict[int, ClassShape]:
+    """``ClassShape`` of every class with at least two members (float64).
+
+    The ridge is 1e-6 of the mean variance (and at least 1e-12): it keeps the factor
+    defined where the members span fewer than d dimensions and changes nothing else."""
+    shapes: dict[int, ClassShape] = {}
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).reshape(-1)
+        if members.numel() < 2:
+            continue
+        rows = representations[members].double()
+        centre = rows.mean(dim=0)
+        centred = rows - centre
+        covariance = centred.T @ centred / (members.numel() - 1)
+        ridge = max(1e-6 * float(covariance.diagonal().mean()), 1e-12)
+        covariance.diagonal().add_(ridge)
+        shapes[int(label)] = ClassShape(members, centre, torch.linalg.cholesky(covariance))
+    return shapes
+
+
+def group_direction_z(
+    representations: torch.Tensor,
+    labels: torch.Tensor,
+    label: int,
+    group: torch.Tensor,
+    shapes: Mapping[int, ClassShape] | None = None,
+) -> float:
+    """How far ``group`` stands apart from its class ``label``, in robust z.
+
+    ``representations`` ``(n, d)`` of the training samples, ``labels`` ``(n,)``, ``group``
+    indices ``(k,)`` of members of class ``label``; ``shapes``: ``class_shapes`` of the
+    same data, computed once for many groups. The direction is Fisher's discriminant of
+    the group against its class, ``w = S^-1 (group mean - class mean)`` with S the class
+    covariance: whitening keeps a class's own wide directions (two modes far apart) from
+    drowning a group set off along a narrow one. The class's members are projected on
+    w; the result is the group's median projection minus the class median, over the
+    class's MAD scale (normal-consistent; O(n) per group where Qn's O(n^2) would dominate
+    a scan). The direction is fitted to the group, so even a random group scores above
+    0: the caller calibrates the value against clean inputs' groups. 0 for an empty
+    group, one at the class mean, or a class with fewer than two members or no spread.
+    """
+    shape = (shapes or class_shapes(representations, labels)).get(int(label))
+    if shape is None or group.numel() == 0:
         return 0.0
-    return float(outlier_z[members].median())
+    difference = representations[group].double().mean(dim=0) - shape.centre
+    if not float(difference.norm()) > 0:
+        return 0.0
+    direction = torch.cholesky_solve(difference.unsqueeze(1), shape.factor).squeeze(1)
+    projections = ((representations[shape.members].double() - shape.centre) @ direction).numpy()
+    middle = float(np.median(projections))
+    scale = MAD_CONSISTENCY * float(np.median(np.abs(projections - middle)))
+    if not scale > 0 or not math.isfinite(scale):
+        return 0.0
+    group_projection = ((representations[group].double() - shape.centre) @ direction).numpy()
+    return float((np.median(group_projection) - middle) / scale)
 
 
 def random_control(train_labels: torch.Tensor, removed: torch.Tensor, seed: int) -> torch.Tensor:

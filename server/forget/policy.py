@@ -11,7 +11,8 @@ Estimates are in seconds on this machine. The retrain's comes from the model's l
 measured training time, scaled by the samples it will train on (``TrainingCost``). The
 approximate paths' come from a cost model in units of one sample's forward and backward
 pass, derived from the same record: Hessian columns cost a pass per (sample, column), the
-eigendecomposition ``EIGH_S_PER_CUBE`` p^3, each pass over the objective data one unit per
+eigendecomposition ``EIGH_S_PER_CUBE`` p^3 (a Gauss-Newton H's Cholesky factorisation
+``CHOLESKY_S_PER_CUBE`` p^3), each pass over the objective data one unit per
 sample, plus a fixed overhead per forget. The constants were measured on the development
 models (digits logistic regression, MLP and CNN; BENCHMARKS.md); the benchmark reports
 estimate beside measurement on every case.
@@ -28,7 +29,9 @@ if TYPE_CHECKING:  # torch stays unimported until a forget runs (settings import
     from expunge.defenses.recipe import ForgetRecipe
 
 PATHS = ("retrain", "all", "lcodec_cg")
-EIGH_S_PER_CUBE = 2e-10  # torch.linalg.eigh, float32, one thread (measured 1.0-1.7e-10)
+EIGH_S_PER_CUBE = 2e-10  # torch.linalg.eigh, float32, one thread (measured 0.7-1.7e-10)
+# A Gauss-Newton H is PSD: one Cholesky factorisation per damping instead (solvers.py).
+CHOLESKY_S_PER_CUBE = 1e-11  # torch.linalg.cholesky, float32, one thread (0.8e-11, p=1,898)
 GAUSS_NEWTON_S_PER_SQUARE = 6e-10  # per sample and p^2 entry (measured 5-7e-10)
 GAUSS_NEWTON_PASSES = 100  # jacobian of the logits per sample, in forward-backward units
 HESSIAN_COPIES = 3  # H, its eigenvectors and the solver's workspace
@@ -127,8 +130,8 @@ def estimate_costs(
     receipt's metrics pass over (forget, retained and test sets)."""
     p = sum(q.numel() for q in model.parameters())
     classes = _output_width(model)
-    hessian_n = min(recipe.hessian_samples, retained)
     objective_n = min(recipe.objective_samples or retained, retained)
+    hessian_n = min(recipe.hessian_samples, objective_n)  # drawn from the objective's samples
     # Per Newton iteration: a gradient and about two float64 values; plus the gradient norm
     # before, the residuals after and the receipt's two metric passes.
     common = ((3 * recipe.newton_iterations + 3) * objective_n + 2 * evaluated) * unit_s
@@ -139,7 +142,7 @@ def estimate_costs(
         return hessian_n * (k * k * GAUSS_NEWTON_S_PER_SQUARE + classes * 10 * unit_s)
 
     def solve(k: int) -> float:
-        return EIGH_S_PER_CUBE * k**3
+        return (EIGH_S_PER_CUBE if recipe.hessian == "exact" else CHOLESKY_S_PER_CUBE) * k**3
 
     budget = recipe.entry_budget(p)
     ranking_n = min(recipe.ranking_hessian_samples or hessian_n, retained)

@@ -4,7 +4,8 @@ Per input: renormalized influence of every training sample (GAS by default, from
 gradient index's embeddings when one is ready, else exactly over the checkpoints; the
 clean calibration of a version uses the same source, and its cache key says which), the
 robust target score (at k = 2 and 10, the rarer among clean inputs kept), and the
-training-side evidence (the class-outlier z of the input's top proponents). Both become
+training-side evidence (how far the input's top proponents stand apart from their class,
+``group_direction_z``). Both become
 one conformal p-value against the clean calibration inputs (``defenses.attack_sets``).
 Inputs whose p-value passes the first filter get a counterfactual confirmation: remove
 their top proponents from a scratch copy (no commit) and measure how far the predicted
@@ -27,16 +28,18 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from expunge.defenses.attack_sets import (
+    ClassShape,
     class_outlier_z,
+    class_shapes,
     combined_p_values,
     conformal_p_values,
-    group_outlier_z,
+    group_direction_z,
     random_control,
     top_proponents,
 )
@@ -70,6 +73,15 @@ CALIBRATION = "scan_calibration"
 CHUNK = 32
 
 
+class TrainingSide(NamedTuple):
+    """A version's training samples for the training-side evidence: penultimate
+    representations ``(n, d)``, class-outlier z ``(n,)`` and each class's shape."""
+
+    representations: torch.Tensor
+    outlier_z: torch.Tensor
+    shapes: dict[int, ClassShape]
+
+
 class ScanService:
     def __init__(
         self,
@@ -92,8 +104,8 @@ class ScanService:
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
-        # model -> (version, class-outlier z of every training sample).
-        self._outliers: dict[str, tuple[int, torch.Tensor]] = {}
+        # model -> (version, its training side: representations, class-outlier z, shapes).
+        self._outliers: dict[str, tuple[int, TrainingSide]] = {}
 
     # Influence -------------------------------------------------------------------------
 
@@ -136,30 +148,44 @@ class ScanService:
     def _weight_decay(self, model: str) -> float:
         return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
 
-    def _outlier_z(self, model: str) -> torch.Tensor:
-        """Class-outlier z ``(n_train,)`` of the current version's training samples (cached)."""
+    def _training_side(self, model: str) -> TrainingSide:
+        """The current version's training samples as the training-side evidence sees them,
+        computed once per version."""
         snapshot = self.engine.snapshot(model)
         with self._cache_lock:
             cached = self._outliers.get(model)
         if cached is not None and cached[0] == snapshot.version:
             return cached[1]
         data = self.engine.training_data(model)
-        z = class_outlier_z(penultimate_features(snapshot.module, data.features), data.labels)
+        representations = penultimate_features(snapshot.module, data.features)
+        side = TrainingSide(
+            representations,
+            class_outlier_z(representations, data.labels),
+            class_shapes(representations, data.labels),
+        )
         with self._cache_lock:
-            self._outliers[model] = (snapshot.version, z)
-        return z
+            self._outliers[model] = (snapshot.version, side)
+        return side
+
+    def _outlier_z(self, model: str) -> torch.Tensor:
+        """Class-outlier z ``(n_train,)`` of the current version's training samples."""
+        return self._training_side(model).outlier_z
 
     def _group_z(
         self, model: str, scored: list[tuple[float, torch.Tensor]], labels: torch.Tensor
     ) -> np.ndarray:
-        """The training-side evidence per input: its top proponents' median class-outlier z."""
+        """The training-side evidence per input: how far its top proponents stand apart
+        from their class (``group_direction_z``)."""
         train_labels = self.engine.training_data(model).labels
-        outliers = self._outlier_z(model)
+        side = self._training_side(model)
         return np.array(
             [
-                group_outlier_z(
-                    outliers,
+                group_direction_z(
+                    side.representations,
+                    train_labels,
+                    int(label),
                     top_proponents(influences, train_labels, int(label), self.settings.group_size),
+                    side.shapes,
                 )
                 for (_, influences), label in zip(scored, labels.tolist(), strict=True)
             ]
@@ -229,7 +255,7 @@ class ScanService:
         """The calibration artefact's kind: everything its thresholds depend on."""
         settings = self.settings
         ks = "-".join(str(k) for k in settings.ks)
-        evidence = f"ts{settings.group_size}" if settings.training_side else "influence"
+        evidence = f"dir{settings.group_size}" if settings.training_side else "influence"
         return f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
 
     def _filter_p(self, mode: str) -> float:

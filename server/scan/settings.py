@@ -55,11 +55,12 @@ class ScanSettings:
         default=True,
         metadata={
             "help": "combine the influence score's p-value with the training-side evidence "
-            "(the class-outlier z of the input's top proponents) by Fisher's method"
+            "(how far the input's top proponents stand apart from their class, in robust z "
+            "along their Fisher direction) by Fisher's method"
         },
     )
     group_size: int = field(
-        default=10, metadata={"help": "top proponents whose class-outlier z is the group's"}
+        default=10, metadata={"help": "top proponents that form the input's group"}
     )
     proponents_per_target: int = field(
         default=10,
@@ -112,7 +113,7 @@ class ScanOutcome:
     mitigation: dict[str, object] | None = None
     p_value: float = 1.0
     influence_p_value: float = 1.0
-    group_outlier_z: float = 0.0
+    group_outlier_z: float = 0.0  # training side: the group's robust z apart from its class
     control_drop: float = 0.0
     drop_threshold: float = 0.0
     decision: str = ""

@@ -9,9 +9,10 @@ import torch
 from expunge.defenses.attack_sets import (
     attack_set,
     class_outlier_z,
+    class_shapes,
     combined_p_values,
     conformal_p_values,
-    group_outlier_z,
+    group_direction_z,
     random_control,
     top_proponents,
 )
@@ -63,7 +64,55 @@ def test_class_outlier_z_is_the_robust_z_of_the_spectral_score_within_each_class
         expected = (spectral - np.median(spectral)) / qn_scale(spectral)
         np.testing.assert_allclose(z[labels == label].numpy(), expected, rtol=1e-10)
     assert z[:4].min() > z[4:30].max()  # the planted group stands out in its class
-    assert group_outlier_z(z, torch.arange(4)) == pytest.approx(float(z[:4].median()))
+
+
+def test_group_direction_z_against_an_explicit_computation() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(80, 4, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0] * 50 + [1] * 30)
+    group = torch.tensor([2, 7, 11, 19])
+    rows = x[:50].numpy()
+    centre = rows.mean(axis=0)
+    covariance = np.cov(rows, rowvar=False)
+    covariance += np.eye(4) * 1e-6 * np.trace(covariance) / 4
+    direction = np.linalg.solve(covariance, x[group].numpy().mean(axis=0) - centre)
+    projected = [float((row - centre) @ direction) for row in rows]
+    middle = float(np.median(projected))
+    mad = float(np.median([abs(p - middle) for p in projected]))
+    group_middle = float(np.median([projected[i] for i in group.tolist()]))
+    expected = (group_middle - middle) / (1.4826 * mad)
+    assert group_direction_z(x, labels, 0, group) == pytest.approx(expected, rel=1e-8)
+    shapes = class_shapes(x, labels)
+    assert group_direction_z(x, labels, 0, group, shapes) == group_direction_z(x, labels, 0, group)
+
+
+def test_a_planted_group_stands_apart_where_the_class_has_two_modes() -> None:
+    # A class with two clusters far apart along one axis and a group planted off both
+    # along another: the spectral score follows the cluster axis and misses the group;
+    # the group's own direction finds it, beyond any same-size group of clean members.
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 8, generator=generator, dtype=torch.float64)
+    x[:200, 0] += 6.0
+    x[200:, 0] -= 6.0
+    labels = torch.zeros(400, dtype=torch.long)
+    x[:10, 1] += 4.0  # the planted group (within the first cluster)
+    planted = torch.arange(10)
+    spectral = class_outlier_z(x, labels)
+    assert float(spectral[planted].median()) < 1.0
+    planted_z = group_direction_z(x, labels, 0, planted)
+    clean_groups = [
+        group_direction_z(x, labels, 0, torch.randperm(390, generator=generator)[:10] + 10)
+        for _ in range(50)
+    ]
+    assert planted_z > 3.0 > max(clean_groups)
+
+
+def test_group_direction_z_is_zero_without_a_direction() -> None:
+    x = torch.ones(6, 3, dtype=torch.float64)
+    labels = torch.zeros(6, dtype=torch.long)
+    assert group_direction_z(x, labels, 0, torch.tensor([0, 1])) == 0.0  # group = class mean
+    assert group_direction_z(x, labels, 0, torch.zeros(0, dtype=torch.long)) == 0.0
+    assert group_direction_z(x[:1], labels[:1], 0, torch.tensor([0])) == 0.0  # one member
 
 
 def test_top_proponents_are_the_largest_influences_of_the_label() -> None:

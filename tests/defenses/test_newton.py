@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -290,7 +291,8 @@ def test_gauss_newton_equals_the_exact_hessian_for_logreg(cancer, logreg) -> Non
         NewtonConfig(hessian="gauss_newton"),
     )  # fmt: skip
     assert _rel(gn.delta, exact.delta) < EXACT
-    assert gn.min_eigenvalue == pytest.approx(exact.min_eigenvalue, rel=1e-9)
+    assert math.isnan(gn.min_eigenvalue)  # PSD by construction: solved by Cholesky, no spectrum
+    assert gn.damping == exact.damping  # nothing to lift on either
     # Convex and L2-regularised: the spectrum starts at or above the weight decay.
     assert exact.min_eigenvalue >= LOGREG_WD * (1 - 1e-9)
 
@@ -364,11 +366,12 @@ def test_min_eigenvalue_and_step_match_an_explicit_hessian(rough_mlp, mode) -> N
         h = torch.einsum("ncp,ncd,ndq->pq", jac, curvature, jac) / len(p)
         h += MLP_WD * torch.eye(len(v), dtype=v.dtype)
     min_eig = float(torch.linalg.eigvalsh(h)[0])
-    assert result.min_eigenvalue == pytest.approx(min_eig, rel=1e-8, abs=1e-12)
     if mode == "exact":
+        assert result.min_eigenvalue == pytest.approx(min_eig, rel=1e-8, abs=1e-12)
         assert min_eig < 0, "the premise: a non-convex point"
     else:
         assert min_eig >= MLP_WD * (1 - 1e-9), "Gauss-Newton is PSD + lambda I"
+        assert math.isnan(result.min_eigenvalue)  # nothing to lift: Cholesky, no spectrum
     expected = -torch.linalg.solve(h + result.damping * torch.eye(len(v), dtype=v.dtype), g)
     assert result.accepted and result.iterations == 1
     assert _rel(result.delta, expected) < 1e-8
@@ -610,3 +613,23 @@ def test_exact_hessian_passes_are_sized_by_activation_floats(monkeypatch) -> Non
     one_tangent, all_at_once = hessian(1), hessian(1 << 30)
     assert torch.allclose(one_tangent, all_at_once, rtol=0, atol=1e-6)
     assert torch.allclose(all_at_once, reference.to(all_at_once.dtype), rtol=1e-4, atol=1e-6)
+
+
+def test_the_gauss_newton_solver_factors_each_damping_and_refuses_a_singular_one() -> None:
+    from expunge.defenses.newton.solvers import _positive_semidefinite_solver
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    h = a @ a.T  # PSD of rank 3: singular without damping
+    g = torch.randn(6, generator=generator, dtype=torch.float64)
+    solve, curvature, min_eig, scale = _positive_semidefinite_solver(h)
+    assert math.isnan(min_eig) and scale == float(h.diagonal().max())
+    step = solve(g, 0.5)
+    assert step is not None
+    expected = -torch.linalg.solve(h + 0.5 * torch.eye(6, dtype=h.dtype), g)
+    assert _rel(step, expected) < 1e-10
+    assert curvature(step) == pytest.approx(float(step @ h @ step), rel=1e-12)
+    # A zero damping on the singular matrix: no factor, so Levenberg-Marquardt raises mu.
+    singular = torch.zeros(6, 6, dtype=torch.float64)
+    solve_singular, *_ = _positive_semidefinite_solver(singular)
+    assert solve_singular(g, 0.0) is None
