@@ -589,7 +589,7 @@ class ScanService:
         """What a Scan of ``inputs`` will cost, from timed probes on this version: scoring,
         the version's calibration when it is not stored yet, the confirmations the clean
         pass rate predicts (their controls at the false-positive rate), the attack set's
-        two removals (mitigate or dry run), and the forget and the rescan (mitigate)."""
+        removals (mitigate or dry run), and the forget and the rescan (mitigate)."""
         estimator = self.validate(model, inputs, estimator or "gas")
         data = self.engine.training_data(model)
         snapshot = self.engine.snapshot(model)
@@ -620,8 +620,10 @@ class ScanService:
         expected = filter_p * len(inputs) * (1 + settings.false_positive_rate)
         confirmation_s = expected * confirm_s
         mitigation_s = 0.0
-        if mitigate or dry_run:  # the attack set's removal and its control
-            mitigation_s = 2 * confirm_s
+        if mitigate or dry_run:
+            # The attack set's removal and its control, and once more for the narrowed set
+            # when some flagged inputs do not corroborate it: three, between two and four.
+            mitigation_s = 3 * confirm_s
         if mitigate:  # the forget, then the rescan against the new version's reference
             metrics = self.engine.version_row(model, 0).metrics
             forget_s = max(float(metrics.get("training_seconds", 0.0)), confirm_s)
