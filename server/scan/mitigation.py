@@ -6,9 +6,7 @@ is forgotten only when its removal (a retrain or Newton removal on a scratch cop
 per-input confirmation) changes at least half of the flagged inputs, and at least two
 (their prediction flips, or the predicted class's probability falls by the calibrated
 drop), while an equal-size random set with the same labels changes fewer than a quarter
-as many. The confirmed union is then narrowed to the proponents of the inputs it
-changed (a flagged clean input's proponents are not the attack's) and the narrowed set
-is forgotten instead when it passes the same confirmation. A dry run
+as many. A dry run
 returns the plan and forgets nothing. After the forget, the flagged inputs are scored
 again on the new version against its own clean reference.
 """
@@ -58,7 +56,6 @@ class MitigationPlan:
     control_affected: int  # ... that the random control's removal changes
     confirmed: bool
     size: int  # each suspect's top-k proponents it was drawn from
-    union: int = 0  # members of the union before it was narrowed (0: not narrowed)
 
     def decision(self) -> str:
         if not self.members:
@@ -66,38 +63,24 @@ class MitigationPlan:
                 f"no top proponent of the {self.targets} flagged inputs stands out (influence "
                 "or class-outlier z below the member cut): nothing is forgotten"
             )
-        needed = _needed(self.targets)
+        needed = max(MIN_CORROBORATION, math.ceil(self.targets / 2))
         verdict = (
             "confirmed: forgetting it" if self.confirmed else "not confirmed: nothing is forgotten"
         )
-        drawn = (
-            f"the top {self.size} proponents of the flagged inputs that the union of "
-            f"{self.union} such samples changed"
-            if self.union
-            else f"the union of the flagged inputs' top {self.size} proponents"
-        )
         return (
-            f"attack set of {len(self.members)} samples ({drawn}, those that stand out); "
-            f"removing it changes {self.affected} of {self.targets} flagged "
+            f"attack set of {len(self.members)} samples (the union of the flagged inputs' top "
+            f"{self.size} proponents that stand out); removing it changes {self.affected} of {self.targets} flagged "
             f"inputs (needed {needed}); removing {len(self.members)} random samples with the "
             f"same labels changes {self.control_affected} (allowed below a quarter of "
             f"{self.affected}): {verdict}"
         )
 
 
-def _needed(flagged: int) -> int:
-    return max(MIN_CORROBORATION, math.ceil(flagged / 2))
-
-
-def _changed(
-    before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor, drop: float
-) -> torch.Tensor:
-    """Which inputs ``(q,)`` bool a removal changed: their prediction flipped, or the
-    predicted class's probability fell by at least ``drop``."""
+def _affected(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor, drop: float) -> int:
     rows = torch.arange(len(labels))
     fell = before[rows, labels] - after[rows, labels] >= drop
     flipped = after.argmax(dim=1) != labels
-    return fell | flipped
+    return int((fell | flipped).sum())
 
 
 class Mitigator:
@@ -140,53 +123,21 @@ class Mitigator:
         )
         if not members:
             return MitigationPlan([], len(suspects), 0, 0, False, size)
+        removed = torch.tensor([m.index for m in members], dtype=torch.long)
         x = torch.stack([s.x for s in suspects])
         labels = torch.tensor([s.label for s in suspects])
         mode = calibration.confirmation
         before = self.confirm.probabilities(model, None, x, mode)
-
-        def confirmation(chosen: list[AttackSetMember]) -> tuple[torch.Tensor, int]:
-            removed = torch.tensor([m.index for m in chosen], dtype=torch.long)
-            after = self.confirm.probabilities(model, removed, x, mode)
-            control = random_control(data.labels, removed, CONTROL_SEED)
-            after_control = self.confirm.probabilities(model, control, x, mode)
-            changed = _changed(before, after, labels, calibration.drop)
-            return changed, int(_changed(before, after_control, labels, calibration.drop).sum())
-
-        def passes(changed: torch.Tensor, control_affected: int) -> bool:
-            affected = int(changed.sum())
-            return affected >= _needed(len(suspects)) and 4 * control_affected < affected
-
-        changed, control_affected = confirmation(members)
-        plan = MitigationPlan(
-            members,
-            len(suspects),
-            int(changed.sum()),
-            control_affected,
-            passes(changed, control_affected),
-            size,
+        after = self.confirm.probabilities(model, removed, x, mode)
+        control = random_control(data.labels, removed, CONTROL_SEED)
+        after_control = self.confirm.probabilities(model, control, x, mode)
+        affected = _affected(before, after, labels, calibration.drop)
+        control_affected = _affected(before, after_control, labels, calibration.drop)
+        confirmed = (
+            affected >= max(MIN_CORROBORATION, math.ceil(len(suspects) / 2))
+            and 4 * control_affected < affected
         )
-        if not plan.confirmed:
-            return plan
-        # A flagged input the removal left unchanged is not corroborated as a target (a
-        # clean input flagged beside the attack's): its proponents leave the set, which
-        # must then pass the same confirmation on its own.
-        corroborated = {s.index for s, hit in zip(suspects, changed.tolist(), strict=True) if hit}
-        narrowed = [m for m in members if corroborated.intersection(m.targets)]
-        if len(narrowed) == len(members):
-            return plan
-        changed, control_affected = confirmation(narrowed)
-        if not passes(changed, control_affected):
-            return plan  # the union passed; the narrowed set alone did not
-        return MitigationPlan(
-            narrowed,
-            len(suspects),
-            int(changed.sum()),
-            control_affected,
-            True,
-            size,
-            union=len(members),
-        )
+        return MitigationPlan(members, len(suspects), affected, control_affected, confirmed, size)
 
     def resolve(
         self,

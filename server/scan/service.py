@@ -620,10 +620,8 @@ class ScanService:
         expected = filter_p * len(inputs) * (1 + settings.false_positive_rate)
         confirmation_s = expected * confirm_s
         mitigation_s = 0.0
-        if mitigate or dry_run:
-            # The attack set's removal and its control, and once more for the narrowed set
-            # when some flagged inputs do not corroborate it: three, between two and four.
-            mitigation_s = 3 * confirm_s
+        if mitigate or dry_run:  # the attack set's removal and its control
+            mitigation_s = 2 * confirm_s
         if mitigate:  # the forget, then the rescan against the new version's reference
             metrics = self.engine.version_row(model, 0).metrics
             forget_s = max(float(metrics.get("training_seconds", 0.0)), confirm_s)
