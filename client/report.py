@@ -246,7 +246,7 @@ def _flagged_detail(r: ScanResult, images: _ImageSource) -> str:
     facts = (
         f"predicted label <b>{r.predicted_label}</b> · p-value <b>{_num(r.p_value)}</b> "
         f"(cut {_num(r.threshold)}; influence alone {_num(r.influence_p_value)}; its top "
-        f"proponents' group z apart from their class {_num(r.group_outlier_z)}) · influence score "
+        f"proponents' training-side z {_num(r.group_outlier_z)}) · influence score "
         f"{_num(r.target_score)} · drop <b>{_num(r.counterfactual_drop)}</b> (needed "
         f"{_num(r.drop_threshold)}; control {_num(r.control_drop)}) · model version {r.model_version}"
     )

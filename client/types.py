@@ -229,7 +229,7 @@ class ScanResult:
     model_version: int
     p_value: float = 1.0  # conformal, against the clean calibration inputs
     influence_p_value: float = 1.0
-    group_outlier_z: float = 0.0  # its top proponents' robust z apart from their class
+    group_outlier_z: float = 0.0  # training side: its top proponents' evidence
     control_drop: float = 0.0
     drop_threshold: float = 0.0
     decision: str = ""  # every cut that decided it, with its value

@@ -160,7 +160,13 @@ def _start_on(
             engine,
             forget,
             ScanService(
-                engine, forget, index, ScanSettings(confirmation=settings.scan_confirmation)
+                engine,
+                forget,
+                index,
+                ScanSettings(
+                    confirmation=settings.scan_confirmation,
+                    training_evidence=settings.scan_training_evidence,
+                ),
             ),
         ),
         server,

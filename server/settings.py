@@ -83,6 +83,13 @@ class Settings:
         default="auto",
         metadata={"help": "retrain, newton, or auto (retrain when training is cheap)"},
     )
+    scan_training_evidence: str = field(
+        default="spectral",
+        metadata={
+            "help": "spectral (the top proponents' median class-outlier z) or direction "
+            "(their robust z along the group's Fisher direction; see BENCHMARKS.md)"
+        },
+    )
     forget_hessian_samples: int = field(
         default=2000, metadata={"help": "retained samples (seeded) the Newton Hessian is built on"}
     )
@@ -140,6 +147,11 @@ class Settings:
             raise ValueError(
                 f"on_accuracy_collapse must be one of {ACCURACY_COLLAPSE_POLICIES}, "
                 f"not {self.on_accuracy_collapse!r}"
+            )
+        if self.scan_training_evidence not in ("spectral", "direction"):
+            raise ValueError(
+                "scan_training_evidence must be 'spectral' or 'direction', "
+                f"not {self.scan_training_evidence!r}"
             )
         if not self.max_input_magnitude > 0:
             raise ValueError("max_input_magnitude must be > 0")

@@ -4,8 +4,8 @@ Per input: renormalized influence of every training sample (GAS by default, from
 gradient index's embeddings when one is ready, else exactly over the checkpoints; the
 clean calibration of a version uses the same source, and its cache key says which), the
 robust target score (at k = 2 and 10, the rarer among clean inputs kept), and the
-training-side evidence (how far the input's top proponents stand apart from their class,
-``group_direction_z``). Both become
+training-side evidence (the input's top proponents' median class-outlier z, or with
+``training_evidence = "direction"`` their robust z apart from their class). Both become
 one conformal p-value against the clean calibration inputs (``defenses.attack_sets``).
 Inputs whose p-value passes the first filter get a counterfactual confirmation: remove
 their top proponents from a scratch copy (no commit) and measure how far the predicted
@@ -40,6 +40,7 @@ from expunge.defenses.attack_sets import (
     combined_p_values,
     conformal_p_values,
     group_direction_z,
+    group_outlier_z,
     random_control,
     top_proponents,
 )
@@ -174,22 +175,22 @@ class ScanService:
     def _group_z(
         self, model: str, scored: list[tuple[float, torch.Tensor]], labels: torch.Tensor
     ) -> np.ndarray:
-        """The training-side evidence per input: how far its top proponents stand apart
-        from their class (``group_direction_z``)."""
+        """The training-side evidence per input (``training_evidence``): its top
+        proponents' median class-outlier z, or their robust z apart from their class."""
         train_labels = self.engine.training_data(model).labels
         side = self._training_side(model)
-        return np.array(
-            [
-                group_direction_z(
-                    side.representations,
-                    train_labels,
-                    int(label),
-                    top_proponents(influences, train_labels, int(label), self.settings.group_size),
-                    side.shapes,
+        values = []
+        for (_, influences), label in zip(scored, labels.tolist(), strict=True):
+            group = top_proponents(influences, train_labels, int(label), self.settings.group_size)
+            if self.settings.training_evidence == "direction":
+                values.append(
+                    group_direction_z(
+                        side.representations, train_labels, int(label), group, side.shapes
+                    )
                 )
-                for (_, influences), label in zip(scored, labels.tolist(), strict=True)
-            ]
-        )
+            else:
+                values.append(group_outlier_z(side.outlier_z, group))
+        return np.array(values)
 
     # Calibration -----------------------------------------------------------------------
 
@@ -255,7 +256,8 @@ class ScanService:
         """The calibration artefact's kind: everything its thresholds depend on."""
         settings = self.settings
         ks = "-".join(str(k) for k in settings.ks)
-        evidence = f"dir{settings.group_size}" if settings.training_side else "influence"
+        tag = "dir" if settings.training_evidence == "direction" else "ts"
+        evidence = f"{tag}{settings.group_size}" if settings.training_side else "influence"
         return f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
 
     def _filter_p(self, mode: str) -> float:

@@ -11,6 +11,7 @@ ESTIMATORS = ("gas", "lgas", "tracincp", "gas+tracincp")
 # TracInCP fail on different attacks (measured: BENCHMARKS.md, scan).
 ENSEMBLES = {"gas+tracincp": ("gas", "tracincp")}
 CONFIRMATIONS = ("auto", "retrain", "newton")
+TRAINING_EVIDENCE = ("spectral", "direction")
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,16 @@ class ScanSettings:
         default=True,
         metadata={
             "help": "combine the influence score's p-value with the training-side evidence "
-            "(how far the input's top proponents stand apart from their class, in robust z "
-            "along their Fisher direction) by Fisher's method"
+            "of the input's top proponents by Fisher's method"
+        },
+    )
+    training_evidence: str = field(
+        default="spectral",
+        metadata={
+            "help": "spectral: the top proponents' median class-outlier z (spectral "
+            "signature within the class); direction: their robust z apart from their class "
+            "along the group's Fisher direction (better on classes with several modes, "
+            "but a clean tabular model then passed a mitigation: BENCHMARKS.md)"
         },
     )
     group_size: int = field(
@@ -85,6 +94,8 @@ class ScanSettings:
     def __post_init__(self) -> None:
         if self.confirmation not in CONFIRMATIONS:
             raise ValueError(f"confirmation must be one of {CONFIRMATIONS}")
+        if self.training_evidence not in TRAINING_EVIDENCE:
+            raise ValueError(f"training_evidence must be one of {TRAINING_EVIDENCE}")
         if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
             raise ValueError("ks must be distinct positive integers")
 
@@ -113,7 +124,7 @@ class ScanOutcome:
     mitigation: dict[str, object] | None = None
     p_value: float = 1.0
     influence_p_value: float = 1.0
-    group_outlier_z: float = 0.0  # training side: the group's robust z apart from its class
+    group_outlier_z: float = 0.0  # training side: the group's evidence (training_evidence)
     control_drop: float = 0.0
     drop_threshold: float = 0.0
     decision: str = ""

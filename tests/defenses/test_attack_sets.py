@@ -13,6 +13,7 @@ from expunge.defenses.attack_sets import (
     combined_p_values,
     conformal_p_values,
     group_direction_z,
+    group_outlier_z,
     random_control,
     top_proponents,
 )
@@ -64,6 +65,7 @@ def test_class_outlier_z_is_the_robust_z_of_the_spectral_score_within_each_class
         expected = (spectral - np.median(spectral)) / qn_scale(spectral)
         np.testing.assert_allclose(z[labels == label].numpy(), expected, rtol=1e-10)
     assert z[:4].min() > z[4:30].max()  # the planted group stands out in its class
+    assert group_outlier_z(z, torch.arange(4)) == pytest.approx(float(z[:4].median()))
 
 
 def test_group_direction_z_against_an_explicit_computation() -> None:

@@ -143,12 +143,9 @@ def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
     # p-values against the 100 clean calibration inputs: 1/101 is the smallest possible.
     assert all(1 / 101 <= r.p_value <= 1 for r in results)
     assert np.median([r.p_value for r in targets]) < np.median([r.p_value for r in clean])
-    # The training side: the targets' top proponents stand apart from their class far more
-    # than a clean input's do (a clean group scores above 0 too: its direction is fitted).
-    target_z = [r.group_outlier_z for r in targets]
-    clean_z = [r.group_outlier_z for r in clean]
-    assert np.median(target_z) > 2 * np.median(clean_z)
-    assert min(target_z) > np.percentile(clean_z, 90)
+    # The training side: the targets' top proponents are outliers of their class.
+    assert np.median([r.group_outlier_z for r in targets]) > 3
+    assert np.median([r.group_outlier_z for r in clean]) < 1
     poison = attack.poison_mask.numpy()
     implicated = [s.sample_id for r in targets if r.flagged for s in r.implicated]
     assert implicated and np.mean(poison[implicated]) > 0.8  # implicated samples are the poisons
@@ -161,9 +158,9 @@ def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
     # came from its embeddings, and the stored calibration's key says so.
     assert all("index influence" in r.decision for r in results)
     store = scan_server.engine.store  # type: ignore[attr-defined]
-    stored = store.artefact("bd", "scan_calibration:gas:index:retrain:k2-10:dir10")
+    stored = store.artefact("bd", "scan_calibration:gas:index:retrain:k2-10:ts10")
     assert stored is not None and stored.meta["source"] == "index"
-    assert store.artefact("bd", "scan_calibration:gas:exact:retrain:k2-10:dir10") is None
+    assert store.artefact("bd", "scan_calibration:gas:exact:retrain:k2-10:ts10") is None
     assert sum(r.flagged for r in clean) <= 3
     _check_decisions(results)
     assert sum(r.flagged for r in targets) >= 3  # measured: 7 of 10 targets, 1 of 30 clean

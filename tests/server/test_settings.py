@@ -42,3 +42,13 @@ def test_bad_forget_sampling_is_refused_at_load(name: str, value: int, message: 
 def test_unknown_setting_is_named() -> None:
     with pytest.raises(ValueError, match="unknown settings: \\['forget_hessian'\\]"):
         load_settings(env={}, forget_hessian=3)
+
+
+def test_scan_training_evidence_is_checked_and_reaches_the_scan_key() -> None:
+    from expunge.server.scan.settings import ScanSettings
+
+    with pytest.raises(ValueError, match="scan_training_evidence must be"):
+        load_settings(env={}, scan_training_evidence="spectrum")
+    assert load_settings(env={}).scan_training_evidence == "spectral"
+    with pytest.raises(ValueError, match="training_evidence must be one of"):
+        ScanSettings(training_evidence="spectrum")
