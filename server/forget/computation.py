@@ -267,7 +267,7 @@ def unlearn(
     tested: list[SetMeasurement] = []
 
     def measure(candidate: nn.Module) -> dict[str, float]:
-        known = test_before if not tested and test_before is not None else None
+        known = test_before if not tested else None  # the served model's, when kept
         tested.append(known or measure_set(candidate, test_x, test_y))
         return deletion_metrics(
             candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y, tested[-1]
