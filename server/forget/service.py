@@ -23,7 +23,6 @@ from expunge.server.errors import AlreadyExists, NotFound, invalid_field
 from expunge.server.faults import crash_point
 from expunge.server.forget.computation import (
     UnlearningOptions,
-    metric_subset,
     recipe_for,
     unlearn,
 )
@@ -383,8 +382,9 @@ class ForgetService:
             }
             # The after-measurement's figures, on the receipt's retained subset.
             metrics = engine.metrics_of(outcome.receipt["after"], model, config.weight_decay)
-            measured_on = len(metric_subset(data.features[keep], data.labels[keep], recipe)[0])
-            if measured_on < int(keep.sum()):
+            retained = int(keep.sum())
+            measured_on = min(recipe.objective_samples or retained, retained)  # as metric_subset
+            if measured_on < retained:
                 metrics["train_metrics_samples"] = float(measured_on)
             if outcome.checkpoints is not None:  # an exact retrain: its time is the new estimate
                 metrics["training_seconds"] = float(outcome.receipt.get("training_seconds", 0.0))

@@ -76,11 +76,12 @@ CHUNK = 32
 
 class TrainingSide(NamedTuple):
     """A version's training samples for the training-side evidence: penultimate
-    representations ``(n, d)``, class-outlier z ``(n,)`` and each class's shape."""
+    representations ``(n, d)``, class-outlier z ``(n,)`` and, for the ``direction``
+    evidence only, each class's shape (None otherwise: a covariance per class unused)."""
 
     representations: torch.Tensor
     outlier_z: torch.Tensor
-    shapes: dict[int, ClassShape]
+    shapes: dict[int, ClassShape] | None
 
 
 class ScanService:
@@ -162,7 +163,9 @@ class ScanService:
         side = TrainingSide(
             representations,
             class_outlier_z(representations, data.labels),
-            class_shapes(representations, data.labels),
+            class_shapes(representations, data.labels)
+            if self.settings.training_evidence == "direction"
+            else None,
         )
         with self._cache_lock:
             self._outliers[model] = (snapshot.version, side)
