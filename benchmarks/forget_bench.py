@@ -27,7 +27,9 @@ request id, to a fresh server process on a copy of the state taken before the fi
 its weights must be byte-identical.
 
 Development cases (defaults may be chosen on them): digits MLP (largest owner, random
-5%), digits CNN (largest owner), breast-cancer logistic regression (random 5%), and the
+5%), digits CNN (largest owner), breast-cancer logistic regression (random 5%), an MLP on
+scikit-learn Gaussian blobs (largest owner), a breast-cancer MLP (one class's samples of a
+few owners), and the
 expensive case (not with ``--quick``): a CNN on ~60k augmented digits forgetting every copy
 of 1% of the source digits, run with the large-data server profile. Held-out cases, made
 by a different procedure and never used to choose anything: scikit-learn
@@ -141,6 +143,17 @@ def _classification(n: int, features: int, classes: int, separation: float, seed
     return _dataset(x, y, _skewed_owners(n, seed))
 
 
+def _blobs(n: int, features: int, centres: int, spread: float, seed: int) -> Dataset:
+    """Development tabular data: Gaussian blobs (not the held-out cases' generator)."""
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(
+        n_samples=n, n_features=features, centers=centres, cluster_std=spread, random_state=seed
+    )
+    x = (x - x.mean(0)) / x.std(0)
+    return _dataset(x, y, _skewed_owners(n, seed))
+
+
 def _digit_pair(first: int, second: int) -> Dataset:
     digits = builtin("digits", seed=0)
     rows = np.nonzero((digits.labels == first) | (digits.labels == second))[0]
@@ -187,6 +200,21 @@ def _cases(quick: bool) -> list[Case]:
         Case("digits_mlp_5pct", "dev", lambda: builtin("digits", 0), "mlp", "random5"),
         Case("digits_cnn_owner", "dev", lambda: builtin("digits", 0), "cnn", "owner", cnn),
         Case("cancer_logreg_5pct", "dev", lambda: builtin("breast_cancer", 0), "logreg", "random5"),
+        Case(
+            "blobs_mlp_owner",
+            "dev",
+            lambda: _blobs(3000, 24, 5, 6.0, 3),
+            "mlp",
+            "owner",
+            hidden=(48,),
+        ),
+        Case(
+            "cancer_mlp_class_of_owners",
+            "dev",
+            lambda: builtin("breast_cancer", 0),
+            "mlp",
+            "class_of_owners",
+        ),
         Case(
             "hard_tabular_mlp_owner",
             "held_out",

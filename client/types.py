@@ -91,6 +91,7 @@ class ForgetMethod:
     seed: int
     candidate_parameters: int  # entries the ranking chose from; 0: no ranking step
     assume_converged: bool  # the served model was taken as the optimum of J
+    step_coverage: float  # the selection grew to hold this share of the step; 0: budget only
 
 
 @dataclass(frozen=True)

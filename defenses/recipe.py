@@ -13,7 +13,7 @@ from typing import Any
 from .lcodec import LcodecConfig
 from .newton import NewtonConfig
 
-__all__ = ["HESSIANS", "SELECTIONS", "ForgetRecipe"]
+__all__ = ["HESSIANS", "SELECTIONS", "SELECTION_LIMIT", "STEP_COVERAGE", "ForgetRecipe"]
 
 # lcodec_cg: L-CODEC's units (FOCI order) as the pool, its entries ranked by a Newton-CG step;
 # lcodec: whole units in FOCI order; cg: entries of the Newton-CG step over every parameter.
@@ -23,6 +23,12 @@ SELECTIONS = ("lcodec_cg", "lcodec", "cg", "all", "output")
 # logistic regression (10 of 42 entries) cannot reach the retrained optimum (issue 17).
 WHOLE_MODEL_ENTRIES = 1024
 HESSIANS = ("exact", "gauss_newton")
+# Chosen on development cases (BENCHMARKS.md, forget): a 25% selection of a 1,445-entry
+# MLP left 8x the seed noise, growing it to 95% of the step's mass 1.7x; 0.90 barely
+# grew, 0.99 took nearly every entry for no further gain.
+STEP_COVERAGE = 0.95
+# The dense solve on a selection is O(|S|^3): L-CODEC's own cap on its budget.
+SELECTION_LIMIT = LcodecConfig().budget_cap
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,13 @@ class ForgetRecipe:
     pool_coverage: float = field(
         default=0.95,
         metadata={"help": "lcodec_cg: the pool grows until it holds this share of the step"},
+    )
+    step_coverage: float = field(
+        default=STEP_COVERAGE,
+        metadata={
+            "help": "lcodec_cg/cg: past the budget, the selection grows until it holds this "
+            "share of the ranked step's squared mass (at most SELECTION_LIMIT entries)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "perturbations, subsamples, noise"})
     assume_converged: bool = field(
@@ -117,6 +130,13 @@ class ForgetRecipe:
         budget = LcodecConfig(parameter_budget=self.parameter_budget).budget_for(total_params)
         return min(budget, total_params)
 
+    def largest_selection(self, total_params: int) -> int:
+        """Entries a sparse selection may reach once grown by ``step_coverage``."""
+        budget = self.entry_budget(total_params)
+        if not self.ranked or self.step_coverage <= 0:
+            return budget
+        return max(budget, min(total_params, SELECTION_LIMIT))
+
     def method(self, total_params: int, iterations_taken: int, candidates: int) -> dict[str, Any]:
         """The receipt's ForgetMethod: every choice the update depended on."""
         config = self.newton_config()
@@ -135,5 +155,6 @@ class ForgetRecipe:
             "ranking_newton_iterations": ranking.iterations if self.ranked else 0,
             "seed": config.seed,
             "candidate_parameters": candidates,
+            "step_coverage": self.step_coverage if self.ranked else 0.0,
             "assume_converged": self.assume_converged,
         }

@@ -119,6 +119,14 @@ class Settings:
         default=0,
         metadata={"help": "Newton iterations of the Newton-CG ranking; 0: the default (3)"},
     )
+    forget_step_coverage: float = field(
+        default=-1.0,
+        metadata={
+            "help": "lcodec_cg/cg selections grow past their budget until they hold this "
+            "share of the ranking step's squared mass (at most 4,096 entries); 0: exactly "
+            "the budget; < 0: the default"
+        },
+    )
     max_input_magnitude: float = field(
         default=1e6,
         metadata={
@@ -153,6 +161,8 @@ class Settings:
                 "scan_training_evidence must be 'spectral' or 'direction', "
                 f"not {self.scan_training_evidence!r}"
             )
+        if self.forget_step_coverage > 1:
+            raise ValueError("forget_step_coverage must be at most 1 (< 0: the default)")
         if not self.max_input_magnitude > 0:
             raise ValueError("max_input_magnitude must be > 0")
         # A bad count would otherwise surface only when the first forget runs.

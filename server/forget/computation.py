@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from expunge.defenses.architectures import ArchitectureSpec, output_layer_name
-from expunge.defenses.recipe import HESSIANS, SELECTIONS, ForgetRecipe
+from expunge.defenses.recipe import (
+    HESSIANS,
+    SELECTION_LIMIT,
+    SELECTIONS,
+    STEP_COVERAGE,
+    ForgetRecipe,
+)
 from expunge.server.errors import invalid_field
 from expunge.server.forget.policy import (
     TRAINING_PASS_SHARE,
@@ -146,6 +152,7 @@ def recipe_for(
     ranking_cg_iterations: int = 0,
     newton_iterations: int = 0,
     ranking_newton_iterations: int = 0,
+    step_coverage: float = -1.0,
 ) -> ForgetRecipe:
     """The recipe a caller's options and the server's settings give (0: the defaults)."""
     return ForgetRecipe(
@@ -163,6 +170,7 @@ def recipe_for(
         ranking_hessian_samples=ranking_hessian_samples,
         ranking_cg_iterations=ranking_cg_iterations or _DEFAULTS.ranking_cg_iterations,
         ranking_newton_iterations=ranking_newton_iterations or _DEFAULTS.ranking_newton_iterations,
+        step_coverage=STEP_COVERAGE if step_coverage < 0 else step_coverage,
         seed=seed,
         assume_converged=not options.correct_non_convergence,
     )
@@ -551,6 +559,8 @@ def choose_parameters(
         pool=pool,
         logits_layer=output_layer_name(model),
         assume_converged=True,
+        step_coverage=recipe.step_coverage,
+        max_entries=max(budget, SELECTION_LIMIT),
     )
     return ChosenParameters(chosen.selection, chosen.candidates)
 

@@ -144,7 +144,8 @@ def estimate_costs(
     def solve(k: int) -> float:
         return (EIGH_S_PER_CUBE if recipe.hessian == "exact" else CHOLESKY_S_PER_CUBE) * k**3
 
-    budget = recipe.entry_budget(p)
+    # The selection's size is known only after the ranking: priced at its largest.
+    budget = recipe.largest_selection(p)
     ranking_n = min(recipe.ranking_hessian_samples or hessian_n, retained)
     ranking = (
         recipe.ranking_newton_iterations * (recipe.ranking_cg_iterations * 3 * ranking_n)

@@ -321,6 +321,7 @@ class ForgetService:
             ranking_cg_iterations=settings.forget_ranking_cg_iterations,
             newton_iterations=settings.forget_newton_iterations,
             ranking_newton_iterations=settings.forget_ranking_newton_iterations,
+            step_coverage=settings.forget_step_coverage,
         )
         arguments: dict[str, Any] = {
             "weight_decay": config.weight_decay,

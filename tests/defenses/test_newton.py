@@ -401,6 +401,40 @@ def test_levenberg_marquardt_raises_damping_when_the_objective_would_rise(rough_
     assert lm.objective_after < lm.objective_before
 
 
+def test_levenberg_marquardt_lowers_damping_again_after_an_accepted_step(rough_mlp) -> None:
+    from expunge.defenses.newton.damping import _newton_iterations
+    from expunge.defenses.newton.objective import RetainedObjective
+    from expunge.defenses.newton.solvers import _spectral_solver
+
+    model, x, y = rough_mlp
+    selection = _output_and_hidden_rows([1, 7])
+    rx, ry = x[20:], y[20:]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    objective = RetainedObjective(model, params, selection, MLP_WD, 1024)
+    h = objective.hessian(objective.v0, rx, ry, "exact", 256)
+    solve, curvature, min_eig, scale = _spectral_solver(h)
+    floor = 1e-12 - min_eig  # too small: the first iteration's step is rejected at least once
+    asked: list[list[float]] = []  # the mu of each solve, grouped by iteration
+    last: list[torch.Tensor | None] = [None]
+
+    def recording(gradient: torch.Tensor, mu: float) -> torch.Tensor:
+        if gradient is not last[0]:  # LM retries reuse the iteration's gradient
+            asked.append([])
+            last[0] = gradient
+        asked[-1].append(mu)
+        return solve(gradient, mu)
+
+    g = objective.gradient(objective.v0, rx, ry)
+    config = NewtonConfig(iterations=3, trust_radius=1e9)
+    steps = _newton_iterations(objective, g, recording, floor, scale, rx, ry, config, curvature)
+    assert steps.steps >= 2 and len(asked) >= 2
+    first_accepted = asked[0][-1]
+    assert len(asked[0]) >= 2 and first_accepted > floor  # raised in the first iteration
+    # The next iteration starts a tenth lower (never under the floor), not where it ended.
+    assert asked[1][0] == pytest.approx(max(floor, first_accepted / 10))
+    assert asked[1][0] < first_accepted
+
+
 def test_trust_region_bounds_the_step_and_failure_is_reported(rough_mlp) -> None:
     model, x, y = rough_mlp
     selection = _output_and_hidden_rows([1, 7])

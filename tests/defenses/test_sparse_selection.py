@@ -23,6 +23,7 @@ from expunge.defenses.newton import (
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.sparse_selection import (
     CandidatePool,
+    EntryCount,
     candidate_pool,
     select_by_newton_direction,
     softmax_gauge,
@@ -72,6 +73,30 @@ def test_ties_go_to_the_lower_index_and_candidates_restrict() -> None:
     assert top_entries(model, scores, 100, candidates=pool).num_parameters == 5
     with pytest.raises(ValueError, match="shape"):
         top_entries(model, scores[:-1], 2)
+
+
+def test_step_coverage_grows_the_count_to_an_explicit_cumulative_share() -> None:
+    model = _tiny()
+    total = sum(p.numel() for p in model.parameters())
+    scores = torch.randn(total, generator=torch.Generator().manual_seed(5))
+    mass = sorted((float(v) ** 2 for v in scores), reverse=True)
+    for coverage in (0.5, 0.9, 0.99):
+        explicit = next(k for k in range(1, total + 1) if sum(mass[:k]) >= coverage * sum(mass))
+        grown = top_entries(model, scores, EntryCount(2, step_coverage=coverage))
+        assert grown.num_parameters == max(2, explicit)
+        assert _flat_positions(model, top_entries(model, scores, explicit)) == _flat_positions(
+            model, grown
+        )
+    # The budget is a floor, the limit a ceiling on the growth, the pool a ceiling on both.
+    assert top_entries(model, scores, EntryCount(30, step_coverage=0.1)).num_parameters == 30
+    assert top_entries(model, scores, EntryCount(2, 1.0, limit=9)).num_parameters == 9
+    pool = ParameterSelection({"1.bias": torch.arange(5)})
+    assert top_entries(model, scores, EntryCount(2, 1.0), candidates=pool).num_parameters == 5
+    # Coverage 0 keeps exactly the budget.
+    assert top_entries(model, scores, EntryCount(4, 0.0)).num_parameters == 4
+    for bad in ({"budget": 0}, {"budget": 1, "step_coverage": 1.5}, {"budget": 1, "limit": -1}):
+        with pytest.raises(ValueError):
+            EntryCount(**bad)  # type: ignore[arg-type]
 
 
 def test_units_named_are_those_with_a_chosen_entry() -> None:

@@ -57,8 +57,10 @@ def test_forgetting_an_owner_purges_and_versions(
     # The receipt says how the update was computed (the targeted path's defaults).
     method = receipt.method
     assert (method.selection, method.hessian) == ("lcodec_cg", "exact")
-    assert method.parameter_budget == receipt.parameters_updated
+    # The budget (25%) is a floor: the selection grew to hold 95% of the ranked step.
     assert method.parameter_budget == int(0.25 * receipt.parameters_total)
+    assert method.step_coverage == 0.95
+    assert method.parameter_budget <= receipt.parameters_updated <= method.candidate_parameters
     assert (method.newton_iterations, method.damping_floor) == (8, 1e-3)
     assert 1 <= method.newton_iterations_taken <= 8
     assert (method.hessian_samples, method.objective_samples) == (2000, 0)
@@ -270,6 +272,7 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
         forget_ranking_cg_iterations=5,
         forget_newton_iterations=2,
         forget_ranking_newton_iterations=1,
+        forget_step_coverage=0.0,
     )
     running = start(profile)
     try:
@@ -290,6 +293,9 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
             assert (method.ranking_hessian_samples, method.ranking_cg_iterations) == (128, 5)
             # The request left newton_iterations at 0: the server's setting applies.
             assert (method.newton_iterations, method.ranking_newton_iterations) == (2, 1)
+            # Step coverage 0: the selection is exactly the budget.
+            assert method.step_coverage == 0.0
+            assert op.receipt.parameters_updated == method.parameter_budget
             assert method.newton_iterations_taken <= 2
             digest = running.engine.store.request("large").payload_sha256
             assert method.seed == request_seed(digest, 1)

@@ -39,6 +39,17 @@ def test_bad_forget_sampling_is_refused_at_load(name: str, value: int, message: 
         load_settings(env={}, **{name: value})
 
 
+def test_step_coverage_above_one_is_refused_and_negative_means_the_default() -> None:
+    from expunge.defenses.recipe import STEP_COVERAGE
+    from expunge.server.forget.computation import UnlearningOptions, recipe_for
+
+    with pytest.raises(ValueError, match="forget_step_coverage must be at most 1"):
+        load_settings(env={}, forget_step_coverage=1.5)
+    default = load_settings(env={}).forget_step_coverage
+    assert recipe_for(UnlearningOptions(), 0, step_coverage=default).step_coverage == STEP_COVERAGE
+    assert recipe_for(UnlearningOptions(), 0, step_coverage=0.0).step_coverage == 0.0
+
+
 def test_unknown_setting_is_named() -> None:
     with pytest.raises(ValueError, match="unknown settings: \\['forget_hessian'\\]"):
         load_settings(env={}, forget_hessian=3)

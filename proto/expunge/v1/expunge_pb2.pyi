@@ -398,7 +398,7 @@ class AccuracyCollapse(_message.Message):
     def __init__(self, drop_points: _Optional[float] = ..., limit_points: _Optional[float] = ..., policy: _Optional[str] = ..., action: _Optional[str] = ..., retrain_operation: _Optional[str] = ...) -> None: ...
 
 class ForgetMethod(_message.Message):
-    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters", "assume_converged")
+    __slots__ = ("selection", "hessian", "parameter_budget", "newton_iterations", "newton_iterations_taken", "damping_floor", "hessian_samples", "objective_samples", "ranking_hessian_samples", "ranking_cg_iterations", "ranking_newton_iterations", "seed", "candidate_parameters", "assume_converged", "step_coverage")
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +413,7 @@ class ForgetMethod(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ASSUME_CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    STEP_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     selection: str
     hessian: str
     parameter_budget: int
@@ -427,7 +428,8 @@ class ForgetMethod(_message.Message):
     seed: int
     candidate_parameters: int
     assume_converged: bool
-    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ..., candidate_parameters: _Optional[int] = ..., assume_converged: _Optional[bool] = ...) -> None: ...
+    step_coverage: float
+    def __init__(self, selection: _Optional[str] = ..., hessian: _Optional[str] = ..., parameter_budget: _Optional[int] = ..., newton_iterations: _Optional[int] = ..., newton_iterations_taken: _Optional[int] = ..., damping_floor: _Optional[float] = ..., hessian_samples: _Optional[int] = ..., objective_samples: _Optional[int] = ..., ranking_hessian_samples: _Optional[int] = ..., ranking_cg_iterations: _Optional[int] = ..., ranking_newton_iterations: _Optional[int] = ..., seed: _Optional[int] = ..., candidate_parameters: _Optional[int] = ..., assume_converged: _Optional[bool] = ..., step_coverage: _Optional[float] = ...) -> None: ...
 
 class OperationProgress(_message.Message):
     __slots__ = ("phase", "completed", "total", "message")
