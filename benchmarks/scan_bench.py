@@ -213,12 +213,28 @@ def _create_state(case: Case, attack: AttackedDataset, state: Path) -> Architect
     return spec
 
 
+# Server settings of an option's run (--setting); empty: the served defaults.
+SERVER_SETTINGS: dict[str, Any] = {}
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    name, _, raw = text.partition("=")
+    value: Any = raw
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+            break
+        except ValueError:
+            continue
+    return name.strip(), value
+
+
 def _served(state: Path) -> Any:
     from expunge.client import Client
     from expunge.server.main import start
     from expunge.server.settings import Settings
 
-    running = start(Settings(state_dir=state, port=0))
+    running = start(Settings(state_dir=state, port=0, **SERVER_SETTINGS))
     with Client(running.target) as client:
         deadline = time.monotonic() + 600
         while client.get_model("m").index.state != "READY":
@@ -523,7 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         "--split", default="", help="dev, held_out or clean: run only that split's cases"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="serve with this server setting (an option's run; repeatable)",
+    )
     args = parser.parse_args(argv)
+    SERVER_SETTINGS.update(_setting(text) for text in args.setting)
     torch.set_num_threads(2)
     started = time.perf_counter()
     attacks: list[dict[str, Any]] = []
@@ -548,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                 attacks.append(row)
     summary: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.scan_bench" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.scan_bench", *(argv or sys.argv[1:])]),
+        "server_settings": dict(SERVER_SETTINGS),
         "device": f"cpu: {platform.machine()}, torch threads {torch.get_num_threads()}",
         "seconds": time.perf_counter() - started,
     }

@@ -18,10 +18,10 @@ Two sides, each measured against the same clean calibration inputs:
   evidence, served, let a clean tabular model pass a mitigation (BENCHMARKS.md), so the
   server's default stays spectral.
 
-``combined_p_values`` merges the two p-values with Fisher's method and calibrates the
-merged statistic against the clean inputs again, so the result is itself a conformal
-p-value: under the null (a clean input, exchangeable with the calibration inputs) it is
-uniform, whatever the model.
+``combined_p_values`` merges the two p-values (Fisher's method, or Tippett's smallest
+p-value) and calibrates the merged statistic against the clean inputs again, so the
+result is itself a conformal p-value: under the null (a clean input, exchangeable with
+the calibration inputs) it is uniform, whatever the model.
 
 ``attack_set`` names the training samples to remove for a set of confirmed targets: the
 union of each target's top proponents, each member with the reasons it was named.
@@ -46,6 +46,7 @@ from .targets import qn_scale
 MAD_CONSISTENCY = 1.4826  # MAD * this estimates a normal standard deviation
 
 __all__ = [
+    "COMBINATIONS",
     "AttackSetMember",
     "ClassShape",
     "attack_set",
@@ -78,17 +79,34 @@ def _fisher(*p_values: np.ndarray) -> np.ndarray:
     return -2.0 * np.sum([np.log(p) for p in p_values], axis=0)
 
 
+def _tippett(*p_values: np.ndarray) -> np.ndarray:
+    # Larger is more surprising, like Fisher's: -log of the smallest p-value.
+    return -np.log(np.min(p_values, axis=0))
+
+
+# fisher: -2 sum log p (strongest when every side carries some evidence); min: the
+# smallest p-value (Tippett; strongest when one side carries it and another is blind).
+COMBINATIONS = {"fisher": _fisher, "min": _tippett}
+
+
 def combined_p_values(
-    clean_components: Sequence[np.ndarray], components: Sequence[np.ndarray]
+    clean_components: Sequence[np.ndarray],
+    components: Sequence[np.ndarray],
+    combination: str = "fisher",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fisher-combined conformal p-values of inputs from several component scores.
+    """Combined conformal p-values of inputs from several component scores.
 
     ``clean_components[j]`` ``(n,)``: component j's scores of the clean calibration
     inputs; ``components[j]`` ``(q,)``: the inputs'. Each component becomes a conformal
     p-value (a clean input's own against the other clean inputs, leave-one-out), the
-    p-values are merged by Fisher's statistic ``-2 sum log p``, and that statistic is
-    calibrated against the clean inputs' own. Returns ``(p (q,), clean_p (n,))``.
+    p-values are merged by ``combination`` (``COMBINATIONS``: Fisher's ``-2 sum log p``
+    or Tippett's smallest p), and that statistic is calibrated against the clean inputs'
+    own, so neither rule needs a multiplicity correction. Returns
+    ``(p (q,), clean_p (n,))``.
     """
+    if combination not in COMBINATIONS:
+        raise ValueError(f"combination must be one of {tuple(COMBINATIONS)}")
+    merge = COMBINATIONS[combination]
     if len(clean_components) != len(components) or not components:
         raise ValueError("need the same, positive number of clean and input components")
     n = len(clean_components[0])
@@ -104,8 +122,8 @@ def combined_p_values(
         rank_from_top = n - np.searchsorted(np.sort(clean), clean, side="left") - 1
         clean_p.append((1.0 + rank_from_top) / n)
         input_p.append(conformal_p_values(clean, values))
-    clean_statistic = _fisher(*clean_p)
-    statistic = _fisher(*input_p)
+    clean_statistic = merge(*clean_p)
+    statistic = merge(*input_p)
     return conformal_p_values(clean_statistic, statistic), conformal_p_values(
         clean_statistic, clean_statistic
     )

@@ -166,6 +166,7 @@ def _start_on(
                 ScanSettings(
                     confirmation=settings.scan_confirmation,
                     training_evidence=settings.scan_training_evidence,
+                    combination=settings.scan_combination,
                 ),
             ),
         ),

@@ -90,6 +90,13 @@ class Settings:
             "(their robust z along the group's Fisher direction; see BENCHMARKS.md)"
         },
     )
+    scan_combination: str = field(
+        default="fisher",
+        metadata={
+            "help": "how Scan merges the influence and training-side p-values: fisher or "
+            "min (the smallest, Tippett; see BENCHMARKS.md)"
+        },
+    )
     forget_hessian_samples: int = field(
         default=2000, metadata={"help": "retained samples (seeded) the Newton Hessian is built on"}
     )
@@ -163,6 +170,10 @@ class Settings:
             )
         if self.forget_step_coverage > 1:
             raise ValueError("forget_step_coverage must be at most 1 (< 0: the default)")
+        if self.scan_combination not in ("fisher", "min"):
+            raise ValueError(
+                f"scan_combination must be 'fisher' or 'min', not {self.scan_combination!r}"
+            )
         if not self.max_input_magnitude > 0:
             raise ValueError("max_input_magnitude must be > 0")
         # A bad count would otherwise surface only when the first forget runs.

@@ -225,7 +225,9 @@ class ScanService:
         x, scored, reference = self._clean_reference(model, estimator, source, mode)
         scores, group_z = np.array(reference.clean_scores), np.array(reference.clean_group_z)
         if self.settings.training_side:
-            _, clean_p = combined_p_values([scores, group_z], [scores, group_z])
+            _, clean_p = combined_p_values(
+                [scores, group_z], [scores, group_z], self.settings.combination
+            )
         else:
             clean_p = conformal_p_values(scores, scores)
         # Inputs the filter stops are never flagged: their drop counts as -inf.
@@ -260,7 +262,8 @@ class ScanService:
         settings = self.settings
         ks = "-".join(str(k) for k in settings.ks)
         tag = "dir" if settings.training_evidence == "direction" else "ts"
-        evidence = f"{tag}{settings.group_size}" if settings.training_side else "influence"
+        merge = "" if settings.combination == "fisher" else f"-{settings.combination}"
+        evidence = f"{tag}{settings.group_size}{merge}" if settings.training_side else "influence"
         return f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"
 
     def _filter_p(self, mode: str) -> float:
@@ -296,7 +299,9 @@ class ScanService:
         if not self.settings.training_side:
             return influence_p, influence_p
         combined, _ = combined_p_values(
-            [clean_scores, np.array(calibration.clean_group_z)], [scores, group_z]
+            [clean_scores, np.array(calibration.clean_group_z)],
+            [scores, group_z],
+            self.settings.combination,
         )
         return combined, influence_p
 

@@ -12,6 +12,7 @@ ESTIMATORS = ("gas", "lgas", "tracincp", "gas+tracincp")
 ENSEMBLES = {"gas+tracincp": ("gas", "tracincp")}
 CONFIRMATIONS = ("auto", "retrain", "newton")
 TRAINING_EVIDENCE = ("spectral", "direction")
+COMBINATIONS = ("fisher", "min")  # expunge.defenses.attack_sets.COMBINATIONS
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ class ScanSettings:
             "but a clean tabular model then passed a mitigation: BENCHMARKS.md)"
         },
     )
+    combination: str = field(
+        default="fisher",
+        metadata={
+            "help": "how the two sides' p-values merge before calibration: fisher "
+            "(-2 sum log p) or min (the smallest p-value, Tippett)"
+        },
+    )
     group_size: int = field(
         default=10, metadata={"help": "top proponents that form the input's group"}
     )
@@ -96,6 +104,8 @@ class ScanSettings:
             raise ValueError(f"confirmation must be one of {CONFIRMATIONS}")
         if self.training_evidence not in TRAINING_EVIDENCE:
             raise ValueError(f"training_evidence must be one of {TRAINING_EVIDENCE}")
+        if self.combination not in COMBINATIONS:
+            raise ValueError(f"combination must be one of {COMBINATIONS}")
         if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
             raise ValueError("ks must be distinct positive integers")
 

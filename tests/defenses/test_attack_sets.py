@@ -51,6 +51,41 @@ def test_combined_p_values_are_uniform_on_exchangeable_clean_inputs() -> None:
     assert both[0] < one[0] < 0.5
 
 
+def test_the_smallest_p_value_rule_is_calibrated_and_ignores_a_blind_side() -> None:
+    rng = np.random.default_rng(2)
+    rates: dict[float, list[float]] = {0.05: [], 0.2: []}
+    for _ in range(40):
+        clean = [rng.normal(size=100), rng.normal(size=100)]
+        fresh = [rng.normal(size=500), rng.normal(size=500)]
+        p, _ = combined_p_values(clean, fresh, "min")
+        for alpha, seen in rates.items():
+            seen.append(float(np.mean(p <= alpha)))
+    for alpha, seen in rates.items():
+        assert abs(np.mean(seen) - alpha) <= 0.015
+    # Explicitly: the statistic is -log min(p1, p2), calibrated against the clean inputs'
+    # leave-one-out statistics.
+    clean = [rng.normal(size=30), rng.normal(size=30)]
+    inputs = [np.array([0.5, 3.0, -1.0]), np.array([2.5, -0.2, 0.1])]
+    p, clean_p = combined_p_values(clean, inputs, "min")
+    loo = [
+        np.array([(1 + sum(c[j] >= c[i] for j in range(30) if j != i)) / 30 for i in range(30)])
+        for c in clean
+    ]
+    own = [conformal_p_values(c, x) for c, x in zip(clean, inputs, strict=True)]
+    clean_stat = -np.log(np.minimum(*loo))
+    stat = -np.log(np.minimum(*own))
+    np.testing.assert_allclose(p, conformal_p_values(clean_stat, stat))
+    np.testing.assert_allclose(clean_p, conformal_p_values(clean_stat, clean_stat))
+    # A strong side keeps its strength beside a blind one: the blind side's value does
+    # not matter once the strong side's p-value is the smallest.
+    strong = np.array([10.0, 10.0])
+    blind = np.array([0.0, -3.0])
+    p_min, _ = combined_p_values(clean, [strong, blind], "min")
+    assert p_min[0] == p_min[1] == 1 / 31
+    with pytest.raises(ValueError, match="combination must be one of"):
+        combined_p_values(clean, inputs, "mean")
+
+
 def test_class_outlier_z_is_the_robust_z_of_the_spectral_score_within_each_class() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(60, 5, generator=gen, dtype=torch.float64)

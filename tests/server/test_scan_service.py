@@ -306,3 +306,42 @@ def test_a_clean_model_scanned_with_mitigation_forgets_nothing(state_dir: Path) 
         assert running.engine.store.request("clean-1") is None  # no forget was journalled
     finally:
         running.stop(0)
+
+
+def test_the_combination_setting_reaches_the_p_values_and_the_calibration_key(
+    scan_server: object, attack: AttackedDataset
+) -> None:
+    # Scan's p-value merges the influence and training-side p-values by the configured
+    # rule: check it against combined_p_values with that rule, and that each rule keeps
+    # its own calibration artefact.
+    from expunge.defenses.attack_sets import combined_p_values
+    from expunge.defenses.gradients import predicted_labels
+    from expunge.server.scan.service import ScanService
+    from expunge.server.scan.settings import ScanSettings
+    from expunge.server.settings import load_settings
+
+    running = scan_server
+    engine, forget = running.engine, running.forget  # type: ignore[attr-defined]
+    test = engine.test_data("bd")
+    x = torch.from_numpy(np.concatenate([attack.target_x.numpy()[:4], test.features[100:104]]))
+    labels = predicted_labels(engine.snapshot("bd").module, x)
+    kinds = set()
+    for rule in ("fisher", "min"):
+        service = ScanService(engine, forget, forget.index, ScanSettings(combination=rule))
+        source = service._source("bd", "gas")
+        mode = service.confirm.mode("bd")
+        _, _, reference = service._clean_reference("bd", "gas", source, mode)
+        scored = service._scores("bd", "gas", x, labels, source)
+        scores = np.array([s for s, _ in scored])
+        group_z = service._group_z("bd", scored, labels)
+        p, influence_p = service.p_values(reference, scores, group_z)
+        clean = [np.array(reference.clean_scores), np.array(reference.clean_group_z)]
+        expected, _ = combined_p_values(clean, [scores, group_z], rule)
+        np.testing.assert_array_equal(p, expected)
+        kinds.add(service._kind("gas", source, mode))
+    assert len(kinds) == 2 and any(k.endswith("-min") for k in kinds)
+    with pytest.raises(ValueError, match="combination must be one of"):
+        ScanSettings(combination="mean")
+    with pytest.raises(ValueError, match="scan_combination must be"):
+        load_settings(env={}, scan_combination="mean")
+    assert load_settings(env={}).scan_combination == "fisher"
