@@ -334,7 +334,7 @@ def test_the_combination_setting_reaches_the_p_values_and_the_calibration_key(
         scored = service._scores("bd", "gas", x, labels, source)
         scores = np.array([s for s, _ in scored])
         group_z = service._group_z("bd", scored, labels)
-        p, influence_p = service.p_values(reference, scores, group_z)
+        p, _ = service.p_values(reference, scores, group_z)
         clean = [np.array(reference.clean_scores), np.array(reference.clean_group_z)]
         expected, _ = combined_p_values(clean, [scores, group_z], rule)
         np.testing.assert_array_equal(p, expected)
