@@ -19,7 +19,7 @@ class NewtonConfig:
     damping: float = field(
         default=1e-3,
         metadata={
-            "help": "floor mu0 of the damped spectrum: mu = mu0 + max(0, -min eig H); of the "
+            "help": "floor mu0 of the damped spectrum: (|H| + mu I), mu >= mu0; of the "
             "order of the weight decay (DESIGN 4.4)"
         },
     )

@@ -1,9 +1,9 @@
 """Damping, the trust region and the acceptance rule of the Newton steps.
 
-mu starts at ``damping + max(0, -min eig H_S)`` (set by the solvers); Levenberg-Marquardt
+mu starts at ``damping`` (the solvers solve (|H_S| + mu I) step = -g); Levenberg-Marquardt
 then multiplies it by 10 while the step leaves the trust region or fails the ratio test,
 and divides it by 10 (down to where it started) after each accepted step.
-``_newton_iterations`` runs the damped steps for any solver of (H + mu I) step = -g.
+``_newton_iterations`` runs the damped steps for any solver of (|H| + mu I) step = -g.
 
 The ratio test is the standard trust-region rule: a step s is accepted when the actual
 decrease J(v) - J(v + s) is at least ``ACCEPT_RATIO`` of the decrease the quadratic model
@@ -23,7 +23,7 @@ import torch
 from .config import NewtonConfig
 from .objective import RetainedObjective
 
-# (gradient (p,), mu) -> the step solving (H + mu I) step = -gradient, or None.
+# (gradient (p,), mu) -> the step solving (|H| + mu I) step = -gradient, or None.
 Solver = Callable[[torch.Tensor, float], torch.Tensor | None]
 # step (p,) -> step^T H step, the quadratic model's curvature term (H undamped).
 Curvature = Callable[[torch.Tensor], float]
