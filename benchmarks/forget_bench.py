@@ -28,8 +28,9 @@ its weights must be byte-identical.
 
 Development cases (defaults may be chosen on them): digits MLP (largest owner, random
 5%), digits CNN (largest owner), breast-cancer logistic regression (random 5%), an MLP on
-scikit-learn Gaussian blobs (largest owner), a breast-cancer MLP (one class's samples of a
-few owners), and the
+scikit-learn Gaussian blobs (largest owner), an MLP on nested Gaussian shells (largest
+owner; retrains disagree, the memorisation regime), a breast-cancer MLP (one class's
+samples of a few owners), and the
 expensive case (not with ``--quick``): a CNN on ~60k augmented digits forgetting every copy
 of 1% of the source digits, run with the large-data server profile. Held-out cases, made
 by a different procedure and never used to choose anything: scikit-learn
@@ -154,6 +155,17 @@ def _blobs(n: int, features: int, centres: int, spread: float, seed: int) -> Dat
     return _dataset(x, y, _skewed_owners(n, seed))
 
 
+def _quantiles(n: int, features: int, classes: int, seed: int) -> Dataset:
+    """Development tabular data: nested Gaussian shells (classes by radius), hard for an MLP."""
+    from sklearn.datasets import make_gaussian_quantiles
+
+    x, y = make_gaussian_quantiles(
+        n_samples=n, n_features=features, n_classes=classes, random_state=seed
+    )
+    x = (x - x.mean(0)) / x.std(0)
+    return _dataset(x, y, _skewed_owners(n, seed))
+
+
 def _digit_pair(first: int, second: int) -> Dataset:
     digits = builtin("digits", seed=0)
     rows = np.nonzero((digits.labels == first) | (digits.labels == second))[0]
@@ -204,6 +216,14 @@ def _cases(quick: bool) -> list[Case]:
             "blobs_mlp_owner",
             "dev",
             lambda: _blobs(3000, 24, 5, 6.0, 3),
+            "mlp",
+            "owner",
+            hidden=(48,),
+        ),
+        Case(
+            "shells_mlp_owner",
+            "dev",
+            lambda: _quantiles(3000, 12, 4, 5),
             "mlp",
             "owner",
             hidden=(48,),
