@@ -219,6 +219,8 @@ SERVER_SETTINGS: dict[str, Any] = {}
 
 def _setting(text: str) -> tuple[str, Any]:
     name, _, raw = text.partition("=")
+    if raw.lower() in ("true", "false"):
+        return name.strip(), raw.lower() == "true"
     value: Any = raw
     for kind in (int, float):
         try:

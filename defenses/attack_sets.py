@@ -57,6 +57,7 @@ __all__ = [
     "group_direction_z",
     "group_outlier_z",
     "random_control",
+    "shared_proponents",
     "top_proponents",
 ]
 
@@ -259,15 +260,53 @@ class AttackSetMember:
     best_rank: int  # 1 = the strongest proponent of one of them
     influence_z: float  # its largest standardised influence over those inputs
     class_outlier_z: float
+    shared_z: float = math.nan  # combined z over the inputs of its class (shared_proponents)
 
     def reason(self) -> str:
         inputs = ", ".join(str(t) for t in self.targets[:5]) + (
             " ..." if len(self.targets) > 5 else ""
         )
+        shared = (
+            f"; shared: combined influence z {self.shared_z:.2f} over the inputs of its class"
+            if math.isfinite(self.shared_z)
+            else ""
+        )
         return (
             f"top-{self.best_rank} proponent of confirmed input(s) {inputs} "
             f"(influence z {self.influence_z:.2f}); class-outlier z {self.class_outlier_z:.2f}"
+            f"{shared}"
         )
+
+
+def shared_proponents(
+    influence_z: Mapping[int, torch.Tensor],
+    predicted: Mapping[int, int],
+    train_labels: torch.Tensor,
+    min_z: float,
+) -> dict[int, tuple[float, tuple[int, ...]]]:
+    """Training samples that several flagged inputs lean on together.
+
+    ``influence_z[t]`` ``(n_train,)``: input t's standardised influences; ``predicted[t]``:
+    its predicted label. For each label with at least two inputs, a sample of that label
+    gets Stouffer's combined z, ``sum_t z_t / sqrt(T)`` over the label's T inputs: a
+    backdoor's poisons serve every target, so their combined z grows with T, while one
+    input's idiosyncratic proponents are diluted. Returns ``{index: (combined z, inputs)}``
+    for the samples whose combined z is at least ``min_z``.
+    """
+    by_label: dict[int, list[int]] = {}
+    for target, label in sorted(predicted.items()):
+        by_label.setdefault(int(label), []).append(target)
+    out: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for label, targets in by_label.items():
+        if len(targets) < 2:
+            continue
+        rows = torch.nonzero(train_labels == label).reshape(-1)
+        combined = sum(influence_z[t].double()[rows] for t in targets) / math.sqrt(len(targets))
+        assert isinstance(combined, torch.Tensor)
+        for row, z in zip(rows.tolist(), combined.tolist(), strict=True):
+            if z >= min_z:
+                out[row] = (float(z), tuple(targets))
+    return out
 
 
 def attack_set(
@@ -275,6 +314,7 @@ def attack_set(
     influence_z: Mapping[int, torch.Tensor],
     outlier_z: torch.Tensor,
     min_z: float = -math.inf,
+    shared: Mapping[int, tuple[float, tuple[int, ...]]] | None = None,
 ) -> list[AttackSetMember]:
     """The confirmed targets' top proponents that stand out on either side, strongest first.
 
@@ -285,6 +325,8 @@ def attack_set(
     top proponent that is neither unusually influential for its class nor unusual in its
     class is what a clean input's proponents look like too. Members are ordered by best
     rank, then by the number of targets naming them (more first), then by index.
+    ``shared`` (``shared_proponents``): samples that join on their combined z, beyond the
+    top proponents (their rank: their best by influence over every training sample).
     """
     ranks: dict[int, int] = {}
     named_by: dict[int, list[int]] = {}
@@ -295,12 +337,24 @@ def attack_set(
             ranks[index] = min(ranks.get(index, rank), rank)
             named_by.setdefault(index, []).append(target)
             best_z[index] = max(best_z.get(index, -math.inf), float(z[index]))
-    members = [
-        AttackSetMember(
+    members = {
+        index: AttackSetMember(
             index, tuple(named_by[index]), ranks[index], best_z[index], float(outlier_z[index])
         )
         for index in ranks
         if max(best_z[index], float(outlier_z[index])) >= min_z
-    ]
-    members.sort(key=lambda m: (m.best_rank, -len(m.targets), m.index))
-    return members
+    }
+    for index, (combined, targets) in (shared or {}).items():
+        zs = [float(influence_z[t][index]) for t in targets]
+        rank = min(int((influence_z[t] > influence_z[t][index]).sum()) + 1 for t in targets)
+        base = members.get(index)
+        members[index] = AttackSetMember(
+            index,
+            base.targets if base else tuple(targets),
+            base.best_rank if base else rank,
+            base.influence_z if base else max(zs),
+            float(outlier_z[index]),
+            combined,
+        )
+    ordered = sorted(members.values(), key=lambda m: (m.best_rank, -len(m.targets), m.index))
+    return ordered

@@ -167,6 +167,7 @@ def _start_on(
                     confirmation=settings.scan_confirmation,
                     training_evidence=settings.scan_training_evidence,
                     combination=settings.scan_combination,
+                    shared_proponents=settings.scan_shared_proponents,
                 ),
             ),
         ),

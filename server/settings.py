@@ -90,6 +90,13 @@ class Settings:
             "(their robust z along the group's Fisher direction; see BENCHMARKS.md)"
         },
     )
+    scan_shared_proponents: bool = field(
+        default=False,
+        metadata={
+            "help": "Scan's attack set also takes the samples the flagged inputs of one "
+            "class lean on together (combined influence z; see BENCHMARKS.md)"
+        },
+    )
     scan_combination: str = field(
         default="fisher",
         metadata={

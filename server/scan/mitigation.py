@@ -19,7 +19,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from expunge.defenses.attack_sets import AttackSetMember, attack_set, random_control
+from expunge.defenses.attack_sets import (
+    AttackSetMember,
+    attack_set,
+    random_control,
+    shared_proponents,
+)
 from expunge.server.engine import Engine
 from expunge.server.errors import FailedPrecondition
 from expunge.server.forget.computation import UnlearningOptions
@@ -91,12 +96,14 @@ class Mitigator:
         confirm: CounterfactualConfirmation,
         member_z: float,
         size: int,
+        shared: bool = False,
     ) -> None:
         self.engine = engine
         self.forget = forget  # mitigation submits through it and awaits the outcome
         self.confirm = confirm
         self.member_z = member_z
         self.size = size  # top-k proponents per suspect that may join the attack set
+        self.shared = shared  # samples the suspects of one class lean on together join too
 
     def plan(
         self,
@@ -115,11 +122,23 @@ class Mitigator:
         """
         size = self.size
         data = self.engine.training_data(model)
+        influence_z = {s.index: s.influence_z for s in suspects}
+        shared = (
+            shared_proponents(
+                influence_z,
+                {s.index: s.label for s in suspects},
+                torch.as_tensor(data.labels),
+                self.member_z,
+            )
+            if self.shared
+            else None
+        )
         members = attack_set(
             {s.index: s.proponents[:size] for s in suspects},
-            {s.index: s.influence_z for s in suspects},
+            influence_z,
             outliers,
             self.member_z,
+            shared,
         )
         if not members:
             return MitigationPlan([], len(suspects), 0, 0, False, size)

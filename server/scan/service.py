@@ -102,6 +102,7 @@ class ScanService:
             self.confirm,
             self.settings.member_z,
             self.settings.proponents_per_target,
+            self.settings.shared_proponents,
         )
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.

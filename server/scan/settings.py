@@ -69,6 +69,13 @@ class ScanSettings:
             "but a clean tabular model then passed a mitigation: BENCHMARKS.md)"
         },
     )
+    shared_proponents: bool = field(
+        default=False,
+        metadata={
+            "help": "the attack set also takes the training samples whose influence z, "
+            "combined (Stouffer) over the flagged inputs of their class, reaches member_z"
+        },
+    )
     combination: str = field(
         default="fisher",
         metadata={

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from expunge.defenses.attack_sets import (
     group_direction_z,
     group_outlier_z,
     random_control,
+    shared_proponents,
     top_proponents,
 )
 from expunge.defenses.targets import qn_scale
@@ -185,3 +188,35 @@ def test_the_attack_set_is_the_union_of_proponents_that_stand_out() -> None:
     assert members[2].class_outlier_z == 5.0  # named for the training side alone
     everyone = attack_set({10: torch.tensor([0, 2, 1])}, {10: z_a}, outliers)
     assert [m.index for m in everyone] == [0, 2, 1]
+
+
+def test_shared_proponents_are_stouffer_combined_per_predicted_label() -> None:
+    gen = torch.Generator().manual_seed(4)
+    n = 40
+    labels = torch.tensor([0] * 20 + [1] * 20)
+    z = {t: torch.randn(n, generator=gen, dtype=torch.float64) for t in (3, 5, 8)}
+    for t in (3, 5):
+        z[t][7] = 2.5  # leaned on by both class-0 inputs: 5 / sqrt(2) = 3.54
+    z[8][30] = 9.0  # the only class-1 input: one input never forms a shared group
+    predicted = {3: 0, 5: 0, 8: 1}
+    shared = shared_proponents(z, predicted, labels, 3.0)
+    explicit = {
+        i: float((z[3][i] + z[5][i]) / np.sqrt(2))
+        for i in range(20)
+        if float((z[3][i] + z[5][i]) / np.sqrt(2)) >= 3.0
+    }
+    assert set(shared) == set(explicit) and 7 in shared and 30 not in shared
+    for i, (combined, targets) in shared.items():
+        assert combined == pytest.approx(explicit[i]) and targets == (3, 5)
+    # They join the attack set beside the top proponents, with the reason said.
+    members = attack_set(
+        {3: torch.tensor([1]), 5: torch.tensor([2])}, z, torch.zeros(n), -math.inf, shared
+    )
+    by_index = {m.index: m for m in members}
+    assert set(by_index) == {1, 2} | set(shared)
+    joined = by_index[7]
+    assert joined.targets == (3, 5) and joined.shared_z == pytest.approx(explicit[7])
+    assert joined.best_rank == min(int((z[t] > z[t][7]).sum()) + 1 for t in (3, 5))
+    assert "combined influence z" in joined.reason()
+    plain = next(i for i in (1, 2) if i not in shared)
+    assert math.isnan(by_index[plain].shared_z) and "combined" not in by_index[plain].reason()

@@ -345,3 +345,33 @@ def test_the_combination_setting_reaches_the_p_values_and_the_calibration_key(
     with pytest.raises(ValueError, match="scan_combination must be"):
         load_settings(env={}, scan_combination="mean")
     assert load_settings(env={}).scan_combination == "fisher"
+
+
+def test_shared_proponents_widen_the_planned_attack_set_and_say_why(
+    backdoored_state: Path, attack: AttackedDataset, tmp_path: Path
+) -> None:
+    # scan_shared_proponents: the plan also names the samples the flagged inputs of one
+    # class lean on together; the default plan's members stay (the members' reasons are
+    # checked in tests/defenses/test_attack_sets.py).
+    targets = attack.target_x.numpy().astype(np.float32)
+    plans = {}
+    for shared in (False, True):
+        state = tmp_path / f"state-{shared}"
+        shutil.copytree(backdoored_state, state)
+        running = start(
+            Settings(state_dir=state, port=0, build_index=False, scan_shared_proponents=shared)
+        )
+        try:
+            with Client(running.target, timeout=600) as client:
+                results = list(client.scan("bd", targets, dry_run=True))
+                assert client.get_model("bd").current_version == 1
+                plans[shared] = next(r for r in results if r.flagged)
+        finally:
+            running.stop(0)
+    plain, widened = plans[False].mitigation, plans[True].mitigation
+    assert plain is not None and widened is not None
+    assert set(plain.sample_ids) <= set(widened.sample_ids)
+    added = set(widened.sample_ids) - set(plain.sample_ids)
+    assert added, "the premise: the flagged inputs share proponents beyond their top 10"
+    poison = attack.poison_mask.numpy()
+    assert poison[sorted(widened.sample_ids)].mean() >= 0.9
