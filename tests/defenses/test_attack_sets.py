@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -200,11 +201,18 @@ def test_shared_proponents_are_stouffer_combined_per_predicted_label() -> None:
     z[8][30] = 9.0  # the only class-1 input: one input never forms a shared group
     predicted = {3: 0, 5: 0, 8: 1}
     shared = shared_proponents(z, predicted, labels, 3.0)
+    # Bonferroni over the 20 samples of class 0 at 5%: z >= 2.81, so min_z = 3 decides.
+    assert NormalDist().inv_cdf(1 - 0.05 / 20) < 3.0
     explicit = {
         i: float((z[3][i] + z[5][i]) / np.sqrt(2))
         for i in range(20)
         if float((z[3][i] + z[5][i]) / np.sqrt(2)) >= 3.0
     }
+    # With a smaller family error the cut rises above min_z: 5% / 20 -> 0.01% / 20.
+    strict_cut = NormalDist().inv_cdf(1 - 1e-4 / 20)
+    strict = shared_proponents(z, predicted, labels, 3.0, family_error=1e-4)
+    assert set(strict) == {i for i, v in explicit.items() if v >= strict_cut}
+    assert 7 not in strict and strict_cut > explicit[7]
     assert set(shared) == set(explicit) and 7 in shared and 30 not in shared
     for i, (combined, targets) in shared.items():
         assert combined == pytest.approx(explicit[i]) and targets == (3, 5)
