@@ -341,7 +341,15 @@ def _quality(
     }
 
 
-def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
+def _run_case(
+    case: Case, workdir: Path, variants: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One case through the served path. ``variants``: method name -> the Forget options
+    it sends (default: ``auto`` with none, ``lcodec_cg`` as its selection); ``auto`` is
+    always among them (the repeatability check resends it)."""
+    methods = variants or {name: {} if name == "auto" else {"selection": name} for name in METHODS}
+    if "auto" not in methods:
+        methods = {"auto": {}, **methods}
     from expunge.client import Client
     from expunge.server.engine import Engine
     from expunge.server.main import start
@@ -362,9 +370,9 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
         started = time.perf_counter()
         # One model per method: the same served training, so the same weights (checked
         # below); each forget starts from the same model.
-        for name in METHODS:
+        for name in methods:
             engine.create_model(_model(name), data, spec, config, test_fraction=TEST_FRACTION)
-        training_s = (time.perf_counter() - started) / len(METHODS)
+        training_s = (time.perf_counter() - started) / len(methods)
     finally:
         store.close()
     # The repeat: a copy of the state (its secret key included, so the request's keyed
@@ -405,7 +413,7 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
     try:
         with Client(running.target, timeout=600.0) as client:
             original = client.export_model("auto", 1)
-            identical_copies = all(client.export_model(_model(n), 1) == original for n in METHODS)
+            identical_copies = all(client.export_model(_model(n), 1) == original for n in methods)
             rows["nothing"] = {
                 **_quality(_load(spec, original), reference, forget_xy, test_xy),
                 "seconds": 0.0,
@@ -416,10 +424,8 @@ def _run_case(case: Case, workdir: Path) -> dict[str, Any]:
                 **_quality(second, reference, forget_xy, test_xy),
                 "seconds": retrain_s[1],
             }
-            for method in METHODS:
-                options = dict(case.options)
-                if method != "auto":
-                    options["selection"] = method
+            for method, method_options in methods.items():
+                options = {**case.options, **method_options}
                 began = time.perf_counter()
                 op = client.forget(
                     _model(method), sample_ids=sample_ids, owner_ids=owner_ids, wait=True, **options
