@@ -24,7 +24,8 @@ result is itself a conformal p-value: under the null (a clean input, exchangeabl
 the calibration inputs) it is uniform, whatever the model.
 
 ``attack_set`` names the training samples to remove for a set of confirmed targets: the
-union of each target's top proponents, each member with the reasons it was named.
+union of each target's top proponents, and of the samples ``shared_proponents`` finds the
+targets of one class leaning on together, each member with the reasons it was named.
 Everything here is pure computation on tensors/arrays; the confirmation (retraining or
 a Newton removal without the set, against an equal-size random control) is the
 caller's.

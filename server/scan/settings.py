@@ -70,10 +70,11 @@ class ScanSettings:
         },
     )
     shared_proponents: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "the attack set also takes the training samples whose influence z, "
-            "combined (Stouffer) over the flagged inputs of their class, reaches member_z"
+            "combined (Stouffer) over the flagged inputs of their class, passes the "
+            "class-wide Bonferroni cut (chosen on the development attacks)"
         },
     )
     combination: str = field(
