@@ -91,7 +91,7 @@ class Settings:
         },
     )
     scan_shared_proponents: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Scan's attack set also takes the samples the flagged inputs of one "
             "class lean on together (combined influence z; see BENCHMARKS.md)"

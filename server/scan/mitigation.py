@@ -1,10 +1,10 @@
 """Mitigation of a scan: name the attack set, confirm it against a control, forget it, rescan.
 
 The attack set is the union of the flagged inputs' top proponents that stand out on the
-test side (influence z) or the training side (class-outlier z), and of the samples the
-flagged inputs of one class lean on together (their Stouffer-combined influence z past a
-class-wide Bonferroni cut: a backdoor's poisons beyond any one input's top 10)
-(``attack_sets``). It
+test side (influence z) or the training side (class-outlier z), and, with the
+``shared_proponents`` option, of the samples the flagged inputs of one class lean on
+together (their Stouffer-combined influence z past a class-wide Bonferroni cut: a
+backdoor's poisons beyond any one input's top 10) (``attack_sets``). It
 is forgotten only when its removal (a retrain or Newton removal on a scratch copy, as the
 per-input confirmation) changes at least half of the flagged inputs, and at least two
 (their prediction flips, or the predicted class's probability falls by the calibrated
