@@ -207,9 +207,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"path: {r.policy.path} ({r.policy.reason})")
         m = r.method
         if m.selection != "retrain":
+            count = (
+                f"{r.parameters_updated} entries: at least {m.parameter_budget}, grown to "
+                f"{m.step_coverage:.0%} of the ranked step"
+                if m.step_coverage
+                else f"{m.parameter_budget} entries at most"
+            )
             print(
-                f"method: {m.selection} ({m.parameter_budget} entries at most"
-                + (f" of {m.candidate_parameters} candidates" if m.candidate_parameters else "")
+                f"method: {m.selection} ({count}"
+                + (f"; {m.candidate_parameters} candidates" if m.candidate_parameters else "")
                 + f"), {m.hessian} Hessian "
                 f"on {m.hessian_samples} samples, {m.newton_iterations_taken}/"
                 f"{m.newton_iterations} Newton steps, seed {m.seed}; retained gradient before "

@@ -102,7 +102,11 @@ def test_cli_forgets_an_owner_with_progress_and_receipt(
     assert ": SUCCEEDED" in out
     assert f"version 1 -> 2: removed {removed} samples of 1 owners" in out
     assert "path: lcodec_cg (selection asked for explicitly)" in out
-    assert re.search(r"method: lcodec_cg \(\d+ entries at most of \d+ candidates\)", out)
+    assert re.search(
+        r"method: lcodec_cg \(\d+ entries: at least \d+, grown to 95% of the ranked step; "
+        r"\d+ candidates\)",
+        out,
+    )
     # The progress line is redrawn in place on stderr, phase by phase, ending at done.
     assert "\r" in err and err.rstrip().rsplit("\r", 1)[-1].startswith("done")
     # A retry with the same request id reports the same operation, nothing removed twice.
