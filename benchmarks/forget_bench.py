@@ -36,7 +36,10 @@ of 1% of the source digits, run with the large-data server profile. Held-out cas
 by a different procedure and never used to choose anything: scikit-learn
 ``make_classification`` tasks of two difficulties with skewed synthetic owners, the
 digit-pair subset 3-vs-8, and the wine data; forget patterns the largest owner, a random
-10%, and one class's samples of a few owners; MLP, logistic regression and CNN.
+10%, and one class's samples of a few owners; MLP, logistic regression and CNN; and a
+held-out expensive case (not with ``--quick``): an MLP on a 300,000-sample
+``make_classification`` task forgetting its largest owner, served with the large-data
+profile chosen on the development expensive case.
 
 Headlines (``benchmarks/results/forget.json``) are worst over every case of their split:
 unprefixed keys for ``auto`` on held-out cases, ``dev_`` for development cases, and the
@@ -268,6 +271,20 @@ def _cases(quick: bool) -> list[Case]:
         Case("wine_logreg_10pct", "held_out", _wine, "logreg", "random10"),
     ]
     if not quick:
+        cases.append(
+            Case(
+                "big_tabular_mlp_owner",
+                "held_out",
+                lambda: _classification(300_000, 32, 6, 1.0, 23),
+                "mlp",
+                "owner",
+                TrainConfig(epochs=60, polish_iterations=30),
+                hidden=(64,),
+                settings=LARGE_DATA_SETTINGS,
+                options=LARGE_DATA_OPTIONS,
+                expensive=True,
+            )
+        )
         cases.append(
             Case(
                 "aug_digits_cnn_60k_sources",
