@@ -24,24 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.forget_bench import _cases, _run_case
-
-
-def _value(raw: str) -> Any:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            continue
-    return raw
+from benchmarks.setting_args import parse_setting
 
 
 def _pairs(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
-        key, _, raw = item.partition("=")
-        out[key.strip()] = _value(raw.strip())
+        key, value = parse_setting(item)
+        out[key] = value
     return out
 
 

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from benchmarks.heldout_attacks import shape_backdoor, tabular_backdoor
+from benchmarks.setting_args import parse_setting
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.attacks import (
     AttackedDataset,
@@ -215,20 +216,6 @@ def _create_state(case: Case, attack: AttackedDataset, state: Path) -> Architect
 
 # Server settings of an option's run (--setting); empty: the served defaults.
 SERVER_SETTINGS: dict[str, Any] = {}
-
-
-def _setting(text: str) -> tuple[str, Any]:
-    name, _, raw = text.partition("=")
-    if raw.lower() in ("true", "false"):
-        return name.strip(), raw.lower() == "true"
-    value: Any = raw
-    for kind in (int, float):
-        try:
-            value = kind(raw)
-            break
-        except ValueError:
-            continue
-    return name.strip(), value
 
 
 def _served(state: Path) -> Any:
@@ -549,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         help="serve with this server setting (an option's run; repeatable)",
     )
     args = parser.parse_args(argv)
-    SERVER_SETTINGS.update(_setting(text) for text in args.setting)
+    SERVER_SETTINGS.update(parse_setting(text) for text in args.setting)
     torch.set_num_threads(2)
     started = time.perf_counter()
     attacks: list[dict[str, Any]] = []

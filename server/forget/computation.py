@@ -16,7 +16,6 @@ from torch import nn
 from expunge.defenses.architectures import ArchitectureSpec, output_layer_name
 from expunge.defenses.recipe import (
     HESSIANS,
-    SELECTION_LIMIT,
     SELECTIONS,
     STEP_COVERAGE,
     ForgetRecipe,
@@ -560,7 +559,7 @@ def choose_parameters(
         logits_layer=output_layer_name(model),
         assume_converged=True,
         step_coverage=recipe.step_coverage,
-        max_entries=max(budget, SELECTION_LIMIT),
+        max_entries=recipe.largest_selection(total),
     )
     return ChosenParameters(chosen.selection, chosen.candidates)
 
