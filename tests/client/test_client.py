@@ -103,7 +103,7 @@ def test_cli_forgets_an_owner_with_progress_and_receipt(
     assert f"version 1 -> 2: removed {removed} samples of 1 owners" in out
     assert "path: lcodec_cg (selection asked for explicitly)" in out
     assert re.search(
-        r"method: lcodec_cg \(\d+ entries: at least \d+, grown to 95% of the ranked step; "
+        r"method: lcodec_cg \(\d+ entries: at least \d+, grown to 99% of the ranked step; "
         r"\d+ candidates\)",
         out,
     )
