@@ -166,6 +166,7 @@ def _start_on(
                 ScanSettings(
                     confirmation=settings.scan_confirmation,
                     training_evidence=settings.scan_training_evidence,
+                    outlier_space=settings.scan_outlier_space,
                     combination=settings.scan_combination,
                     shared_proponents=settings.scan_shared_proponents,
                 ),

@@ -90,6 +90,13 @@ class Settings:
             "(their robust z along the group's Fisher direction; see BENCHMARKS.md)"
         },
     )
+    scan_outlier_space: str = field(
+        default="representation",
+        metadata={
+            "help": "where Scan measures a training sample's class-outlier z: "
+            "representation, input or both (see BENCHMARKS.md)"
+        },
+    )
     scan_shared_proponents: bool = field(
         default=False,
         metadata={
@@ -174,6 +181,11 @@ class Settings:
             raise ValueError(
                 "scan_training_evidence must be 'spectral' or 'direction', "
                 f"not {self.scan_training_evidence!r}"
+            )
+        if self.scan_outlier_space not in ("representation", "input", "both"):
+            raise ValueError(
+                "scan_outlier_space must be 'representation', 'input' or 'both', "
+                f"not {self.scan_outlier_space!r}"
             )
         if self.forget_step_coverage > 1:
             raise ValueError("forget_step_coverage must be at most 1 (< 0: the default)")

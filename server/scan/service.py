@@ -163,7 +163,7 @@ class ScanService:
         representations = penultimate_features(snapshot.module, data.features)
         side = TrainingSide(
             representations,
-            class_outlier_z(representations, data.labels),
+            self._class_outlier_z(representations, data.features, data.labels),
             class_shapes(representations, data.labels)
             if self.settings.training_evidence == "direction"
             else None,
@@ -171,6 +171,24 @@ class ScanService:
         with self._cache_lock:
             self._outliers[model] = (snapshot.version, side)
         return side
+
+    def _class_outlier_z(
+        self, representations: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Each training sample's class-outlier z in ``outlier_space`` (both: the larger)."""
+        space = self.settings.outlier_space
+        in_representation = class_outlier_z(representations, labels) if space != "input" else None
+        in_input = (
+            class_outlier_z(features.reshape(len(features), -1).float(), labels)
+            if space != "representation"
+            else None
+        )
+        if in_representation is None:
+            assert in_input is not None
+            return in_input
+        if in_input is None:
+            return in_representation
+        return torch.maximum(in_representation, in_input)
 
     def _outlier_z(self, model: str) -> torch.Tensor:
         """Class-outlier z ``(n_train,)`` of the current version's training samples."""
@@ -263,6 +281,8 @@ class ScanService:
         settings = self.settings
         ks = "-".join(str(k) for k in settings.ks)
         tag = "dir" if settings.training_evidence == "direction" else "ts"
+        if settings.outlier_space != "representation":
+            tag += f"-{settings.outlier_space}"
         merge = "" if settings.combination == "fisher" else f"-{settings.combination}"
         evidence = f"{tag}{settings.group_size}{merge}" if settings.training_side else "influence"
         return f"{CALIBRATION}:{estimator}:{source}:{mode}:k{ks}:{evidence}"

@@ -12,6 +12,7 @@ ESTIMATORS = ("gas", "lgas", "tracincp", "gas+tracincp")
 ENSEMBLES = {"gas+tracincp": ("gas", "tracincp")}
 CONFIRMATIONS = ("auto", "retrain", "newton")
 TRAINING_EVIDENCE = ("spectral", "direction")
+OUTLIER_SPACES = ("representation", "input", "both")
 COMBINATIONS = ("fisher", "min")  # expunge.defenses.attack_sets.COMBINATIONS
 
 
@@ -69,6 +70,15 @@ class ScanSettings:
             "but a clean tabular model then passed a mitigation: BENCHMARKS.md)"
         },
     )
+    outlier_space: str = field(
+        default="representation",
+        metadata={
+            "help": "where a training sample's class-outlier z is measured: representation "
+            "(the model's penultimate features), input (the features themselves: a poison "
+            "whose features resemble another class, or carry a trigger far off the data), "
+            "or both (the larger of the two z)"
+        },
+    )
     shared_proponents: bool = field(
         default=False,
         metadata={
@@ -113,6 +123,8 @@ class ScanSettings:
             raise ValueError(f"confirmation must be one of {CONFIRMATIONS}")
         if self.training_evidence not in TRAINING_EVIDENCE:
             raise ValueError(f"training_evidence must be one of {TRAINING_EVIDENCE}")
+        if self.outlier_space not in OUTLIER_SPACES:
+            raise ValueError(f"outlier_space must be one of {OUTLIER_SPACES}")
         if self.combination not in COMBINATIONS:
             raise ValueError(f"combination must be one of {COMBINATIONS}")
         if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):

@@ -347,6 +347,42 @@ def test_the_combination_setting_reaches_the_p_values_and_the_calibration_key(
     assert load_settings(env={}).scan_combination == "fisher"
 
 
+def test_the_outlier_space_setting_measures_class_outlier_z_where_it_says(
+    scan_server: object,
+) -> None:
+    # representation: the penultimate features; input: the features themselves; both: the
+    # larger z per sample. Checked against class_outlier_z computed here, and each space
+    # keeps its own calibration artefact.
+    from expunge.defenses.attack_sets import class_outlier_z
+    from expunge.defenses.poison_filters import penultimate_features
+    from expunge.server.scan.service import ScanService
+    from expunge.server.scan.settings import ScanSettings
+    from expunge.server.settings import load_settings
+
+    running = scan_server
+    engine, forget = running.engine, running.forget  # type: ignore[attr-defined]
+    data = engine.training_data("bd")
+    representations = penultimate_features(engine.snapshot("bd").module, data.features)
+    in_representation = class_outlier_z(representations, data.labels)
+    in_input = class_outlier_z(data.features.reshape(len(data.labels), -1).float(), data.labels)
+    expected = {
+        "representation": in_representation,
+        "input": in_input,
+        "both": torch.maximum(in_representation, in_input),
+    }
+    kinds = set()
+    for space, z in expected.items():
+        service = ScanService(engine, forget, forget.index, ScanSettings(outlier_space=space))
+        torch.testing.assert_close(service._outlier_z("bd"), z)
+        kinds.add(service._kind("gas", "index", "retrain"))
+    assert len(kinds) == 3
+    assert not torch.equal(in_representation, in_input)
+    with pytest.raises(ValueError, match="outlier_space must be one of"):
+        ScanSettings(outlier_space="pixels")
+    with pytest.raises(ValueError, match="scan_outlier_space must be"):
+        load_settings(env={}, scan_outlier_space="pixels")
+
+
 def test_shared_proponents_widen_the_planned_attack_set_and_say_why(
     backdoored_state: Path, attack: AttackedDataset, tmp_path: Path
 ) -> None:
