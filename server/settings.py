@@ -91,10 +91,10 @@ class Settings:
         },
     )
     scan_outlier_space: str = field(
-        default="representation",
+        default="both",
         metadata={
             "help": "where Scan measures a training sample's class-outlier z: "
-            "representation, input or both (see BENCHMARKS.md)"
+            "representation, input or both (the larger; see BENCHMARKS.md)"
         },
     )
     scan_shared_proponents: bool = field(

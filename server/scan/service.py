@@ -4,8 +4,9 @@ Per input: renormalized influence of every training sample (GAS by default, from
 gradient index's embeddings when one is ready, else exactly over the checkpoints; the
 clean calibration of a version uses the same source, and its cache key says which), the
 robust target score (at k = 2 and 10, the rarer among clean inputs kept), and the
-training-side evidence (the input's top proponents' median class-outlier z, or with
-``training_evidence = "direction"`` their robust z apart from their class). Both become
+training-side evidence (the input's top proponents' median class-outlier z, by default
+the larger of a sample's z in the penultimate features and in the input features, or
+with ``training_evidence = "direction"`` their robust z apart from their class). Both become
 one conformal p-value against the clean calibration inputs (``defenses.attack_sets``).
 Inputs whose p-value passes the first filter get a counterfactual confirmation: remove
 their top proponents from a scratch copy (no commit) and measure how far the predicted
@@ -281,7 +282,7 @@ class ScanService:
         settings = self.settings
         ks = "-".join(str(k) for k in settings.ks)
         tag = "dir" if settings.training_evidence == "direction" else "ts"
-        if settings.outlier_space != "representation":
+        if settings.outlier_space != "both":
             tag += f"-{settings.outlier_space}"
         merge = "" if settings.combination == "fisher" else f"-{settings.combination}"
         evidence = f"{tag}{settings.group_size}{merge}" if settings.training_side else "influence"

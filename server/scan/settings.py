@@ -71,12 +71,12 @@ class ScanSettings:
         },
     )
     outlier_space: str = field(
-        default="representation",
+        default="both",
         metadata={
             "help": "where a training sample's class-outlier z is measured: representation "
             "(the model's penultimate features), input (the features themselves: a poison "
             "whose features resemble another class, or carry a trigger far off the data), "
-            "or both (the larger of the two z)"
+            "or both (the larger of the two z; chosen on the development attacks)"
         },
     )
     shared_proponents: bool = field(
