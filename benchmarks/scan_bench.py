@@ -19,23 +19,30 @@ seeds. **Clean models** (no attack): digits, and the synthetic tabular task.
 
 Per attack: the targets and 60 clean inputs (not calibration inputs) are scanned with
 ``dry_run`` (timed, beside ``EstimateScan``'s estimate), then with ``mitigate``:
-- ``auprc``: the p-value ranking of the targets the attack turned (predicted with the
-  adversarial label before any mitigation) against the clean inputs;
+- which targets the attack **caused**: predicted with the adversarial label by the served
+  model, and not by a model trained the same way (``Engine.create_model``, same
+  configuration and seed) on the training set without the poisons. A trigger that pushes
+  an input to the adversarial class on its own (an out-of-range value in the direction
+  of that class) is not the attack's doing, and removing poisons cannot undo it;
+- ``auprc``: the p-value ranking of the caused targets against the clean inputs
+  (``auprc_turned``: of every target predicted with the adversarial label, as before);
 - the attack set (the dry run's ``sample_ids``) against the poisons: recall and precision;
-- attack success (targets predicted with the adversarial label) before and after the
-  mitigation, and clean accuracy on the attack's other held-out inputs before and after;
+- attack success (the caused targets still predicted with the adversarial label) before
+  and after the mitigation, and clean accuracy on the attack's other held-out inputs before and after;
 - the same run's peers on the same served model: IBM ART 1.20.1 activation clustering and
   spectral signatures with their defaults, and restricted to the attacked class
   (``art_ac``, ``art_ac_class``, ``art_spectral``, ``art_spectral_class``), and
-  ``gas_top10``: the union of each turned target's top-10 GAS proponents of its
+  ``gas_top10``: the union of each caused target's top-10 GAS proponents of its
   adversarial label, from the ``Neighbors`` RPC (the targets and their labels known in
   advance, which the scan is not told).
 Clean models: 200 clean inputs scanned with ``mitigate``; ``clean_model_mitigations``
 counts the forgets applied (the goal is 0).
 
 Headlines are the worst over every case of a split (held-out unprefixed, ``dev_``
-prefixed); a figure with nothing to measure in a case (no target turned, no attack set)
-is reported per case and counted as a miss in the headline, not dropped.
+prefixed) where the attack caused a target (the issue's "where the attack succeeded");
+an attack that caused none is named in ``attacks_without_effect`` and keeps its per-case
+row; any other figure with nothing to measure (no attack set) makes its headline NaN,
+not dropped.
 ``scan_inputs_per_s``: the scoring path on 10k training samples (from
 ``benchmarks.estimator_bench``'s throughput run). Writes ``benchmarks/results/scan.json``.
 """
@@ -315,6 +322,27 @@ def _peers(
 # --------------------------------------------------------------------------- one case
 
 
+def _poison_free_adversarial(
+    case: Case, attack: AttackedDataset, workdir: Path, spec: ArchitectureSpec
+) -> np.ndarray:
+    """Which targets ``(t,)`` a model trained the served way without the poisons also
+    predicts with their adversarial label."""
+    from expunge.server.engine import Engine
+    from expunge.server.settings import Settings
+    from expunge.server.state.store import Store
+
+    state = workdir / f"{case.name}-poison-free"
+    _create_state(case, _without_poisons(attack, f"{case.name}-poison-free"), state)
+    store = Store(state)
+    try:
+        module = Engine(store, Settings(state_dir=state)).snapshot("m").module.eval()
+        with torch.no_grad():
+            predicted = module(attack.target_x.float()).argmax(dim=1).numpy()
+    finally:
+        store.close()
+    return np.asarray(predicted == attack.target_adversarial_y.numpy())
+
+
 def _accuracy(client: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float((client.predict("m", x.astype(np.float32)).labels == y).mean())
 
@@ -324,6 +352,7 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
 
     state = workdir / case.name
     spec = _create_state(case, attack, state)
+    without_poisons = _poison_free_adversarial(case, attack, workdir, spec)
     running = _served(state)
     targets = attack.target_x.numpy().astype(np.float32)
     adversarial = attack.target_adversarial_y.numpy()
@@ -335,6 +364,7 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
     try:
         with Client(running.target, timeout=3600) as client:
             turned = client.predict("m", targets).labels == adversarial
+            caused = turned & ~without_poisons
             accuracy_before = _accuracy(client, held_x, held_y)
             estimate = client.estimate_scan("m", inputs, dry_run=True)
             began = time.perf_counter()
@@ -342,13 +372,13 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
             dry_s = time.perf_counter() - began
             row_of = {k: k for k in range(len(poison))}  # sample ids are the rows
             model = _load(spec, client.export_model("m"))
-            peers = _peers(client, model, spec, attack, turned, row_of)
+            peers = _peers(client, model, spec, attack, caused, row_of)
             began = time.perf_counter()
             mitigated = list(client.scan("m", inputs, mitigate=True, request_id="mitigate"))
             mitigate_s = time.perf_counter() - began
             success_after = (
-                float((client.predict("m", targets).labels == adversarial)[turned].mean())
-                if turned.any()
+                float((client.predict("m", targets).labels == adversarial)[caused].mean())
+                if caused.any()
                 else math.nan
             )
             accuracy_after = _accuracy(client, held_x, held_y)
@@ -356,8 +386,10 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         running.stop(grace=1.0)
     n_targets = len(targets)
     p = np.array([r.p_value for r in planned])
-    labels = np.concatenate([turned, np.zeros(len(clean), dtype=bool)])
-    keep = np.concatenate([turned, np.ones(len(clean), dtype=bool)])
+    labels = np.concatenate([caused, np.zeros(len(clean), dtype=bool)])
+    keep = np.concatenate([caused, np.ones(len(clean), dtype=bool)])
+    labels_turned = np.concatenate([turned, np.zeros(len(clean), dtype=bool)])
+    keep_turned = np.concatenate([turned, np.ones(len(clean), dtype=bool)])
     plan = next((r.mitigation for r in planned if r.mitigation is not None), None)
     named = np.zeros(len(poison), dtype=bool)
     if plan is not None:
@@ -375,8 +407,11 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "poisons": int(poison.sum()),
         "targets": n_targets,
         "targets_turned": int(turned.sum()),
-        "attack_success_before": float(turned.mean()),
+        "targets_adversarial_without_poisons": int(without_poisons.sum()),
+        "targets_caused": int(caused.sum()),
+        "attack_success_before": float(caused.mean()),
         "auprc": _auprc(labels, keep, -np.log(p)),
+        "auprc_turned": _auprc(labels_turned, keep_turned, -np.log(p)),
         # The two sides alone: the influence score's p-value, the top proponents' group z.
         "auprc_influence_only": _auprc(
             labels, keep, -np.log(np.array([r.influence_p_value for r in planned]))
@@ -384,8 +419,13 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "auprc_training_side_only": _auprc(
             labels, keep, np.array([r.group_outlier_z for r in planned])
         ),
-        "chance_auprc": float(turned.sum() / keep.sum()) if turned.any() else math.nan,
-        "flagged_targets": int(sum(r.flagged for r in planned[:n_targets])),
+        "chance_auprc": float(caused.sum() / keep.sum()) if caused.any() else math.nan,
+        "flagged_targets": int(
+            sum(r.flagged for r, c in zip(planned[:n_targets], caused, strict=True) if c)
+        ),
+        "flagged_targets_not_caused": int(
+            sum(r.flagged for r, c in zip(planned[:n_targets], caused, strict=True) if not c)
+        ),
         "flagged_clean": int(sum(r.flagged for r in planned[n_targets:])),
         "attack_set_size": int(named.sum()),
         "attack_set_recall": recall,
@@ -405,7 +445,7 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
 
 
 def _auprc(labels: np.ndarray, keep: np.ndarray, scores: np.ndarray) -> float:
-    """AUPRC of the turned targets (``labels``) among the kept inputs; NaN if none turned."""
+    """AUPRC of the targets (``labels``) among the kept inputs; NaN if there are none."""
     if not labels.any():
         return math.nan
     return average_precision(labels[keep], scores[keep])
@@ -451,11 +491,18 @@ def _worst(values: list[float], worst: Callable[[list[float]], float]) -> float:
     return worst(values)
 
 
-def _headlines(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+def _headlines(all_rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    # Where the attack succeeded: an attack that caused no target has nothing to find.
+    rows = [r for r in all_rows if r["targets_caused"]]
+    without_effect = [r["case"] for r in all_rows if not r["targets_caused"]]
     if not rows:
-        return {}
+        return {f"{prefix}attacks_without_effect": without_effect} if all_rows else {}
     out: dict[str, Any] = {
         f"{prefix}cases": len(rows),
+        f"{prefix}attacks_without_effect": without_effect,
+        f"{prefix}auprc_turned_min": min(
+            r["auprc_turned"] for r in all_rows if r["targets_turned"]
+        ),
         f"{prefix}auprc_min": _worst([r["auprc"] for r in rows], min),
         f"{prefix}auprc_influence_only_min": _worst([r["auprc_influence_only"] for r in rows], min),
         f"{prefix}auprc_training_side_only_min": _worst(
@@ -495,12 +542,16 @@ def _f1(recall: float, precision: float) -> float:
 def _print_attack(r: dict[str, Any]) -> None:
     print(
         f"== {r['case']} ({r['split']}, {r['architecture']}): n={r['training_samples']}, "
-        f"{r['poisons']} poisons, {r['targets_turned']}/{r['targets']} targets turned"
+        f"{r['poisons']} poisons, {r['targets_turned']}/{r['targets']} targets turned, "
+        f"{r['targets_adversarial_without_poisons']} of them adversarial without the poisons "
+        f"too: {r['targets_caused']} caused by the attack (auprc over every turned target "
+        f"{r['auprc_turned']:.3f})"
     )
     print(
         f"   auprc {r['auprc']:.3f} (influence alone {r['auprc_influence_only']:.3f}, training "
         f"side alone {r['auprc_training_side_only']:.3f}; chance {r['chance_auprc']:.3f}); flagged "
-        f"{r['flagged_targets']} targets, {r['flagged_clean']} of {CLEAN_SCANNED} clean"
+        f"{r['flagged_targets']} caused targets ({r['flagged_targets_not_caused']} other "
+        f"targets), {r['flagged_clean']} of {CLEAN_SCANNED} clean"
     )
     print(
         f"   attack set {r['attack_set_size']}: recall {r['attack_set_recall']:.2f}, "
