@@ -169,8 +169,12 @@ def _cases(quick: bool) -> list[Case]:
             Case(
                 f"cancer_tabular_mlp_s{seed}",
                 "held_out",
+                # Malignant rows (0) with three size features pushed 5 deviations further
+                # towards malignant, labelled benign (1). The first version (benign -> 0)
+                # caused no target: a model trained without the poisons predicted every
+                # triggered benign row malignant too (scan of 2026-12-07, attacks_without_effect).
                 lambda seed=seed: tabular_backdoor(  # type: ignore[misc]
-                    "breast_cancer", (3, 7, 20), 5.0, 1, 0, seed + 20, n_clean=170
+                    "breast_cancer", (3, 7, 20), 5.0, 0, 1, seed + 20, n_clean=170
                 ),
             ),
             Case(
