@@ -413,7 +413,8 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "targets_turned": int(turned.sum()),
         "targets_adversarial_without_poisons": int(without_poisons.sum()),
         "targets_caused": int(caused.sum()),
-        "attack_success_before": float(caused.mean()),
+        # Over the targets the attack caused: each of them succeeded before mitigation.
+        "attack_success_before": 1.0 if caused.any() else math.nan,
         "auprc": _auprc(labels, keep, -np.log(p)),
         "auprc_turned": _auprc(labels_turned, keep_turned, -np.log(p)),
         # The two sides alone: the influence score's p-value, the top proponents' group z.
