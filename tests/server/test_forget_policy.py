@@ -176,7 +176,8 @@ def test_the_ledger_spends_what_the_noise_is_calibrated_to_and_proof_needs_its_p
     # is updated whole).
     options = UnlearningOptions(selection="lcodec_cg", parameter_budget=20, epsilon=0.5, delta=1e-5)
     receipt = _run(copy.deepcopy(model), spec, x, y, options, config)
-    assert receipt["parameters_updated"] == 20 < receipt["parameters_total"]
+    # The budget is a floor (the selection grows with the step): still a true selection.
+    assert 20 <= receipt["parameters_updated"] < receipt["parameters_total"]
     whole = _run(copy.deepcopy(model), spec, x, y, UnlearningOptions(selection="lcodec_cg"), config)
     assert whole["parameters_updated"] == whole["parameters_total"] == 62
     cert = receipt["certificate"]

@@ -99,9 +99,17 @@ def test_the_ranking_samples_its_own_hessian(digits_case) -> None:
         selection = choose_parameters(c["model"], recipe, *args).selection
         return {name: idx.tolist() for name, idx in selection.indices.items()}
 
-    default = chosen(ForgetRecipe(hessian_samples=570))
-    assert chosen(ForgetRecipe(hessian_samples=64, ranking_hessian_samples=570)) == default
-    assert chosen(ForgetRecipe(hessian_samples=570, ranking_hessian_samples=64)) != default
+    # The budget exactly (no growth past it): a selection grown to 99% of the step holds
+    # nearly every entry of this MLP whatever the ranking.
+    default = chosen(ForgetRecipe(hessian_samples=570, step_coverage=0.0))
+    assert (
+        chosen(ForgetRecipe(hessian_samples=64, ranking_hessian_samples=570, step_coverage=0.0))
+        == default
+    )
+    assert (
+        chosen(ForgetRecipe(hessian_samples=570, ranking_hessian_samples=64, step_coverage=0.0))
+        != default
+    )
 
 
 @pytest.mark.parametrize("selection", ["lcodec_cg", "cg"])
@@ -117,7 +125,9 @@ def test_binary_classifiers_are_ranked_in_the_softmax_gauge(selection: str) -> N
     forget, keep = order[:28], order[28:]
     chosen = choose_parameters(
         model,
-        ForgetRecipe(selection=selection, parameter_budget=15, hessian_samples=2000),
+        ForgetRecipe(
+            selection=selection, parameter_budget=15, hessian_samples=2000, step_coverage=0.0
+        ),
         x[forget],
         y[forget],
         x[keep],
