@@ -29,12 +29,17 @@ class IdentifierKey:
     """The state directory's HMAC key; ``digest`` names an identifier without revealing it."""
 
     def __init__(self, state_dir: Path) -> None:
-        self._key = _load_or_create(Path(state_dir) / SECRET_FILE_NAME)
+        # Keyed once: each digest copies this state instead of re-deriving the key pads
+        # (a forget of 24k samples digests each of them; half of that time was key setup).
+        self._keyed = hmac.new(
+            _load_or_create(Path(state_dir) / SECRET_FILE_NAME), None, hashlib.sha256
+        )
 
     def digest(self, domain: str, value: str | int) -> str:
         """Hex HMAC-SHA-256 of ``value`` in ``domain`` (an owner and a sample never collide)."""
-        message = f"{domain}\0{value}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+        mac = self._keyed.copy()
+        mac.update(f"{domain}\0{value}".encode())
+        return mac.hexdigest()
 
     def payload_digest(self, payload: dict[str, Any]) -> str:
         """What a request id's idempotency covers: the canonical JSON of its payload, keyed."""

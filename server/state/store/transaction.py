@@ -98,17 +98,16 @@ class Transaction:
                 f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})",
                 (model, *chunk),
             )
+        # One digest per owner, not per sample: an owner's forget names thousands of rows.
+        owner_digest = {
+            owner: self._identifiers.digest("owner", owner)
+            for owner in set(owner_by_sample.values())
+        }
         self._db.executemany(
             "INSERT INTO forgotten (model, sample_id, owner_sha256, request_id, version) "
             "VALUES (?,?,?,?,?)",
             [
-                (
-                    model,
-                    sid,
-                    self._identifiers.digest("owner", owner_by_sample[sid]),
-                    request_id,
-                    version,
-                )
+                (model, sid, owner_digest[owner_by_sample[sid]], request_id, version)
                 for sid in removed
             ],
         )
