@@ -178,18 +178,12 @@ class ScanService:
     ) -> torch.Tensor:
         """Each training sample's class-outlier z in ``outlier_space`` (both: the larger)."""
         space = self.settings.outlier_space
-        in_representation = class_outlier_z(representations, labels) if space != "input" else None
-        in_input = (
-            class_outlier_z(features.reshape(len(features), -1).float(), labels)
-            if space != "representation"
-            else None
-        )
-        if in_representation is None:
-            assert in_input is not None
+        if space == "representation":
+            return class_outlier_z(representations, labels)
+        in_input = class_outlier_z(features.reshape(len(features), -1).float(), labels)
+        if space == "input":
             return in_input
-        if in_input is None:
-            return in_representation
-        return torch.maximum(in_representation, in_input)
+        return torch.maximum(class_outlier_z(representations, labels), in_input)
 
     def _outlier_z(self, model: str) -> torch.Tensor:
         """Class-outlier z ``(n_train,)`` of the current version's training samples."""
@@ -282,7 +276,9 @@ class ScanService:
         settings = self.settings
         ks = "-".join(str(k) for k in settings.ks)
         tag = "dir" if settings.training_evidence == "direction" else "ts"
-        if settings.outlier_space != "both":
+        # Calibrations stored before the setting existed measured the representation: the
+        # key without a suffix keeps naming those, so a stored one is never read for another space.
+        if settings.outlier_space != "representation":
             tag += f"-{settings.outlier_space}"
         merge = "" if settings.combination == "fisher" else f"-{settings.combination}"
         evidence = f"{tag}{settings.group_size}{merge}" if settings.training_side else "influence"

@@ -158,9 +158,9 @@ def test_scan_scores_targets_above_clean_inputs_and_implicates_poisons(
     # came from its embeddings, and the stored calibration's key says so.
     assert all("index influence" in r.decision for r in results)
     store = scan_server.engine.store  # type: ignore[attr-defined]
-    stored = store.artefact("bd", "scan_calibration:gas:index:retrain:k2-10:ts10")
+    stored = store.artefact("bd", "scan_calibration:gas:index:retrain:k2-10:ts-both10")
     assert stored is not None and stored.meta["source"] == "index"
-    assert store.artefact("bd", "scan_calibration:gas:exact:retrain:k2-10:ts10") is None
+    assert store.artefact("bd", "scan_calibration:gas:exact:retrain:k2-10:ts-both10") is None
     assert sum(r.flagged for r in clean) <= 3
     _check_decisions(results)
     assert sum(r.flagged for r in targets) >= 3  # measured: 7 of 10 targets, 1 of 30 clean
