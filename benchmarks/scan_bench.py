@@ -326,9 +326,7 @@ def _peers(
 # --------------------------------------------------------------------------- one case
 
 
-def _poison_free_adversarial(
-    case: Case, attack: AttackedDataset, workdir: Path, spec: ArchitectureSpec
-) -> np.ndarray:
+def _poison_free_adversarial(case: Case, attack: AttackedDataset, workdir: Path) -> np.ndarray:
     """Which targets ``(t,)`` a model trained the served way without the poisons also
     predicts with their adversarial label."""
     from expunge.server.engine import Engine
@@ -356,7 +354,7 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
 
     state = workdir / case.name
     spec = _create_state(case, attack, state)
-    without_poisons = _poison_free_adversarial(case, attack, workdir, spec)
+    without_poisons = _poison_free_adversarial(case, attack, workdir)
     running = _served(state)
     targets = attack.target_x.numpy().astype(np.float32)
     adversarial = attack.target_adversarial_y.numpy()
