@@ -434,6 +434,7 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "attack_set_recall": recall,
         "attack_set_precision": precision,
         "plan_decision": plan.decision if plan is not None else "no input flagged",
+        **_plan_counts(plan),
         "mitigation_applied": applied is not None,
         "attack_success_after": success_after,
         "clean_accuracy_before": accuracy_before,
@@ -445,6 +446,18 @@ def _run_attack(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str,
         "mitigate_s": mitigate_s,
         "peers": {name: {"recall": r, "precision": q} for name, (r, q) in peers.items()},
     }
+
+
+def _plan_counts(plan: Any) -> dict[str, int]:
+    """The mitigation plan's confirmation counts (zeros when nothing was flagged)."""
+    fields = (
+        "targets",
+        "targets_affected",
+        "control_affected",
+        "clean_analogues",
+        "clean_analogues_affected",
+    )
+    return {f"plan_{name}": int(getattr(plan, name)) if plan is not None else 0 for name in fields}
 
 
 def _auprc(labels: np.ndarray, keep: np.ndarray, scores: np.ndarray) -> float:
@@ -470,7 +483,8 @@ def _run_clean(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str, 
             version = client.get_model("m").current_version
     finally:
         running.stop(grace=1.0)
-    decision = next((r.mitigation.decision for r in results if r.mitigation), "no input flagged")
+    plan = next((r.mitigation for r in results if r.mitigation), None)
+    decision = plan.decision if plan is not None else "no input flagged"
     return {
         "case": case.name,
         "split": case.split,
@@ -478,6 +492,7 @@ def _run_clean(case: Case, attack: AttackedDataset, workdir: Path) -> dict[str, 
         "flagged": int(sum(r.flagged for r in results)),
         "mitigations": int(version - 1),
         "plan_decision": decision,
+        **_plan_counts(plan),
         "estimated_s": estimate.estimated_seconds,
         "scan_s": seconds,
         "estimate_ratio": estimate.estimated_seconds / seconds,

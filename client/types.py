@@ -215,6 +215,8 @@ class Mitigation:
     target_score_after: float = 0.0
     p_value_after: float = 0.0
     decision: str = ""
+    clean_analogues: int = 0  # clean calibration inputs in the matched control
+    clean_analogues_affected: int = 0  # ... that removing their own rule-named set changes
 
 
 @dataclass(frozen=True)

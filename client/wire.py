@@ -189,6 +189,8 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
             m.target_score_after,
             m.p_value_after,
             m.decision,
+            m.clean_analogues,
+            m.clean_analogues_affected,
         )
         if msg.HasField("mitigation")
         else None,

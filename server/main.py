@@ -169,6 +169,7 @@ def _start_on(
                     outlier_space=settings.scan_outlier_space,
                     combination=settings.scan_combination,
                     shared_proponents=settings.scan_shared_proponents,
+                    mitigation_rule=settings.scan_mitigation_rule,
                 ),
             ),
         ),

@@ -104,6 +104,14 @@ class Settings:
             "class lean on together (combined influence z; see BENCHMARKS.md)"
         },
     )
+    scan_mitigation_rule: str = field(
+        default="majority",
+        metadata={
+            "help": "when Scan's mitigation forgets an attack set: majority (it changes "
+            "half of the flagged inputs) or matched (it changes more than twice the share "
+            "of clean analogues a set named by the same rule changes; see BENCHMARKS.md)"
+        },
+    )
     scan_combination: str = field(
         default="fisher",
         metadata={
@@ -189,6 +197,11 @@ class Settings:
             )
         if self.forget_step_coverage > 1:
             raise ValueError("forget_step_coverage must be at most 1 (< 0: the default)")
+        if self.scan_mitigation_rule not in ("majority", "matched"):
+            raise ValueError(
+                "scan_mitigation_rule must be 'majority' or 'matched', "
+                f"not {self.scan_mitigation_rule!r}"
+            )
         if self.scan_combination not in ("fisher", "min"):
             raise ValueError(
                 f"scan_combination must be 'fisher' or 'min', not {self.scan_combination!r}"

@@ -4,14 +4,18 @@ The attack set is the union of the flagged inputs' top proponents that stand out
 test side (influence z) or the training side (class-outlier z), and, with the
 ``shared_proponents`` option, of the samples the flagged inputs of one class lean on
 together (their Stouffer-combined influence z past a class-wide Bonferroni cut: a
-backdoor's poisons beyond any one input's top 10) (``attack_sets``). It
-is forgotten only when its removal (a retrain or Newton removal on a scratch copy, as the
-per-input confirmation) changes at least half of the flagged inputs, and at least two
-(their prediction flips, or the predicted class's probability falls by the calibrated
-drop), while an equal-size random set with the same labels changes fewer than a quarter
-as many. A dry run
-returns the plan and forgets nothing. After the forget, the flagged inputs are scored
-again on the new version against its own clean reference.
+backdoor's poisons beyond any one input's top 10) (``attack_sets``). Its removal (a
+retrain or Newton removal on a scratch copy, as the per-input confirmation) is measured
+against two controls: an equal-size random set with the same labels, and the matched
+control, the set the same rule names for the clean calibration inputs that look most
+confirmed (their own proponents' removal moved them most), removed and measured on them.
+It is forgotten when it changes at least two flagged inputs (their prediction flips, or
+the predicted class's probability falls by the calibrated drop), the random control
+changes fewer than a quarter as many, and, by the rule in force, it changes at least half
+of the flagged inputs (``majority``) or more than twice the share of clean analogues the
+matched set changes (``matched``). A dry run returns the plan and forgets nothing. After
+the forget, the flagged inputs are scored again on the new version against its own clean
+reference.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class MitigationPlan:
     control_affected: int  # ... that the random control's removal changes
     confirmed: bool
     size: int  # each suspect's top-k proponents it was drawn from
+    rule: str = "majority"
+    analogues: int = 0  # clean calibration inputs in the matched control
+    analogues_affected: int = 0  # ... that removing their own rule-named set changes
 
     def decision(self) -> str:
         if not self.members:
@@ -71,16 +78,26 @@ class MitigationPlan:
                 f"no top proponent of the {self.targets} flagged inputs stands out (influence "
                 "or class-outlier z below the member cut): nothing is forgotten"
             )
-        needed = max(MIN_CORROBORATION, math.ceil(self.targets / 2))
+        needed = (
+            max(MIN_CORROBORATION, math.ceil(self.targets / 2))
+            if self.rule == "majority"
+            else MIN_CORROBORATION
+        )
         verdict = (
             "confirmed: forgetting it" if self.confirmed else "not confirmed: nothing is forgotten"
         )
+        matched = (
+            f"; the matched control's set, named by the same rule for the {self.analogues} "
+            f"clean calibration inputs its removals moved most, changes "
+            f"{self.analogues_affected} of them"
+            + (" (allowed below half the flagged share)" if self.rule == "matched" else "")
+        )
         return (
             f"attack set of {len(self.members)} samples (the union of the flagged inputs' top "
-            f"{self.size} proponents that stand out); removing it changes {self.affected} of {self.targets} flagged "
-            f"inputs (needed {needed}); removing {len(self.members)} random samples with the "
-            f"same labels changes {self.control_affected} (allowed below a quarter of "
-            f"{self.affected}): {verdict}"
+            f"{self.size} proponents that stand out); removing it changes {self.affected} of "
+            f"{self.targets} flagged inputs (needed {needed}); removing {len(self.members)} "
+            f"random samples with the same labels changes {self.control_affected} (allowed "
+            f"below a quarter of {self.affected}){matched}: {verdict}"
         )
 
 
@@ -100,6 +117,7 @@ class Mitigator:
         member_z: float,
         size: int,
         shared: bool = False,
+        rule: str = "majority",
     ) -> None:
         self.engine = engine
         self.forget = forget  # mitigation submits through it and awaits the outcome
@@ -107,6 +125,7 @@ class Mitigator:
         self.member_z = member_z
         self.size = size  # top-k proponents per suspect that may join the attack set
         self.shared = shared  # samples the suspects of one class lean on together join too
+        self.rule = rule  # majority or matched (module docstring)
 
     def plan(
         self,
@@ -114,9 +133,11 @@ class Mitigator:
         suspects: list[Suspect],
         calibration: Calibration,
         outliers: torch.Tensor,
+        analogues: Callable[[int], list[Suspect]] | None = None,
     ) -> MitigationPlan:
         """The attack set of ``suspects`` and its confirmation; ``outliers`` ``(n_train,)``:
-        the training samples' class-outlier z (reported per member).
+        the training samples' class-outlier z (reported per member); ``analogues(k)``: up
+        to k clean calibration inputs for the matched control (none: no matched control).
 
         Only each suspect's top ``self.size`` proponents are candidates. Larger sets
         (its top 20 or 30) cured more of a backdoor's targets, but on a clean model four
@@ -124,6 +145,49 @@ class Mitigator:
         confirmation and forgot clean samples (tests/server/test_scan_service.py).
         """
         size = self.size
+        data = self.engine.training_data(model)
+        members = self._named(model, suspects, outliers)
+        if not members:
+            return MitigationPlan([], len(suspects), 0, 0, False, size, self.rule)
+        removed = torch.tensor([m.index for m in members], dtype=torch.long)
+        affected = self._changed(model, suspects, removed, calibration)
+        control = random_control(data.labels, removed, CONTROL_SEED)
+        control_affected = self._changed(model, suspects, control, calibration)
+        clean = analogues(len(suspects)) if analogues is not None else []
+        clean_members = self._named(model, clean, outliers) if clean else []
+        clean_affected = (
+            self._changed(
+                model,
+                clean,
+                torch.tensor([m.index for m in clean_members], dtype=torch.long),
+                calibration,
+            )
+            if clean_members
+            else 0
+        )
+        corroborated = affected >= MIN_CORROBORATION and 4 * control_affected < affected
+        if self.rule == "majority":
+            confirmed = corroborated and affected >= math.ceil(len(suspects) / 2)
+        else:  # the flagged share changed is more than twice the clean analogues' share
+            confirmed = corroborated and 2 * clean_affected * len(suspects) < affected * max(
+                len(clean), 1
+            )
+        return MitigationPlan(
+            members,
+            len(suspects),
+            affected,
+            control_affected,
+            confirmed,
+            size,
+            self.rule,
+            len(clean),
+            clean_affected,
+        )
+
+    def _named(
+        self, model: str, suspects: list[Suspect], outliers: torch.Tensor
+    ) -> list[AttackSetMember]:
+        """The attack-set rule: the suspects' top proponents (and shared ones) that stand out."""
         data = self.engine.training_data(model)
         influence_z = {s.index: s.influence_z for s in suspects}
         shared = (
@@ -136,30 +200,24 @@ class Mitigator:
             if self.shared
             else None
         )
-        members = attack_set(
-            {s.index: s.proponents[:size] for s in suspects},
+        return attack_set(
+            {s.index: s.proponents[: self.size] for s in suspects},
             influence_z,
             outliers,
             self.member_z,
             shared,
         )
-        if not members:
-            return MitigationPlan([], len(suspects), 0, 0, False, size)
-        removed = torch.tensor([m.index for m in members], dtype=torch.long)
-        x = torch.stack([s.x for s in suspects])
-        labels = torch.tensor([s.label for s in suspects])
+
+    def _changed(
+        self, model: str, inputs: list[Suspect], removed: torch.Tensor, calibration: Calibration
+    ) -> int:
+        """How many of ``inputs`` removing the training rows ``removed`` changes."""
+        x = torch.stack([s.x for s in inputs])
+        labels = torch.tensor([s.label for s in inputs])
         mode = calibration.confirmation
         before = self.confirm.probabilities(model, None, x, mode)
         after = self.confirm.probabilities(model, removed, x, mode)
-        control = random_control(data.labels, removed, CONTROL_SEED)
-        after_control = self.confirm.probabilities(model, control, x, mode)
-        affected = _affected(before, after, labels, calibration.drop)
-        control_affected = _affected(before, after_control, labels, calibration.drop)
-        confirmed = (
-            affected >= max(MIN_CORROBORATION, math.ceil(len(suspects) / 2))
-            and 4 * control_affected < affected
-        )
-        return MitigationPlan(members, len(suspects), affected, control_affected, confirmed, size)
+        return _affected(before, after, labels, calibration.drop)
 
     def resolve(
         self,
@@ -172,12 +230,13 @@ class Mitigator:
         dry_run: bool,
         rescore: Callable[[torch.Tensor], list[tuple[int, float, float]]],
         outliers: torch.Tensor,
+        analogues: Callable[[int], list[Suspect]] | None = None,
     ) -> Iterator[ScanOutcome]:
         """The outcomes, each flagged one carrying the mitigation (or its plan)."""
         if not suspects:
             yield from outcomes
             return
-        plan = self.plan(model, suspects, calibration, outliers)
+        plan = self.plan(model, suspects, calibration, outliers, analogues)
         data = self.engine.training_data(model)
         ids = [int(data.sample_ids[m.index]) for m in plan.members]
         common: dict[str, object] = {
@@ -187,6 +246,8 @@ class Mitigator:
             "targets": plan.targets,
             "targets_affected": plan.affected,
             "control_affected": plan.control_affected,
+            "clean_analogues": plan.analogues,
+            "clean_analogues_affected": plan.analogues_affected,
             "decision": plan.decision(),
         }
         after: dict[int, tuple[int, float, float]] = {}

@@ -104,6 +104,7 @@ class ScanService:
             self.settings.member_z,
             self.settings.proponents_per_target,
             self.settings.shared_proponents,
+            self.settings.mitigation_rule,
         )
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
@@ -226,7 +227,12 @@ class ScanService:
         source = self._source(model, estimator)
         kind = self._kind(estimator, source, mode)
         stored = self.engine.store.artefact(model, kind)
-        if stored is not None and stored.version == row.current_version:
+        # One stored before the clean drops were kept is computed again (once per version).
+        if (
+            stored is not None
+            and stored.version == row.current_version
+            and "clean_drops" in stored.meta
+        ):
             meta = stored.meta
             return Calibration(
                 float(meta["filter_p"]),
@@ -235,6 +241,7 @@ class ScanService:
                 source,
                 tuple(meta["clean_scores"]),
                 tuple(meta["clean_group_z"]),
+                tuple(math.nan if d is None else float(d) for d in meta["clean_drops"]),
             )
         x, scored, reference = self._clean_reference(model, estimator, source, mode)
         scores, group_z = np.array(reference.clean_scores), np.array(reference.clean_group_z)
@@ -263,13 +270,17 @@ class ScanService:
             "inputs": len(scores),
             "clean_scores": scores.tolist(),
             "clean_group_z": group_z.tolist(),
+            "clean_drops": [float(d) if math.isfinite(d) else None for d in drops.tolist()],
         }
         with self.engine.store.write_lock:
             blob = self.engine.store.blobs.put(json.dumps(meta, sort_keys=True).encode())
             self.engine.store.put_artefact(
                 ArtefactRow(model, kind, blob, row.current_version, meta)
             )
-        return reference._replace(drop=drop_threshold)
+        return reference._replace(
+            drop=drop_threshold,
+            clean_drops=tuple(float(d) if math.isfinite(d) else math.nan for d in drops.tolist()),
+        )
 
     def _kind(self, estimator: str, source: str, mode: str) -> str:
         """The calibration artefact's kind: everything its thresholds depend on."""
@@ -493,6 +504,7 @@ class ScanService:
                 model, outcomes, suspects, calibration, request_id, actor, dry_run,
                 rescore=lambda xs: self._rescore(model, estimator, xs),
                 outliers=self._outlier_z(model),
+                analogues=lambda k: self._clean_analogues(model, estimator, calibration, k),
             )  # fmt: skip
 
     def _decide(
@@ -583,6 +595,40 @@ class ScanService:
             )  # fmt: skip
             yield outcome, suspect
 
+    def _clean_analogues(
+        self, model: str, estimator: str, calibration: Calibration, count: int
+    ) -> list[Suspect]:
+        """The ``count`` clean calibration inputs whose removal of their own top proponents
+        moved them most (the calibration's drops), as suspects: what the attack-set rule
+        names for clean inputs that look confirmed, the mitigation's matched control.
+        Their indices are negative (-1 - calibration row): they are not scanned inputs."""
+        drops = np.array(calibration.clean_drops, dtype=float)
+        rows = [int(i) for i in np.argsort(-np.nan_to_num(drops, nan=-np.inf), kind="stable")]
+        rows = [i for i in rows if math.isfinite(drops[i])][:count]
+        if not rows:
+            return []
+        data = self.engine.training_data(model)
+        x = self._calibration_inputs(model)[rows]
+        labels = predicted_labels(self.engine.snapshot(model).module, x)
+        scored = self._scores(model, estimator, x, labels, calibration.source)
+        analogues = []
+        for i, (row, (_, influences)) in enumerate(zip(rows, scored, strict=True)):
+            label = int(labels[i])
+            if len(influences) != len(data.labels):
+                raise changed()
+            analogues.append(
+                Suspect(
+                    -1 - row,
+                    x[i],
+                    label,
+                    top_proponents(
+                        influences, data.labels, label, self.settings.proponents_per_target
+                    ),
+                    influence_z_scores(influences.double(), data.labels, label),
+                )
+            )
+        return analogues
+
     def _rescore(
         self, model: str, estimator: str, x: torch.Tensor
     ) -> list[tuple[int, float, float]]:
@@ -648,8 +694,8 @@ class ScanService:
         expected = filter_p * len(inputs) * (1 + settings.false_positive_rate)
         confirmation_s = expected * confirm_s
         mitigation_s = 0.0
-        if mitigate or dry_run:  # the attack set's removal and its control
-            mitigation_s = 2 * confirm_s
+        if mitigate or dry_run:  # the attack set's removal, its random and matched controls
+            mitigation_s = 3 * confirm_s
         if mitigate:  # the forget, then the rescan against the new version's reference
             metrics = self.engine.version_row(model, 0).metrics
             forget_s = max(float(metrics.get("training_seconds", 0.0)), confirm_s)

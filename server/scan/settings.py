@@ -14,6 +14,7 @@ CONFIRMATIONS = ("auto", "retrain", "newton")
 TRAINING_EVIDENCE = ("spectral", "direction")
 OUTLIER_SPACES = ("representation", "input", "both")
 COMBINATIONS = ("fisher", "min")  # expunge.defenses.attack_sets.COMBINATIONS
+MITIGATION_RULES = ("majority", "matched")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,17 @@ class ScanSettings:
             "(-2 sum log p) or min (the smallest p-value, Tippett)"
         },
     )
+    mitigation_rule: str = field(
+        default="majority",
+        metadata={
+            "help": "when an attack set is forgotten: majority (its removal changes at "
+            "least half of the flagged inputs, and at least two) or matched (at least two, "
+            "and more than twice the share of the clean analogues it changes: the "
+            "calibration inputs whose own proponents' removal moved them most, given an "
+            "attack set by the same rule); both also need the random same-label control "
+            "to change fewer than a quarter as many"
+        },
+    )
     group_size: int = field(
         default=10, metadata={"help": "top proponents that form the input's group"}
     )
@@ -125,6 +137,8 @@ class ScanSettings:
             raise ValueError(f"training_evidence must be one of {TRAINING_EVIDENCE}")
         if self.outlier_space not in OUTLIER_SPACES:
             raise ValueError(f"outlier_space must be one of {OUTLIER_SPACES}")
+        if self.mitigation_rule not in MITIGATION_RULES:
+            raise ValueError(f"mitigation_rule must be one of {MITIGATION_RULES}")
         if self.combination not in COMBINATIONS:
             raise ValueError(f"combination must be one of {COMBINATIONS}")
         if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
@@ -140,6 +154,10 @@ class Calibration(NamedTuple):
     source: str  # where the influences came from: "index" or "exact" (the same when scoring)
     clean_scores: tuple[float, ...]  # the clean calibration inputs' influence scores
     clean_group_z: tuple[float, ...]  # ... and their top proponents' class-outlier z
+    # ... and the fall of their predicted class's probability once their top proponents
+    # are removed (NaN where the first filter stopped them): the clean analogues of a
+    # mitigation's matched control are those it moved most.
+    clean_drops: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
