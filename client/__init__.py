@@ -2,6 +2,7 @@
 
 from .client import Client
 from .errors import (
+    AbortedError,
     AlreadyExistsError,
     DeadlineExceededError,
     ExpungeError,
@@ -38,6 +39,7 @@ from .types import (
 )
 
 __all__ = [
+    "AbortedError",
     "AccuracyCollapse",
     "AlreadyExistsError",
     "AuditEvent",

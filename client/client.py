@@ -7,6 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,10 +19,16 @@ from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
 from . import types as t
 from . import wire
-from .errors import ExpungeError, from_rpc_error
+from .batching import BatchLimits, request_row_bytes, row_slices
+from .errors import AbortedError, ExpungeError, InvalidArgumentError, from_rpc_error
 
 T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BATCH_INPUTS = 4096  # the server's default max_batch
+# Reply bytes per input a batch is sized for: Predict's probabilities (float32) for up to
+# 1,000 classes; per neighbour (id, owner id, label, score) with a 64-character owner id.
+PREDICT_REPLY_ROW_BYTES = 4 * 1024 + 16
+NEIGHBOR_REPLY_BYTES = 100
 
 
 class Client:
@@ -44,6 +51,7 @@ class Client:
         retries: int = 3,
         backoff: float = 0.2,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_batch_inputs: int = DEFAULT_MAX_BATCH_INPUTS,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -61,6 +69,8 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        # Predict, Neighbors and a plain Scan split larger inputs into calls within these.
+        self.limits = BatchLimits(max_message_bytes, max_batch_inputs)
 
     def __enter__(self) -> Client:
         return self
@@ -166,13 +176,23 @@ class Client:
     def predict(
         self, model: str, inputs: np.ndarray, version: int = 0, timeout: float | None = None
     ) -> t.Prediction:
-        request = pb.PredictRequest(
-            model=_model(model), inputs=wire.to_tensor(np.asarray(inputs)), version=version
-        )
-        reply = self._call(self._stub.Predict, request, timeout)
-        return t.Prediction(
-            np.array(reply.labels), wire.from_tensor(reply.probabilities), reply.version
-        )
+        """Labels and class probabilities of ``inputs`` ``(n, *input_shape)``.
+
+        ``version`` 0 is the current version. Inputs beyond one message (or the server's
+        batch limit) go as several calls, all answered by the version the first call used.
+        """
+        inputs = np.asarray(inputs)
+        rows = self.limits.rows_per_batch(request_row_bytes(inputs), PREDICT_REPLY_ROW_BYTES)
+        labels, probabilities = [], []
+        for part in row_slices(len(inputs), rows) if len(inputs) else [slice(0, 0)]:
+            request = pb.PredictRequest(
+                model=_model(model), inputs=wire.to_tensor(inputs[part]), version=version
+            )
+            reply = self._call(self._stub.Predict, request, timeout)
+            version = reply.version  # later batches ask for the one the first was given
+            labels.append(np.array(reply.labels, dtype=np.int64))
+            probabilities.append(wire.from_tensor(reply.probabilities))
+        return t.Prediction(np.concatenate(labels), np.concatenate(probabilities), version)
 
     # Forgetting ----------------------------------------------------------------------------
 
@@ -300,18 +320,39 @@ class Client:
         if its removal is confirmed against a random control, rescans the flagged inputs,
         and then sends every result (flagged ones carry ``mitigation``); ``dry_run`` does
         the same but forgets nothing (``mitigation.sample_ids`` is the plan).
+
+        Without either, inputs beyond one message (or the server's batch limit) go as
+        several calls; the results' ``index`` counts over all of ``inputs``. A mitigation
+        weighs the flagged inputs together, so its inputs must fit one call.
         """
-        request = pb.ScanRequest(
-            model=_model(model),
-            inputs=wire.to_tensor(np.asarray(inputs)),
-            estimator=estimator,
-            max_implicated=max_implicated,
-            mitigate=mitigate,
-            request_id=_new_id() if request_id is None and mitigate else (request_id or ""),
-            dry_run=dry_run,
-        )
-        for msg in self._stream(self._stub.Scan, request, timeout):
-            yield wire.scan_result(msg)
+        inputs = np.asarray(inputs)
+        rows = self.limits.rows_per_batch(request_row_bytes(inputs), 0)
+        planning = mitigate or dry_run
+        if planning and len(inputs) > rows:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a scan with mitigate or dry_run weighs its inputs together and must fit "
+                f"one call ({rows} of these inputs); scan without it in batches, then "
+                "mitigate on the flagged inputs",
+            )
+        parts = list(row_slices(len(inputs), rows)) if len(inputs) else [slice(0, 0)]
+        version = 0
+        for part in parts:
+            request = pb.ScanRequest(
+                model=_model(model),
+                inputs=wire.to_tensor(inputs[part]),
+                estimator=estimator,
+                max_implicated=max_implicated,
+                mitigate=mitigate,
+                request_id=_new_id() if request_id is None and mitigate else (request_id or ""),
+                dry_run=dry_run,
+            )
+            for msg in self._stream(self._stub.Scan, request, timeout):
+                result = wire.scan_result(msg)
+                version = version or result.model_version
+                if result.model_version != version:
+                    raise _moved("scan", version, result.model_version)
+                yield replace(result, index=result.index + part.start)
 
     def estimate_scan(
         self,
@@ -356,24 +397,37 @@ class Client:
         label: int | None = None,
         timeout: float | None = None,
     ) -> t.NeighborsResult:
-        request = pb.NeighborsRequest(
-            model=_model(model),
-            inputs=wire.to_tensor(np.asarray(inputs)),
-            k=k,
-            mode=mode,
-            filter_label=label is not None,
-            label=label or 0,
-        )
-        r = self._call(self._stub.Neighbors, request, timeout)
-        return t.NeighborsResult(
-            [
+        """The ``k`` training samples nearest each input in the index's gradient space.
+
+        Inputs beyond one message (or the server's batch limit) go as several calls; all
+        of them must be answered by the same model version and index embedding.
+        """
+        inputs = np.asarray(inputs)
+        rows = self.limits.rows_per_batch(request_row_bytes(inputs), NEIGHBOR_REPLY_BYTES * k)
+        lists: list[list[t.Neighbor]] = []
+        first: pb.NeighborsResponse | None = None
+        for part in row_slices(len(inputs), rows) if len(inputs) else [slice(0, 0)]:
+            request = pb.NeighborsRequest(
+                model=_model(model),
+                inputs=wire.to_tensor(inputs[part]),
+                k=k,
+                mode=mode,
+                filter_label=label is not None,
+                label=label or 0,
+            )
+            r = self._call(self._stub.Neighbors, request, timeout)
+            first = first or r
+            if (r.model_version, r.embedded_version) != (
+                first.model_version,
+                first.embedded_version,
+            ):
+                raise _moved("neighbors", first.model_version, r.model_version)
+            lists += [
                 [t.Neighbor(n.sample_id, n.owner_id, n.label, n.score) for n in lst.neighbors]
                 for lst in r.results
-            ],
-            r.stale,
-            r.embedded_version,
-            r.model_version,
-        )
+            ]
+        assert first is not None
+        return t.NeighborsResult(lists, first.stale, first.embedded_version, first.model_version)
 
     def audit(
         self, model: str = "", page_size: int = 0, timeout: float | None = None
@@ -401,6 +455,15 @@ def _op(name: str) -> str:
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _moved(call: str, first: int, now: int) -> AbortedError:
+    """A batched call whose batches were answered by different model versions."""
+    return AbortedError(
+        grpc.StatusCode.ABORTED,
+        f"the model changed from version {first} to {now} between the batches of this "
+        f"{call} (a forget or rollback committed); call again",
+    )
 
 
 def _read(value: Path | bytes | None) -> bytes | None:

@@ -65,6 +65,10 @@ class DeadlineExceededError(ExpungeError):
     pass
 
 
+class AbortedError(ExpungeError):
+    pass
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ExpungeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -76,6 +80,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ExpungeError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.ABORTED: AbortedError,
 }
 
 

@@ -411,3 +411,47 @@ def test_shared_proponents_widen_the_planned_attack_set_and_say_why(
     assert added, "the premise: the flagged inputs share proponents beyond their top 10"
     poison = attack.poison_mask.numpy()
     assert poison[sorted(widened.sample_ids)].mean() >= 0.9
+
+
+def test_the_matched_control_applies_the_attack_set_rule_to_the_most_moved_clean_inputs(
+    scan_server: object, attack: AttackedDataset
+) -> None:
+    # The matched control: the calibration inputs whose own proponents' removal moved them
+    # most (the calibration's stored drops), given an attack set by the same rule. Under
+    # scan_mitigation_rule = "matched" a set is forgotten only when it changes more than
+    # twice the share of those clean analogues that their set changes: with the suspects
+    # themselves as their own analogues the shares are equal, so it never is.
+    from expunge.server.scan.service import ScanService
+    from expunge.server.scan.settings import ScanSettings
+    from expunge.server.settings import load_settings
+
+    running = scan_server
+    engine, forget = running.engine, running.forget  # type: ignore[attr-defined]
+    service = ScanService(engine, forget, forget.index, ScanSettings(mitigation_rule="matched"))
+    calibration = service.threshold("bd", "gas")
+    x = attack.target_x.float()
+    version = engine.snapshot("bd").version
+    suspects = [s for _, s in service._decide("bd", "gas", calibration, version, x, 0, 10) if s]
+    assert len(suspects) >= 2, "the premise: the backdoor's targets are flagged"
+    outliers = service._outlier_z("bd")
+
+    analogues = service._clean_analogues("bd", "gas", calibration, len(suspects))
+    drops = np.array(calibration.clean_drops)
+    finite = np.flatnonzero(np.isfinite(drops))
+    expected = finite[np.argsort(-drops[finite], kind="stable")][: len(suspects)]
+    assert [-1 - a.index for a in analogues] == expected.tolist()
+    assert len(analogues) == min(len(suspects), len(finite)) > 0
+
+    alone = service.mitigator.plan("bd", suspects, calibration, outliers, lambda k: [])
+    assert alone.analogues == alone.analogues_affected == 0
+    assert alone.confirmed == (alone.affected >= 2 and 4 * alone.control_affected < alone.affected)
+    assert alone.confirmed, "measured: the backdoor's attack set changes its targets"
+    mirrored = service.mitigator.plan("bd", suspects, calibration, outliers, lambda k: suspects[:k])
+    assert mirrored.analogues == len(suspects)
+    assert mirrored.analogues_affected == mirrored.affected == alone.affected
+    assert not mirrored.confirmed
+    assert "matched control" in mirrored.decision()
+    with pytest.raises(ValueError, match="mitigation_rule must be one of"):
+        ScanSettings(mitigation_rule="vote")
+    with pytest.raises(ValueError, match="scan_mitigation_rule must be"):
+        load_settings(env={}, scan_mitigation_rule="vote")
