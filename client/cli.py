@@ -89,6 +89,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        from expunge.server.errors import ExpungeError as ServerError
+        from expunge.server.import_job import import_model
+        from expunge.server.state.state_lock import StateDirectoryInUse
+    except ImportError:
+        print(SERVER_HINT, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        info = import_model(Path(args.state_dir), Path(args.directory), args.name)
+    except StateDirectoryInUse as exc:
+        print(f"expunge import: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
+    except ServerError as exc:
+        print(f"expunge import: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    print(
+        f"imported models/{info.row.name} version 1: "
+        f"{json.dumps(info.version.metrics, sort_keys=True)}"
+    )
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     try:
         from expunge.server.state.state_lock import StateDirectoryInUse
@@ -320,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "import",
+        help="import a model trained elsewhere from a repository directory (expunge.toml) "
+        "into a state directory (version 1)",
+    )
+    p.add_argument("directory", help="the repository: expunge.toml and the files it names")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--name", required=True, help="model name to serve it under")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "prune",

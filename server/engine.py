@@ -31,6 +31,7 @@ from expunge.server.model_factory import build_architecture
 from expunge.server.settings import Settings
 from expunge.server.state import weights as weights_io
 from expunge.server.state.datasets import Dataset, train_test_split
+from expunge.server.state.repository import ModelRepository
 from expunge.server.state.store import ModelRow, Store, VersionRow, utc_now
 
 log = logging.getLogger("expunge.server.engine")
@@ -163,9 +164,77 @@ class Engine:
         metrics = self.evaluate(model, x, y, test_set, config.weight_decay)
         # What the forget policy scales to estimate an exact retrain.
         metrics["training_seconds"] = result.seconds
+        self._store_new_model(
+            name, spec, config.to_dict(), model, result.checkpoints, train_set, test_set,
+            metrics, actor, "create_model",
+        )  # fmt: skip
+        return self.model_info(name)
+
+    def import_model(
+        self, name: str, repository: ModelRepository, actor: str = "admin"
+    ) -> ModelInfo:
+        """Store a model trained elsewhere (``read_repository``) as version 1 in one commit.
+
+        Without a training configuration the exact retrain is refused (``retrainable``);
+        without checkpoints, Scan's influence reads the final weights only (stored as the
+        one checkpoint, ``checkpoints_imported`` 0).
+        """
+        name = parse_model_name(name)
+        if self.store.model(name) is not None:
+            raise AlreadyExists(f"model {name!r} exists; choose another name")
+        spec = repository.spec
+        model = build_architecture(spec, self.settings.trusted_factories)
+        weights_io.load_into(model, repository.weights)
+        model.eval()
+        train_set, test_set = repository.train, repository.test
+        x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
+        metrics = self.evaluate(model, x, y, test_set, repository.weight_decay)
+        checkpoints = repository.checkpoints or [
+            Checkpoint(0, 1.0, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        ]
+        training = repository.training or TrainConfig(weight_decay=repository.weight_decay)
+        config = {
+            **training.to_dict(),
+            "imported": True,
+            "retrainable": repository.training is not None,
+            "checkpoints_imported": len(repository.checkpoints),
+        }
+        self._store_new_model(
+            name, spec, config, model, checkpoints, train_set, test_set, metrics, actor,
+            "import_model",
+        )  # fmt: skip
+        return self.model_info(name)
+
+    def retrainable(self, name: str) -> bool:
+        """Whether an exact retrain is possible: a model imported without a training
+        configuration has none to retrain with."""
+        return bool(self.model_row(name).train_config.get("retrainable", True))
+
+    def require_retrainable(self, name: str, what: str) -> None:
+        if not self.retrainable(name):
+            raise FailedPrecondition(
+                f"{what}: model {name!r} was imported without a [training] configuration, so "
+                "it cannot be retrained exactly; forget with an approximate update (selection "
+                "auto, all or lcodec_cg), or import it again with its training configuration"
+            )
+
+    def _store_new_model(
+        self,
+        name: str,
+        spec: ArchitectureSpec,
+        train_config: dict[str, object],
+        model: nn.Module,
+        checkpoints: list[Checkpoint],
+        train_set: Dataset,
+        test_set: Dataset,
+        metrics: dict[str, float],
+        actor: str,
+        action: str,
+    ) -> None:
+        """Version 1 of a new model, its data, checkpoints and audit event, in one commit."""
         blobs = self.store.blobs
         weights_blob = blobs.put(weights_io.model_to_bytes(model))
-        checkpoints_blob = blobs.put(weights_io.checkpoints_to_bytes(result.checkpoints))
+        checkpoints_blob = blobs.put(weights_io.checkpoints_to_bytes(checkpoints))
         train_blob = blobs.put(_shard_bytes(train_set))
         test_blob = blobs.put(_shard_bytes(test_set))
         now = utc_now()
@@ -174,7 +243,7 @@ class Engine:
                 ModelRow(
                     name=name,
                     spec=spec.to_dict(),
-                    train_config=config.to_dict(),
+                    train_config=train_config,
                     current_version=1,
                     train_blob=train_blob,
                     test_blob=test_blob,
@@ -185,7 +254,7 @@ class Engine:
                 )
             )
             tx.insert_version(
-                VersionRow(name, 1, 0, weights_blob, "train", now, metrics, len(train_set), False)
+                VersionRow(name, 1, 0, weights_blob, action, now, metrics, len(train_set), False)
             )
             tx.insert_samples(
                 name,
@@ -198,16 +267,15 @@ class Engine:
             )
             tx.audit(
                 actor,
-                "create_model",
+                action,
                 f"models/{name}",
                 {
                     "training_samples": len(train_set),
                     "test_samples": len(test_set),
                     "architecture": spec.name,
-                    "checkpoints": len(result.checkpoints),
+                    "checkpoints": len(checkpoints),
                 },
             )
-        return self.model_info(name)
 
     @staticmethod
     def evaluate(

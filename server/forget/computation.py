@@ -288,7 +288,12 @@ def unlearn(
     if retrain_s < 0:  # never measured: epochs of training steps over the retained data
         retrain_s = epochs * len(retained_x) * unit_s / TRAINING_PASS_SHARE
     estimates = estimate_costs(model, recipe, len(retained_x), evaluated, unit_s, retrain_s)
-    choice = choose_path(recipe.selection, estimates, PolicySettings(**(policy or {})))
+    choice = choose_path(
+        recipe.selection,
+        estimates,
+        PolicySettings(**(policy or {})),
+        retrainable=bool(train_config.get("retrainable", True)),
+    )
     report.phase("verifying", message="measuring the served model's retained gradient")
     # On the objective data: the metrics' subsample when one is configured.
     gradient_before = retained_gradient_norm(model, metric_x, metric_y, weight_decay)

@@ -20,6 +20,7 @@ estimate beside measurement on every case.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,11 +166,15 @@ def estimate_costs(
     )
 
 
-def choose_path(requested: str, estimates: CostEstimates, settings: PolicySettings) -> PathChoice:
-    """The path for ``requested`` (``auto`` decides; anything else is taken as asked)."""
+def choose_path(
+    requested: str, estimates: CostEstimates, settings: PolicySettings, retrainable: bool = True
+) -> PathChoice:
+    """The path for ``requested`` (``auto`` decides; anything else is taken as asked).
+    ``retrainable`` False (a model imported without its training configuration): ``auto``
+    never takes the retrain."""
     if requested != "auto":
         return PathChoice(requested, "selection asked for explicitly", requested, estimates)
-    retrain = estimates.retrain_s
+    retrain = estimates.retrain_s if retrainable else math.inf
     if retrain <= settings.retrain_below_s:
         return PathChoice(
             "retrain",
@@ -197,9 +202,12 @@ def choose_path(requested: str, estimates: CostEstimates, settings: PolicySettin
             requested,
             estimates,
         )
-    return PathChoice(
-        path, f"{why}, against {retrain:.3g} s for the exact retrain", requested, estimates
+    against = (
+        f"against {retrain:.3g} s for the exact retrain"
+        if retrainable
+        else "and no exact retrain (the model has no training configuration)"
     )
+    return PathChoice(path, f"{why}, {against}", requested, estimates)
 
 
 def _output_width(model: nn.Module) -> int:

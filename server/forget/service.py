@@ -125,6 +125,8 @@ class ForgetService:
         if existing is not None:
             return existing
         self.engine.model_row(name)
+        if options.selection == "retrain":
+            self.engine.require_retrainable(name, "selection retrain")
         self._check_known(payload)
         return self._journal(entry)
 
@@ -139,7 +141,7 @@ class ForgetService:
         existing = self._existing(request_id, entry.payload_digest)
         if existing is not None:
             return existing
-        self.engine.model_row(payload.model)
+        self.engine.require_retrainable(payload.model, "RetrainModel")
         return self._journal(entry)
 
     def _accuracy_collapse(
@@ -155,6 +157,9 @@ class ForgetService:
         if drop <= settings.accuracy_collapse_points:
             return None
         policy = settings.on_accuracy_collapse
+        retrainable = self.engine.retrainable(model)
+        if policy == "retrain" and not retrainable:
+            policy = "hold"  # nothing to retrain with: held until rolled back
         retrain_id = f"{request_id}:retrain" if policy == "retrain" else ""
         held = None
         if policy != "serve":
@@ -162,6 +167,9 @@ class ForgetService:
                 f"the exact retrain operations/{retrain_id} will replace it"
                 if retrain_id
                 else f"run an exact retrain (expunge retrain {model}) to serve the model again"
+                if retrainable
+                else "roll back to serve the model again (it was imported without a training "
+                "configuration, so it cannot be retrained)"
             )
             held = (
                 f"its forget (operations/{request_id}) cost {drop:.1f} points of test accuracy, "

@@ -54,8 +54,11 @@ class CounterfactualConfirmation:
         return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
 
     def mode(self, model: str) -> str:
-        """retrain or newton: how a suspected target's removal is checked for this model."""
+        """retrain or newton: how a suspected target's removal is checked for this model
+        (newton for a model imported without a training configuration: nothing to retrain)."""
         mode = self.settings.confirmation
+        if not self.engine.retrainable(model):
+            return "newton"
         if mode != "auto":
             return mode
         config = TrainConfig.from_dict(self.engine.model_row(model).train_config)

@@ -531,6 +531,7 @@ class ScanService:
         p, influence_p = self.p_values(calibration, scores, group_z)
         outliers = self._outlier_z(model)
         mode, required = calibration.confirmation, calibration.drop
+        note = self._influence_note(model)
         for offset, (score, influences) in enumerate(scored):
             index = start + offset
             label = int(labels[offset])
@@ -591,9 +592,18 @@ class ScanService:
                 decision=_decision(
                     float(p[offset]), calibration, passed, drop, control, flagged, label,
                     self.settings.proponents_removed, self.settings.attack_set_p,
-                ),
+                ) + note,
             )  # fmt: skip
             yield outcome, suspect
+
+    def _influence_note(self, model: str) -> str:
+        """What a result says when the influence had no training trajectory to read."""
+        if self.engine.model_row(model).train_config.get("checkpoints_imported", -1) != 0:
+            return ""
+        return (
+            " (influence from the final weights only: the model was imported without "
+            "training checkpoints)"
+        )
 
     def _clean_analogues(
         self, model: str, estimator: str, calibration: Calibration, count: int

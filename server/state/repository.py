@@ -1,0 +1,216 @@
+"""A model repository: a model trained elsewhere, described by a TOML manifest.
+
+The directory holds ``expunge.toml`` and the files it names, all inside the directory:
+
+    format = "expunge-model-repository-v1"
+
+    [model]
+    architecture = "mlp"             # built in, or a factory the server's configuration trusts
+    input_shape = [30]
+    num_classes = 2
+    hidden = [64]                    # the spec's other fields, as in ``ArchitectureSpec``
+    weights = "weights.safetensors"
+
+    [objective]
+    weight_decay = 1e-3              # lambda of J = mean cross-entropy + lambda/2 |theta|^2
+
+    [data]
+    train = "train.npz"              # features, labels, sample_ids, owner_ids: every row trained on
+    test = "test.npz"                # held-out rows: metrics and Scan's clean calibration
+
+    [training]                       # optional: TrainConfig fields; without it, no exact retrain
+    epochs = 30
+    seed = 0
+
+    [[checkpoints]]                  # optional, in training order; without them, Scan's
+    weights = "ckpt/0.safetensors"   # influence reads the final weights only
+    learning_rate = 0.05
+
+Code never travels: the architecture is a name, weights are safetensors (pickle refused),
+arrays are ``.npz`` read without pickle. Every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.training import Checkpoint, TrainConfig
+from expunge.server.errors import ExpungeError, InvalidArgument
+from expunge.server.model_factory import build_architecture
+from expunge.server.state import weights as weights_io
+from expunge.server.state.datasets import Dataset, load_npz
+
+MANIFEST = "expunge.toml"
+FORMAT = "expunge-model-repository-v1"
+# What a manifest's [model] table may say besides the weights: the spec's fields.
+SPEC_FIELDS = tuple(f.name for f in fields(ArchitectureSpec))
+
+
+@dataclass(frozen=True)
+class ModelRepository:
+    """A validated repository: everything ``Engine.import_model`` stores."""
+
+    spec: ArchitectureSpec
+    weights: bytes  # safetensors of the final model, checked against the architecture
+    weight_decay: float
+    train: Dataset
+    test: Dataset
+    training: TrainConfig | None  # None: exact retrain is refused
+    checkpoints: list[Checkpoint]  # empty: none were imported
+
+
+def _fail(where: str, message: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: {message}")
+
+
+def _table(manifest: dict[str, Any], name: str, required: bool) -> dict[str, Any]:
+    value = manifest.get(name)
+    if value is None:
+        if required:
+            raise _fail(MANIFEST, f"the [{name}] table is missing")
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(MANIFEST, f"{name} must be a table ([{name}])")
+    return value
+
+
+def _inside(root: Path, table: str, key: str, value: object) -> Path:
+    """A file the manifest names: a relative path that stays inside the repository."""
+    where = f"{MANIFEST} [{table}] {key}"
+    if not isinstance(value, str) or not value:
+        raise _fail(where, "must be a file name relative to the repository")
+    path = (root / value).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise _fail(where, f"{value!r} lies outside the repository")
+    if not path.is_file():
+        raise _fail(where, f"{value!r} does not exist")
+    return path
+
+
+def _spec(model: dict[str, Any]) -> ArchitectureSpec:
+    unknown = sorted(set(model) - set(SPEC_FIELDS) - {"weights", "architecture"})
+    if unknown:
+        raise _fail(f"{MANIFEST} [model]", f"unknown keys {unknown}; known: {SPEC_FIELDS}")
+    for key in ("architecture", "input_shape", "num_classes"):
+        if key not in model:
+            raise _fail(f"{MANIFEST} [model] {key}", "is required")
+    values = {k: v for k, v in model.items() if k in SPEC_FIELDS}
+    values["name"] = model["architecture"]
+    try:
+        return ArchitectureSpec.from_dict(values)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise _fail(f"{MANIFEST} [model]", str(exc)) from exc
+
+
+def _dataset(root: Path, key: str, value: object, num_classes: int) -> Dataset:
+    path = _inside(root, "data", key, value)
+    try:
+        data = load_npz(path)
+    except ExpungeError as exc:
+        raise _fail(f"{path.name} ([data] {key})", exc.message) from exc
+    if data.num_classes > num_classes:
+        raise _fail(
+            f"{path.name} ([data] {key})",
+            f"labels reach class {data.num_classes - 1}; the model has {num_classes} classes",
+        )
+    return Dataset(data.features, data.labels, data.sample_ids, data.owner_ids, num_classes)
+
+
+def _weights(path: Path, spec: ArchitectureSpec, trusted: dict[str, str], where: str) -> bytes:
+    data = path.read_bytes()
+    try:
+        weights_io.load_into(build_architecture(spec, trusted), data)
+    except ExpungeError as exc:
+        raise _fail(f"{path.name} ({where})", exc.message) from exc
+    return data
+
+
+def _training(table: dict[str, Any], weight_decay: float) -> TrainConfig | None:
+    if not table:
+        return None
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise _fail(f"{MANIFEST} [training]", f"unknown keys {unknown}; known: {sorted(known)}")
+    if "weight_decay" in table and float(table["weight_decay"]) != weight_decay:
+        raise _fail(
+            f"{MANIFEST} [training] weight_decay",
+            "differs from [objective] weight_decay: the retrain must optimise the same J",
+        )
+    try:
+        return TrainConfig(**{**table, "weight_decay": weight_decay})
+    except (TypeError, ValueError) as exc:
+        raise _fail(f"{MANIFEST} [training]", str(exc)) from exc
+
+
+def _checkpoints(
+    root: Path, entries: object, spec: ArchitectureSpec, trusted: dict[str, str]
+) -> list[Checkpoint]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise _fail(MANIFEST, "checkpoints must be an array of tables ([[checkpoints]])")
+    result = []
+    for i, entry in enumerate(entries):
+        where = f"checkpoints[{i}]"
+        rate = entry.get("learning_rate")
+        if not isinstance(rate, int | float) or not rate > 0:
+            raise _fail(f"{MANIFEST} [{where}] learning_rate", "must be a number > 0")
+        path = _inside(root, where, "weights", entry.get("weights"))
+        state = weights_io.parse_state(_weights(path, spec, trusted, where))
+        result.append(Checkpoint(int(entry.get("step", i)), float(rate), state))
+    return result
+
+
+def read_repository(directory: Path, trusted_factories: dict[str, str]) -> ModelRepository:
+    """Parse and validate a repository; INVALID_ARGUMENT naming the file and field if not."""
+    root = Path(directory)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise InvalidArgument(f"{root}: no {MANIFEST} manifest in this directory")
+    try:
+        manifest = tomllib.loads(manifest_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(MANIFEST, f"not valid TOML: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise _fail(f"{MANIFEST} format", f"must be {FORMAT!r}")
+    model = _table(manifest, "model", required=True)
+    spec = _spec(model)
+    weights = _weights(
+        _inside(root, "model", "weights", model.get("weights")),
+        spec,
+        trusted_factories,
+        "[model] weights",
+    )
+    objective = _table(manifest, "objective", required=True)
+    decay = objective.get("weight_decay")
+    if not isinstance(decay, int | float) or decay < 0:
+        raise _fail(f"{MANIFEST} [objective] weight_decay", "must be a number >= 0")
+    loss = objective.get("loss", "cross_entropy")
+    if loss != "cross_entropy":
+        raise _fail(f"{MANIFEST} [objective] loss", "only 'cross_entropy' is supported")
+    data = _table(manifest, "data", required=True)
+    for key in ("train", "test"):
+        if key not in data:
+            raise _fail(f"{MANIFEST} [data] {key}", "is required")
+    train = _dataset(root, "train", data["train"], spec.num_classes)
+    test = _dataset(root, "test", data["test"], spec.num_classes)
+    for name, part in (("train", train), ("test", test)):
+        if part.input_shape != spec.input_shape:
+            raise _fail(
+                f"{MANIFEST} [data] {name}",
+                f"inputs of shape {part.input_shape}; the model expects {spec.input_shape}",
+            )
+    return ModelRepository(
+        spec=spec,
+        weights=weights,
+        weight_decay=float(decay),
+        train=train,
+        test=test,
+        training=_training(_table(manifest, "training", required=False), float(decay)),
+        checkpoints=_checkpoints(root, manifest.get("checkpoints"), spec, trusted_factories),
+    )
