@@ -90,6 +90,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if not args.state_dir:  # through the server: the repository is uploaded
+        with _client(args) as client:
+            served = client.import_model(Path(args.directory), args.name)
+        print(
+            f"imported {served.name} version {served.current_version}: "
+            f"{json.dumps(served.metrics, sort_keys=True)}"
+        )
+        return 0
     try:
         from expunge.server.errors import ExpungeError as ServerError
         from expunge.server.import_job import import_model
@@ -347,10 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import",
         help="import a model trained elsewhere from a repository directory (expunge.toml) "
-        "into a state directory (version 1)",
+        "as version 1: uploaded to the server, or offline with --state-dir",
     )
     p.add_argument("directory", help="the repository: expunge.toml and the files it names")
-    p.add_argument("--state-dir", required=True)
+    p.add_argument(
+        "--state-dir",
+        help="import offline into this state directory (server stopped); without it the "
+        "repository is uploaded to the server at --target (admin token)",
+    )
     p.add_argument("--name", required=True, help="model name to serve it under")
     p.set_defaults(func=cmd_import)
 

@@ -29,6 +29,9 @@ DEFAULT_MAX_BATCH_INPUTS = 4096  # the server's default max_batch
 # 1,000 classes; per neighbour (id, owner id, label, score) with a 64-character owner id.
 PREDICT_REPLY_ROW_BYTES = 4 * 1024 + 16
 NEIGHBOR_REPLY_BYTES = 100
+# ImportModel: the files a model repository may hold, and the size of each piece sent.
+REPOSITORY_SUFFIXES = (".toml", ".safetensors", ".npz")
+UPLOAD_PIECE_BYTES = 1024 * 1024
 
 
 class Client:
@@ -166,6 +169,51 @@ class Client:
                 grpc.StatusCode.DATA_LOSS, "exported weights do not match their SHA-256"
             )
         return data
+
+    def import_model(
+        self, directory: Path | str, name: str, timeout: float | None = 3600.0
+    ) -> t.ModelInfo:
+        """Create ``name`` from a model repository trained elsewhere (admin only).
+
+        ``directory`` holds ``expunge.toml`` and the files it names; its data files
+        (``.toml``, ``.safetensors``, ``.npz``) are uploaded in pieces, nothing else is
+        sent. The server validates the repository (errors name the file and field) and
+        builds the model's gradient index in the background.
+        """
+        root = Path(directory)
+        files = sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix in REPOSITORY_SUFFIXES
+        )
+        if not (root / "expunge.toml").is_file():
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{root}: no expunge.toml manifest here"
+            )
+
+        def pieces() -> Iterator[pb.RepositoryChunk]:
+            first = True
+            for path in files:
+                relative = path.relative_to(root).as_posix()
+                with path.open("rb") as handle:
+                    offset = 0
+                    while True:
+                        data = handle.read(UPLOAD_PIECE_BYTES)
+                        if not data and offset:
+                            break
+                        yield pb.RepositoryChunk(
+                            name=name if first else "", path=relative, data=data, offset=offset
+                        )
+                        first = False
+                        offset += len(data)
+                        if not data:  # an empty file: sent as one empty piece
+                            break
+
+        try:
+            reply = self._stub.ImportModel(
+                pieces(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return wire.model(reply)
 
     def rollback(self, model: str, version: int, timeout: float | None = None) -> t.ModelInfo:
         request = pb.RollbackModelRequest(

@@ -180,8 +180,7 @@ class Engine:
         one checkpoint, ``checkpoints_imported`` 0).
         """
         name = parse_model_name(name)
-        if self.store.model(name) is not None:
-            raise AlreadyExists(f"model {name!r} exists; choose another name")
+        self.refuse_existing(name)
         spec = repository.spec
         model = build_architecture(spec, self.settings.trusted_factories)
         weights_io.load_into(model, repository.weights)
@@ -204,6 +203,10 @@ class Engine:
             "import_model",
         )  # fmt: skip
         return self.model_info(name)
+
+    def refuse_existing(self, name: str) -> None:
+        if self.store.model(name) is not None:
+            raise AlreadyExists(f"model {name!r} exists; choose another name")
 
     def retrainable(self, name: str) -> bool:
         """Whether an exact retrain is possible: a model imported without a training

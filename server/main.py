@@ -26,6 +26,7 @@ from expunge.server.scan.service import ScanService
 from expunge.server.scan.settings import ScanSettings
 from expunge.server.settings import LOOPBACK_HOSTS, Settings
 from expunge.server.state.store import Store
+from expunge.server.state.upload import UPLOADS, clear_uploads
 from expunge.v1 import expunge_pb2, expunge_pb2_grpc
 
 log = logging.getLogger("expunge.server")
@@ -112,6 +113,7 @@ def start(settings: Settings) -> RunningServer:
     configure_torch(settings)
     # The writer lock comes first: a refused second server reads nothing.
     store = Store(settings.state_dir)
+    clear_uploads(store.root / UPLOADS)  # what a stopped server was receiving is gone
     forget: ForgetService | None = None
     try:
         engine = Engine(store, settings)

@@ -30,6 +30,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "EstimateScan": frozenset({"scan"}),
     "Neighbors": frozenset({"scan"}),
     "ListAudit": frozenset(),
+    "ImportModel": frozenset(),
 }
 
 # Which roles may cause which effect, through any RPC; admin may cause everything.

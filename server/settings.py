@@ -20,6 +20,10 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address (loopback by default)"})
     port: int = field(default=50051, metadata={"help": "0 picks a free port"})
     max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "per message"})
+    max_import_bytes: int = field(
+        default=4 * 1024**3,
+        metadata={"help": "all files of one ImportModel upload together (RESOURCE_EXHAUSTED)"},
+    )
     max_batch: int = field(
         default=4096, metadata={"help": "inputs per Predict/Scan/Neighbors call"}
     )

@@ -14,6 +14,8 @@ from expunge.server.engine import EXPORT_CHUNK_BYTES, Engine, parse_model_name, 
 from expunge.server.errors import FailedPrecondition, NotFound, invalid_field
 from expunge.server.forget.service import ForgetService
 from expunge.server.scan.service import ScanService
+from expunge.server.state.repository import read_repository
+from expunge.server.state.upload import UPLOADS, RepositoryUpload
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
@@ -89,6 +91,33 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
                 weights_sha256=vrow.weights_blob,
                 version=vrow.version,
             )
+
+    @handles_errors
+    def ImportModel(
+        self, requests: Iterator[pb.RepositoryChunk], context: grpc.ServicerContext
+    ) -> pb.Model:
+        settings = self.engine.settings
+        upload = RepositoryUpload(self.engine.store.root / UPLOADS, settings.max_import_bytes)
+        try:
+            name = ""
+            for chunk in requests:
+                if chunk.name and chunk.name != name:
+                    if name:
+                        raise invalid_field("name", "every piece must name the same model")
+                    name = parse_model_name(chunk.name)
+                    self.engine.refuse_existing(name)  # before the rest is uploaded
+                if not name:
+                    raise invalid_field("name", "name the model to create on the first piece")
+                upload.add(chunk.path, chunk.offset, chunk.data)
+            if not name:
+                raise invalid_field("name", "the upload was empty: send the repository's files")
+            repository = read_repository(upload.root, settings.trusted_factories)
+            info = self.engine.import_model(name, repository, actor_of(context))
+        finally:
+            upload.close()
+        if self.forget.index is not None:  # as at start-up, without a restart
+            self.forget.index.build_in_background(name)
+        return conv.model_to_proto(info, self._index_status(name))
 
     @handles_errors
     def RollbackModel(

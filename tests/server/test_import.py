@@ -184,3 +184,65 @@ def test_a_bad_repository_is_refused_naming_the_file_and_field(tmp_path: Path) -
         )
         == 1
     )
+
+
+def test_import_model_uploads_a_repository_to_a_running_server_which_indexes_it(
+    tmp_path: Path,
+) -> None:
+    # A model added while serving gets what a model present at start-up gets: its index
+    # is built in the background, and every RPC works on it, with no restart.
+    import grpc
+
+    from expunge.client import AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError
+    from expunge.v1 import expunge_pb2 as pb
+
+    repo = tmp_path / "repo"
+    expected = _write_repository(repo, training=True, checkpoints=True)
+    state = tmp_path / "state"
+    running = start(Settings(state_dir=state, port=0, max_import_bytes=2_000_000))
+    try:
+        with Client(running.target, timeout=600) as client:
+            info = client.import_model(repo, "cancer")
+            assert info.name == "models/cancer" and info.num_training_samples == 455
+            assert info.metrics["test_accuracy"] > 0.9
+            assert not any((state / "uploads").iterdir()), "the upload's scratch files are gone"
+            deadline = time.monotonic() + 120
+            while client.get_model("cancer").index.state != "READY":
+                assert time.monotonic() < deadline, "the imported model was never indexed"
+                time.sleep(0.1)
+            answer = client.predict("cancer", expected["features"][:5])
+            np.testing.assert_allclose(
+                answer.probabilities, expected["probabilities"][:5], atol=1e-6
+            )
+            assert client.neighbors("cancer", expected["features"][:1], 3).model_version == 1
+            op = client.forget("cancer", sample_ids=[1000, 1001], wait=True)
+            assert op.state == "SUCCEEDED" and op.receipt is not None
+            events = [e for e in client.audit("cancer") if e.action == "import_model"]
+            assert len(events) == 1
+
+            with pytest.raises(AlreadyExistsError):
+                client.import_model(repo, "cancer")
+            (repo / "expunge.toml").write_text(
+                (repo / "expunge.toml").read_text().replace('test = "test.npz"\n', "")
+            )
+            with pytest.raises(InvalidArgumentError, match=r"\[data\] test: is required"):
+                client.import_model(repo, "other")
+            (repo / "big.npz").write_bytes(b"\0" * 2_500_000)
+            with pytest.raises(ResourceExhaustedError, match="max_import_bytes"):
+                client.import_model(repo, "other")
+
+            stub = client._stub
+            for path, match in (
+                ("../evil.npz", "no '..'"),
+                ("/etc/passwd.npz", "not a relative path"),
+                ("model.py", "only"),
+            ):
+                pieces = iter([pb.RepositoryChunk(name="other", path=path, data=b"x")])
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ImportModel(pieces, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert match in caught.value.details()
+            assert [m.name for m in client.list_models()] == ["models/cancer"]
+            assert not any((state / "uploads").iterdir())
+    finally:
+        running.stop(0)

@@ -153,6 +153,18 @@ class ExportModelRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class RepositoryChunk(_message.Message):
+    __slots__ = ("name", "path", "data", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    data: bytes
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class ExportChunk(_message.Message):
     __slots__ = ("data", "offset", "total_bytes", "weights_sha256", "version")
     DATA_FIELD_NUMBER: _ClassVar[int]

@@ -109,6 +109,11 @@ class ExpungeStub:
                 request_serializer=expunge_dot_v1_dot_expunge__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=expunge_dot_v1_dot_expunge__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.ImportModel = channel.stream_unary(
+                '/expunge.v1.Expunge/ImportModel',
+                request_serializer=expunge_dot_v1_dot_expunge__pb2.RepositoryChunk.SerializeToString,
+                response_deserializer=expunge_dot_v1_dot_expunge__pb2.Model.FromString,
+                _registered_method=True)
 
 
 class ExpungeServicer:
@@ -212,6 +217,15 @@ class ExpungeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportModel(self, request_iterator, context):
+        """Creates a model from a model repository trained elsewhere (expunge.toml and the
+        files it names), uploaded file by file in pieces; admin only. Its gradient index is
+        built in the background, as for a model present at start-up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpungeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -289,6 +303,11 @@ def add_ExpungeServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=expunge_dot_v1_dot_expunge__pb2.ListAuditRequest.FromString,
                     response_serializer=expunge_dot_v1_dot_expunge__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'ImportModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportModel,
+                    request_deserializer=expunge_dot_v1_dot_expunge__pb2.RepositoryChunk.FromString,
+                    response_serializer=expunge_dot_v1_dot_expunge__pb2.Model.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -696,6 +715,33 @@ class Expunge:
             '/expunge.v1.Expunge/ListAudit',
             expunge_dot_v1_dot_expunge__pb2.ListAuditRequest.SerializeToString,
             expunge_dot_v1_dot_expunge__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/expunge.v1.Expunge/ImportModel',
+            expunge_dot_v1_dot_expunge__pb2.RepositoryChunk.SerializeToString,
+            expunge_dot_v1_dot_expunge__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
