@@ -32,14 +32,15 @@ scikit-learn Gaussian blobs (largest owner), an MLP on nested Gaussian shells (l
 owner; retrains disagree, the memorisation regime), a breast-cancer MLP (one class's
 samples of a few owners), and the
 expensive case (not with ``--quick``): a CNN on ~60k augmented digits forgetting every copy
-of 1% of the source digits, run with the large-data server profile. Held-out cases, made
+of 1% of the source digits. Held-out cases, made
 by a different procedure and never used to choose anything: scikit-learn
 ``make_classification`` tasks of two difficulties with skewed synthetic owners, the
 digit-pair subset 3-vs-8, and the wine data; forget patterns the largest owner, a random
 10%, and one class's samples of a few owners; MLP, logistic regression and CNN; and a
 held-out expensive case (not with ``--quick``): an MLP on a 300,000-sample
-``make_classification`` task forgetting its largest owner, served with the large-data
-profile chosen on the development expensive case.
+``make_classification`` task forgetting its largest owner. Every case is served with the
+server's default settings: on the two large cases the ``auto`` forget profile takes the
+large-data counts (``expunge.server.forget.profile``), and each row records the profile.
 
 Headlines (``benchmarks/results/forget.json``) are worst over every case of their split:
 unprefixed keys for ``auto`` on held-out cases, ``dev_`` for development cases, and the
@@ -77,21 +78,6 @@ MEASURABLE_GAP = 3.0  # KL(nothing) over the noise from which a gap closed is me
 REFERENCE_SEEDS = (101, 202, 303)
 METHODS = ("auto", "lcodec_cg")
 TEST_FRACTION = 0.2  # the engine's default split
-# The large-data server profile (BENCHMARKS.md): chosen on the expensive (development) case.
-# The Hessian is built on part of the objective's subsample; one Newton step and one
-# ranking iteration: further iterations on a 512-1024 sample subsample fitted that
-# subsample (lcodec_cg KL to the retrain 0.0393 with 8, 0.0372 with 1; nothing 0.0365).
-# The removal there is below the seed noise (KL 0.044) for every count tried (Hessian on
-# 256-512 samples: KL 0.037-0.042), so the Hessian's count was chosen for time.
-LARGE_DATA_SETTINGS = {
-    "forget_hessian_samples": 256,
-    "forget_objective_samples": 512,
-    "forget_ranking_hessian_samples": 256,
-    "forget_ranking_cg_iterations": 5,
-    "forget_newton_iterations": 1,
-    "forget_ranking_newton_iterations": 1,
-}
-LARGE_DATA_OPTIONS = {"hessian": "gauss_newton"}
 
 
 @dataclass(frozen=True)
@@ -280,8 +266,6 @@ def _cases(quick: bool) -> list[Case]:
                 "owner",
                 TrainConfig(epochs=60, polish_iterations=30),
                 hidden=(64,),
-                settings=LARGE_DATA_SETTINGS,
-                options=LARGE_DATA_OPTIONS,
                 expensive=True,
             )
         )
@@ -293,8 +277,6 @@ def _cases(quick: bool) -> list[Case]:
                 "cnn",
                 "sources",
                 TrainConfig(epochs=40, batch_size=128, polish_iterations=30),
-                settings=LARGE_DATA_SETTINGS,
-                options=LARGE_DATA_OPTIONS,
                 expensive=True,
             )
         )
@@ -456,6 +438,7 @@ def _run_case(
                     "seconds": seconds,
                     "path": op.receipt.policy.path,
                     "reason": op.receipt.policy.reason,
+                    "profile": op.receipt.policy.profile,
                     "estimated_s": _estimate(op.receipt.policy),
                     "estimated_retrain_s": op.receipt.policy.estimated_retrain_s,
                     "parameters_updated": op.receipt.parameters_updated,

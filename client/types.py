@@ -106,6 +106,8 @@ class ForgetPolicy:
     estimated_targeted_s: float
     estimated_hessian_bytes: int
     estimated_seconds_per_sample: float
+    profile: str = ""  # standard or large_data: the counts an approximate update used
+    profile_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,18 @@ class Settings:
         default=1 << 30,
         metadata={"help": "auto: Newton on every parameter only if its Hessian fits this"},
     )
+    forget_profile: str = field(
+        default="auto",
+        metadata={
+            "help": "the approximate update's counts: standard, large_data (subsampled J' "
+            "and Gauss-Newton Hessian, one step), or auto (large_data when the standard "
+            "profile's update is estimated above forget_auto_target_s)"
+        },
+    )
+    forget_auto_target_s: float = field(
+        default=60.0,
+        metadata={"help": "auto profile: the standard profile's estimated update time allowed"},
+    )
     forget_auto_approximate_time_share: float = field(
         default=0.1,
         metadata={
@@ -213,6 +225,13 @@ class Settings:
         if not self.max_input_magnitude > 0:
             raise ValueError("max_input_magnitude must be > 0")
         # A bad count would otherwise surface only when the first forget runs.
+        if self.forget_profile not in ("auto", "standard", "large_data"):
+            raise ValueError(
+                "forget_profile must be 'auto', 'standard' or 'large_data', "
+                f"not {self.forget_profile!r}"
+            )
+        if not self.forget_auto_target_s > 0:
+            raise ValueError("forget_auto_target_s must be > 0")
         if self.forget_hessian_samples < 1:
             raise ValueError("forget_hessian_samples must be >= 1")
         for name in (

@@ -22,7 +22,6 @@ from expunge.defenses.recipe import (
 )
 from expunge.server.errors import invalid_field
 from expunge.server.forget.policy import (
-    TRAINING_PASS_SHARE,
     PathChoice,
     PolicySettings,
     TrainingCost,
@@ -284,9 +283,7 @@ def unlearn(
     evaluated = len(forget_x) + len(retained_x) + len(test_x)
     epochs = int(train_config.get("epochs", 30))
     unit_s = training_cost.unit_s(epochs)
-    retrain_s = training_cost.retrain_s(len(retained_x))
-    if retrain_s < 0:  # never measured: epochs of training steps over the retained data
-        retrain_s = epochs * len(retained_x) * unit_s / TRAINING_PASS_SHARE
+    retrain_s = training_cost.retrain_estimate_s(len(retained_x), epochs)
     estimates = estimate_costs(model, recipe, len(retained_x), evaluated, unit_s, retrain_s)
     choice = choose_path(
         recipe.selection,

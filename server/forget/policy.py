@@ -111,6 +111,14 @@ class TrainingCost:
             return -1.0
         return self.seconds * samples / self.samples
 
+    def retrain_estimate_s(self, samples: int, epochs: int) -> float:
+        """An exact retrain on ``samples``: the measured run scaled, or, never measured,
+        epochs of training steps over them at the default pass cost."""
+        measured = self.retrain_s(samples)
+        if measured >= 0:
+            return measured
+        return epochs * samples * self.unit_s(epochs) / TRAINING_PASS_SHARE
+
     def unit_s(self, epochs: int) -> float:
         """One sample's forward and backward pass: ``TRAINING_PASS_SHARE`` of a training
         step's per-sample time; ``DEFAULT_UNIT_S`` when never measured."""

@@ -29,6 +29,7 @@ from expunge.server.forget.computation import (
 from expunge.server.forget.compute_process import ComputeProcess, UnlearningJob
 from expunge.server.forget.journal import JobRunner, ProgressReporter
 from expunge.server.forget.policy import TrainingCost
+from expunge.server.forget.profile import choose_profile
 from expunge.server.forget.requests import (
     MAX_IDS_PER_REQUEST,
     AccuracyCollapse,
@@ -331,13 +332,28 @@ class ForgetService:
             ranking_newton_iterations=settings.forget_ranking_newton_iterations,
             step_coverage=settings.forget_step_coverage,
         )
+        training_cost = self._training_cost(payload.model)
+        recipe, profile = choose_profile(
+            settings.forget_profile,
+            settings.forget_auto_target_s,
+            model,
+            recipe,
+            payload.options.newton_iterations,
+            payload.options.hessian,
+            int(keep.sum()),
+            int(keep.sum()) + int(mask.sum()) + len(test.labels),
+            training_cost,
+            config.epochs,
+            settings.forget_policy(),
+            engine.retrainable(payload.model),
+        )
         arguments: dict[str, Any] = {
             "weight_decay": config.weight_decay,
             "recipe": recipe,
             "ledger": row.ledger,
             "default_budget": settings.forget_budget,
             "train_config": row.train_config,
-            "training_cost": self._training_cost(payload.model),
+            "training_cost": training_cost,
             "policy": asdict(settings.forget_policy()),
             "trusted_factories": settings.trusted_factories,
         }
@@ -354,6 +370,7 @@ class ForgetService:
             )
             outcome, new_weights = self.compute.unlearn(job, reporter)
             weights_io.load_into(model, new_weights)
+        outcome.receipt["policy"].update(profile.receipt())
         reporter.check_cancelled()
         reporter.phase("committing")
         with store.write_lock:

@@ -376,7 +376,7 @@ class ForgetReceipt(_message.Message):
     def __init__(self, new_version: _Optional[int] = ..., parent_version: _Optional[int] = ..., removed_sample_ids: _Optional[_Iterable[int]] = ..., removed_owner_ids: _Optional[_Iterable[str]] = ..., already_forgotten_sample_ids: _Optional[_Iterable[int]] = ..., units_selected: _Optional[int] = ..., parameters_updated: _Optional[int] = ..., parameters_total: _Optional[int] = ..., certificate: _Optional[_Union[Certificate, _Mapping]] = ..., before: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., after: _Optional[_Union[DeletionMetrics, _Mapping]] = ..., seconds: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., environment: _Optional[str] = ..., damping: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., accuracy_cost_flagged: _Optional[bool] = ..., note: _Optional[str] = ..., method: _Optional[_Union[ForgetMethod, _Mapping]] = ..., already_forgotten_owner_ids: _Optional[_Iterable[str]] = ..., removed_samples: _Optional[int] = ..., removed_owners: _Optional[int] = ..., removed_sample_digests: _Optional[_Iterable[str]] = ..., removed_owner_digests: _Optional[_Iterable[str]] = ..., already_forgotten_samples: _Optional[int] = ..., already_forgotten_owners: _Optional[int] = ..., already_forgotten_sample_digests: _Optional[_Iterable[str]] = ..., already_forgotten_owner_digests: _Optional[_Iterable[str]] = ..., accuracy_collapse: _Optional[_Union[AccuracyCollapse, _Mapping]] = ..., policy: _Optional[_Union[ForgetPolicy, _Mapping]] = ..., retained_gradient_norm_before: _Optional[float] = ..., batchnorm_recomputed: _Optional[bool] = ...) -> None: ...
 
 class ForgetPolicy(_message.Message):
-    __slots__ = ("path", "reason", "requested", "estimated_retrain_s", "estimated_newton_all_s", "estimated_targeted_s", "estimated_hessian_bytes", "estimated_seconds_per_sample")
+    __slots__ = ("path", "reason", "requested", "estimated_retrain_s", "estimated_newton_all_s", "estimated_targeted_s", "estimated_hessian_bytes", "estimated_seconds_per_sample", "profile", "profile_reason")
     PATH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +385,8 @@ class ForgetPolicy(_message.Message):
     ESTIMATED_TARGETED_S_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_HESSIAN_BYTES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_SECONDS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_REASON_FIELD_NUMBER: _ClassVar[int]
     path: str
     reason: str
     requested: str
@@ -393,7 +395,9 @@ class ForgetPolicy(_message.Message):
     estimated_targeted_s: float
     estimated_hessian_bytes: int
     estimated_seconds_per_sample: float
-    def __init__(self, path: _Optional[str] = ..., reason: _Optional[str] = ..., requested: _Optional[str] = ..., estimated_retrain_s: _Optional[float] = ..., estimated_newton_all_s: _Optional[float] = ..., estimated_targeted_s: _Optional[float] = ..., estimated_hessian_bytes: _Optional[int] = ..., estimated_seconds_per_sample: _Optional[float] = ...) -> None: ...
+    profile: str
+    profile_reason: str
+    def __init__(self, path: _Optional[str] = ..., reason: _Optional[str] = ..., requested: _Optional[str] = ..., estimated_retrain_s: _Optional[float] = ..., estimated_newton_all_s: _Optional[float] = ..., estimated_targeted_s: _Optional[float] = ..., estimated_hessian_bytes: _Optional[int] = ..., estimated_seconds_per_sample: _Optional[float] = ..., profile: _Optional[str] = ..., profile_reason: _Optional[str] = ...) -> None: ...
 
 class AccuracyCollapse(_message.Message):
     __slots__ = ("drop_points", "limit_points", "policy", "action", "retrain_operation")
