@@ -1,0 +1,398 @@
+"""Scale benchmark: a model trained outside Expunge on CIFAR-shaped data, imported and served.
+
+A CIFAR-shaped task (50,000 training and 10,000 test images of 3x32x32, ten classes with
+learnable structure, generated from a fixed seed; nothing downloads) and a 532k-parameter
+CNN (``benchmarks.scale_models.cifar_cnn``) trained with a plain PyTorch loop, with a
+checkpoint at the start of every epoch and at the end. The benchmark writes the model
+repository (``expunge.toml``, safetensors, ``.npz``), starts ``expunge serve`` as its own
+process (its trusted factory names the architecture), and through the public client only:
+imports the repository (``ImportModel``), waits for the gradient index, predicts 2,000
+inputs, forgets the largest owner and then 1% of the samples with the default ``auto``
+forget, scans 200 held-out inputs twice (the first pays the version's calibration), and
+reads the server's and its compute process's peak memory (``VmHWM``).
+
+Ground truth for each forget: the same plain PyTorch loop retrained on what is left, with
+seeds 101 and 202 (not the original's 0); the first is the reference, the KL between the
+two the noise, and its time the retrain a forget's speedup is measured against. Gap
+closed, KL over the noise and the MIA gap are defined as in ``forget_bench``.
+
+Run ``python -m benchmarks.scale_bench`` (``--quick``: 5,000 samples, to check the
+script); results in ``benchmarks/results/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from benchmarks.processes import free_port, wait_serving
+from benchmarks.scale_models import cifar_cnn
+from expunge.client import Client
+from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.evaluate import membership_auc, output_kl, per_sample_losses
+from expunge.server.state.datasets import synthetic_owners
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
+SPEC = ArchitectureSpec("cifar_cnn", (3, 32, 32), 10)
+REFERENCE_SEEDS = (101, 202)
+MEASURABLE_GAP = 3.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The plain training loop (and the [training] table that describes it to Expunge)."""
+
+    epochs: int = 2
+    batch_size: int = 128
+    learning_rate: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+def cifar_shaped(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images of ten classes: a smooth per-class template (shared by every seed), scaled,
+    shifted by up to 4 pixels and drowned in pixel noise, so a CNN learns it in an epoch
+    or two but not perfectly."""
+    templates = np.random.default_rng(12345).standard_normal((10, 3, 8, 8))
+    templates = np.kron(templates, np.ones((1, 1, 4, 4)))  # 3x32x32, smooth blocks
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.empty((n, 3, 32, 32), dtype=np.float32)
+    for start in range(0, n, 5000):
+        rows = slice(start, min(start + 5000, n))
+        count = rows.stop - rows.start
+        base = templates[labels[rows]] * rng.uniform(0.3, 1.0, (count, 1, 1, 1))
+        shifts = rng.integers(-4, 5, (count, 2))
+        for i in range(count):
+            base[i] = np.roll(base[i], tuple(shifts[i]), axis=(1, 2))
+        images[rows] = base + rng.standard_normal((count, 3, 32, 32)) * 1.5
+    return images, labels.astype(np.int64)
+
+
+def train_plain(
+    x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int
+) -> tuple[nn.Module, list[dict[str, torch.Tensor]], float]:
+    """The user's own loop: SGD with momentum, constant rate; a state per epoch start and
+    the final one. Returns the model, the checkpoints and the seconds it took."""
+    started = time.perf_counter()
+    model = cifar_cnn(SPEC, seed)
+    optimiser = torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.learning_rate,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(recipe.epochs):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), recipe.batch_size):
+            rows = order[start : start + recipe.batch_size]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+            optimiser.step()
+    model.eval()
+    return model, states, time.perf_counter() - started
+
+
+def write_repository(
+    root: Path,
+    model: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    recipe: Recipe,
+) -> None:
+    root.mkdir(parents=True)
+    save_file(model.state_dict(), root / "weights.safetensors")
+    np.savez(root / "train.npz", **train)
+    np.savez(root / "test.npz", **test)
+    lines = [
+        'format = "expunge-model-repository-v1"',
+        "[model]",
+        'architecture = "cifar_cnn"',
+        "input_shape = [3, 32, 32]",
+        "num_classes = 10",
+        'weights = "weights.safetensors"',
+        "[objective]",
+        f"weight_decay = {recipe.weight_decay}",
+        "[data]",
+        'train = "train.npz"',
+        'test = "test.npz"',
+        "[training]",
+        f"epochs = {recipe.epochs}",
+        f"batch_size = {recipe.batch_size}",
+        f"learning_rate = {recipe.learning_rate}",
+        f"momentum = {recipe.momentum}",
+        'schedule = "constant"',
+        "polish_iterations = 0",
+        "seed = 0",
+    ]
+    (root / "ckpt").mkdir()
+    for i, state in enumerate(states):
+        save_file(state, root / "ckpt" / f"{i}.safetensors")
+        lines += [
+            "[[checkpoints]]",
+            f'weights = "ckpt/{i}.safetensors"',
+            f"learning_rate = {recipe.learning_rate}",
+        ]
+    (root / "expunge.toml").write_text("\n".join(lines) + "\n")
+
+
+def _peak_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), in MiB; NaN once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    except OSError:
+        return []
+    return [int(p) for p in out.stdout.split()]
+
+
+def _load(weights: bytes) -> nn.Module:
+    from safetensors.torch import load as load_bytes
+
+    model = cifar_cnn(SPEC)
+    model.load_state_dict(load_bytes(weights))
+    return model.eval()
+
+
+def _scores(
+    model: nn.Module,
+    nothing: nn.Module,
+    references: list[nn.Module],
+    forget_x: torch.Tensor,
+    forget_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+) -> dict[str, Any]:
+    """Gap closed, KL over the noise and the MIA gap against the reference retrain."""
+    reference = references[0]
+    noise = output_kl(reference, references[1], forget_x)
+    kl_nothing = output_kl(reference, nothing, forget_x)
+    kl_model = output_kl(reference, model, forget_x)
+
+    def mia(m: nn.Module) -> float:
+        return membership_auc(
+            per_sample_losses(m, forget_x, forget_y), per_sample_losses(m, test_x, test_y)
+        )
+
+    reference_mia = float(np.mean([mia(r) for r in references]))
+    return {
+        "kl_nothing": kl_nothing,
+        "kl_forgotten": kl_model,
+        "noise": noise,
+        "nothing_over_noise": kl_nothing / noise,
+        "kl_over_noise": kl_model / noise,
+        "measurable": kl_nothing >= MEASURABLE_GAP * noise,
+        "gap_closed": 1.0 - kl_model / kl_nothing,
+        "never_worse": kl_model <= kl_nothing,
+        "mia_gap": abs(mia(model) - reference_mia),
+        "mia_gap_nothing": abs(mia(nothing) - reference_mia),
+    }
+
+
+def run(quick: bool, workdir: Path) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    n_train, n_test = (5_000, 1_000) if quick else (50_000, 10_000)
+    recipe = Recipe(epochs=1) if quick else Recipe()
+    began = time.perf_counter()
+    images, labels = cifar_shaped(n_train + n_test, seed=0)
+    ids = np.arange(n_train + n_test, dtype=np.int64)
+    owners = synthetic_owners(n_train + n_test, seed=0)
+    split = {
+        "train": slice(0, n_train),
+        "test": slice(n_train, n_train + n_test),
+    }
+    arrays = {
+        name: {
+            "features": images[rows],
+            "labels": labels[rows],
+            "sample_ids": ids[rows],
+            "owner_ids": owners[rows],
+        }
+        for name, rows in split.items()
+    }
+    x = torch.from_numpy(arrays["train"]["features"])
+    y = torch.from_numpy(arrays["train"]["labels"])
+    test_x = torch.from_numpy(arrays["test"]["features"])
+    test_y = torch.from_numpy(arrays["test"]["labels"])
+    model, states, training_s = train_plain(x, y, recipe, seed=0)
+    with torch.no_grad():
+        accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
+    print(f"trained outside Expunge: {training_s:.1f} s, test accuracy {accuracy:.3f}", flush=True)
+    repository = workdir / "repository"
+    write_repository(repository, model, states, arrays["train"], arrays["test"], recipe)
+    data_bytes = sum(a.nbytes for part in arrays.values() for a in part.values())
+
+    config = workdir / "server.toml"
+    config.write_text(
+        '[server]\ntrusted_factories = { cifar_cnn = "benchmarks.scale_models:cifar_cnn" }\n'
+        f'state_dir = "{workdir / "state"}"\n'
+        "max_import_bytes = 8589934592\n"
+    )
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = (workdir / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "expunge.client.cli", "serve", "--config", str(config),
+         "--port", str(port)],
+        env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    result: dict[str, Any] = {
+        "training_samples": n_train,
+        "test_samples": n_test,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data_mib": data_bytes / 2**20,
+        "trained_outside_s": training_s,
+        "original_test_accuracy": accuracy,
+        "recipe": recipe.__dict__,
+    }
+    try:
+        if not wait_serving(target, server):
+            raise RuntimeError(f"the server did not start; see {workdir / 'server.log'}")
+        with Client(target, timeout=3600) as client:
+            started = time.perf_counter()
+            info = client.import_model(repository, "cifar")
+            result["import_s"] = time.perf_counter() - started
+            result["imported_test_accuracy"] = info.metrics.get("test_accuracy")
+            print(f"imported: {result['import_s']:.1f} s", flush=True)
+            started = time.perf_counter()
+            while client.get_model("cifar").index.state != "READY":
+                time.sleep(1.0)
+                if time.perf_counter() - started > 3600:
+                    raise RuntimeError("the index was not built within an hour")
+            result["index_build_s"] = time.perf_counter() - started
+            print(f"index: {result['index_build_s']:.1f} s", flush=True)
+            started = time.perf_counter()
+            client.predict("cifar", images[n_train : n_train + 2000])
+            result["predict_2000_s"] = time.perf_counter() - started
+
+            forgets = []
+            gone = np.zeros(n_train, dtype=bool)
+            nothing = model
+            train_owners = owners[:n_train]
+            names, counts = np.unique(train_owners, return_counts=True)
+            largest = str(names[np.argmax(counts)])
+            rng = np.random.default_rng(7)
+            for pattern in ("owner", "random_1pct"):
+                if pattern == "owner":
+                    mask = train_owners == largest
+                    request = {"owner_ids": [largest]}
+                else:
+                    candidates = np.flatnonzero(~gone)
+                    rows = rng.choice(candidates, n_train // 100, replace=False)
+                    mask = np.zeros(n_train, dtype=bool)
+                    mask[rows] = True
+                    request = {"sample_ids": [int(i) for i in ids[:n_train][mask]]}
+                started = time.perf_counter()
+                op = client.forget("cifar", wait=True, wait_timeout=3600, **request)
+                forget_s = time.perf_counter() - started
+                assert op.receipt is not None, op
+                forgotten = _load(client.export_model("cifar"))
+                gone |= mask
+                keep = torch.from_numpy(~gone)
+                references, retrain_s = [], []
+                for seed in REFERENCE_SEEDS:
+                    retrained, _, seconds = train_plain(x[keep], y[keep], recipe, seed)
+                    references.append(retrained)
+                    retrain_s.append(seconds)
+                forget_x = x[torch.from_numpy(mask)]
+                forget_y = y[torch.from_numpy(mask)]
+                row = {
+                    "pattern": pattern,
+                    "forgotten": int(mask.sum()),
+                    "path": op.receipt.policy.path,
+                    "profile": op.receipt.policy.profile,
+                    "reason": op.receipt.policy.reason,
+                    "forget_s": forget_s,
+                    "estimated_s": {
+                        "retrain": op.receipt.policy.estimated_retrain_s,
+                        "all": op.receipt.policy.estimated_newton_all_s,
+                    }.get(op.receipt.policy.path, op.receipt.policy.estimated_targeted_s),
+                    "retrain_s": retrain_s[0],
+                    "speedup": retrain_s[0] / forget_s,
+                    "test_accuracy_after": op.receipt.after.test_accuracy,
+                    **_scores(forgotten, nothing, references, forget_x, forget_y, test_x, test_y),
+                }
+                forgets.append(row)
+                print(json.dumps(row), flush=True)
+                nothing = forgotten
+            result["forgets"] = forgets
+
+            # Held-out inputs past the 100 the server calibrates on.
+            scan_inputs = images[n_train + 100 : n_train + 500]
+            started = time.perf_counter()
+            first = list(client.scan("cifar", scan_inputs[:200]))
+            result["scan_first_200_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            list(client.scan("cifar", scan_inputs[200:400]))
+            result["scan_inputs_per_s"] = 200 / (time.perf_counter() - started)
+            result["scan_flagged_clean"] = int(sum(r.flagged for r in first))
+        result["server_peak_mib"] = _peak_mib(server.pid)
+        result["compute_peak_mib"] = max(
+            [_peak_mib(c) for c in _children(server.pid)] or [math.nan]
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    result["seconds"] = time.perf_counter() - began
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5,000 samples: check the script")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="expunge-scale-"))
+    try:
+        result = run(args.quick, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(
+        command="python -m benchmarks.scale_bench" + (" --quick" if args.quick else ""),
+        date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        device=f"cpu: {platform.machine()}, {os.cpu_count()} cores",
+    )
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
