@@ -3,7 +3,7 @@
 A CIFAR-shaped task (50,000 training and 10,000 test images of 3x32x32, ten classes with
 learnable structure, generated from a fixed seed; nothing downloads) and a 532k-parameter
 CNN (``benchmarks.scale_models.cifar_cnn``) trained with a plain PyTorch loop, with a
-checkpoint at the start of every epoch and at the end. The benchmark writes the model
+checkpoint at the start of every epoch (the states GAS reads, with their learning rate). The benchmark writes the model
 repository (``expunge.toml``, safetensors, ``.npz``), starts ``expunge serve`` as its own
 process (its trusted factory names the architecture), and through the public client only:
 imports the repository (``ImportModel``), waits for the gradient index, predicts 2,000
@@ -91,8 +91,8 @@ def cifar_shaped(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def train_plain(
     x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int
 ) -> tuple[nn.Module, list[dict[str, torch.Tensor]], float]:
-    """The user's own loop: SGD with momentum, constant rate; a state per epoch start and
-    the final one. Returns the model, the checkpoints and the seconds it took."""
+    """The user's own loop: SGD with momentum, constant rate; a state at each epoch's
+    start. Returns the model, the checkpoints and the seconds it took."""
     started = time.perf_counter()
     model = cifar_cnn(SPEC, seed)
     optimiser = torch.optim.SGD(
