@@ -166,7 +166,7 @@ class Engine:
         metrics["training_seconds"] = result.seconds
         self._store_new_model(
             name, spec, config.to_dict(), model, result.checkpoints, train_set, test_set,
-            metrics, actor, "create_model",
+            metrics, actor, "train", "create_model",
         )  # fmt: skip
         return self.model_info(name)
 
@@ -203,7 +203,7 @@ class Engine:
         }
         self._store_new_model(
             name, spec, config, model, checkpoints, train_set, test_set, metrics, actor,
-            "import_model",
+            "import", "import_model",
         )  # fmt: skip
         return self.model_info(name)
 
@@ -235,9 +235,11 @@ class Engine:
         test_set: Dataset,
         metrics: dict[str, float],
         actor: str,
+        created_by: str,
         action: str,
     ) -> None:
-        """Version 1 of a new model, its data, checkpoints and audit event, in one commit."""
+        """Version 1 of a new model (``created_by``: train or import), its data, checkpoints
+        and audit event (``action``), in one commit."""
         blobs = self.store.blobs
         weights_blob = blobs.put(weights_io.model_to_bytes(model))
         checkpoints_blob = blobs.put(weights_io.checkpoints_to_bytes(checkpoints))
@@ -260,7 +262,9 @@ class Engine:
                 )
             )
             tx.insert_version(
-                VersionRow(name, 1, 0, weights_blob, action, now, metrics, len(train_set), False)
+                VersionRow(
+                    name, 1, 0, weights_blob, created_by, now, metrics, len(train_set), False
+                )
             )
             tx.insert_samples(
                 name,

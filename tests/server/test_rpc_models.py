@@ -118,14 +118,19 @@ def test_unknown_model_and_version_are_not_found(client: Client) -> None:
 
 
 def test_an_oversized_request_is_resource_exhausted(server: object) -> None:
+    # The server's limits, met by a client told not to split (the default client splits
+    # larger inputs under them: tests/client/test_batching.py).
     big = np.zeros((40_000, 1, 8, 8), np.float32)  # 10 MB within the 16 MB message limit
-    with Client(server.target, retries=0) as client:  # type: ignore[attr-defined]
+    unsplit = {"max_message_bytes": 1 << 30, "max_batch_inputs": 10**6}
+    with Client(server.target, retries=0, **unsplit) as client:  # type: ignore[attr-defined]
         with pytest.raises(InvalidArgumentError, match="exceeds the limit of 4096"):
             client.predict("digits", big)
     huge = np.zeros((80_000, 1, 8, 8), np.float32)  # 20 MB: over the transport limit
-    with Client(server.target, retries=0, max_message_bytes=64 << 20) as client:  # type: ignore[attr-defined]
+    with Client(server.target, retries=0, **unsplit) as client:  # type: ignore[attr-defined]
         with pytest.raises(ResourceExhaustedError):
             client.predict("digits", huge)
+    with Client(server.target, retries=0) as client:  # type: ignore[attr-defined]
+        assert client.predict("digits", big).labels.shape == (40_000,)
 
 
 def test_audit_lists_the_model_creation(client: Client) -> None:
