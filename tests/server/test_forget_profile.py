@@ -63,6 +63,10 @@ def test_an_exact_retrain_uses_no_profile_and_settings_can_fix_one() -> None:
     # auto on a small model retrains; without a training configuration it cannot.
     _, auto = _choose(2_000, selection="auto")
     assert auto.reason == "auto takes the exact retrain"
+    # auto where the retrain is beyond its threshold: the profile is chosen for the
+    # approximate path auto weighs, so that path may become the cheaper one.
+    recipe, large_auto = _choose(216_000, selection="auto")
+    assert large_auto.profile == "large_data" and recipe.objective_samples == 512
     _, fixed = _choose(2_000, setting="large_data")
     assert fixed.profile == "large_data" and "forget_profile" in fixed.reason
     _, standard = _choose(216_000, setting="standard")
