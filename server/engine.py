@@ -6,9 +6,11 @@ them directly. Forgetting lives in ``forgetting.py`` and scanning in ``scanning.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -597,9 +599,6 @@ def _timed_training_estimate(
     """An imported model's retrain time, never measured here: ``steps`` timed SGD steps of
     the configuration's batch size on a copy (after one untimed warm-up), scaled to its
     epochs over ``x``. The L-BFGS polish, when configured, is not included."""
-    import copy
-    import time
-
     scratch = copy.deepcopy(model).train()
     optimiser = torch.optim.SGD(
         scratch.parameters(), lr=config.learning_rate, momentum=config.momentum
