@@ -30,7 +30,7 @@ DEFAULT_MAX_BATCH_INPUTS = 4096  # the server's default max_batch
 PREDICT_REPLY_ROW_BYTES = 4 * 1024 + 16
 NEIGHBOR_REPLY_BYTES = 100
 # ImportModel: the files a model repository may hold, and the size of each piece sent.
-REPOSITORY_SUFFIXES = (".toml", ".safetensors", ".npz")
+REPOSITORY_SUFFIXES = (".toml", ".safetensors", ".npz", ".parquet")
 UPLOAD_PIECE_BYTES = 1024 * 1024
 
 
@@ -176,7 +176,7 @@ class Client:
         """Create ``name`` from a model repository trained elsewhere (admin only).
 
         ``directory`` holds ``expunge.toml`` and the files it names; its data files
-        (``.toml``, ``.safetensors``, ``.npz``) are uploaded in pieces, nothing else is
+        (``.toml``, ``.safetensors``, ``.npz``, ``.parquet``) are uploaded in pieces, nothing else is
         sent. The server validates the repository (errors name the file and field) and
         builds the model's gradient index in the background.
         """

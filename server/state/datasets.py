@@ -1,21 +1,42 @@
-"""Training data as arrays: import from ``.npz`` with validation, and built-in demos.
+"""Training data as arrays: import from ``.npz`` or Parquet with validation, and built-in demos.
 
 A data set is features ``(n, *input_shape)`` float32, labels ``(n,)`` int64 in
 ``[0, num_classes)``, unique int64 sample ids, and an owner id per sample. The
 built-in loaders use data shipped with scikit-learn and give seeded synthetic
 owners of 1 to 20 samples each, so nothing is downloaded.
+
+A Parquet file (read with pyarrow, the server extra's; never pickle) has one row per
+sample and the columns ``sample_id`` (integer, at most int64), ``owner_id`` (string),
+``label`` (integer) and the features, in one of two layouts:
+
+* a ``features`` column of lists (``list``, ``large_list`` or ``fixed_size_list``) of
+  floats, each row ``prod(input_shape)`` values flattened in row-major order and reshaped
+  to ``input_shape``; other columns are then ignored;
+* without a ``features`` column, every column but the three above is one feature, in the
+  file's column order; they must be floating point and number ``prod(input_shape)``.
+
+Nulls are refused. Loader errors name the column; the caller names the file.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from expunge.server.errors import InvalidArgument, invalid_field
+from expunge.server.errors import FailedPrecondition, InvalidArgument, invalid_field
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine")
+# A Parquet file's columns besides the features, each with the array ``validate`` names.
+PARQUET_COLUMNS = {"sample_id": "sample_ids", "owner_id": "owner_ids", "label": "labels"}
+# Rows decoded at a time, so the file's arrays never exist whole beside the result's.
+PARQUET_BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,152 @@ def load_npz(path: Path) -> Dataset:
             "the .npz holds object arrays, which need pickle and are refused; store owner ids as strings"
         ) from exc
     return validate(**arrays)
+
+
+def _pyarrow_parquet() -> ModuleType:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise FailedPrecondition(
+            "reading Parquet needs pyarrow, which this server lacks; install expunge[server] "
+            "(or pip install 'pyarrow>=15'), or store the data as .npz"
+        ) from exc
+    return pq
+
+
+def _one_column(schema: Any, name: str) -> Any:
+    """The field ``name`` of an Arrow schema: present once."""
+    found = schema.get_all_field_indices(name)
+    if not found:
+        raise InvalidArgument(f"column {name!r} is missing")
+    if len(found) > 1:
+        raise InvalidArgument(f"column {name!r} appears {len(found)} times")
+    return schema.field(found[0])
+
+
+def _parquet_layout(schema: Any, size: int) -> list[str]:
+    """The feature columns of a Parquet schema (``["features"]``, or one per value), checked
+    against ``size`` = ``prod(input_shape)`` values per row."""
+    import pyarrow as pa
+
+    sample_id = _one_column(schema, "sample_id").type
+    if not pa.types.is_integer(sample_id) or pa.types.is_uint64(sample_id):
+        raise InvalidArgument(f"column 'sample_id' must be int64 or narrower, got {sample_id}")
+    label = _one_column(schema, "label").type
+    if not pa.types.is_integer(label):
+        raise InvalidArgument(f"column 'label' must be an integer type, got {label}")
+    owner = _one_column(schema, "owner_id").type
+    if pa.types.is_dictionary(owner):
+        owner = owner.value_type
+    if not (pa.types.is_string(owner) or pa.types.is_large_string(owner)):
+        raise InvalidArgument(f"column 'owner_id' must be a string type, got {owner}")
+    if "features" in schema.names:
+        kind = _one_column(schema, "features").type
+        lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+        if not any(is_list(kind) for is_list in lists):
+            raise InvalidArgument(
+                f"column 'features' must be a list of floats (each row flattened, row-major), "
+                f"got {kind}"
+            )
+        if not pa.types.is_floating(kind.value_type):
+            raise InvalidArgument(
+                f"column 'features' must hold floating-point values, got {kind.value_type}"
+            )
+        if pa.types.is_fixed_size_list(kind) and kind.list_size != size:
+            raise InvalidArgument(
+                f"column 'features' holds {kind.list_size} values per row; "
+                f"the input shape needs {size}"
+            )
+        return ["features"]
+    columns = [name for name in schema.names if name not in PARQUET_COLUMNS]
+    if len(columns) != size:
+        shown = ", ".join(repr(c) for c in columns[:8]) + (", …" if len(columns) > 8 else "")
+        raise InvalidArgument(
+            f"column 'features' is missing, and the {len(columns)} other columns "
+            f"({shown or 'none'}) are not the {size} feature columns the input shape needs"
+        )
+    for name in columns:
+        kind = _one_column(schema, name).type
+        if not pa.types.is_floating(kind):
+            raise InvalidArgument(f"column {name!r} (a feature) must be floating point, got {kind}")
+    return columns
+
+
+def _feature_rows(column: Any, size: int, first_row: int) -> np.ndarray:
+    """A batch's ``features`` list column as ``(k, size)`` values, every list ``size`` long."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_fixed_size_list(column.type):
+        lengths = pc.list_value_length(column).to_numpy()
+        wrong = np.flatnonzero(lengths != size)
+        if wrong.size:
+            row = int(wrong[0])
+            raise InvalidArgument(
+                f"column 'features' holds {lengths[row]} values in row {first_row + row} "
+                f"({wrong.size} rows differ); the input shape needs {size}"
+            )
+    values = column.flatten()
+    if values.null_count:
+        raise InvalidArgument(f"column 'features' has {values.null_count} null values")
+    return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), size)
+
+
+def load_parquet(path: Path, input_shape: tuple[int, ...]) -> Dataset:
+    """Load a Parquet file (the module's layouts) into features ``(n, *input_shape)``.
+
+    Decoded a batch of rows at a time into preallocated arrays; errors name the column.
+    FAILED_PRECONDITION when pyarrow is not installed (it is the server extra's)."""
+    pq = _pyarrow_parquet()
+    import pyarrow as pa
+
+    size = math.prod(input_shape)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidArgument(f"not a readable Parquet file: {exc}") from exc
+    with parquet:
+        feature_columns = _parquet_layout(parquet.schema_arrow, size)
+        n = parquet.metadata.num_rows
+        features = np.empty((n, size), dtype=np.float32)
+        labels = np.empty(n, dtype=np.int64)
+        sample_ids = np.empty(n, dtype=np.int64)
+        owners: list[np.ndarray] = []
+        start = 0
+        batches = parquet.iter_batches(
+            batch_size=PARQUET_BATCH_ROWS, columns=[*PARQUET_COLUMNS, *feature_columns]
+        )
+        try:
+            for batch in batches:
+                stop = start + batch.num_rows
+                for name in batch.schema.names:
+                    nulls = batch.column(name).null_count
+                    if nulls:
+                        raise InvalidArgument(f"column {name!r} has {nulls} null values")
+                labels[start:stop] = batch.column("label").to_numpy()
+                sample_ids[start:stop] = batch.column("sample_id").to_numpy()
+                owner = batch.column("owner_id")
+                if pa.types.is_dictionary(owner.type):
+                    owner = owner.dictionary_decode()
+                owners.append(owner.to_numpy(zero_copy_only=False).astype(str))
+                if feature_columns == ["features"]:
+                    features[start:stop] = _feature_rows(batch.column("features"), size, start)
+                else:
+                    for j, name in enumerate(feature_columns):
+                        features[start:stop, j] = batch.column(name).to_numpy()
+                start = stop
+        except (pa.ArrowException, OSError) as exc:
+            raise InvalidArgument(f"not a readable Parquet file: {exc}") from exc
+    owner_ids = np.concatenate(owners) if owners else np.empty(0, dtype=str)
+    feature_name = "column 'features'" if feature_columns == ["features"] else "feature columns"
+    try:
+        return validate(features.reshape(n, *input_shape), labels, sample_ids, owner_ids)
+    except InvalidArgument as exc:  # name the file's column, not the array it became
+        if not exc.violations:
+            raise
+        field = exc.violations[0].field
+        column = {v: f"column {k!r}" for k, v in PARQUET_COLUMNS.items()}.get(field, feature_name)
+        raise InvalidArgument(f"{column}: {exc.violations[0].description}") from exc
 
 
 def synthetic_owners(n: int, seed: int, max_per_owner: int = 20) -> np.ndarray:

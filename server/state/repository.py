@@ -14,9 +14,9 @@ The directory holds ``expunge.toml`` and the files it names, all inside the dire
     [objective]
     weight_decay = 1e-3              # lambda of J = mean cross-entropy + lambda/2 |theta|^2
 
-    [data]
+    [data]                           # .npz or .parquet (``datasets.load_parquet``'s columns)
     train = "train.npz"              # features, labels, sample_ids, owner_ids: every row trained on
-    test = "test.npz"                # held-out rows: metrics and Scan's clean calibration
+    test = "test.npz"                # required: held-out rows, see ``TEST_SET_NEEDED``
 
     [training]                       # optional: TrainConfig fields; without it, no exact retrain
     epochs = 30
@@ -27,7 +27,8 @@ The directory holds ``expunge.toml`` and the files it names, all inside the dire
     learning_rate = 0.05
 
 Code never travels: the architecture is a name, weights are safetensors (pickle refused),
-arrays are ``.npz`` read without pickle. Every error names the file and the field.
+arrays are ``.npz`` read without pickle or Parquet read with pyarrow (the server extra's).
+Every error names the file and the field (a Parquet file's: the column).
 """
 
 from __future__ import annotations
@@ -42,12 +43,21 @@ from expunge.defenses.training import Checkpoint, TrainConfig
 from expunge.server.errors import ExpungeError, InvalidArgument
 from expunge.server.model_factory import build_architecture
 from expunge.server.state import weights as weights_io
-from expunge.server.state.datasets import Dataset, load_npz
+from expunge.server.state.datasets import Dataset, load_npz, load_parquet
 
 MANIFEST = "expunge.toml"
 FORMAT = "expunge-model-repository-v1"
 # What a manifest's [model] table may say besides the weights: the spec's fields.
 SPEC_FIELDS = tuple(f.name for f in fields(ArchitectureSpec))
+DATA_SUFFIXES = (".npz", ".parquet")
+# Why [data] test cannot be left out: rows the model trained on would flatter every figure
+# below, and carving some off the training set would measure on rows it has seen.
+TEST_SET_NEEDED = (
+    "is required: a held-out set the model never trained on, on which the server measures "
+    "every version (test accuracy and loss; each forget's accuracy-collapse guard and "
+    "membership-inference AUC; each retrain's receipt) and calibrates Scan's p-values; "
+    "hold rows out before training and name their file here"
+)
 
 
 @dataclass(frozen=True)
@@ -106,18 +116,23 @@ def _spec(model: dict[str, Any]) -> ArchitectureSpec:
         raise _fail(f"{MANIFEST} [model]", str(exc)) from exc
 
 
-def _dataset(root: Path, key: str, value: object, num_classes: int) -> Dataset:
+def _dataset(root: Path, key: str, value: object, spec: ArchitectureSpec) -> Dataset:
     path = _inside(root, "data", key, value)
+    suffix = Path(str(value)).suffix  # as the manifest names it: a link's target may differ
+    if suffix not in DATA_SUFFIXES:
+        raise _fail(f"{MANIFEST} [data] {key}", f"{value!r}: only {DATA_SUFFIXES} files are read")
+    parquet = suffix == ".parquet"
     try:
-        data = load_npz(path)
-    except ExpungeError as exc:
-        raise _fail(f"{path.name} ([data] {key})", exc.message) from exc
-    if data.num_classes > num_classes:
+        data = load_parquet(path, spec.input_shape) if parquet else load_npz(path)
+    except ExpungeError as exc:  # same status (a server without pyarrow is no bad argument)
+        raise type(exc)(f"{path.name} ([data] {key}): {exc.message}") from exc
+    if data.num_classes > spec.num_classes:
+        reach = "column 'label' reaches" if parquet else "labels reach"
         raise _fail(
             f"{path.name} ([data] {key})",
-            f"labels reach class {data.num_classes - 1}; the model has {num_classes} classes",
+            f"{reach} class {data.num_classes - 1}; the model has {spec.num_classes} classes",
         )
-    return Dataset(data.features, data.labels, data.sample_ids, data.owner_ids, num_classes)
+    return Dataset(data.features, data.labels, data.sample_ids, data.owner_ids, spec.num_classes)
 
 
 def _weights(path: Path, spec: ArchitectureSpec, trusted: dict[str, str], where: str) -> bytes:
@@ -194,11 +209,12 @@ def read_repository(directory: Path, trusted_factories: dict[str, str]) -> Model
     if loss != "cross_entropy":
         raise _fail(f"{MANIFEST} [objective] loss", "only 'cross_entropy' is supported")
     data = _table(manifest, "data", required=True)
-    for key in ("train", "test"):
-        if key not in data:
-            raise _fail(f"{MANIFEST} [data] {key}", "is required")
-    train = _dataset(root, "train", data["train"], spec.num_classes)
-    test = _dataset(root, "test", data["test"], spec.num_classes)
+    if "train" not in data:
+        raise _fail(f"{MANIFEST} [data] train", "is required: every row the model trained on")
+    if "test" not in data:
+        raise _fail(f"{MANIFEST} [data] test", TEST_SET_NEEDED)
+    train = _dataset(root, "train", data["train"], spec)
+    test = _dataset(root, "test", data["test"], spec)
     for name, part in (("train", train), ("test", test)):
         if part.input_shape != spec.input_shape:
             raise _fail(

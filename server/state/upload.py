@@ -1,6 +1,6 @@
 """A model repository received over the wire (ImportModel), written to a scratch directory.
 
-Only data files are accepted (the manifest, safetensors, .npz) under plain relative paths;
+Only data files are accepted (the manifest, safetensors, .npz, .parquet) under plain relative paths;
 each file arrives in order, and the whole upload is bounded. Nothing here is executed or
 unpickled: ``read_repository`` validates the contents once the upload is complete.
 """
@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from expunge.server.errors import ResourceExhausted, invalid_field
 
 UPLOADS = "uploads"  # under the state directory: scratch space of uploads in progress
-SUFFIXES = (".toml", ".safetensors", ".npz")
+SUFFIXES = (".toml", ".safetensors", ".npz", ".parquet")
 MAX_FILES = 1024
 MAX_DEPTH = 4
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
