@@ -28,10 +28,11 @@ brute-force implementation that sums in the same order reproduces every tie exac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["FociResult", "codec", "foci"]
+__all__ = ["FociResult", "codec", "codec_scores", "foci", "standardized"]
 
 # Elements of the (chunk, n, n) float64 distance workspace: 16 MiB, about what stays in
 # cache; larger blocks measured no faster per candidate (n = 1000, one core).
@@ -88,6 +89,7 @@ def foci(
     stop_when_nonpositive: bool = True,
     standardize: bool = True,
     chunk_size: int | None = None,
+    given: torch.Tensor | None = None,
 ) -> FociResult:
     """FOCI forward selection of candidate columns that explain ``y``.
 
@@ -104,43 +106,25 @@ def foci(
     differences. ``standardize`` z-scores each column first (constant columns become 0),
     so that columns on different scales weigh alike in the joint distances.
     ``chunk_size`` (candidates per block) defaults to a workspace of about 16 MiB.
+    ``given`` ``(n, g)``: columns chosen before (standardized like the candidates), on
+    which every step is conditioned; the result is then what a run over ``given``'s and
+    the candidates' columns, having picked ``given``'s first, would continue with.
     """
-    y64 = _response(y)
-    n = y64.shape[0]
-    if candidates.dim() != 2 or candidates.shape[0] != n:
-        raise ValueError(f"candidates must have shape (n={n}, p); got {tuple(candidates.shape)}")
-    p = candidates.shape[1]
+    y64 = _explainable(y, candidates)
+    n, p = candidates.shape
     if not 0 <= max_selected <= p:
         raise ValueError(f"max_selected must lie in [0, p={p}]; got {max_selected}")
-    if bool((y64 == y64[0]).all()):
-        raise ValueError("y is constant: CODEC is undefined, there is nothing to explain")
-    columns = candidates.detach().to(device="cpu", dtype=torch.float64)
-    if standardize:
-        columns = _standardized(columns)
-    chunk = max(1, min(p, chunk_size or _CHUNK_ELEMENTS // (n * n)))
-    # One workspace for every block: fresh multi-MiB tensors per block cost page faults
-    # that outweigh the arithmetic.
-    workspace = torch.empty((chunk, n, n), dtype=torch.float64)
-    keys = _tie_keys(n, seed)
-    ranks, larger = _ranks(y64)
+    columns = _candidate_columns(candidates, standardize)
+    workspace = _workspace(n, p, chunk_size)
+    response = _Response(*_ranks(y64), _tie_keys(n, seed))
 
     remaining = list(range(p))
     selected: list[int] = []
     scores: list[float] = []
     kept: int | None = None
-    dist_s: torch.Tensor | None = None
-    near_s: torch.Tensor | None = None
+    dist_s, near_s = _conditioning(given, n, standardize, response.keys)
     while len(selected) < max_selected:
-        step_scores = torch.empty(len(remaining), dtype=torch.float64)
-        for start in range(0, len(remaining), chunk):
-            block = remaining[start : start + chunk]
-            dist = _candidate_distances(columns[:, block], dist_s, out=workspace[: len(block)])
-            near = _nearest(dist, keys)
-            if near_s is None:
-                numerator, denominator = _unconditional_terms(ranks, larger, near)
-            else:
-                numerator, denominator = _conditional_terms(ranks, near_s, near)
-            step_scores[start : start + len(block)] = numerator.double() / max(int(denominator), 1)
+        step_scores = _step_scores(response, columns, remaining, dist_s, near_s, workspace)
         # remaining is increasing, so the first maximum is the lowest column index.
         position = int(torch.argmax(step_scores))
         best, best_score = remaining.pop(position), float(step_scores[position])
@@ -151,10 +135,109 @@ def foci(
         selected.append(best)
         scores.append(best_score)
         dist_s = _candidate_distances(columns[:, best : best + 1], dist_s)[0]
-        near_s = _nearest(dist_s.clone().unsqueeze(0), keys)[0]
+        near_s = _nearest(dist_s.clone().unsqueeze(0), response.keys)[0]
     return FociResult(
         tuple(selected), tuple(scores), False, len(selected) if kept is None else kept
     )
+
+
+def codec_scores(
+    y: torch.Tensor,
+    candidates: torch.Tensor,
+    seed: int = 0,
+    standardize: bool = True,
+    chunk_size: int | None = None,
+    given: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T(y, c_j), or T(y, c_j | given), for every candidate column: y ``(n,)``,
+    candidates ``(n, p)``, given ``(n, g)`` or None -> ``(p,)``.
+
+    Exactly the scores of FOCI's next step (the first, without ``given``) for the same
+    arguments: the same code computes both. So ``argmax`` (first maximum) is the column
+    FOCI picks next, and FOCI over any subset of the columns that holds it, with the
+    same ``given`` and pre-standardized columns, picks it next too.
+    """
+    y64 = _explainable(y, candidates)
+    n, p = candidates.shape
+    columns = _candidate_columns(candidates, standardize)
+    response = _Response(*_ranks(y64), _tie_keys(n, seed))
+    dist_s, near_s = _conditioning(given, n, standardize, response.keys)
+    workspace = _workspace(n, p, chunk_size)
+    return _step_scores(response, columns, list(range(p)), dist_s, near_s, workspace)
+
+
+def standardized(columns: torch.Tensor) -> torch.Tensor:
+    """Each column of ``(n, p)`` z-scored (population std; constant columns become 0), as
+    FOCI's ``standardize`` does. Standardizing once and passing ``standardize=False``
+    makes scores over column subsets bit-identical to those over all columns."""
+    return _standardized(columns.detach().to(device="cpu", dtype=torch.float64))
+
+
+class _Response(NamedTuple):
+    """What every step needs of ``y``: ranks R and L ``(n,)`` and the tie keys ``(n, n)``."""
+
+    ranks: torch.Tensor
+    larger: torch.Tensor
+    keys: torch.Tensor
+
+
+def _explainable(y: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``y`` as float64 after checking it varies and ``candidates`` is ``(n, p)``."""
+    y64 = _response(y)
+    n = y64.shape[0]
+    if candidates.dim() != 2 or candidates.shape[0] != n:
+        raise ValueError(f"candidates must have shape (n={n}, p); got {tuple(candidates.shape)}")
+    if bool((y64 == y64[0]).all()):
+        raise ValueError("y is constant: CODEC is undefined, there is nothing to explain")
+    return y64
+
+
+def _candidate_columns(candidates: torch.Tensor, standardize: bool) -> torch.Tensor:
+    columns = candidates.detach().to(device="cpu", dtype=torch.float64)
+    return _standardized(columns) if standardize else columns
+
+
+def _conditioning(
+    given: torch.Tensor | None, n: int, standardize: bool, keys: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Distances ``(n, n)`` and nearest neighbours ``(n,)`` of the ``given`` columns,
+    summed in column order as FOCI's own steps add them; (None, None) without any."""
+    if given is None or (given.dim() == 2 and given.shape[1] == 0):
+        return None, None
+    columns = _candidate_columns(_columns(given, n, "given"), standardize)
+    dist = _squared_distances(columns)
+    return dist, _nearest(dist.clone().unsqueeze(0), keys)[0]
+
+
+def _workspace(n: int, p: int, chunk_size: int | None) -> torch.Tensor:
+    """One ``(chunk, n, n)`` buffer for every block: fresh multi-MiB tensors per block cost
+    page faults that outweigh the arithmetic."""
+    chunk = max(1, min(p, chunk_size or _CHUNK_ELEMENTS // (n * n)))
+    return torch.empty((chunk, n, n), dtype=torch.float64)
+
+
+def _step_scores(
+    response: _Response,
+    columns: torch.Tensor,
+    remaining: list[int],
+    dist_s: torch.Tensor | None,
+    near_s: torch.Tensor | None,
+    workspace: torch.Tensor,
+) -> torch.Tensor:
+    """T of each remaining column ``(len(remaining),)``, given the chosen set's distances
+    ``dist_s`` and neighbours ``near_s`` (None: the unconditional first step)."""
+    chunk = workspace.shape[0]
+    scores = torch.empty(len(remaining), dtype=torch.float64)
+    for start in range(0, len(remaining), chunk):
+        block = remaining[start : start + chunk]
+        dist = _candidate_distances(columns[:, block], dist_s, out=workspace[: len(block)])
+        near = _nearest(dist, response.keys)
+        if near_s is None:
+            numerator, denominator = _unconditional_terms(response.ranks, response.larger, near)
+        else:
+            numerator, denominator = _conditional_terms(response.ranks, near_s, near)
+        scores[start : start + len(block)] = numerator.double() / max(int(denominator), 1)
+    return scores
 
 
 def _response(y: torch.Tensor) -> torch.Tensor:

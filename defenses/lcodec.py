@@ -12,6 +12,18 @@ the first block holds at most ``budget + output layer`` parameters.
 FOCI's own stopping rule keeps far too few units to forget well (DESIGN 4.3 measured
 one unit on a digits MLP), so FOCI runs past its rule to rank units and the budget, not
 the rule, decides how many are used; ``stopped_by_rule_at`` still reports the rule.
+
+At depth (DESIGN 4.3, ResNet-18 on CIFAR) three rules keep the method meaningful:
+
+- every probed forget sample gets at least ``min_copies_per_sample`` copies, so the
+  response varies over perturbations of one sample and not only across samples; past
+  ``max_perturbations`` copies a seeded subset of the forget set is probed;
+- FOCI's forward selection chooses among the ``screen_units`` units that score best in
+  a batched pass over every unit, repeated every ``rescreen_every`` steps given the units
+  chosen so far (``_rank_units``); past FOCI's ``max_units`` the other units follow in
+  marginal-CODEC order, so every varying unit is ranked;
+- a unit larger than the per-block budget is split into chunks that fill consecutive
+  blocks, instead of being left out (a ResNet-18 layer-4 filter has 4,608 weights).
 """
 
 from __future__ import annotations
@@ -19,12 +31,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .codec import foci
+from .codec import codec_scores, foci, standardized
 from .gradients import sample_loss
 from .selection import ParameterSelection
 
@@ -32,6 +45,7 @@ __all__ = [
     "LcodecConfig",
     "LcodecSelection",
     "UnitActivations",
+    "UnitChunk",
     "UnitParameterMap",
     "perturbed_copies",
     "select_markov_blanket",
@@ -70,8 +84,41 @@ class LcodecConfig:
             "entries); False: sigma is absolute, in input units"
         },
     )
+    min_copies_per_sample: int = field(
+        default=2,
+        metadata={
+            "help": "each probed forget sample gets at least this many copies; more copies "
+            "than num_perturbations are made when the forget set needs them"
+        },
+    )
+    max_perturbations: int = field(
+        default=500,
+        metadata={
+            "help": "most copies in all (never below num_perturbations); past it a seeded "
+            "subset of forget samples is probed, min_copies_per_sample each (FOCI's cost "
+            "grows as copies^2)"
+        },
+    )
     max_units: int = field(
-        default=64, metadata={"help": "FOCI ranks at most this many units (past its own rule)"}
+        default=64,
+        metadata={
+            "help": "FOCI's forward selection ranks this many units (past its own rule); "
+            "the other units follow in marginal-CODEC order"
+        },
+    )
+    screen_units: int = field(
+        default=256,
+        metadata={
+            "help": "FOCI's steps choose among this many units, those of largest T(Y, unit "
+            "| units chosen so far); 0: among all units (cost max_units x all units)"
+        },
+    )
+    rescreen_every: int = field(
+        default=16,
+        metadata={
+            "help": "with a screen: every this many FOCI steps all units are scored again, "
+            "given the units chosen so far, and screened anew"
+        },
     )
     parameter_budget: int = field(
         default=0,
@@ -97,6 +144,12 @@ class LcodecConfig:
     def __post_init__(self) -> None:
         if self.num_perturbations < 2:
             raise ValueError("num_perturbations must be at least 2 (CODEC compares copies)")
+        if not 1 <= self.min_copies_per_sample <= self.copy_cap:
+            raise ValueError(
+                "min_copies_per_sample must lie in [1, max(max_perturbations, num_perturbations)]"
+            )
+        if self.screen_units < 0 or self.rescreen_every < 1:
+            raise ValueError("screen_units must be >= 0 (0: no screen), rescreen_every >= 1")
         if self.sigma < 0 or self.sigma != self.sigma:
             raise ValueError("sigma must be >= 0")
         if self.max_units < 1 or self.batch_size < 1:
@@ -105,6 +158,11 @@ class LcodecConfig:
             raise ValueError("parameter_budget must be >= 0 and budget_cap positive")
         if not 0 < self.budget_fraction <= 1:
             raise ValueError("budget_fraction must lie in (0, 1]")
+
+    @property
+    def copy_cap(self) -> int:
+        """Most copies in all: ``max_perturbations``, never below ``num_perturbations``."""
+        return max(self.max_perturbations, self.num_perturbations)
 
     def budget_for(self, num_parameters: int) -> int:
         """The budget of ranked units per block for a model with ``num_parameters``."""
@@ -121,6 +179,19 @@ class UnitActivations(NamedTuple):
     outputs: torch.Tensor  # the model's outputs (n, C), float64
 
 
+class UnitChunk(NamedTuple):
+    """Part of a unit too large for one block: its entries at positions ``[start, stop)``
+    of ``UnitParameterMap.entry_order(unit)``."""
+
+    unit: str
+    start: int
+    stop: int
+
+
+# A block's member: a whole unit by name, or a chunk of one.
+UnitEntry = str | UnitChunk
+
+
 @dataclass(frozen=True)
 class UnitParameterMap:
     """Where each unit's parameters live: ``slices[unit][param name]`` = flat indices."""
@@ -131,22 +202,57 @@ class UnitParameterMap:
     parameter_order: tuple[str, ...] = field(metadata={"help": "named_parameters order"})
     output_units: tuple[str, ...] = field(metadata={"help": "units of the output layer"})
 
-    def size(self, unit: str) -> int:
-        """Number of parameter entries that belong to ``unit``."""
+    def size(self, unit: UnitEntry) -> int:
+        """Number of parameter entries that belong to ``unit`` (or to the chunk)."""
+        if isinstance(unit, UnitChunk):
+            return unit.stop - unit.start
         return int(sum(int(idx.numel()) for idx in self.slices[unit].values()))
 
-    def selection(self, units: Sequence[str]) -> ParameterSelection:
-        """The parameter entries of ``units`` as a selection (indices sorted and unique)."""
+    def entry_order(self, unit: str) -> list[tuple[str, torch.Tensor]]:
+        """The unit's ``(parameter name, flat indices)`` pieces in the order chunks cut them.
+
+        Smallest piece first (stable): the bias and norm affine entries, one each per
+        unit and the most direct handles on its output, go to the first chunk; the weight
+        row or filter follows in flat order, so a conv filter's chunk is a run of whole
+        input channels (kh x kw kernels), cut only at the chunk's two ends.
+        """
+        return sorted(self.slices[unit].items(), key=lambda piece: int(piece[1].numel()))
+
+    def chunks(self, unit: str, budget: int) -> tuple[UnitEntry, ...]:
+        """``(unit,)`` if it fits in ``budget``, else ``ceil(size / budget)`` chunks of
+        near-equal size (each within the budget) that cover it in ``entry_order``."""
+        size = self.size(unit)
+        if size <= budget:
+            return (unit,)
+        count = -(-size // budget)
+        bounds = [k * size // count for k in range(count + 1)]
+        return tuple(UnitChunk(unit, lo, hi) for lo, hi in pairwise(bounds))
+
+    def selection(self, units: Sequence[UnitEntry]) -> ParameterSelection:
+        """The parameter entries of ``units`` (whole units or chunks) as a selection
+        (indices sorted and unique). A chunk is named by its unit in ``units``."""
         parts: dict[str, list[torch.Tensor]] = {}
-        for unit in units:
-            for name, idx in self.slices[unit].items():
+        for entry in units:
+            for name, idx in self._pieces(entry):
                 parts.setdefault(name, []).append(idx)
         indices = {
             name: torch.unique(torch.cat(parts[name]))  # unique() also sorts
             for name in self.parameter_order
             if name in parts
         }
-        return ParameterSelection(indices=indices, units=tuple(units))
+        names = (e.unit if isinstance(e, UnitChunk) else e for e in units)
+        return ParameterSelection(indices=indices, units=tuple(dict.fromkeys(names)))
+
+    def _pieces(self, entry: UnitEntry) -> Iterator[tuple[str, torch.Tensor]]:
+        if not isinstance(entry, UnitChunk):
+            yield from self.slices[entry].items()
+            return
+        offset = 0
+        for name, idx in self.entry_order(entry.unit):
+            lo, hi = max(entry.start - offset, 0), min(entry.stop - offset, int(idx.numel()))
+            if lo < hi:
+                yield name, idx[lo:hi]
+            offset += int(idx.numel())
 
 
 @dataclass(frozen=True)
@@ -156,7 +262,12 @@ class LcodecSelection:
     selection: ParameterSelection = field(
         metadata={"help": "first block: top-ranked units within the budget + output layer"}
     )
-    ranked_units: tuple[str, ...] = field(metadata={"help": "FOCI order (past its own rule)"})
+    ranked_units: tuple[str, ...] = field(
+        metadata={
+            "help": "FOCI's order (past its own rule; len(foci_scores) units), then every "
+            "other varying unit by marginal T"
+        }
+    )
     foci_scores: tuple[float, ...] = field(metadata={"help": "T of each ranked unit at its step"})
     stopped_by_rule_at: int = field(
         metadata={"help": "how many ranked units FOCI's own rule (T > 0) would keep"}
@@ -171,12 +282,29 @@ class LcodecSelection:
         metadata={"help": "units that did not vary over the copies; never ranked"}
     )
     unit_map: UnitParameterMap = field(metadata={"help": "unit -> parameter slices"})
+    probed_samples: int = field(
+        default=0,
+        metadata={"help": "forget samples that were copied (a seeded subset past the cap)"},
+    )
+    copies_per_sample: int = field(
+        default=0, metadata={"help": "each probed sample had at least this many copies"}
+    )
+    screened_units: int = field(
+        default=0,
+        metadata={"help": "units each FOCI step chose among (best of a pass over all units)"},
+    )
+    screening_scores: tuple[float, ...] = field(
+        default=(),
+        metadata={"help": "marginal T of the ranked units after FOCI's (ranked_units tail)"},
+    )
 
     def blocks(self, max_blocks: int | None = None) -> list[ParameterSelection]:
         """Successive disjoint blocks for block-coordinate Newton; the first is ``selection``.
 
         Each block takes the next ranked units in order while they fit in the budget; a
-        unit whose slice alone exceeds the budget is left out of every block.
+        unit whose slice alone exceeds the budget is split (``UnitParameterMap.chunks``)
+        and its chunks take consecutive places, so it spans consecutive blocks. Blocks
+        are disjoint in entries; a split unit is named in each block that holds a chunk.
         """
         groups = _fill_blocks(
             self.ranked_units, self.reserved_units, self.unit_map, self.parameter_budget
@@ -189,11 +317,14 @@ class LcodecSelection:
 def perturbed_copies(
     inputs: torch.Tensor, labels: torch.Tensor, config: LcodecConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``config.num_perturbations`` noisy copies of the samples and the labels they keep.
+    """Noisy copies of the samples and the labels they keep.
 
-    inputs ``(m, *shape)``, labels ``(m,)`` -> copies ``(P, *shape)``, labels ``(P,)``.
-    Copy c comes from sample ``order[c % m]`` for a seeded permutation ``order``, so
-    every sample gets ``P // m`` or ``P // m + 1`` copies (a seeded subset when P < m).
+    inputs ``(m, *shape)``, labels ``(m,)`` -> copies ``(C, *shape)``, labels ``(C,)``.
+    Copy c comes from sample ``order[c % s]`` for a seeded permutation ``order`` and
+    ``s`` probed samples. With k = ``min_copies_per_sample`` and P = ``num_perturbations``:
+    if m * k <= P, all m samples share C = P copies (``P // m`` or ``P // m + 1`` each);
+    otherwise every probed sample gets exactly k, all m of them while m * k stays within
+    ``config.copy_cap``, else the first ``copy_cap // k`` of ``order`` (a seeded subset).
     """
     m = inputs.shape[0]
     if m == 0 or labels.shape != (m,):
@@ -201,13 +332,12 @@ def perturbed_copies(
             f"need m >= 1 forget inputs (m, *shape) and labels (m,); got "
             f"{tuple(inputs.shape)} and {tuple(labels.shape)}"
         )
+    plan = _copy_plan(m, config)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(m, generator=generator)
-    source = order[torch.arange(config.num_perturbations) % m]
+    source = order[torch.arange(plan.total) % plan.probed]
     base = inputs.detach().cpu()
-    noise = torch.randn(
-        (config.num_perturbations, *base.shape[1:]), generator=generator, dtype=torch.float64
-    )
+    noise = torch.randn((plan.total, *base.shape[1:]), generator=generator, dtype=torch.float64)
     scale = config.sigma
     if config.sigma_relative:
         spread = float(base.double().std(unbiased=False)) if base.numel() > 1 else 0.0
@@ -250,13 +380,16 @@ def select_markov_blanket(
 ) -> LcodecSelection:
     """L-CODEC selection for the forget set: inputs ``(m, *shape)``, labels ``(m,)``.
 
-    The response of each copy is its cross-entropy loss (float64). FOCI ranks the
-    non-constant units up to ``config.max_units`` with ``seed=config.seed``. If the loss
-    does not vary at all, nothing is ranked and the first block holds only the output
-    layer (when asked for).
+    The copies come from ``perturbed_copies`` (the result says how many samples were
+    probed, with at least how many copies each); the response of each copy is its
+    cross-entropy loss (float64). Every non-constant unit is ranked (``_rank_units``):
+    FOCI's order first, with ``seed=config.seed``, then the rest by marginal CODEC. If
+    the loss does not vary at all, nothing is ranked and the first block holds only the
+    output layer (when asked for).
     """
     config = config or LcodecConfig()
     copies, copy_labels = perturbed_copies(forget_inputs, forget_labels, config)
+    plan = _copy_plan(forget_inputs.shape[0], config)
     with _probing(model) as probe:
         activations = probe.run(copies, config.batch_size)
         unit_map = probe.parameter_map()
@@ -267,20 +400,10 @@ def select_markov_blanket(
     constant = tuple(
         n for n, keep in zip(activations.names, varying.tolist(), strict=True) if not keep
     )
-    ranked: tuple[str, ...] = ()
-    scores: tuple[float, ...] = ()
-    kept = 0
+    ranking = _Ranking((), (), 0, 0, ())
     if names and bool((loss != loss[0]).any()):
-        result = foci(
-            loss,
-            values[:, varying],
-            max_selected=min(config.max_units, len(names)),
-            seed=config.seed,
-            stop_when_nonpositive=False,
-        )
-        ranked = tuple(names[j] for j in result.selected)
-        scores = result.scores
-        kept = result.kept_by_rule
+        ranking = _rank_units(loss, values[:, varying], config)
+    ranked = tuple(names[j] for j in ranking.order)
     budget = config.budget_for(sum(p.numel() for p in model.parameters()))
     reserved = unit_map.output_units if config.always_include_output_layer else ()
     groups = _fill_blocks(ranked, reserved, unit_map, budget)
@@ -288,39 +411,140 @@ def select_markov_blanket(
     return LcodecSelection(
         selection=first,
         ranked_units=ranked,
-        foci_scores=scores,
-        stopped_by_rule_at=kept,
+        foci_scores=ranking.foci_scores,
+        stopped_by_rule_at=ranking.kept,
         parameter_budget=budget,
         reserved_units=reserved,
         constant_units=constant,
         unit_map=unit_map,
+        probed_samples=plan.probed,
+        copies_per_sample=plan.per_sample,
+        screened_units=ranking.screened,
+        screening_scores=ranking.screening_scores,
     )
+
+
+class _CopyPlan(NamedTuple):
+    probed: int  # forget samples that get copies
+    total: int  # copies in all
+    per_sample: int  # each probed sample gets at least this many
+
+
+def _copy_plan(m: int, config: LcodecConfig) -> _CopyPlan:
+    """How ``perturbed_copies`` spreads copies over ``m >= 1`` forget samples."""
+    k = config.min_copies_per_sample
+    if m * k <= config.num_perturbations:
+        # The P copies as before this rule existed: results tuned on it stay as they were.
+        return _CopyPlan(m, config.num_perturbations, config.num_perturbations // m)
+    probed = min(m, config.copy_cap // k)
+    return _CopyPlan(probed, probed * k, k)
+
+
+class _Ranking(NamedTuple):
+    order: tuple[int, ...]  # candidate columns, FOCI's first, then by marginal T
+    foci_scores: tuple[float, ...]
+    kept: int  # leading FOCI picks its own rule keeps
+    screened: int  # candidates each FOCI step chose among
+    screening_scores: tuple[float, ...]  # marginal T of the columns after FOCI's
+
+
+def _rank_units(loss: torch.Tensor, values: torch.Tensor, config: LcodecConfig) -> _Ranking:
+    """Rank every column of ``values`` ``(n, U)`` (non-constant units) for ``loss`` ``(n,)``.
+
+    Screening rule: FOCI's forward selection runs in rounds of ``rescreen_every`` steps;
+    each round first scores all U units in one batched pass, T(loss, unit | units
+    chosen so far) (``codec_scores``: exactly FOCI's next-step scores), and the round's
+    steps choose only among the ``screen_units`` best. The first pick is therefore always
+    the one FOCI makes over all units, and the cost is bounded by
+    ``max_units x (screen_units + U / rescreen_every)`` candidate evaluations of O(n^2)
+    each, whatever the model's size (the defaults were measured against FOCI over all
+    units: BENCHMARKS.md, "L-CODEC at depth"). Past FOCI's
+    ``max_units`` the other units follow by marginal T (descending, ties to the lower
+    column). With U within both limits (the small models), FOCI ranks all units exactly
+    as it did before the screen existed.
+    """
+    p = values.shape[1]
+    screen = config.screen_units if 0 < config.screen_units < p else p
+    if screen == p and config.max_units >= p:
+        result = foci(loss, values, max_selected=p, seed=config.seed, stop_when_nonpositive=False)
+        return _Ranking(result.selected, result.scores, result.kept_by_rule, p, ())
+    # Standardized once, so the scores over a screened subset equal those over all units.
+    columns = standardized(values)
+    marginal = codec_scores(loss, columns, seed=config.seed, standardize=False)
+    head, scores, kept = _screened_foci(loss, columns, marginal, screen, config)
+    chosen = set(head)
+    by_marginal = torch.sort(marginal, descending=True, stable=True).indices.tolist()
+    tail = [j for j in by_marginal if j not in chosen]
+    tail_scores = tuple(float(marginal[j]) for j in tail)
+    return _Ranking(tuple(head + tail), scores, kept, screen, tail_scores)
+
+
+def _screened_foci(
+    loss: torch.Tensor,
+    columns: torch.Tensor,
+    marginal: torch.Tensor,
+    screen: int,
+    config: LcodecConfig,
+) -> tuple[list[int], tuple[float, ...], int]:
+    """FOCI's first ``max_units`` picks over standardized ``columns`` ``(n, U)``, each
+    round among the ``screen`` best of a pass over all columns: (picks, T at each
+    step, how many picks FOCI's own rule keeps). ``marginal``: the first pass."""
+    p = columns.shape[1]
+    # Without a screen a re-scoring pass changes nothing: one round, as plain FOCI.
+    every = config.rescreen_every if screen < p else config.max_units
+    head: list[int] = []
+    scores: list[float] = []
+    kept: int | None = None
+    while len(head) < min(config.max_units, p):
+        given = columns[:, head]
+        step = marginal.clone()
+        if head:
+            step = codec_scores(loss, columns, seed=config.seed, standardize=False, given=given)
+            step[head] = float("-inf")
+        by_step = torch.sort(step, descending=True, stable=True).indices.tolist()
+        # Column order is kept so FOCI's ties still go to the lower unit, as over all units.
+        pool = sorted(by_step[: min(screen, p - len(head))])
+        result = foci(
+            loss,
+            columns[:, pool],
+            max_selected=min(every, config.max_units - len(head), len(pool)),
+            seed=config.seed,
+            stop_when_nonpositive=False,
+            standardize=False,
+            given=given,
+        )
+        if kept is None and result.kept_by_rule < len(result.selected):
+            kept = len(head) + result.kept_by_rule
+        head += [pool[j] for j in result.selected]
+        scores += result.scores
+    return head, tuple(scores), len(head) if kept is None else kept
 
 
 def _fill_blocks(
     ranked: Sequence[str], reserved: Sequence[str], unit_map: UnitParameterMap, budget: int
-) -> list[tuple[str, ...]]:
-    """Disjoint unit groups whose ranked units fit in ``budget`` each.
+) -> list[tuple[UnitEntry, ...]]:
+    """Disjoint entry groups whose ranked entries fit in ``budget`` each.
 
-    Each group takes the next ranked units while they fit; a unit whose slice alone
-    exceeds the budget is left out. The first group also holds ``reserved`` (on top of
-    the budget, ranked units first since their order is information); reserved units
-    are not ranked again.
+    Each group takes the next ranked entries while they fit; a unit larger than the
+    budget comes as its chunks (``UnitParameterMap.chunks``), in order. The first group
+    also holds ``reserved`` (on top of the budget, ranked entries first since their
+    order is information); reserved units are not ranked again.
     """
-    groups: list[tuple[str, ...]] = []
-    current: list[str] = []
+    groups: list[tuple[UnitEntry, ...]] = []
+    current: list[UnitEntry] = []
     size = 0
     used = set(reserved)
     for unit in ranked:
-        cost = unit_map.size(unit)
-        if unit in used or cost > budget:
+        if unit in used:
             continue
-        if size + cost > budget:
-            groups.append(tuple(current))
-            current, size = [], 0
-        current.append(unit)
-        size += cost
         used.add(unit)
+        for entry in unit_map.chunks(unit, budget):
+            cost = unit_map.size(entry)
+            if size + cost > budget:
+                groups.append(tuple(current))
+                current, size = [], 0
+            current.append(entry)
+            size += cost
     if current or not groups:
         groups.append(tuple(current))
     groups[0] = (*groups[0], *reserved)
