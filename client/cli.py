@@ -21,6 +21,9 @@ SERVER_HINT = "this command needs the server extra: pip install 'expunge[server]
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_IN_USE = 3
+# The server's ``device`` setting (server/settings.py DEVICE_SETTINGS); repeated here
+# because the client never imports the server (or torch).
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -40,6 +43,7 @@ def _load_inputs(path: str) -> np.ndarray:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        from expunge.server.device import DeviceUnavailable
         from expunge.server.main import InsecureBindRefused, PortInUse, serve
         from expunge.server.settings import load_settings
         from expunge.server.state.state_lock import StateDirectoryInUse
@@ -51,13 +55,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         host=args.host,
         port=args.port,
+        device=args.device,
     )
     try:
         serve(settings)
     except (StateDirectoryInUse, PortInUse) as exc:
         print(f"expunge serve: {exc}", file=sys.stderr)
         return EXIT_IN_USE
-    except InsecureBindRefused as exc:
+    except (InsecureBindRefused, DeviceUnavailable) as exc:
         print(f"expunge serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return 0
@@ -65,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
+        from expunge.server.device import DeviceUnavailable
+        from expunge.server.settings import Settings
         from expunge.server.state.state_lock import StateDirectoryInUse
         from expunge.server.training_job import train_model
     except ImportError:
@@ -79,10 +86,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             seed=args.seed,
             hidden=tuple(args.hidden),
+            settings=Settings(state_dir=Path(args.state_dir), device=args.device),
         )
     except StateDirectoryInUse as exc:
         print(f"expunge train: {exc}", file=sys.stderr)
         return EXIT_IN_USE
+    except DeviceUnavailable as exc:
+        print(f"expunge train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(
         f"trained models/{info.row.name} version 1: {json.dumps(info.version.metrics, sort_keys=True)}"
     )
@@ -334,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="state directory (database and blobs)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 50051)")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help="where training, forgets, scans and the index compute (default: the "
+        "config's, else auto: cuda when present)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a digits model, serve it, and call it (self-contained)")
@@ -350,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, nargs="*", default=[32], help="MLP hidden widths")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to train (auto: cuda when present)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -121,7 +121,9 @@ def auc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
     n_pos, n_neg = positive_scores.numel(), negative_scores.numel()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    scores = torch.cat([positive_scores.reshape(-1), negative_scores.reshape(-1)]).double().cpu()
+    # Each side to the CPU first: one may come from a model on a GPU, the other be kept.
+    scores = torch.cat([positive_scores.reshape(-1).cpu(), negative_scores.reshape(-1).cpu()])
+    scores = scores.double()
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN")
     sorted_scores, order = torch.sort(scores, stable=True)

@@ -150,6 +150,7 @@ def influence_scores(
     method: InfluenceMethod,
     config: InfluenceConfig | None = None,
     test_labels: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Influence of every training sample on every test input.
 
@@ -157,8 +158,10 @@ def influence_scores(
     ``representer`` and ``rrepresenter`` use only it). checkpoints: the trajectory
     (``tracincp``, ``gas``, ``lgas`` use only them). train_x ``(n_train, *input_shape)``,
     train_y ``(n_train,)``, test_x ``(n_test, *input_shape)``, test_labels ``(n_test,)``
-    (default: the final model's predictions). Returns ``(n_test, n_train)`` in the
-    model's dtype; positive means proponent. The caller's model is never modified.
+    (default: the final model's predictions). ``device``: where the scores are computed
+    (None: the model's device); the data and a copy of the model are moved there.
+    Returns ``(n_test, n_train)`` in the model's dtype on that device; positive means
+    proponent. The caller's model is never modified.
     """
     config = config or InfluenceConfig()
     if method not in INFLUENCE_METHODS:
@@ -171,8 +174,13 @@ def influence_scores(
     # module, and batch norm must use its running statistics so a sample's gradient
     # does not depend on the other samples of its chunk.
     final = copy.deepcopy(model).eval()
+    if device is not None:
+        final.to(device)
+    on = next(final.parameters()).device
+    train_x, train_y, test_x = train_x.to(on), train_y.to(on), test_x.to(on)
     if test_labels is None:
         test_labels = predicted_labels(final, test_x)
+    test_labels = test_labels.to(on)
     if test_labels.shape[0] != test_x.shape[0]:
         raise ValueError(f"{test_x.shape[0]} test inputs but {test_labels.shape[0]} test labels")
     if method in ("tracincp", "gas", "lgas"):
@@ -235,7 +243,7 @@ def _checkpoint_scores(
     parts = _layers(names, config.layer_grouping) if method == "lgas" else [names]
     normalise = method != "tracincp"
     dtype = next(model.parameters()).dtype
-    scores = torch.zeros((test_x.shape[0], train_x.shape[0]), dtype=dtype)
+    scores = torch.zeros((test_x.shape[0], train_x.shape[0]), dtype=dtype, device=test_x.device)
     for checkpoint in checkpoints:
         model.load_state_dict(checkpoint.state)
         test_grads = per_sample_gradients(model, test_x, test_labels, names, config.batch_size)
@@ -337,7 +345,9 @@ def _influence_function_scores(
     solved = _inverse_hessian_products(model, hessian_x, hessian_y, names, test_grads, config)
     if renormalise:
         solved = _unit_rows(solved, config.eps)
-    scores = torch.zeros((test_x.shape[0], train_x.shape[0]), dtype=test_grads.dtype)
+    scores = torch.zeros(
+        (test_x.shape[0], train_x.shape[0]), dtype=test_grads.dtype, device=test_grads.device
+    )
     for start in range(0, train_x.shape[0], config.batch_size):
         stop = start + config.batch_size
         train_grads = flatten_gradients(
@@ -370,12 +380,17 @@ def _inverse_hessian_products(
                 f"the exact Hessian of {p} parameters exceeds max_exact_parameters="
                 f"{config.max_exact_parameters}; use hessian='arnoldi' or 'lissa'"
             )
-        hessian = _dense_hessian(product, p, vectors.dtype, config.batch_size)
-        damped = hessian + mu * torch.eye(p, dtype=vectors.dtype)
+        hessian = _dense_hessian(product, p, vectors.dtype, config.batch_size, vectors.device)
+        damped = hessian + mu * torch.eye(p, dtype=vectors.dtype, device=vectors.device)
         return torch.linalg.solve(damped, vectors.T).T
     if config.hessian == "arnoldi":
         values, vecs = _arnoldi_eigenpairs(
-            product, p, min(config.arnoldi_iterations, p), config.seed, vectors.dtype
+            product,
+            p,
+            min(config.arnoldi_iterations, p),
+            config.seed,
+            vectors.dtype,
+            vectors.device,
         )
         # Keep the eigenpairs of largest magnitude: they carry the most curvature and
         # are the ones a short Krylov run resolves accurately (Schioppa et al. 2022).
@@ -386,11 +401,11 @@ def _inverse_hessian_products(
 
 
 def _dense_hessian(
-    product: HessianProduct, p: int, dtype: torch.dtype, batch_size: int
+    product: HessianProduct, p: int, dtype: torch.dtype, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """The ``(p, p)`` Hessian, a block of columns at a time, symmetrised against round-off."""
     columns = [
-        product(torch.eye(p, dtype=dtype)[start : start + batch_size])
+        product(torch.eye(p, dtype=dtype, device=device)[start : start + batch_size])
         for start in range(0, p, batch_size)
     ]
     hessian = torch.cat(columns)
@@ -398,7 +413,12 @@ def _dense_hessian(
 
 
 def _arnoldi_eigenpairs(
-    product: HessianProduct, p: int, iterations: int, seed: int, dtype: torch.dtype
+    product: HessianProduct,
+    p: int,
+    iterations: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values ``(r,)`` and vectors ``(p, r)`` of ``H`` from ``iterations`` Arnoldi steps.
 
@@ -408,9 +428,10 @@ def _arnoldi_eigenpairs(
     symmetrised and solved with ``eigh``.
     """
     generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(p, generator=generator, dtype=torch.float64).to(dtype)
+    # Drawn on the CPU, so every device starts from the same vector.
+    start = torch.randn(p, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
     basis = [start / start.norm()]
-    projected = torch.zeros((iterations + 1, iterations), dtype=dtype)
+    projected = torch.zeros((iterations + 1, iterations), dtype=dtype, device=device)
     size = iterations
     for j in range(iterations):
         w = product(basis[j].unsqueeze(0)).squeeze(0)
@@ -530,7 +551,7 @@ def _representer_scores(
     if renormalise:
         test_features = _unit_rows(test_features, config.eps)
     n = train_x.shape[0]
-    scores = torch.zeros((test_x.shape[0], n), dtype=test_features.dtype)
+    scores = torch.zeros((test_x.shape[0], n), dtype=test_features.dtype, device=test_x.device)
     for start in range(0, n, config.batch_size):
         stop = start + config.batch_size
         features, logits = _features_and_logits(
@@ -538,7 +559,8 @@ def _representer_scores(
         )
         # dL/dlogits of cross-entropy is softmax - one-hot; 2 * lambda = weight_decay.
         residual = torch.softmax(logits, dim=1)
-        residual[torch.arange(features.shape[0]), train_y[start:stop]] -= 1.0
+        rows = torch.arange(features.shape[0], device=residual.device)
+        residual[rows, train_y[start:stop]] -= 1.0
         alpha = -residual / (config.weight_decay * n)
         alpha_for_test = alpha[:, test_labels].T  # (n_test, chunk)
         if renormalise:

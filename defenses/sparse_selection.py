@@ -199,6 +199,8 @@ def top_entries(
     names the units for the receipt: those with at least one chosen entry.
     """
     wanted = budget if isinstance(budget, EntryCount) else EntryCount(budget)
+    # Selections hold CPU indices whatever device the step was computed on.
+    scores = scores.detach().cpu()
     offsets = _offsets(model)
     total = next(reversed(offsets.values()))[1] if offsets else 0
     if scores.shape != (total,):

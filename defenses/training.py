@@ -107,9 +107,37 @@ def objective(
 
 
 def train(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on inputs ``(n, *shape)`` and labels ``(n,)``.
+
+    ``device``: where the steps run (None: the model's own device). The model is handed
+    back on the device it came on and the checkpoints are CPU tensors, so what is stored
+    does not depend on where training ran; the shuffling is drawn on the CPU, so every
+    device takes the same batches.
+    """
+    home = _device_of(model)
+    target = home if device is None else torch.device(device)
+    model.to(target)
+    try:
+        return _train(model, inputs.to(target), labels.to(target), config)
+    finally:
+        model.to(home)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _train(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: TrainConfig
 ) -> TrainResult:
-    """Train ``model`` in place on inputs ``(n, *shape)`` and labels ``(n,)``."""
+    """``train`` with the model and data on one device already."""
     started = time.perf_counter()
     n = inputs.shape[0]
     if n == 0:
@@ -128,7 +156,7 @@ def train(
     step = 0
     model.train()
     for _ in range(config.epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(inputs.device)
         for start in range(0, n, config.batch_size):
             lr = _lr_at(config, step, total)
             if step in checkpoint_steps:
@@ -190,7 +218,8 @@ def _polish(
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # On the CPU whatever the device: checkpoints are stored, and GPU memory is not theirs.
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -105,7 +105,7 @@ class RetainedObjective:
         with torch.no_grad():
             params = {k: _wide(t) for k, t in self.full_params(v).items()}
             buffers = {k: _wide(t) for k, t in self.buffers.items()}
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device=v.device)
             for s in self._batches(len(x), self.batch_size):
                 logits = functional_call(self.model, (params, buffers), (_wide(x[s]),))
                 total += sample_loss(logits, y[s]).sum()

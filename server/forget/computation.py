@@ -6,7 +6,8 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -251,6 +252,7 @@ def unlearn(
     trusted_factories: dict[str, str] | None = None,
     reporter: PhaseReporter | None = None,
     test_before: SetMeasurement | None = None,
+    device: torch.device | str = "cpu",
 ) -> UnlearningOutcome:
     """Update ``model`` in place so it behaves as if trained without the forget set.
 
@@ -260,53 +262,76 @@ def unlearn(
     ``train_config``; ``training_cost`` (the model's recorded training) is what the
     policy's estimates come from. ``test_before``: the served model's test measurement when
     the server kept it (a pass over the largest set saved). Never skips: a step that costs
-    accuracy is applied and flagged.
+    accuracy is applied and flagged. ``device``: where it computes; the model is handed
+    back on the device it came on, and the outcome's tensors are on the CPU.
     """
-    from expunge.defenses.evaluate import measure_set
+    from expunge.defenses.evaluate import SetMeasurement, measure_set
 
-    report = reporter or SilentReporter()
-    model.eval()
-    report.phase("verifying", message="measuring the model before the update")
-    metric_x, metric_y = metric_subset(retained_x, retained_y, recipe)
-
-    # Each measured model's test side, in order: the last is the new model's.
-    tested: list[SetMeasurement] = []
-
-    def measure(candidate: nn.Module) -> dict[str, float]:
-        known = test_before if not tested else None  # the served model's, when kept
-        tested.append(known or measure_set(candidate, test_x, test_y))
-        return deletion_metrics(
-            candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y, tested[-1]
-        )
-
-    before = measure(model)
-    evaluated = len(forget_x) + len(retained_x) + len(test_x)
-    epochs = int(train_config.get("epochs", 30))
-    unit_s = training_cost.unit_s(epochs)
-    retrain_s = training_cost.retrain_estimate_s(len(retained_x), epochs)
-    estimates = estimate_costs(model, recipe, len(retained_x), evaluated, unit_s, retrain_s)
-    choice = choose_path(
-        recipe.selection,
-        estimates,
-        PolicySettings(**(policy or {})),
-        retrainable=bool(train_config.get("retrainable", True)),
+    target = torch.device(device)
+    forget_x, forget_y, retained_x, retained_y, test_x, test_y = (
+        t.to(target) for t in (forget_x, forget_y, retained_x, retained_y, test_x, test_y)
     )
-    report.phase("verifying", message="measuring the served model's retained gradient")
-    # On the objective data: the metrics' subsample when one is configured.
-    gradient_before = retained_gradient_norm(model, metric_x, metric_y, weight_decay)
-    if choice.path == "retrain":
-        outcome = _retrain_exactly(
-            model, spec, retained_x, retained_y, train_config, ledger, default_budget,
-            trusted_factories or {}, before, measure, choice, report,
-        )  # fmt: skip
-    else:
-        outcome = _newton_removal(
-            model, spec, forget_x, forget_y, retained_x, retained_y, weight_decay,
-            replace(recipe, selection=choice.path), ledger, default_budget,
-            before, measure, choice, report,
-        )  # fmt: skip
+    report = reporter or SilentReporter()
+    with _computing_on(model, target):
+        model.eval()
+        report.phase("verifying", message="measuring the model before the update")
+        metric_x, metric_y = metric_subset(retained_x, retained_y, recipe)
+
+        # Each measured model's test side, in order: the last is the new model's. On the
+        # CPU: the last is kept for the next forget and may cross a process boundary.
+        tested: list[SetMeasurement] = []
+
+        def measure(candidate: nn.Module) -> dict[str, float]:
+            known = test_before if not tested else None  # the served model's, when kept
+            if known is None:
+                measured = measure_set(candidate, test_x, test_y)
+                known = SetMeasurement(measured.losses.cpu(), measured.accuracy)
+            tested.append(known)
+            return deletion_metrics(
+                candidate, forget_x, forget_y, metric_x, metric_y, test_x, test_y, tested[-1]
+            )
+
+        before = measure(model)
+        evaluated = len(forget_x) + len(retained_x) + len(test_x)
+        epochs = int(train_config.get("epochs", 30))
+        unit_s = training_cost.unit_s(epochs)
+        retrain_s = training_cost.retrain_estimate_s(len(retained_x), epochs)
+        estimates = estimate_costs(model, recipe, len(retained_x), evaluated, unit_s, retrain_s)
+        choice = choose_path(
+            recipe.selection,
+            estimates,
+            PolicySettings(**(policy or {})),
+            retrainable=bool(train_config.get("retrainable", True)),
+        )
+        report.phase("verifying", message="measuring the served model's retained gradient")
+        # On the objective data: the metrics' subsample when one is configured.
+        gradient_before = retained_gradient_norm(model, metric_x, metric_y, weight_decay)
+        if choice.path == "retrain":
+            outcome = _retrain_exactly(
+                model, spec, retained_x, retained_y, train_config, ledger, default_budget,
+                trusted_factories or {}, before, measure, choice, report,
+            )  # fmt: skip
+        else:
+            outcome = _newton_removal(
+                model, spec, forget_x, forget_y, retained_x, retained_y, weight_decay,
+                replace(recipe, selection=choice.path), ledger, default_budget,
+                before, measure, choice, report,
+            )  # fmt: skip
     outcome.receipt["retained_gradient_norm_before"] = gradient_before
     return replace(outcome, test_after=tested[-1])
+
+
+@contextmanager
+def _computing_on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """``model`` on ``device`` for the block, then back where it came from (the caller
+    stores its weights from there)."""
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def _newton_removal(
@@ -451,7 +476,8 @@ def _retrain_exactly(
     config = TrainConfig.from_dict(train_config)
     report.phase("training", 0, len(retained_x), f"exact retrain on {len(retained_x)} samples")
     fresh = build_architecture(spec, trusted_factories, seed=config.seed)
-    result = train(fresh, retained_x, retained_y, config)
+    # On the retained data's device (the forget's); ``fresh`` comes back on the CPU.
+    result = train(fresh, retained_x, retained_y, config, device=retained_x.device)
     model.load_state_dict(fresh.state_dict())
     model.eval()
     residual = retained_gradient_norm(model, retained_x, retained_y, config.weight_decay)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from expunge.server.device import describe_device
 from expunge.server.errors import FailedPrecondition, invalid_field
 from expunge.server.forget.computation import UnlearningOptions
 from expunge.server.state.identifiers import IdentifierKey
@@ -123,9 +124,10 @@ def would_empty(model: str, remaining: int) -> FailedPrecondition:
     )
 
 
-def environment() -> str:
-    device = "cpu"
+def environment(device: torch.device) -> str:
+    """What the receipt says the update ran on: torch, the device computed on, threads."""
     return (
-        f"torch {torch.__version__}; device {device}; threads {torch.get_num_threads()}; "
+        f"torch {torch.__version__}; device {describe_device(device)}; "
+        f"threads {torch.get_num_threads()}; "
         f"deterministic {torch.are_deterministic_algorithms_enabled()}"
     )

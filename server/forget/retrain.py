@@ -55,7 +55,7 @@ def apply_retrain(
     n = len(data.sample_ids)
     reporter.phase("training", 0, n, f"training from scratch on {n} samples")
     model = build_architecture(spec, engine.settings.trusted_factories, seed=config.seed)
-    result = train(model, data.features, data.labels, config)
+    result = train(model, data.features, data.labels, config, device=engine.device)
     reporter.phase("verifying", message="measuring the retrained model")
     test = engine.test_data(payload.model)
     metrics = engine.evaluate(model, data.features, data.labels, test, config.weight_decay)
