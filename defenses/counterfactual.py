@@ -45,6 +45,14 @@ class CounterfactualConfig:
     )
     batch_size: int = field(default=1024, metadata={"help": "samples per gradient pass"})
     seed: int = field(default=0, metadata={"help": "seeds the Hessian subsample"})
+    assume_optimum: bool = field(
+        default=False,
+        metadata={
+            "help": "take the model as the optimum of J (grad J = 0) instead of measuring "
+            "grad J on every training sample; with iterations 1, a removal then reads only "
+            "the removed samples (large training sets)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.hessian_samples < 1 or self.max_parameters < 1:
@@ -58,7 +66,8 @@ class SharedHessianCounterfactual:
 
     inputs ``(n, *shape)``, labels ``(n,)``: the whole training set the model was trained
     on; the model is treated as the optimum of its objective (as the forget path does).
-    The model is never modified: ``removed`` returns an updated copy.
+    Everything is computed on the model's device (the data is moved there). The model is
+    never modified: ``removed`` returns an updated copy, on that device.
     """
 
     def __init__(
@@ -68,22 +77,25 @@ class SharedHessianCounterfactual:
         labels: torch.Tensor,
         weight_decay: float,
         config: CounterfactualConfig | None = None,
+        selection: ParameterSelection | None = None,
     ) -> None:
         self.config = config or CounterfactualConfig()
         # A private copy: functional_call swaps a module's parameters while it runs, and
         # the caller's module may be serving predictions on other threads meanwhile.
         model = copy.deepcopy(model)
         self.model = model
-        self.selection = ParameterSelection.everything(model)
+        # A subset (e.g. the last layers of a large model) moves only those parameters.
+        self.selection = selection or ParameterSelection.everything(model)
         if self.selection.num_parameters > self.config.max_parameters:
             raise ValueError(
                 f"{self.selection.num_parameters} parameters exceed max_parameters "
                 f"{self.config.max_parameters} for a dense Hessian"
             )
         params = {n: p.detach() for n, p in model.named_parameters()}
-        dtype = next(iter(params.values())).dtype
-        self.inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
-        self.labels = labels.long()
+        reference = next(iter(params.values()))
+        inputs = inputs.to(reference.device)
+        self.inputs = inputs.to(reference.dtype) if inputs.is_floating_point() else inputs
+        self.labels = labels.to(reference.device).long()
         self.weight_decay = weight_decay
         self.objective = RetainedObjective(
             model, params, self.selection, weight_decay, self.config.batch_size
@@ -103,8 +115,10 @@ class SharedHessianCounterfactual:
             )
             # grad J at theta0 is not zero for a model short of its optimum; the removal's
             # effect is the move that keeps grad J' at (n / (n - m)) of it.
-            self.full_gradient = self.objective.gradient(
-                self.objective.v0, self.inputs, self.labels
+            self.full_gradient = (
+                torch.zeros_like(self.objective.v0)
+                if self.config.assume_optimum
+                else self.objective.gradient(self.objective.v0, self.inputs, self.labels)
             )
         finally:
             model.train(was_training)
@@ -118,8 +132,8 @@ class SharedHessianCounterfactual:
 
     def removal_delta(self, removed: torch.Tensor) -> torch.Tensor:
         """Parameter change ``(p,)`` for removing the samples at indices ``removed`` ``(m,)``."""
-        keep = torch.ones(len(self.inputs), dtype=torch.bool)
-        keep[removed] = False
+        keep = torch.ones(len(self.inputs), dtype=torch.bool, device=self.inputs.device)
+        keep[removed.to(keep.device)] = False
         m, n = int((~keep).sum()), len(self.inputs)
         if m == 0:
             return torch.zeros_like(self.objective.v0)
@@ -165,7 +179,8 @@ class SharedHessianCounterfactual:
         self.model.eval()
         try:
             with torch.no_grad():
-                x = query.unsqueeze(0).to(self.objective.v0.dtype)
+                v0 = self.objective.v0
+                x = query.unsqueeze(0).to(device=v0.device, dtype=v0.dtype)
                 before = torch.softmax(self.model(x), dim=1)[0]
                 label = int(before.argmax())
                 after = torch.softmax(scratch(x), dim=1)[0]

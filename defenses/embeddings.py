@@ -52,6 +52,7 @@ __all__ = [
     "embedding_dim",
     "index_metadata",
     "layer_groups",
+    "trailing_param_names",
 ]
 
 EmbeddingKind = Literal["gas", "tracincp", "lgas"]
@@ -82,6 +83,10 @@ class EmbeddingConfig:
         default=None,
         metadata={"help": "parameters whose gradients count (None: all, in model order)"},
     )
+    projection_cache_bytes: int = field(
+        default=256 << 20,
+        metadata={"help": "keep each drawn projection matrix when it is at most this large"},
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in ("gas", "tracincp", "lgas"):
@@ -110,6 +115,22 @@ def layer_groups(
             owner = name.rsplit(".", 1)[0] if "." in name else ""
             groups.setdefault(owner, []).append(name)
     return [(owner, tuple(names)) for owner, names in groups.items()]
+
+
+def trailing_param_names(model: nn.Module, max_parameters: int) -> tuple[str, ...]:
+    """The parameters of the model's last layers (in model order) that together hold at
+    most ``max_parameters``; the last layer always, whatever its size. Gradients of these
+    need the backward pass only down to the first of them."""
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    chosen: list[tuple[str, ...]] = []
+    total = 0
+    for _, names in reversed(layer_groups(model)):
+        size = sum(sizes[n] for n in names)
+        if chosen and total + size > max_parameters:
+            break
+        chosen.append(names)
+        total += size
+    return tuple(name for names in reversed(chosen) for name in names)
 
 
 def embedding_dim(model: nn.Module, num_checkpoints: int, config: EmbeddingConfig) -> int:
@@ -179,6 +200,7 @@ class GradientEmbedder:
                     config.projection_dim,
                     self._seed(t, part),
                     config.block_size,
+                    cache_bytes=config.projection_cache_bytes,
                 )
                 for part, names in enumerate(self.parts)
             ]
@@ -190,23 +212,51 @@ class GradientEmbedder:
         """Length of one embedding."""
         return len(self.checkpoints) * len(self.parts) * self.config.projection_dim
 
-    def embed(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def with_checkpoints(self, checkpoints: Sequence[Checkpoint]) -> GradientEmbedder:
+        """The same embedder over other states of as many checkpoints (a new final
+        version): it shares the model copy, its lock and the projections (with their
+        drawn matrices), so nothing is drawn again."""
+        if len(checkpoints) != len(self.checkpoints):
+            raise ValueError(f"need {len(self.checkpoints)} checkpoints, got {len(checkpoints)}")
+        twin = copy.copy(self)
+        twin.checkpoints = tuple(checkpoints)
+        return twin
+
+    @property
+    def block_width(self) -> int:
+        """Columns one checkpoint contributes: checkpoint ``t`` owns columns
+        ``[t * block_width, (t + 1) * block_width)``."""
+        return len(self.parts) * self.config.projection_dim
+
+    def embed(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        checkpoints: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Embeddings of inputs ``(n, *input_shape)`` with labels ``(n,)``: ``(n, dim)`` on CPU.
 
         Labels: the training label for a training sample, the final model's predicted
-        label for a test input (see the module docstring).
+        label for a test input (see the module docstring). ``checkpoints`` (indices into
+        ``self.checkpoints``) embeds only those blocks, ``(n, len(checkpoints) *
+        block_width)`` in the order given: each block depends on its checkpoint alone, so
+        a changed last checkpoint re-embeds one block, not all.
         """
         if inputs.shape[0] != labels.shape[0]:
             raise ValueError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        which = list(range(len(self.checkpoints)) if checkpoints is None else checkpoints)
+        if any(not 0 <= t < len(self.checkpoints) for t in which):
+            raise ValueError(f"checkpoint indices {which} outside 0..{len(self.checkpoints) - 1}")
         with self._model_lock:
-            return self._embed(inputs, labels)
+            return self._embed(inputs, labels, which)
 
-    def _embed(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _embed(self, inputs: torch.Tensor, labels: torch.Tensor, which: list[int]) -> torch.Tensor:
         n, k = inputs.shape[0], self.config.projection_dim
         dtype = next(self.model.parameters()).dtype
-        out = torch.zeros((n, self.dim), dtype=dtype)
-        width = len(self.parts) * k
-        for t, checkpoint in enumerate(self.checkpoints):
+        width = self.block_width
+        out = torch.zeros((n, len(which) * width), dtype=dtype)
+        for block, t in enumerate(which):
+            checkpoint = self.checkpoints[t]
             self.model.load_state_dict(checkpoint.state)
             self.model.eval()
             weight = math.sqrt(checkpoint.learning_rate)
@@ -223,7 +273,7 @@ class GradientEmbedder:
                         # A zero gradient stays zero (cosine 0) instead of becoming NaN.
                         norms = projected.norm(dim=1, keepdim=True)
                         projected = projected / norms.clamp_min(torch.finfo(dtype).tiny)
-                    column = t * width + part * k
+                    column = block * width + part * k
                     out[start:stop, column : column + k] = (weight * projected).cpu()
         return out
 

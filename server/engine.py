@@ -22,6 +22,7 @@ from torch import nn
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.evaluate import SetMeasurement, measure_set
 from expunge.defenses.training import Checkpoint, TrainConfig, train
+from expunge.server.device import resolve_device, synchronize
 from expunge.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,6 +30,7 @@ from expunge.server.errors import (
     NotFound,
     invalid_field,
 )
+from expunge.server.forget.policy import TrainingCost
 from expunge.server.model_factory import build_architecture
 from expunge.server.settings import Settings
 from expunge.server.state import weights as weights_io
@@ -120,6 +122,9 @@ class Engine:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        # Resolved here so a server configured for CUDA on a machine without it fails at
+        # start (DeviceUnavailable); training, forgets, scans and the index compute here.
+        self.device = resolve_device(settings.device)
         self._lock = threading.RLock()
         self._snapshots: dict[tuple[str, int], ModelSnapshot] = {}
         # The current version's snapshot per model: Predict's hot path reads no database.
@@ -162,7 +167,7 @@ class Engine:
             train_set = dataset
         model = build_architecture(spec, self.settings.trusted_factories, seed=config.seed)
         x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
-        result = train(model, x, y, config)
+        result = train(model, x, y, config, device=self.device)
         metrics = self.evaluate(model, x, y, test_set, config.weight_decay)
         # What the forget policy scales to estimate an exact retrain.
         metrics["training_seconds"] = result.seconds
@@ -195,7 +200,9 @@ class Engine:
         ]
         training = repository.training or TrainConfig(weight_decay=repository.weight_decay)
         if repository.training is not None:  # what the forget policy prices a retrain from
-            metrics["training_seconds"] = _timed_training_estimate(model, x, y, training)
+            metrics["training_seconds"] = _timed_training_estimate(
+                model, x, y, training, self.device
+            )
             metrics["training_seconds_estimated"] = 1.0
         config = {
             **training.to_dict(),
@@ -326,6 +333,18 @@ class Engine:
         }
 
     # Reading ---------------------------------------------------------------------------
+
+    def training_cost(self, name: str) -> TrainingCost:
+        """The model's last measured training (time and samples), from its version metrics
+        (a forget's version inherits its parent's); zero for a model never timed."""
+        row = self.model_row(name)
+        version = self.store.version(row.name, row.current_version)
+        while version is not None:
+            seconds = version.metrics.get("training_seconds")
+            if seconds is not None and seconds > 0 and version.num_samples > 0:
+                return TrainingCost(float(seconds), version.num_samples)
+            version = self.store.version(row.name, version.parent) if version.parent else None
+        return TrainingCost(0.0, 0)
 
     def model_row(self, name: str) -> ModelRow:
         row = self.store.model(parse_model_name(name))
@@ -594,12 +613,18 @@ class Engine:
 
 
 def _timed_training_estimate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, steps: int = 3
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device,
+    steps: int = 3,
 ) -> float:
     """An imported model's retrain time, never measured here: ``steps`` timed SGD steps of
-    the configuration's batch size on a copy (after one untimed warm-up), scaled to its
-    epochs over ``x``. The L-BFGS polish, when configured, is not included."""
-    scratch = copy.deepcopy(model).train()
+    the configuration's batch size on a copy (after one untimed warm-up) on ``device``,
+    where a retrain would run, scaled to its epochs over ``x``. The L-BFGS polish, when
+    configured, is not included."""
+    scratch = copy.deepcopy(model).to(device).train()
     optimiser = torch.optim.SGD(
         scratch.parameters(), lr=config.learning_rate, momentum=config.momentum
     )
@@ -608,10 +633,11 @@ def _timed_training_estimate(
     for step in range(steps + 1):
         started = time.perf_counter()
         rows = slice((step * batch) % max(len(x) - batch, 1), None)
-        xb, yb = x[rows][:batch], y[rows][:batch]
+        xb, yb = x[rows][:batch].to(device), y[rows][:batch].to(device)
         optimiser.zero_grad()
         torch.nn.functional.cross_entropy(scratch(xb), yb).backward()
         optimiser.step()
+        synchronize(device)
         if step:
             elapsed += time.perf_counter() - started
     return config.epochs * len(x) * elapsed / (steps * batch)

@@ -97,6 +97,10 @@ class RunningServer:
 def configure_torch(settings: Settings) -> None:
     """Fixed threads and deterministic kernels: the same request gives the same bytes."""
     torch.set_num_threads(settings.torch_threads)
+    if settings.device != "cpu":
+        # cuBLAS is deterministic only with a fixed workspace, which must be chosen before
+        # its first use (torch's reproducibility notes); the compute child inherits it.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Forget and scan computations run in worker threads; a short switch interval bounds
     # how long an RPC thread (a Forget acknowledgement, a Predict) waits for the GIL.
@@ -167,6 +171,7 @@ def _start_on(
                 index,
                 ScanSettings(
                     confirmation=settings.scan_confirmation,
+                    large_model_confirmation=settings.scan_large_model_confirmation,
                     training_evidence=settings.scan_training_evidence,
                     outlier_space=settings.scan_outlier_space,
                     combination=settings.scan_combination,

@@ -12,6 +12,7 @@ from expunge.server.forget.policy import PolicySettings
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ACCURACY_COLLAPSE_POLICIES = ("retrain", "hold", "serve")
+DEVICE_SETTINGS = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ class Settings:
     max_concurrent_rpcs: int = field(default=64, metadata={"help": "beyond: RESOURCE_EXHAUSTED"})
     workers: int = field(default=8, metadata={"help": "gRPC thread pool size"})
     torch_threads: int = field(default=1, metadata={"help": "fixed for deterministic results"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "where training, forgets, scans and the index compute: auto (cuda when "
+            "torch finds it, else cpu), cpu, or cuda (refused at start without CUDA); "
+            "stored weights are always written from the CPU"
+        },
+    )
     forget_in_subprocess: bool = field(
         default=True,
         metadata={"help": "compute forgets in a child process (keeps RPC latency low)"},
@@ -98,6 +107,13 @@ class Settings:
     scan_confirmation: str = field(
         default="auto",
         metadata={"help": "retrain, newton, or auto (retrain when training is cheap)"},
+    )
+    scan_large_model_confirmation: str = field(
+        default="trailing_layers",
+        metadata={
+            "help": "models too large for a dense Hessian confirm with the shared Hessian of "
+            "their last layers (trailing_layers) or Newton-CG on every parameter (newton_cg)"
+        },
     )
     scan_training_evidence: str = field(
         default="spectral",
@@ -192,10 +208,28 @@ class Settings:
     )
     index_memory_bytes: int = field(default=8 << 30, metadata={"help": "largest index built"})
     build_index: bool = field(default=True, metadata={"help": "build the gradient index at start"})
+    index_layers: str = field(
+        default="auto",
+        metadata={
+            "help": "gradients the index embeds: auto (all if their projections fit "
+            "index_projection_cache_bytes, else the trailing layers that fit), all, or "
+            "comma-separated module names"
+        },
+    )
+    index_projection_cache_bytes: int = field(
+        default=2 << 30,
+        metadata={"help": "projection matrices the index keeps drawn, all checkpoints together"},
+    )
+    index_ivf_threshold: int = field(
+        default=200_000,
+        metadata={"help": "training sets larger than this get an IVF index (flat: exact)"},
+    )
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICE_SETTINGS:
+            raise ValueError(f"device must be one of {DEVICE_SETTINGS}, not {self.device!r}")
         if self.on_accuracy_collapse not in ACCURACY_COLLAPSE_POLICIES:
             raise ValueError(
                 f"on_accuracy_collapse must be one of {ACCURACY_COLLAPSE_POLICIES}, "
@@ -230,6 +264,12 @@ class Settings:
                 "forget_profile must be 'auto', 'standard' or 'large_data', "
                 f"not {self.forget_profile!r}"
             )
+        if self.index_projection_cache_bytes < 0 or self.index_ivf_threshold < 1:
+            raise ValueError(
+                "index_projection_cache_bytes must be >= 0 and index_ivf_threshold >= 1"
+            )
+        if not self.index_layers.strip():
+            raise ValueError("index_layers must be 'auto', 'all' or module names")
         if not self.forget_auto_target_s > 0:
             raise ValueError("forget_auto_target_s must be > 0")
         if self.forget_hessian_samples < 1:

@@ -202,6 +202,18 @@ class FaissIndex(_Bookkeeping):
         scores[ids < 0] = _padding(mode)
         return SearchResult(ids, scores)
 
+    def stored_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A labelled flat index's ids ``(n,)``, vectors ``(n, dim)`` and labels ``(n,)`` as
+        stored; None for IVF (its lists hold no order to read back cheaply)."""
+        if self.config.kind != "flat" or self._labels is None or self.index_ is None:
+            return None
+        faiss = _import_faiss()
+        ids = faiss.vector_to_array(self.index_.id_map).astype(np.int64)
+        if not np.array_equal(ids, self._ids):  # flat removal keeps order; check, not assume
+            return None
+        vectors = self.index_.index.reconstruct_n(0, self.index_.index.ntotal)
+        return ids, np.asarray(vectors, dtype=np.float32), self._labels.copy()
+
     def _searcher(self) -> Any:
         """The GPU replica when configured and available, else the CPU index."""
         if not self._use_gpu():

@@ -41,6 +41,9 @@ class IndexMetadata:
     projection_dim: int = field(default=0, metadata={"help": "k per checkpoint (per layer)"})
     checkpoints: int = field(default=0, metadata={"help": "number of checkpoints T"})
     model_version: str = field(default="", metadata={"help": "model version embedded"})
+    param_names: tuple[str, ...] = field(
+        default=(), metadata={"help": "parameters whose gradients are embedded (empty: all)"}
+    )
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -52,6 +55,8 @@ class IndexMetadata:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexMetadata:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "param_names" in known:  # JSON has lists, the field a tuple
+            known["param_names"] = tuple(known["param_names"])
         return cls(**known)
 
 

@@ -246,21 +246,13 @@ class ForgetService:
     def _training_cost(self, model: str) -> TrainingCost:
         """The model's last measured training (time and samples), from its version metrics;
         a fixed default for models trained before it was recorded."""
-        store = self.engine.store
-        row = self.engine.model_row(model)
-        version = store.version(model, row.current_version)
-        while version is not None:
-            seconds = version.metrics.get("training_seconds")
-            if seconds is not None and seconds > 0 and version.num_samples > 0:
-                return TrainingCost(float(seconds), version.num_samples)
-            version = store.version(model, version.parent) if version.parent else None
-        return TrainingCost(0.0, 0)
+        return self.engine.training_cost(model)
 
     # Application (worker thread) -----------------------------------------------------------
 
     def _apply(self, request: RequestRow, reporter: ProgressReporter) -> None:
         if request.kind == "retrain":
-            apply_retrain(self.engine, request, reporter, environment())
+            apply_retrain(self.engine, request, reporter, environment(self.engine.device))
             return
         started = time.perf_counter()
         payload = ForgetPayload.from_dict(request.payload)
@@ -356,6 +348,8 @@ class ForgetService:
             "training_cost": training_cost,
             "policy": asdict(settings.forget_policy()),
             "trusted_factories": settings.trusted_factories,
+            # A string crosses the process boundary; the child computes there too.
+            "device": str(engine.device),
         }
         if self.compute is None:
             outcome = unlearn(model=model, spec=spec, reporter=reporter, **arrays, **arguments)
@@ -403,7 +397,7 @@ class ForgetService:
                 "parent_version": row.current_version,
                 **named.receipt_fields(),
                 "weights_sha256": weights_blob,
-                "environment": environment(),
+                "environment": environment(engine.device),
                 "seconds": time.perf_counter() - started,
             }
             # The after-measurement's figures, on the receipt's retained subset.

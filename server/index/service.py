@@ -3,18 +3,23 @@
 Embeddings (DESIGN 4.9) use the training checkpoints plus the served version's weights
 as the last checkpoint, so GAS neighbours reflect the model as it is served. Forgetting
 removes the forgotten ids from the index in the same commit (always in sync); the new
-version's weights make the last block stale, and a background job re-embeds.
+version's weights make the last block stale, and a background job re-embeds that block
+only (``embeddings``), outside the store's write lock, which it takes just to commit.
+The gradients embedded are those ``layers`` chooses; a training set beyond
+``index_ivf_threshold`` gets an IVF index trained on a seeded sample of all of it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ import torch
 from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
 from expunge.defenses.gradients import predicted_labels
 from expunge.defenses.index import (
+    FaissConfig,
     FaissIndex,
     GradientIndex,
     IndexBudgetError,
@@ -32,6 +38,13 @@ from expunge.defenses.index import (
 from expunge.defenses.training import Checkpoint
 from expunge.server.engine import Engine
 from expunge.server.errors import FailedPrecondition, invalid_field
+from expunge.server.index.embeddings import (
+    EmbeddingCache,
+    EmbeddingKey,
+    EmbeddingStopped,
+    TrainingEmbeddings,
+)
+from expunge.server.index.layers import embedded_param_names
 from expunge.server.state.store import ArtefactRow
 
 log = logging.getLogger("expunge.server.index")
@@ -54,9 +67,6 @@ class _Loaded:
     index: GradientIndex
     embedder: GradientEmbedder
     version: int
-    # Training embeddings (n, dim) and their ids, kept for Scan's full influence vectors.
-    vectors: torch.Tensor | None = None
-    ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -81,15 +91,20 @@ class IndexService:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._index_lock = threading.Lock()  # a loaded index's mutations vs its searches
+        # Training embeddings of the latest version (Scan's influences, the next build's
+        # trajectory blocks) and one embedder per model, whose drawn projections it keeps.
+        self._embeddings = EmbeddingCache()
+        self._embedders: dict[str, tuple[EmbeddingKey, GradientEmbedder]] = {}
         # Every version change (forget, retrain, rollback) reaches the index here.
         engine.on_version_change(self._follow_served_version)
 
     def _follow_served_version(self, model: str) -> None:
-        """The served version changed: old training embeddings go, and a re-embed starts."""
+        """The served version changed: a re-embed starts (of the final block, if it can)."""
+        row = self.engine.store.model(model)
+        if row is not None:
+            self._embeddings.keep_only(model, self.engine.training_data(model).sample_ids)
         with self._lock:
             loaded = self._loaded.get(model)
-            if loaded is not None:
-                loaded.vectors, loaded.ids = None, None
         if loaded is not None:
             # A forget removed its ids from the loaded index in the commit.
             self._set_state(model, size=len(loaded.index))
@@ -143,13 +158,22 @@ class IndexService:
             return
         blob, version = artefact.blob, artefact.version
         index = unpack_index(self.engine.store.blobs.get(blob))
-        embedder = self._embedder(model, int(index.metadata.model_version or version))
+        embedded = int(index.metadata.model_version or version)
+        key, embedder = self._embedder(model, embedded)
+        if (key.param_names or ()) != index.metadata.param_names or key.dim != index.dim:
+            log.info("the index of %s embeds other gradients than configured; rebuilding", model)
+            return
         current = self.engine.model_row(model).current_version
         with self._lock:
-            self._loaded[model] = _Loaded(
-                index, embedder, int(index.metadata.model_version or version)
+            self._loaded[model] = _Loaded(index, embedder, embedded)
+        stored = index.stored_vectors() if isinstance(index, FaissIndex) else None
+        if stored is not None and artefact.meta.get("trajectory") == key.trajectory:
+            # The next re-embed after a restart needs only the final block, too.
+            ids, vectors, labels = stored
+            self._embeddings.put(
+                model,
+                TrainingEmbeddings(embedded, key, embedder, torch.from_numpy(vectors), ids, labels),
             )
-        embedded = int(index.metadata.model_version or version)
         self._set_state(
             model,
             state="READY" if embedded == current else "STALE",
@@ -175,10 +199,59 @@ class IndexService:
         )
         return [*trajectory, final]
 
-    def _embedder(self, model: str, version: int) -> GradientEmbedder:
-        snapshot = self.engine.snapshot(model, version)
-        config = EmbeddingConfig(kind="gas", projection_dim=self.projection_dim, seed=0)
-        return GradientEmbedder(snapshot.module, self._checkpoints(model, version), config)
+    def _embedder(self, model: str, version: int) -> tuple[EmbeddingKey, GradientEmbedder]:
+        """The embedder of ``version``: the model's one, moved to this version's weights."""
+        checkpoints = self._checkpoints(model, version)
+        settings = self.engine.settings
+        module = self.engine.snapshot(model, version).module
+        names = embedded_param_names(
+            module,
+            settings.index_layers,
+            len(checkpoints),
+            self.projection_dim,
+            settings.index_projection_cache_bytes,
+        )
+        with self._lock:
+            known = self._embedders.get(model)
+        trajectory = self.engine.model_row(model).checkpoints_blob or ""
+        if (
+            known is not None
+            and known[0].trajectory == trajectory
+            and known[0].param_names == names
+        ):
+            return known[0], known[1].with_checkpoints(checkpoints)
+        config = EmbeddingConfig(
+            kind="gas",
+            projection_dim=self.projection_dim,
+            seed=0,
+            param_names=names,
+            projection_cache_bytes=settings.index_projection_cache_bytes // len(checkpoints),
+        )
+        embedder = GradientEmbedder(module, checkpoints, config, self.engine.device)
+        key = EmbeddingKey(trajectory, names, embedder.dim)
+        with self._lock:
+            self._embedders[model] = (key, embedder)
+        return key, embedder
+
+    def _training_embeddings_of(
+        self, model: str, version: int, progress: bool = False
+    ) -> TrainingEmbeddings:
+        key, embedder = self._embedder(model, version)
+        data = self.engine.training_data(model)
+
+        def report(fraction: float) -> None:
+            self._set_state(model, progress=fraction)
+
+        return self._embeddings.get(
+            model,
+            version,
+            key,
+            embedder,
+            (data.features, data.labels, data.sample_ids),
+            report if progress else None,
+            # A stop abandons background builds; a scan waiting for its answer goes on.
+            self._stopping if progress else None,
+        )
 
     def build_in_background(self, model: str) -> None:
         """Build now, or, if a build of this model is running, once more after it."""
@@ -215,58 +288,37 @@ class IndexService:
         with self._lock:
             self._building.discard(model)
 
-    def build(self, model: str, shard_size: int = 512) -> IndexState:
-        """Embed every training sample for the current version and persist the index."""
+    def build(self, model: str) -> IndexState:
+        """Embed the training samples for the current version and persist the index."""
         row = self.engine.model_row(model)
         version = row.current_version
         previous = self.state(model)
         self._set_state(
             model, state="BUILDING" if previous.state == "ABSENT" else previous.state, progress=0.0
         )
-        embedder = self._embedder(model, version)
-        data = self.engine.training_data(model)
+        key, embedder = self._embedder(model, version)
+        n = len(self.engine.training_data(model).labels)
+        kind: Literal["flat", "ivf"] = (
+            "flat" if n <= self.engine.settings.index_ivf_threshold else "ivf"
+        )
         try:
             # Refuse a build that would not fit before spending any time on it.
             check_index_fits(
-                len(data.labels),
-                embedder.dim,
-                "flat",
-                "float32",
-                self.engine.settings.index_memory_bytes,
+                n, embedder.dim, kind, "float32", self.engine.settings.index_memory_bytes
             )
         except IndexBudgetError as exc:
             self._set_state(model, state="ABSENT", progress=0.0, message=str(exc))
             raise
-        metadata = IndexMetadata(
-            dim=embedder.dim,
-            embedding_kind="gas",
-            projection_seed=0,
-            projection_dim=self.projection_dim,
-            checkpoints=len(embedder.checkpoints),
-            model_version=str(version),
-        )
-        index = FaissIndex(embedder.dim, metadata=metadata)
-        n = len(data.labels)
-        parts = []
-        for start in range(0, n, shard_size):
-            if self._stopping.is_set():
-                return self.state(model)
-            vectors = embedder.embed(
-                data.features[start : start + shard_size], data.labels[start : start + shard_size]
-            )
-            parts.append(vectors)
-            index.add(
-                data.sample_ids[start : start + shard_size],
-                vectors,
-                data.labels[start : start + shard_size].numpy(),
-            )
-            self._set_state(model, progress=min(1.0, (start + shard_size) / n))
-        all_vectors = torch.cat(parts) if parts else torch.zeros(0, embedder.dim)
+        try:
+            embedded = self._training_embeddings_of(model, version, progress=True)
+        except EmbeddingStopped:
+            return self.state(model)
+        index = _faiss_index(embedded, kind, version)
         store = self.engine.store
         with store.write_lock:
             # Samples forgotten while we embedded must not enter the index.
             present = set(self.engine.training_data(model).sample_ids.tolist())
-            gone = [int(i) for i in data.sample_ids if int(i) not in present]
+            gone = [int(i) for i in embedded.ids if int(i) not in present]
             if gone:
                 index.remove(np.array(gone, dtype=np.int64))
             if self.engine.model_row(model).current_version != version:
@@ -275,11 +327,10 @@ class IndexService:
                 self._set_state(model, progress=0.0)
                 return self.state(model)
             blob = store.blobs.put(pack_index(index))
-            store.put_artefact(ArtefactRow(model, ARTEFACT, blob, version, {}))
+            meta = {"trajectory": key.trajectory, "kind": kind}
+            store.put_artefact(ArtefactRow(model, ARTEFACT, blob, version, meta))
             with self._lock:
-                self._loaded[model] = _Loaded(
-                    index, embedder, version, all_vectors, data.sample_ids.copy()
-                )
+                self._loaded[model] = _Loaded(index, embedded.embedder, version)
             store.blobs.collect_garbage(store.referenced_blobs())
         self._set_state(
             model, state="READY", embedded_version=version, size=len(index), progress=1.0
@@ -307,20 +358,22 @@ class IndexService:
                 packed = pack_index(loaded.index)
         return replace(persisted, blob=self.engine.store.blobs.put(packed))
 
+    def has_embeddings(self, model: str) -> bool:
+        """Whether an index is loaded, so Scan can take its influences from it."""
+        with self._lock:
+            return model in self._loaded
+
     def training_embeddings(
         self, model: str
     ) -> tuple[GradientEmbedder, torch.Tensor, np.ndarray] | None:
-        """The embedder and the training embeddings ``(n, dim)`` with their ids, if an index is loaded."""
-        with self._lock:
-            loaded = self._loaded.get(model)
-        if loaded is None:
+        """The current version's embedder and training embeddings ``(n, dim)`` with their
+        ids, if an index is loaded; computed here (the final block only, when it can) if
+        the background build has not yet done so."""
+        if not self.has_embeddings(model):
             return None
-        if loaded.vectors is None:
-            data = self.engine.training_data(model)
-            loaded.vectors = loaded.embedder.embed(data.features, data.labels)
-            loaded.ids = data.sample_ids.copy()
-        assert loaded.ids is not None
-        return loaded.embedder, loaded.vectors, loaded.ids
+        version = self.engine.model_row(model).current_version
+        embedded = self._training_embeddings_of(model, version)
+        return embedded.embedder, embedded.vectors, embedded.ids
 
     # Queries ------------------------------------------------------------------------------
 
@@ -378,6 +431,33 @@ class IndexService:
                 )
             hits.append(row_hits)
         return hits, state, row.current_version
+
+
+def _faiss_index(
+    embedded: TrainingEmbeddings, kind: Literal["flat", "ivf"], version: int
+) -> FaissIndex:
+    """A flat index of the embeddings or, for large sets, an IVF one whose k-means runs on
+    a seeded sample of all of them (training on the first shard alone would bias lists)."""
+    key = embedded.key
+    metadata = IndexMetadata(
+        dim=key.dim,
+        embedding_kind="gas",
+        projection_seed=0,
+        projection_dim=embedded.embedder.config.projection_dim,
+        checkpoints=len(embedded.embedder.checkpoints),
+        model_version=str(version),
+        param_names=key.param_names or (),
+    )
+    config = FaissConfig(kind=kind, seed=0)
+    index = FaissIndex(key.dim, config, metadata=metadata)
+    vectors = embedded.vectors.numpy()
+    if kind == "ivf":
+        lists = max(1, round(math.sqrt(len(vectors))))
+        take = min(len(vectors), lists * config.max_points_per_centroid)
+        rows = np.sort(np.random.default_rng(0).permutation(len(vectors))[:take])
+        index.train(vectors[rows])
+    index.add(embedded.ids, vectors, embedded.labels)
+    return index
 
 
 def pack_index(index: GradientIndex) -> bytes:

@@ -16,10 +16,12 @@ import threading
 import torch
 
 from expunge.defenses.counterfactual import CounterfactualConfig, SharedHessianCounterfactual
+from expunge.defenses.embeddings import trailing_param_names
 from expunge.defenses.newton import NewtonConfig, apply_update, newton_cg_update
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.targets import implicated_samples
 from expunge.defenses.training import TrainConfig, train
+from expunge.server.device import module_on
 from expunge.server.engine import Engine
 from expunge.server.errors import Aborted
 from expunge.server.forget.profile import (
@@ -68,7 +70,10 @@ class CounterfactualConfirmation:
             return mode
         config = TrainConfig.from_dict(self.engine.model_row(model).train_config)
         size = len(self.engine.training_data(model).labels) * config.epochs
-        return "retrain" if size <= self.settings.retrain_max_sample_epochs else "newton"
+        # A run never timed (-1) is judged by its size alone, as before timing was recorded.
+        seconds = self.engine.training_cost(model).retrain_s(size // max(config.epochs, 1))
+        cheap = size <= self.settings.retrain_max_sample_epochs
+        return "retrain" if cheap and seconds <= self.settings.retrain_max_s else "newton"
 
     def _proponents(self, model: str, influences: torch.Tensor, label: int) -> torch.Tensor:
         data = self.engine.training_data(model)
@@ -107,18 +112,23 @@ class CounterfactualConfirmation:
         self, model: str, removed: torch.Tensor | None, x: torch.Tensor, mode: str
     ) -> torch.Tensor:
         """Softmax outputs ``(q, C)`` on ``x`` ``(q, *shape)`` of the current model, or of a
-        scratch copy without the training rows ``removed`` (nothing is committed)."""
+        scratch copy without the training rows ``removed`` (nothing is committed); on the
+        CPU, wherever the scratch copy was computed."""
         snapshot = self.engine.snapshot(model)
         if removed is None:
             scratch = snapshot.module
         elif mode == "retrain":
             scratch = self._retrained_without(model, removed)
-        elif sum(p.numel() for p in snapshot.module.parameters()) <= DENSE_HESSIAN_MAX:
+        elif (
+            sum(p.numel() for p in snapshot.module.parameters()) <= DENSE_HESSIAN_MAX
+            or self.settings.large_model_confirmation == "trailing_layers"
+        ):
             scratch = self._solver(model).removed(removed)
         else:
             scratch = self._newton_cg_without(model, removed)
+        device = next(scratch.parameters()).device
         with torch.no_grad():
-            return torch.softmax(scratch(x), dim=1)
+            return torch.softmax(scratch(x.to(device)), dim=1).cpu()
 
     def _retrained_without(self, model: str, removed: torch.Tensor) -> torch.nn.Module:
         """The model retrained from scratch without ``removed``: same spec, config and seed."""
@@ -129,7 +139,7 @@ class CounterfactualConfirmation:
         config = TrainConfig.from_dict({**row.train_config, "checkpoints": 1})
         spec = self.engine.snapshot(model).spec
         scratch = build_architecture(spec, self.engine.settings.trusted_factories, config.seed)
-        train(scratch, data.features[keep], data.labels[keep], config)
+        train(scratch, data.features[keep], data.labels[keep], config, device=self.engine.device)
         scratch.eval()
         return scratch
 
@@ -147,7 +157,7 @@ class CounterfactualConfirmation:
         data = self.engine.training_data(model)
         forget = torch.zeros(len(data.labels), dtype=torch.bool)
         forget[removed] = True
-        scratch = copy.deepcopy(snapshot.module)
+        scratch = copy.deepcopy(snapshot.module).to(self.engine.device)
         large = len(data.labels) >= LARGE_DATA_MIN_SAMPLES
         config = (
             NewtonConfig(
@@ -183,9 +193,36 @@ class CounterfactualConfirmation:
             if cached is not None and cached[0] == snapshot.version:
                 return cached[1]
             data = self.engine.training_data(model)
-            config = CounterfactualConfig(iterations=self.settings.newton_iterations)
+            module = snapshot.module
+            selection = None
+            if sum(p.numel() for p in module.parameters()) > DENSE_HESSIAN_MAX:
+                # Too large for one dense Hessian: the removal moves the last layers only
+                # (last-layer influence), and the calibration uses the same counterfactual.
+                names = trailing_param_names(module, DENSE_HESSIAN_MAX)
+                params = dict(module.named_parameters())
+                selection = ParameterSelection(
+                    {n: torch.arange(params[n].numel()) for n in names}, names
+                )
+            large = len(data.labels) >= LARGE_DATA_MIN_SAMPLES
+            config = CounterfactualConfig(
+                # As the forget's large-data profile: one removal step, the model taken as
+                # the optimum, so a confirmation never passes over every training sample.
+                iterations=LARGE_DATA_NEWTON_ITERATIONS
+                if large
+                else self.settings.newton_iterations,
+                assume_optimum=large,
+                # Exact for an output layer (the logits are linear in it), PSD before it,
+                # and one Jacobian per sample instead of a Hessian-vector product per entry.
+                hessian="exact" if selection is None else "gauss_newton",
+            )
+            # The solver computes on its model's device and keeps its own copy there.
             solver = SharedHessianCounterfactual(
-                snapshot.module, data.features, data.labels, self._weight_decay(model), config
+                module_on(snapshot.module, self.engine.device),
+                data.features,
+                data.labels,
+                self._weight_decay(model),
+                config,
+                selection,
             )
             self._solvers[model] = (snapshot.version, solver)
             return solver

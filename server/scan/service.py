@@ -55,6 +55,7 @@ from expunge.defenses.targets import (
     target_score,
 )
 from expunge.defenses.training import TrainConfig
+from expunge.server.device import module_on
 from expunge.server.engine import Engine
 from expunge.server.errors import FailedPrecondition, invalid_field
 from expunge.server.forget.service import ForgetService
@@ -117,7 +118,7 @@ class ScanService:
     def _source(self, model: str, estimator: str) -> str:
         """Where this version's influences come from: the index's embeddings or exact GAS."""
         index = self.index
-        if estimator == "gas" and index is not None and index.training_embeddings(model):
+        if estimator == "gas" and index is not None and index.has_embeddings(model):
             return "index"
         return "exact"
 
@@ -140,6 +141,7 @@ class ScanService:
             return queries @ vectors[rows].T
         checkpoints = self.engine.checkpoints(model)
         config = InfluenceConfig(weight_decay=self._weight_decay(model))
+        # Computed on the engine's device; the ranking and statistics after it are CPU work.
         return influence_scores(
             snapshot.module,
             checkpoints,
@@ -148,7 +150,8 @@ class ScanService:
             x,
             estimator,  # type: ignore[arg-type]
             config,
-        )  # type: ignore[arg-type]
+            device=self.engine.device,
+        ).cpu()
 
     def _weight_decay(self, model: str) -> float:
         return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
@@ -162,7 +165,10 @@ class ScanService:
         if cached is not None and cached[0] == snapshot.version:
             return cached[1]
         data = self.engine.training_data(model)
-        representations = penultimate_features(snapshot.module, data.features)
+        # One pass over the training set, on the engine's device; the result is on the CPU.
+        representations = penultimate_features(
+            module_on(snapshot.module, self.engine.device), data.features
+        )
         side = TrainingSide(
             representations,
             self._class_outlier_z(representations, data.features, data.labels),

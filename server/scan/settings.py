@@ -48,6 +48,20 @@ class ScanSettings:
         default=100_000,
         metadata={"help": "auto retrains when training samples x epochs is at most this"},
     )
+    large_model_confirmation: str = field(
+        default="trailing_layers",
+        metadata={
+            "help": "models too large for a dense Hessian: trailing_layers (shared Hessian "
+            "of the last layers; fast) or newton_cg (Newton-CG on every parameter; slow)"
+        },
+    )
+    retrain_max_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "and when the model's recorded training run took at most this many "
+            "seconds (a convolutional net on few samples can be slow to retrain)"
+        },
+    )
     retrain_filter_false_positive_rate: float = field(
         default=0.5, metadata={"help": "the first filter's clean pass rate when retraining"}
     )
@@ -139,6 +153,8 @@ class ScanSettings:
             raise ValueError(f"outlier_space must be one of {OUTLIER_SPACES}")
         if self.mitigation_rule not in MITIGATION_RULES:
             raise ValueError(f"mitigation_rule must be one of {MITIGATION_RULES}")
+        if self.large_model_confirmation not in ("trailing_layers", "newton_cg"):
+            raise ValueError("large_model_confirmation must be 'trailing_layers' or 'newton_cg'")
         if self.combination not in COMBINATIONS:
             raise ValueError(f"combination must be one of {COMBINATIONS}")
         if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):

@@ -20,6 +20,8 @@ from torch import nn
 from expunge.defenses.training import Checkpoint
 from expunge.server.errors import InvalidArgument
 
+CHECKPOINTS_KEY = "expunge_checkpoints"
+
 
 def state_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise a state dict (contiguous CPU copies, names sorted for stable bytes)."""
@@ -68,12 +70,14 @@ def checkpoints_to_bytes(checkpoints: list[Checkpoint]) -> bytes:
         for i, c in enumerate(checkpoints)
         for name, tensor in c.state.items()
     }
-    meta = {
-        "format": "expunge-checkpoints-v1",
-        "learning_rates": json.dumps([c.learning_rate for c in checkpoints]),
-        "steps": json.dumps([c.step for c in checkpoints]),
+    # One metadata key: safetensors writes several in a random order, which made two
+    # identical runs store different bytes.
+    trajectory = {
+        "format": "expunge-checkpoints-v2",
+        "learning_rates": [c.learning_rate for c in checkpoints],
+        "steps": [c.step for c in checkpoints],
     }
-    return state_to_bytes(state, meta)
+    return state_to_bytes(state, {CHECKPOINTS_KEY: json.dumps(trajectory, sort_keys=True)})
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -94,8 +98,12 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 def checkpoints_from_bytes(data: bytes) -> list[Checkpoint]:
     state = parse_state(data)
     meta = safetensors_metadata(data)
-    rates = json.loads(meta.get("learning_rates", "[]"))
-    steps = json.loads(meta.get("steps", "[]"))
+    if CHECKPOINTS_KEY in meta:
+        trajectory = json.loads(meta[CHECKPOINTS_KEY])
+        rates, steps = trajectory["learning_rates"], trajectory["steps"]
+    else:  # v1: one key per field, as stores written before v2 hold
+        rates = json.loads(meta.get("learning_rates", "[]"))
+        steps = json.loads(meta.get("steps", "[]"))
     result = []
     for i, (rate, step) in enumerate(zip(rates, steps, strict=True)):
         prefix = f"t{i:04d}/"

@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.counterfactual import CounterfactualConfig, SharedHessianCounterfactual
+from expunge.defenses.embeddings import trailing_param_names
 from expunge.defenses.evaluate import output_kl
 from expunge.defenses.newton import (
     NewtonConfig,
@@ -609,6 +610,36 @@ def test_shared_hessian_first_step_equals_an_explicit_damped_solve(rough_mlp) ->
     assert _rel(solver.removal_delta(removed), expected) < 1e-8
     drop = solver.probability_drop(x[3], removed)
     assert -1.0 <= drop <= 1.0
+
+
+def test_shared_hessian_on_the_last_layers_moves_only_them_by_their_damped_solve(
+    rough_mlp,
+) -> None:
+    # Scan's counterfactual for a model too large for one dense Hessian: the last layers'
+    # block of H, the removal taken from the model as J's optimum (no full-data gradient).
+    model, x, y = rough_mlp
+    x, y = x[:120], y[:120]
+    removed = torch.tensor([3, 17, 40])
+    names = trailing_param_names(model, 700)
+    assert names == tuple(n for n, _ in model.named_parameters())[-2:]
+    params = dict(model.named_parameters())
+    last = ParameterSelection({n: torch.arange(params[n].numel()) for n in names}, names)
+    config = CounterfactualConfig(
+        iterations=1, damping=1e-2, hessian_samples=len(x), assume_optimum=True
+    )
+    solver = SharedHessianCounterfactual(model, x, y, MLP_WD, config, last)
+    assert not solver.full_gradient.any()
+    j, _, v = _slice_objective(model, last, x, y, MLP_WD)
+    h = torch.autograd.functional.hessian(j, v, vectorize=True)
+    mu = 1e-2 + max(0.0, -float(torch.linalg.eigvalsh(h)[0]))
+    n, m = len(x), len(removed)
+    forget_sum = objective_gradient(model, last, x[removed], y[removed], 0.0) * m
+    g = -(forget_sum + m * MLP_WD * v) / (n - m)
+    expected = -torch.linalg.solve(h + mu * torch.eye(len(v), dtype=h.dtype), g)
+    assert _rel(solver.removal_delta(removed), expected) < 1e-8
+    scratch = solver.removed(removed)
+    for name, parameter in scratch.named_parameters():
+        assert torch.equal(parameter, params[name]) == (name not in names)
 
 
 def test_exact_hessian_passes_are_sized_by_activation_floats(monkeypatch) -> None:

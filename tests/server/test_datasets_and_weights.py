@@ -124,3 +124,31 @@ def test_data_files_outside_the_data_root_and_urls_are_refused(tmp_path: Path) -
         resolve_dataset(str(root / "link.npz"), 0, root)
     with pytest.raises(ValueError, match="URLs"):
         resolve_dataset("https://example.com/data.npz", 0, root)
+
+
+def test_checkpoints_serialise_to_the_same_bytes_every_time_and_v1_still_reads() -> None:
+    import json
+
+    from safetensors.torch import save as torch_save
+
+    from expunge.defenses.training import Checkpoint
+
+    states = [{"w": torch.full((3,), float(i)), "b": torch.zeros(1)} for i in range(3)]
+    checkpoints = [
+        Checkpoint(step=10 * i, learning_rate=0.1 / (i + 1), state=s) for i, s in enumerate(states)
+    ]
+    encoded = {weights_io.checkpoints_to_bytes(checkpoints) for _ in range(20)}
+    assert len(encoded) == 1
+    (data,) = encoded
+    for read, wrote in zip(weights_io.checkpoints_from_bytes(data), checkpoints, strict=True):
+        assert (read.step, read.learning_rate) == (wrote.step, wrote.learning_rate)
+        assert all(torch.equal(read.state[k], wrote.state[k]) for k in wrote.state)
+    legacy = torch_save(
+        {f"t{i:04d}/{k}": v for i, c in enumerate(checkpoints) for k, v in c.state.items()},
+        metadata={
+            "format": "expunge-checkpoints-v1",
+            "learning_rates": json.dumps([c.learning_rate for c in checkpoints]),
+            "steps": json.dumps([c.step for c in checkpoints]),
+        },
+    )
+    assert [c.step for c in weights_io.checkpoints_from_bytes(legacy)] == [0, 10, 20]

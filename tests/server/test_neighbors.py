@@ -167,11 +167,25 @@ def test_derived_training_caches_are_dropped_at_the_commit(client: Client, serve
     index = server.forget.index  # type: ignore[attr-defined]
     index.stop()
     embeddings = index.training_embeddings("digits")
-    assert embeddings is not None and index._loaded["digits"].vectors is not None
+    assert embeddings is not None
+    _, before, before_ids = embeddings
     victims = engine.training_data("digits").sample_ids[:3].tolist()
-    client.forget("digits", sample_ids=victims, request_id="caches", wait=True)
-    # Per-sample embeddings of the old training set, forgotten samples included, are gone
-    # and come back from the current data only.
-    assert index._loaded["digits"].vectors is None
+    assert set(victims) <= set(before_ids.tolist())
+    trajectory = engine.model_row("digits").checkpoints_blob
+    # A targeted update keeps the training trajectory (a retrain would replace it).
+    client.forget(
+        "digits", sample_ids=victims, request_id="caches", selection="lcodec_cg", wait=True
+    )
+    assert engine.model_row("digits").checkpoints_blob == trajectory
+    # Per-sample embeddings of the forgotten samples are gone at the commit; the others
+    # keep their trajectory blocks, and their final block (the old weights') is dropped.
+    cached = index._embeddings.peek("digits")
+    assert not set(cached.ids.tolist()) & set(victims)
+    width = cached.embedder.block_width
+    assert not cached.vectors[:, -width:].any()
     _, vectors, ids = index.training_embeddings("digits")
     assert not set(ids.tolist()) & set(victims) and len(vectors) == len(ids)
+    # Only the final block was embedded again: the trajectory blocks are the same numbers.
+    rows = [before_ids.tolist().index(i) for i in ids.tolist()]
+    assert torch.equal(vectors[:, :-width], before[rows, :-width])
+    assert not torch.equal(vectors[:, -width:], before[rows, -width:])

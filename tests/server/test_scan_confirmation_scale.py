@@ -46,7 +46,8 @@ def test_a_large_training_set_confirms_with_the_large_data_counts(
         monkeypatch.setattr(  # type: ignore[attr-defined]
             "expunge.server.scan.confirmation.newton_cg_update", recorded
         )
-        confirm = CounterfactualConfirmation(engine, ScanSettings(confirmation="newton"))
+        settings = ScanSettings(confirmation="newton", large_model_confirmation="newton_cg")
+        confirm = CounterfactualConfirmation(engine, settings)
         probe = torch.from_numpy(data.features[:4])
         before = confirm.probabilities("big", None, probe, "newton")
         after = confirm.probabilities("big", torch.arange(200), probe, "newton")
@@ -58,5 +59,17 @@ def test_a_large_training_set_confirms_with_the_large_data_counts(
         assert config.iterations == 1
         assert full_gradient is not None and not full_gradient.any()  # the removal alone
         assert not torch.equal(before, after)  # removing 200 samples moved the model
+
+        # The default: the shared Hessian of the last layers, one removal step from the
+        # model taken as the optimum; Newton-CG is never called.
+        seen.clear()
+        confirm = CounterfactualConfirmation(engine, ScanSettings(confirmation="newton"))
+        moved = confirm.probabilities("big", torch.arange(200), probe, "newton")
+        assert not seen
+        solver = confirm._solver("big")
+        names = [n for n, _ in engine.snapshot("big").module.named_parameters()]
+        assert solver.selection.names == names[-2:]  # the output layer: 1,282 entries
+        assert solver.config.iterations == 1 and solver.config.assume_optimum
+        assert not torch.equal(before, moved)
     finally:
         store.close()

@@ -1,0 +1,161 @@
+"""Training embeddings of a model's served version, re-embedding only what changed.
+
+A GAS embedding is one block per checkpoint (DESIGN 4.9), and each block depends on its
+checkpoint alone. The index's checkpoints are the training trajectory plus the served
+version's weights; a forget changes only the last. So the embeddings of a new version
+keep the trajectory blocks of the rows that remain and embed one block, not all: after
+a forget on the 50k-image model that is a quarter of the work. A retrain, a rollback to
+another trajectory, or a new layer choice embeds everything again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from expunge.defenses.embeddings import GradientEmbedder
+
+Progress = Callable[[float], None]
+STALE = -1  # the version of embeddings whose final block was dropped
+
+
+class EmbeddingStopped(Exception):
+    """The service is stopping: the embedding was abandoned between shards."""
+
+
+@dataclass(frozen=True)
+class EmbeddingKey:
+    """What the trajectory blocks depend on besides the samples."""
+
+    trajectory: str  # the checkpoints blob
+    param_names: tuple[str, ...] | None
+    dim: int
+
+
+@dataclass(frozen=True)
+class TrainingEmbeddings:
+    """``vectors`` ``(n, dim)`` of the training samples ``ids`` (``labels``) at ``version``."""
+
+    version: int
+    key: EmbeddingKey
+    embedder: GradientEmbedder
+    vectors: torch.Tensor
+    ids: np.ndarray
+    labels: np.ndarray
+
+
+class EmbeddingCache:
+    """The latest training embeddings of each model; one computation at a time per model,
+    so a scan asking while the background build embeds waits for it and reuses it."""
+
+    def __init__(self, shard_size: int = 512) -> None:
+        self.shard_size = shard_size
+        self._latest: dict[str, TrainingEmbeddings] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def peek(self, model: str) -> TrainingEmbeddings | None:
+        with self._guard:
+            return self._latest.get(model)
+
+    def put(self, model: str, embeddings: TrainingEmbeddings) -> None:
+        with self._guard:
+            self._latest[model] = embeddings
+
+    def keep_only(self, model: str, ids: np.ndarray) -> None:
+        """A new version is served: drop the rows of samples no longer trained on (a
+        forgotten sample's embedding must not outlive the commit) and the stale final
+        block; the trajectory blocks of the rest stay for the next re-embed."""
+        with self._lock(model):
+            latest = self.peek(model)
+            if latest is None:
+                return
+            keep = np.isin(latest.ids, ids)
+            vectors = latest.vectors[torch.from_numpy(keep)]
+            width = latest.embedder.block_width
+            vectors[:, vectors.shape[1] - width :] = 0.0
+            self.put(
+                model,
+                replace(
+                    latest,
+                    version=STALE,
+                    vectors=vectors,
+                    ids=latest.ids[keep],
+                    labels=latest.labels[keep],
+                ),
+            )
+
+    def _lock(self, model: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(model, threading.Lock())
+
+    def get(
+        self,
+        model: str,
+        version: int,
+        key: EmbeddingKey,
+        embedder: GradientEmbedder,
+        data: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+        progress: Progress | None = None,
+        stopping: threading.Event | None = None,
+    ) -> TrainingEmbeddings:
+        """Embeddings of ``data`` (features, labels, ids) at ``version``: cached, updated in
+        the final block, or embedded whole."""
+        with self._lock(model):
+            latest = self.peek(model)
+            reusable = latest if latest is not None and latest.key == key else None
+            if (
+                reusable is not None
+                and reusable.version == version
+                and np.array_equal(reusable.ids, data[2])
+            ):
+                return reusable
+            vectors = _embed(embedder, data, reusable, self.shard_size, progress, stopping)
+            labels = data[1].numpy().copy()
+            result = TrainingEmbeddings(version, key, embedder, vectors, data[2].copy(), labels)
+            self.put(model, result)
+            return result
+
+
+def _embed(
+    embedder: GradientEmbedder,
+    data: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+    previous: TrainingEmbeddings | None,
+    shard_size: int,
+    progress: Progress | None,
+    stopping: threading.Event | None,
+) -> torch.Tensor:
+    features, labels, ids = data
+    last = len(embedder.checkpoints) - 1
+    rows = _rows_of(previous.ids, ids) if previous is not None else None
+    which = [last] if rows is not None else None
+    n = len(ids)
+    if rows is not None:
+        assert previous is not None
+        vectors = previous.vectors[torch.from_numpy(rows)]  # a copy: the old one stays intact
+    else:
+        vectors = torch.zeros((n, embedder.dim), dtype=torch.float32)
+    columns = slice(last * embedder.block_width if which else 0, embedder.dim)
+    for start in range(0, n, shard_size):
+        if stopping is not None and stopping.is_set():
+            raise EmbeddingStopped
+        stop = min(start + shard_size, n)
+        block = embedder.embed(features[start:stop], labels[start:stop], which)
+        vectors[start:stop, columns] = block.to(vectors.dtype)
+        if progress is not None:
+            progress(stop / n)
+    return vectors
+
+
+def _rows_of(known: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
+    """Positions of ``wanted`` ids in ``known``, or None if any is missing."""
+    order = np.argsort(known, kind="stable")
+    found = np.searchsorted(known, wanted, sorter=order)
+    found = np.clip(found, 0, max(len(known) - 1, 0))
+    if len(known) == 0 or not np.array_equal(known[order[found]], wanted):
+        return None
+    return order[found]
