@@ -281,7 +281,8 @@ def _forget_plans(
 
 def run(case: Case, workdir: Path) -> dict[str, Any]:
     torch.set_num_threads(2)
-    n_train, n_test, recipe, name = case.train_samples, case.test_samples, case.recipe, case.name
+    n_train, n_test, recipe = case.train_samples, case.test_samples, case.recipe
+    name = case.name.replace("_", "-")  # model names take no underscores
     began = time.perf_counter()
     images, labels = cifar_shaped(n_train + n_test, seed=0)
     ids = np.arange(n_train + n_test, dtype=np.int64)
@@ -321,12 +322,12 @@ def run(case: Case, workdir: Path) -> dict[str, Any]:
         references[pattern] = ([m for m, _, _ in trained], [t for _, _, t in trained])
         print(f"references for {pattern}: {[round(t, 1) for _, _, t in trained]} s", flush=True)
     repository = workdir / "repository"
-    write_repository(repository, model, states, arrays["train"], arrays["test"], recipe, name)
+    write_repository(repository, model, states, arrays["train"], arrays["test"], recipe, case.name)
     data_bytes = sum(a.nbytes for part in arrays.values() for a in part.values())
 
     config = workdir / "server.toml"
     config.write_text(
-        f'[server]\ntrusted_factories = {{ {name} = "benchmarks.scale_models:{name}" }}\n'
+        f'[server]\ntrusted_factories = {{ {case.name} = "benchmarks.scale_models:{case.name}" }}\n'
         f'state_dir = "{workdir / "state"}"\n'
         "max_import_bytes = 8589934592\n"
         # Both cores (the default, 1, keeps a server beside other work): set, not tuned.
@@ -342,7 +343,7 @@ def run(case: Case, workdir: Path) -> dict[str, Any]:
         env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     result: dict[str, Any] = {
-        "case": name,
+        "case": case.name,
         "training_samples": n_train,
         "test_samples": n_test,
         "parameters": sum(p.numel() for p in model.parameters()),
