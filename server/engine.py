@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -436,8 +437,10 @@ class Engine:
             cached = self._data_cache.get(row.name)
         if cached is not None and cached.blob == row.train_blob:
             return cached
-        arrays = weights_io.arrays_from_bytes(self.store.blobs.get(row.train_blob))
-        ids = arrays["sample_ids"]
+        # Memory-mapped: the data is held once, in the page cache, and the compute process
+        # maps the same file (``data_path``) instead of receiving a copy.
+        arrays = weights_io.arrays_from_file(self.store.blobs.verified_path(row.train_blob))
+        ids = np.asarray(arrays["sample_ids"])
         owners = self.store.owners_of(row.name, ids.tolist())
         data = TrainingData(
             torch.from_numpy(arrays["features"]),
@@ -480,9 +483,13 @@ class Engine:
         except Exception:  # a warm-up: the first forget measures what is missing
             log.debug("preload stopped", exc_info=True)
 
+    def data_path(self, blob: str) -> Path:
+        """The file of a data shard, for a process that maps it (already verified)."""
+        return self.store.blobs.path(blob)
+
     def test_data(self, name: str) -> Dataset:
         row = self.model_row(name)
-        arrays = weights_io.arrays_from_bytes(self.store.blobs.get(row.test_blob))
+        arrays = weights_io.arrays_from_file(self.store.blobs.verified_path(row.test_blob))
         n = arrays["labels"].shape[0]
         spec = ArchitectureSpec.from_dict(row.spec)
         return Dataset(

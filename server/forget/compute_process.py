@@ -20,8 +20,10 @@ import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from expunge.server.forget.computation import PhaseReporter, UnlearningOutcome, unlearn
@@ -36,6 +38,36 @@ class ComputeProcessDied(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ForgetData:
+    """The forget's data by reference: the stored shards' files and the forgotten rows.
+
+    Each process maps the files (``weights_io.arrays_from_file``), so the data crosses no
+    pipe and the page cache holds it once for the server and its compute process; only
+    the forget and retained rows are copied, where they are computed on.
+    """
+
+    train_path: str  # the training shard the forget reads (verified by the server)
+    test_path: str
+    forget_rows: np.ndarray  # int64 positions in the training shard
+
+    def arrays(self) -> dict[str, Any]:
+        """``unlearn``'s forget_x/y, retained_x/y and test_x/y."""
+        train = weights_io.arrays_from_file(Path(self.train_path))
+        test = weights_io.arrays_from_file(Path(self.test_path))
+        mask = np.zeros(len(train["labels"]), dtype=bool)
+        mask[self.forget_rows] = True
+        features, labels = train["features"], np.asarray(train["labels"])
+        return {
+            "forget_x": torch.from_numpy(np.ascontiguousarray(features[mask])),
+            "forget_y": torch.from_numpy(labels[mask]),
+            "retained_x": torch.from_numpy(np.ascontiguousarray(features[~mask])),
+            "retained_y": torch.from_numpy(labels[~mask]),
+            "test_x": torch.from_numpy(test["features"]),
+            "test_y": torch.from_numpy(np.asarray(test["labels"])),
+        }
+
+
+@dataclass(frozen=True)
 class UnlearningJob:
     """Everything ``unlearn`` needs, in a form that crosses a process boundary."""
 
@@ -43,7 +75,8 @@ class UnlearningJob:
     spec: dict[str, Any]
     trusted_factories: dict[str, str]
     weights: bytes  # safetensors
-    arrays: dict[str, Any]  # tensors forget_x/y, retained_x/y, test_x/y
+    data: ForgetData
+    arrays: dict[str, Any]  # other tensor arguments (the kept test measurement)
     arguments: dict[str, Any]  # the other keyword arguments of ``unlearn``
 
 
@@ -59,7 +92,8 @@ def run_unlearning(
     weights_io.load_into(model, job.weights)
     for p in model.parameters():
         p.requires_grad_(True)
-    outcome = unlearn(model=model, spec=spec, reporter=reporter, **job.arrays, **job.arguments)
+    arrays = {**job.data.arrays(), **job.arrays}
+    outcome = unlearn(model=model, spec=spec, reporter=reporter, **arrays, **job.arguments)
     return outcome, weights_io.model_to_bytes(model)
 
 

@@ -26,7 +26,7 @@ from expunge.server.forget.computation import (
     recipe_for,
     unlearn,
 )
-from expunge.server.forget.compute_process import ComputeProcess, UnlearningJob
+from expunge.server.forget.compute_process import ComputeProcess, ForgetData, UnlearningJob
 from expunge.server.forget.journal import JobRunner, ProgressReporter
 from expunge.server.forget.policy import TrainingCost
 from expunge.server.forget.profile import choose_profile
@@ -300,16 +300,15 @@ class ForgetService:
         for p in model.parameters():
             p.requires_grad_(True)
         keep = torch.from_numpy(~mask)
-        forget_idx = torch.from_numpy(mask)
         test = engine.test_data(payload.model)
+        # By reference: the files the server verified and maps, and the forgotten rows.
+        forget_data = ForgetData(
+            str(engine.data_path(data.blob)),
+            str(engine.data_path(row.test_blob)),
+            np.flatnonzero(mask).astype(np.int64),
+        )
         arrays: dict[str, Any] = {
-            "forget_x": data.features[forget_idx],
-            "forget_y": data.labels[forget_idx],
-            "retained_x": data.features[keep],
-            "retained_y": data.labels[keep],
-            "test_x": torch.from_numpy(test.features),
-            "test_y": torch.from_numpy(test.labels),
-            "test_before": engine.test_measurement(payload.model, snapshot.version),
+            "test_before": engine.test_measurement(payload.model, snapshot.version)
         }
         settings = engine.settings
         recipe = recipe_for(
@@ -352,13 +351,21 @@ class ForgetService:
             "device": str(engine.device),
         }
         if self.compute is None:
-            outcome = unlearn(model=model, spec=spec, reporter=reporter, **arrays, **arguments)
+            outcome = unlearn(
+                model=model,
+                spec=spec,
+                reporter=reporter,
+                **forget_data.arrays(),
+                **arrays,
+                **arguments,
+            )
         else:
             job = UnlearningJob(
                 job=request.request_id,
                 spec=row.spec,
                 trusted_factories=engine.settings.trusted_factories,
                 weights=weights_io.model_to_bytes(model),
+                data=forget_data,
                 arrays=arrays,
                 arguments=arguments,
             )

@@ -68,6 +68,20 @@ class BlobStore:
             )
         return data
 
+    def verified_path(self, digest: str) -> Path:
+        """The blob's file, its hash checked by streaming it (never held whole): for a
+        caller that memory-maps it instead of reading it."""
+        path = self.path(digest)
+        hasher = hashlib.sha256()
+        with path.open("rb") as handle:
+            for piece in iter(lambda: handle.read(1 << 22), b""):
+                hasher.update(piece)
+        if hasher.hexdigest() != digest:
+            raise FailedPrecondition(
+                f"stored artefact {digest[:12]} is corrupt (hash mismatch); restore it from backup"
+            )
+        return path
+
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 

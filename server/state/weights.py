@@ -7,6 +7,8 @@ does not match the architecture is refused with a clear error and never executed
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,6 +116,43 @@ def checkpoints_from_bytes(data: bytes) -> list[Checkpoint]:
 
 def arrays_to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return bytes(np_save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}))
+
+
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def arrays_from_file(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays, memory-mapped copy-on-write (DESIGN 8, issue 19 item 3):
+    pages are read when used and shared by every process that maps the same file, so the
+    server and its compute process hold the data once; a write stays private to its
+    process and never reaches the file."""
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError as exc:
+            raise InvalidArgument(f"{path.name}: safetensors header is not JSON") from exc
+    start = 8 + size
+    arrays: dict[str, np.ndarray] = {}
+    for name, entry in sorted(header.items()):
+        if name == "__metadata__":
+            continue
+        dtype = _NUMPY_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise InvalidArgument(f"{path.name}: {name} has unsupported dtype {entry.get('dtype')}")
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(v) for v in entry["data_offsets"])
+        count = math.prod(shape)
+        if end - begin != count * np.dtype(dtype).itemsize:
+            raise InvalidArgument(f"{path.name}: {name}'s byte range does not fit its shape")
+        if count == 0:  # mmap cannot map nothing
+            arrays[name] = np.zeros(shape, dtype=dtype)
+        else:
+            arrays[name] = np.memmap(path, dtype=dtype, mode="c", offset=start + begin, shape=shape)
+    return arrays
 
 
 def arrays_from_bytes(data: bytes) -> dict[str, np.ndarray]:
