@@ -13,6 +13,8 @@ class IndexInfo:
     embedded_version: int
     size: int
     progress: float
+    # Parameters whose gradients the index embeds; empty: every parameter.
+    embedded_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ def model(msg: pb.Model) -> t.ModelInfo:
             embedded_version=msg.index.embedded_version,
             size=msg.index.size,
             progress=msg.index.progress,
+            embedded_parameters=tuple(msg.index.embedded_parameters),
         ),
     )
 

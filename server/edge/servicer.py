@@ -59,6 +59,7 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             embedded_version=s.embedded_version,
             size=s.size,
             progress=s.progress,
+            embedded_parameters=list(s.embedded_parameters),
         )
 
     @handles_errors

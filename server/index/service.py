@@ -60,6 +60,7 @@ class IndexState:
     size: int = 0
     progress: float = 0.0
     message: str = ""
+    embedded_parameters: tuple[str, ...] = ()  # empty: every parameter
 
 
 @dataclass
@@ -180,6 +181,7 @@ class IndexService:
             embedded_version=embedded,
             size=len(index),
             progress=1.0,
+            embedded_parameters=index.metadata.param_names,
         )
 
     # Building --------------------------------------------------------------------------
@@ -333,7 +335,12 @@ class IndexService:
                 self._loaded[model] = _Loaded(index, embedded.embedder, version)
             store.blobs.collect_garbage(store.referenced_blobs())
         self._set_state(
-            model, state="READY", embedded_version=version, size=len(index), progress=1.0
+            model,
+            state="READY",
+            embedded_version=version,
+            size=len(index),
+            progress=1.0,
+            embedded_parameters=key.param_names or (),
         )
         return self.state(model)
 

@@ -79,6 +79,8 @@ def test_a_large_model_embeds_its_trailing_layers_in_an_ivf_index(
         assert loaded.embedder.param_names == tuple(output)
         assert loaded.index.metadata.param_names == tuple(output)
         assert engine.store.artefact("digits", ARTEFACT).meta["kind"] == "ivf"
+        # The response says which gradients its neighbours and scores come from.
+        assert client.get_model("digits").index.embedded_parameters == tuple(output)
         data = engine.training_data("digits")
         exact = ExactTorchIndex(loaded.embedder.dim)
         exact.add(data.sample_ids, loaded.embedder.embed(data.features, data.labels))
@@ -108,6 +110,7 @@ def test_a_restarted_server_re_embeds_only_the_final_block(state_dir: Path) -> N
     with Client(running.target, timeout=60.0) as client:
         _ready(client)
         _, before, before_ids = running.forget.index.training_embeddings("digits")  # type: ignore[union-attr,misc]
+        assert client.get_model("digits").index.embedded_parameters == ()  # every one
     running.stop(grace=0.5)
     running = start(Settings(state_dir=state_dir, port=0))
     try:

@@ -26,7 +26,7 @@ class InputSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class IndexStatus(_message.Message):
-    __slots__ = ("state", "embedded_version", "size", "progress")
+    __slots__ = ("state", "embedded_version", "size", "progress", "embedded_parameters")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[IndexStatus.State]
@@ -43,11 +43,13 @@ class IndexStatus(_message.Message):
     EMBEDDED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     state: IndexStatus.State
     embedded_version: int
     size: int
     progress: float
-    def __init__(self, state: _Optional[_Union[IndexStatus.State, str]] = ..., embedded_version: _Optional[int] = ..., size: _Optional[int] = ..., progress: _Optional[float] = ...) -> None: ...
+    embedded_parameters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[_Union[IndexStatus.State, str]] = ..., embedded_version: _Optional[int] = ..., size: _Optional[int] = ..., progress: _Optional[float] = ..., embedded_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "architecture", "input_spec", "num_classes", "current_version", "num_training_samples", "num_owners", "num_checkpoints", "metrics", "index", "forgotten_samples", "weight_decay")
