@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from expunge.defenses.architectures import ArchitectureSpec
+from expunge.defenses.architectures import ArchitectureSpec, BasicBlock
 
 
 def cifar_cnn(spec: ArchitectureSpec, seed: int = 0) -> nn.Module:
@@ -33,26 +33,6 @@ def cifar_cnn(spec: ArchitectureSpec, seed: int = 0) -> nn.Module:
     )
 
 
-class _BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
-
-    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(outputs)
-        self.downsample: nn.Module = nn.Identity()
-        if stride != 1 or inputs != outputs:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.downsample(x))
-
-
 class ResNet18(nn.Module):
     """The standard ResNet-18 (He et al. 2016; torchvision's layout: 7x7 stride-2 stem,
     max pool, four stages of two basic blocks, 64-512 channels): 11.2M parameters with
@@ -70,7 +50,7 @@ class ResNet18(nn.Module):
         for i, width in enumerate(widths):
             stride = 1 if i == 0 else 2
             stages.append(
-                nn.Sequential(_BasicBlock(inputs, width, stride), _BasicBlock(width, width, 1))
+                nn.Sequential(BasicBlock(inputs, width, stride), BasicBlock(width, width, 1))
             )
             inputs = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

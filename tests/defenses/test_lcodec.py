@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TypeVar
 
 import pytest
@@ -21,6 +20,7 @@ from expunge.defenses.lcodec import (
 )
 from expunge.defenses.selection import ParameterSelection
 from expunge.defenses.training import TrainConfig, train
+from tests.defenses.planted import planted_network
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -338,20 +338,7 @@ RELEVANT = (1, 4, 6)  # the hidden units the planted loss depends on
 
 
 def _planted(seed: int) -> nn.Module:
-    """12 -> 8 (tanh) -> 3 network whose logit c reads only hidden unit RELEVANT[c]."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden, out = nn.Linear(12, 8), nn.Linear(8, 3)
-    with torch.no_grad():
-        # Random (correlated) hidden directions: the irrelevant units do carry
-        # information about the input, just none about the loss beyond the relevant ones.
-        hidden.weight.copy_(torch.randn(8, 12, generator=generator) / 12**0.5)
-        hidden.bias.zero_()
-        out.weight.zero_()
-        out.bias.zero_()
-        for c, r in enumerate(RELEVANT):
-            out.weight[c, r] = 2.0
-    model = nn.Sequential(OrderedDict([("hidden", hidden), ("act", nn.Tanh()), ("out", out)]))
-    return model.eval()
+    return planted_network(seed, 8, RELEVANT)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -4,7 +4,6 @@ the per-block budget split into chunks instead of skipped."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
@@ -21,6 +20,7 @@ from expunge.defenses.lcodec import (
     unit_parameter_map,
 )
 from expunge.defenses.selection import ParameterSelection
+from tests.defenses.planted import planted_network
 
 
 def _inputs(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -123,20 +123,7 @@ WIDE = 100
 
 
 def _planted_wide(seed: int) -> nn.Module:
-    """12 -> 100 (tanh) -> 3 network whose logit c reads only hidden unit RELEVANT[c]."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden, out = nn.Linear(12, WIDE), nn.Linear(WIDE, 3)
-    with torch.no_grad():
-        # Random, correlated hidden directions: the other 97 units carry information
-        # about the input, none about the loss beyond the relevant three.
-        hidden.weight.copy_(torch.randn(WIDE, 12, generator=generator) / 12**0.5)
-        hidden.bias.zero_()
-        out.weight.zero_()
-        out.bias.zero_()
-        for c, r in enumerate(RELEVANT):
-            out.weight[c, r] = 2.0
-    model = nn.Sequential(OrderedDict([("hidden", hidden), ("act", nn.Tanh()), ("out", out)]))
-    return model.eval()
+    return planted_network(seed, WIDE, RELEVANT)
 
 
 # Logit c is a function of hidden unit RELEVANT[c] alone: both name one variable.
