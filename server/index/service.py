@@ -238,8 +238,19 @@ class IndexService:
     def _training_embeddings_of(
         self, model: str, version: int, progress: bool = False
     ) -> TrainingEmbeddings:
-        key, embedder = self._embedder(model, version)
         data = self.engine.training_data(model)
+        cached = self._embeddings.peek(model)
+        trajectory = self.engine.model_row(model).checkpoints_blob or ""
+        if (
+            cached is not None
+            and cached.version == version
+            and cached.key.trajectory == trajectory
+            and np.array_equal(cached.ids, data.sample_ids)
+        ):
+            # Scan asks once per chunk: the embedder (checkpoints read from the store, the
+            # served weights copied) is built only when something must be embedded.
+            return cached
+        key, embedder = self._embedder(model, version)
 
         def report(fraction: float) -> None:
             self._set_state(model, progress=fraction)
