@@ -57,6 +57,10 @@ class EmbeddingCache:
         self._latest: dict[str, TrainingEmbeddings] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # Bumped by keep_only, with the ids still trained on: a computation that started
+        # before is pruned to them when it ends.
+        self._generation: dict[str, int] = {}
+        self._allowed: dict[str, np.ndarray] = {}
 
     def peek(self, model: str) -> TrainingEmbeddings | None:
         with self._guard:
@@ -69,25 +73,16 @@ class EmbeddingCache:
     def keep_only(self, model: str, ids: np.ndarray) -> None:
         """A new version is served: drop the rows of samples no longer trained on (a
         forgotten sample's embedding must not outlive the commit) and the stale final
-        block; the trajectory blocks of the rest stay for the next re-embed."""
-        with self._lock(model):
-            latest = self.peek(model)
-            if latest is None:
-                return
-            keep = np.isin(latest.ids, ids)
-            vectors = latest.vectors[torch.from_numpy(keep)]
-            width = latest.embedder.block_width
-            vectors[:, vectors.shape[1] - width :] = 0.0
-            self.put(
-                model,
-                replace(
-                    latest,
-                    version=STALE,
-                    vectors=vectors,
-                    ids=latest.ids[keep],
-                    labels=latest.labels[keep],
-                ),
-            )
+        block; the trajectory blocks of the rest stay for the next re-embed.
+
+        Never waits for an embedding in progress (the forget's worker calls this after
+        its commit): one that ends later is pruned the same way before it is kept."""
+        with self._guard:
+            self._generation[model] = self._generation.get(model, 0) + 1
+            self._allowed[model] = ids
+            latest = self._latest.get(model)
+            if latest is not None:
+                self._latest[model] = _pruned(latest, ids)
 
     def _lock(self, model: str) -> threading.Lock:
         with self._guard:
@@ -106,6 +101,8 @@ class EmbeddingCache:
         """Embeddings of ``data`` (features, labels, ids) at ``version``: cached, updated in
         the final block, or embedded whole."""
         with self._lock(model):
+            with self._guard:
+                started = self._generation.get(model, 0)
             latest = self.peek(model)
             reusable = latest if latest is not None and latest.key == key else None
             if (
@@ -117,8 +114,25 @@ class EmbeddingCache:
             vectors = _embed(embedder, data, reusable, self.shard_size, progress, stopping)
             labels = data[1].numpy().copy()
             result = TrainingEmbeddings(version, key, embedder, vectors, data[2].copy(), labels)
-            self.put(model, result)
+            with self._guard:
+                changed = self._generation.get(model, 0) != started
+                kept = _pruned(result, self._allowed[model]) if changed else result
+                self._latest[model] = kept
             return result
+
+
+def _pruned(embeddings: TrainingEmbeddings, ids: np.ndarray) -> TrainingEmbeddings:
+    """Only the rows of ``ids``, the final block dropped (its version is no longer served)."""
+    keep = np.isin(embeddings.ids, ids)
+    vectors = embeddings.vectors[torch.from_numpy(keep)]
+    vectors[:, vectors.shape[1] - embeddings.embedder.block_width :] = 0.0
+    return replace(
+        embeddings,
+        version=STALE,
+        vectors=vectors,
+        ids=embeddings.ids[keep],
+        labels=embeddings.labels[keep],
+    )
 
 
 def _embed(

@@ -132,3 +132,41 @@ def test_a_restarted_server_re_embeds_only_the_final_block(state_dir: Path) -> N
         torch.testing.assert_close(after[:, :-width], before[rows, :-width])
     finally:
         running.stop(grace=0.5)
+
+
+def test_pruning_at_a_commit_never_waits_for_an_embedding_and_reaches_it() -> None:
+    import threading
+
+    from expunge.defenses.embeddings import EmbeddingConfig, GradientEmbedder
+    from expunge.defenses.training import Checkpoint
+    from expunge.server.index.embeddings import STALE, EmbeddingCache, EmbeddingKey
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    checkpoints = [Checkpoint(0, 0.1, model.state_dict()), Checkpoint(1, 0.1, model.state_dict())]
+    embedder = GradientEmbedder(model, checkpoints, EmbeddingConfig(projection_dim=4))
+    key = EmbeddingKey("trajectory", None, embedder.dim)
+    x, y, ids = torch.randn(10, 4), torch.randint(0, 3, (10,)), np.arange(10, dtype=np.int64)
+    cache = EmbeddingCache(shard_size=2)
+    halfway, go_on = threading.Event(), threading.Event()
+
+    def slow(fraction: float) -> None:
+        if fraction >= 0.5:
+            halfway.set()
+            go_on.wait(30)
+
+    worker = threading.Thread(target=cache.get, args=("m", 1, key, embedder, (x, y, ids), slow))
+    worker.start()
+    assert halfway.wait(30)
+    # A forget commits while the embedding runs: the pruning returns at once...
+    pruner = threading.Thread(target=cache.keep_only, args=("m", ids[3:]))
+    pruner.start()
+    pruner.join(5)
+    assert not pruner.is_alive()
+    go_on.set()
+    worker.join(30)
+    # ...and the embedding that ends afterwards is kept pruned: no forgotten row survives.
+    kept = cache.peek("m")
+    assert kept is not None and kept.version == STALE
+    assert kept.ids.tolist() == list(range(3, 10))
+    assert not kept.vectors[:, -embedder.block_width :].any()
