@@ -31,6 +31,7 @@ from expunge.server.errors import (
     NotFound,
     invalid_field,
 )
+from expunge.server.foreground import ForegroundWork
 from expunge.server.forget.policy import TrainingCost
 from expunge.server.model_factory import build_architecture
 from expunge.server.settings import Settings
@@ -134,6 +135,8 @@ class Engine:
         # (model, version) -> that version's test-set losses and accuracy, for the "before"
         # of the next forget (versions are immutable; one per model is kept).
         self._test_measured: dict[str, tuple[int, SetMeasurement]] = {}
+        # Forgets and retrains computing now; background index work yields to them.
+        self.foreground = ForegroundWork()
         # Bumped per model whenever its current version changes (forget_snapshot_cache).
         self._generations: dict[str, int] = {}
         self._version_listeners: list[Callable[[str], None]] = []
@@ -169,13 +172,14 @@ class Engine:
         model = build_architecture(spec, self.settings.trusted_factories, seed=config.seed)
         x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
         result = train(model, x, y, config, device=self.device)
-        metrics = self.evaluate(model, x, y, test_set, config.weight_decay)
+        metrics, tested = self.evaluate(model, x, y, test_set, config.weight_decay)
         # What the forget policy scales to estimate an exact retrain.
         metrics["training_seconds"] = result.seconds
         self._store_new_model(
             name, spec, config.to_dict(), model, result.checkpoints, train_set, test_set,
             metrics, actor, "train", "create_model",
         )  # fmt: skip
+        self.keep_test_measurement(name, 1, tested)
         return self.model_info(name)
 
     def import_model(
@@ -195,7 +199,7 @@ class Engine:
         model.eval()
         train_set, test_set = repository.train, repository.test
         x, y = torch.from_numpy(train_set.features), torch.from_numpy(train_set.labels)
-        metrics = self.evaluate(model, x, y, test_set, repository.weight_decay)
+        metrics, tested = self.evaluate(model, x, y, test_set, repository.weight_decay)
         checkpoints = repository.checkpoints or [
             Checkpoint(0, 1.0, {k: v.detach().clone() for k, v in model.state_dict().items()})
         ]
@@ -215,6 +219,7 @@ class Engine:
             name, spec, config, model, checkpoints, train_set, test_set, metrics, actor,
             "import", "import_model",
         )  # fmt: skip
+        self.keep_test_measurement(name, 1, tested)
         return self.model_info(name)
 
     def refuse_existing(self, name: str) -> None:
@@ -300,9 +305,10 @@ class Engine:
     @staticmethod
     def evaluate(
         model: nn.Module, x: torch.Tensor, y: torch.Tensor, test_set: Dataset, weight_decay: float
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], SetMeasurement]:
         """A version's metrics: one batched pass over the training data and one over the test
-        set (a forget on 60k samples spent 1.6 s of its commit in four full-batch passes)."""
+        set (a forget on 60k samples spent 1.6 s of its commit in four full-batch passes);
+        with the test-set measurement, which the version's first forget starts from."""
         from expunge.defenses.evaluate import losses_and_hits
 
         model.eval()
@@ -311,12 +317,13 @@ class Engine:
         test_losses, test_hits = losses_and_hits(model, tx, ty)
         with torch.no_grad():
             l2 = float(sum((p.double() ** 2).sum() for p in model.parameters()))
-        return {
+        metrics = {
             "train_accuracy": _mean(train_hits),
             "test_accuracy": _mean(test_hits),
             "train_objective": _mean(train_losses) + 0.5 * weight_decay * l2,
             "test_loss": _mean(test_losses),
         }
+        return metrics, SetMeasurement(test_losses.cpu(), metrics["test_accuracy"])
 
     @staticmethod
     def metrics_of(

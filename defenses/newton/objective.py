@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 from ..gradients import sample_loss
 from ..selection import ParameterSelection
 from .config import NewtonConfig
+from .jacobian import selected_logit_jacobian
 
 __all__ = ["RetainedObjective", "objective_gradient", "retained_gradient_from_full"]
 
@@ -183,12 +184,20 @@ class RetainedObjective:
 
     def _add_gauss_newton(self, h: torch.Tensor, v: torch.Tensor, xb: torch.Tensor) -> None:
         # GN: J_z^T (diag(p) - p p^T) J_z per sample, J_z = d logits / d v; PSD by design.
-        def logits_one(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-            return self.logits(w, xi.unsqueeze(0)).squeeze(0)
+        direct = selected_logit_jacobian(
+            self.model, lambda w: self.logits(w, xb), v, self.names, self.indices, xb
+        )
+        if direct is not None:
+            jac, logits = direct  # (B, C, p), (B, C)
+        else:
 
-        jac = vmap(jacrev(logits_one), in_dims=(None, 0))(v, xb)  # (B, C, p)
-        with torch.no_grad():
-            probs = torch.softmax(self.logits(v, xb), dim=1)  # (B, C)
+            def logits_one(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+                return self.logits(w, xi.unsqueeze(0)).squeeze(0)
+
+            jac = vmap(jacrev(logits_one), in_dims=(None, 0))(v, xb)
+            with torch.no_grad():
+                logits = self.logits(v, xb)
+        probs = torch.softmax(logits, dim=1)  # (B, C)
         weighted = probs.unsqueeze(2) * jac  # (B, C, p)
         mixed = weighted.sum(dim=1)  # (B, p): sum_c p_c J_c
         flat_jac = jac.reshape(-1, jac.shape[-1])

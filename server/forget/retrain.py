@@ -58,7 +58,7 @@ def apply_retrain(
     result = train(model, data.features, data.labels, config, device=engine.device)
     reporter.phase("verifying", message="measuring the retrained model")
     test = engine.test_data(payload.model)
-    metrics = engine.evaluate(model, data.features, data.labels, test, config.weight_decay)
+    metrics, tested = engine.evaluate(model, data.features, data.labels, test, config.weight_decay)
     metrics["training_seconds"] = result.seconds
     reporter.phase("committing")
     # Held from the first blob written to the commit that references it: a garbage
@@ -104,4 +104,5 @@ def apply_retrain(
         # The old checkpoints were trained on forgotten samples: nothing references them now.
         store.blobs.collect_garbage(store.referenced_blobs())
     engine.forget_snapshot_cache(payload.model)
+    engine.keep_test_measurement(payload.model, new_version, tested)
     return new_version

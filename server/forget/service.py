@@ -251,6 +251,10 @@ class ForgetService:
     # Application (worker thread) -----------------------------------------------------------
 
     def _apply(self, request: RequestRow, reporter: ProgressReporter) -> None:
+        with self.engine.foreground.running():
+            self._apply_now(request, reporter)
+
+    def _apply_now(self, request: RequestRow, reporter: ProgressReporter) -> None:
         if request.kind == "retrain":
             apply_retrain(self.engine, request, reporter, environment(self.engine.device))
             return

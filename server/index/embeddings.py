@@ -20,6 +20,9 @@ import torch
 from expunge.defenses.embeddings import GradientEmbedder
 
 Progress = Callable[[float], None]
+# Called between shards with "is a caller waiting for this embedding?": background work
+# pauses there while foreground work runs (``ForegroundWork.yield_to``).
+Pause = Callable[[Callable[[], bool]], object]
 STALE = -1  # the version of embeddings whose final block was dropped
 
 
@@ -61,6 +64,9 @@ class EmbeddingCache:
         # before is pruned to them when it ends.
         self._generation: dict[str, int] = {}
         self._allowed: dict[str, np.ndarray] = {}
+        # Callers of get() waiting for a model's embedding: a background one never pauses
+        # while someone waits for its result.
+        self._waiting: dict[str, int] = {}
 
     def peek(self, model: str) -> TrainingEmbeddings | None:
         with self._guard:
@@ -97,9 +103,36 @@ class EmbeddingCache:
         data: tuple[torch.Tensor, torch.Tensor, np.ndarray],
         progress: Progress | None = None,
         stopping: threading.Event | None = None,
+        pause: Pause | None = None,
     ) -> TrainingEmbeddings:
         """Embeddings of ``data`` (features, labels, ids) at ``version``: cached, updated in
-        the final block, or embedded whole."""
+        the final block, or embedded whole. ``pause``: a background caller's (see
+        ``Pause``); a caller without one counts as waiting for the result."""
+        if pause is None:
+            with self._guard:
+                self._waiting[model] = self._waiting.get(model, 0) + 1
+        try:
+            return self._get(model, version, key, embedder, data, progress, stopping, pause)
+        finally:
+            if pause is None:
+                with self._guard:
+                    self._waiting[model] -= 1
+
+    def _someone_waits(self, model: str) -> bool:
+        with self._guard:
+            return self._waiting.get(model, 0) > 0
+
+    def _get(
+        self,
+        model: str,
+        version: int,
+        key: EmbeddingKey,
+        embedder: GradientEmbedder,
+        data: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+        progress: Progress | None,
+        stopping: threading.Event | None,
+        pause: Pause | None,
+    ) -> TrainingEmbeddings:
         with self._lock(model):
             with self._guard:
                 started = self._generation.get(model, 0)
@@ -111,7 +144,8 @@ class EmbeddingCache:
                 and np.array_equal(reusable.ids, data[2])
             ):
                 return reusable
-            vectors = _embed(embedder, data, reusable, self.shard_size, progress, stopping)
+            between = None if pause is None else lambda: pause(lambda: self._someone_waits(model))
+            vectors = _embed(embedder, data, reusable, self.shard_size, progress, stopping, between)
             labels = data[1].numpy().copy()
             result = TrainingEmbeddings(version, key, embedder, vectors, data[2].copy(), labels)
             with self._guard:
@@ -142,6 +176,7 @@ def _embed(
     shard_size: int,
     progress: Progress | None,
     stopping: threading.Event | None,
+    between_shards: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     features, labels, ids = data
     last = len(embedder.checkpoints) - 1
@@ -155,6 +190,8 @@ def _embed(
         vectors = torch.zeros((n, embedder.dim), dtype=torch.float32)
     columns = slice(last * embedder.block_width if which else 0, embedder.dim)
     for start in range(0, n, shard_size):
+        if between_shards is not None:
+            between_shards()
         if stopping is not None and stopping.is_set():
             raise EmbeddingStopped
         stop = min(start + shard_size, n)

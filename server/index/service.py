@@ -17,6 +17,7 @@ import math
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -264,7 +265,12 @@ class IndexService:
             report if progress else None,
             # A stop abandons background builds; a scan waiting for its answer goes on.
             self._stopping if progress else None,
+            # A background build yields the cores to a forget computing meanwhile.
+            self._yield_to_foreground if progress else None,
         )
+
+    def _yield_to_foreground(self, someone_waits: Callable[[], bool]) -> float:
+        return self.engine.foreground.yield_to(self._stopping, someone_waits)
 
     def build_in_background(self, model: str) -> None:
         """Build now, or, if a build of this model is running, once more after it."""

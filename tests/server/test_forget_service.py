@@ -315,7 +315,7 @@ def test_the_large_data_profile_reaches_the_computation(state_dir: Path) -> None
                 ForgetRecipe(objective_samples=256, seed=method.seed),
             )
             weight_decay = TrainConfig.from_dict(engine.model_row("digits").train_config)
-            own = engine.evaluate(
+            own, _ = engine.evaluate(
                 model, sub_x, sub_y, engine.test_data("digits"), weight_decay.weight_decay
             )
             for key in ("train_accuracy", "test_accuracy", "train_objective", "test_loss"):

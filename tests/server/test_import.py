@@ -136,6 +136,43 @@ def test_an_imported_model_with_training_config_and_checkpoints_retrains(
             assert op.retrain_receipt.training_samples == 455
             results = list(client.scan("cancer", np.zeros((2, 30), dtype=np.float32)))
             assert not any("final weights only" in r.decision for r in results)
+            # The retrained version's test measurement is kept for its first forget.
+            _assert_kept_measurement_is_fresh(engine, "cancer", op.retrain_receipt.new_version)
+    finally:
+        running.stop(0)
+
+
+def _assert_kept_measurement_is_fresh(engine: object, name: str, version: int) -> None:
+    """The engine kept ``version``'s test-set measurement, equal to a pass of its own."""
+    from expunge.defenses.evaluate import measure_set
+
+    kept = engine.test_measurement(name, version)  # type: ignore[attr-defined]
+    assert kept is not None, f"{name} v{version}: no test measurement kept"
+    test = engine.test_data(name)  # type: ignore[attr-defined]
+    fresh = measure_set(
+        engine.snapshot(name, version).module,  # type: ignore[attr-defined]
+        torch.from_numpy(test.features),
+        torch.from_numpy(test.labels),
+    )
+    assert torch.equal(kept.losses, fresh.losses) and kept.accuracy == fresh.accuracy
+
+
+def test_an_import_keeps_its_test_measurement_for_the_first_forget(tmp_path: Path) -> None:
+    """The first forget after an import starts from the import's own test-set pass (a
+    10,000-sample CNN pass is 1.7 s of a forget), and reports the same figures."""
+    repo = tmp_path / "repo"
+    _write_repository(repo, training=False, checkpoints=False)
+    running = start(Settings(state_dir=tmp_path / "state", port=0, build_index=False))
+    try:
+        engine = running.engine  # type: ignore[attr-defined]
+        engine.import_model("cancer", read_repository(repo, {}))
+        _assert_kept_measurement_is_fresh(engine, "cancer", 1)
+        imported = engine.test_measurement("cancer", 1).accuracy
+        with Client(running.target, timeout=600) as client:
+            owner = str(engine.training_data("cancer").owner_ids[0])
+            op = client.forget("cancer", owner_ids=[owner], wait=True)
+            assert op.receipt is not None
+            assert op.receipt.before.test_accuracy == imported
     finally:
         running.stop(0)
 
