@@ -230,6 +230,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             args.model,
             sample_ids=args.sample,
             owner_ids=args.owner,
+            sample_keys=args.sample_key,
             request_id=args.request_id,
             wait=not args.no_wait,
             on_progress=_progress,
@@ -411,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     _operation_arguments(p)
     p.add_argument("--owner", action="append", default=[], help="owner id (repeatable)")
     p.add_argument("--sample", action="append", type=int, default=[], help="sample id (repeatable)")
+    p.add_argument(
+        "--sample-key",
+        action="append",
+        default=[],
+        help="string sample id of a model imported with them, e.g. a UUID (repeatable)",
+    )
     p.add_argument(
         "--selection",
         default="",

@@ -250,6 +250,7 @@ class Client:
         *,
         sample_ids: Sequence[int] = (),
         owner_ids: Sequence[str] = (),
+        sample_keys: Sequence[str] = (),
         request_id: str | None = None,
         wait: bool = False,
         on_progress: Callable[[t.Operation], None] | None = None,
@@ -266,6 +267,9 @@ class Client:
     ) -> t.Operation:
         """Ask the server to forget samples and/or owners.
 
+        Samples are named by integer id (``sample_ids``) or, for a model imported with
+        string sample ids such as UUIDs, by those strings (``sample_keys``).
+
         ``selection`` "" or "auto" lets the server pick the path (the receipt's ``policy``
         says which and why); "retrain" asks for the exact retrain, any other value for
         that approximate update (see proto ForgetOptions). Returns the operation at once, or with ``wait=True`` once it is done (progress
@@ -276,6 +280,7 @@ class Client:
             model=_model(model),
             sample_ids=list(sample_ids),
             owner_ids=list(owner_ids),
+            sample_keys=list(sample_keys),
             request_id=request_id or _new_id(),
             options=pb.ForgetOptions(
                 parameter_budget=parameter_budget,
@@ -471,7 +476,10 @@ class Client:
             ):
                 raise _moved("neighbors", first.model_version, r.model_version)
             lists += [
-                [t.Neighbor(n.sample_id, n.owner_id, n.label, n.score) for n in lst.neighbors]
+                [
+                    t.Neighbor(n.sample_id, n.owner_id, n.label, n.score, n.sample_key)
+                    for n in lst.neighbors
+                ]
                 for lst in r.results
             ]
         assert first is not None

@@ -198,6 +198,7 @@ class ImplicatedSample:
     z: float  # standardised influence
     class_outlier_z: float = 0.0  # robust z of its spectral score within its class
     reason: str = ""  # why it was named
+    sample_key: str = ""  # its string id, when the model's samples have them
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ class Mitigation:
     decision: str = ""
     clean_analogues: int = 0  # clean calibration inputs in the matched control
     clean_analogues_affected: int = 0  # ... that removing their own rule-named set changes
+    sample_keys: tuple[str, ...] = ()  # the attack set's string ids, when it has them
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ class Neighbor:
     owner_id: str
     label: int
     score: float
+    sample_key: str = ""  # its string id, when the model's samples have them
 
 
 @dataclass(frozen=True)

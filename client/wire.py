@@ -170,7 +170,14 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
         counterfactual_drop=msg.counterfactual_drop,
         implicated=[
             t.ImplicatedSample(
-                s.sample_id, s.owner_id, s.label, s.influence, s.z, s.class_outlier_z, s.reason
+                s.sample_id,
+                s.owner_id,
+                s.label,
+                s.influence,
+                s.z,
+                s.class_outlier_z,
+                s.reason,
+                s.sample_key,
             )
             for s in msg.implicated
         ],
@@ -192,6 +199,7 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
             m.decision,
             m.clean_analogues,
             m.clean_analogues_affected,
+            tuple(m.sample_keys),
         )
         if msg.HasField("mitigation")
         else None,

@@ -114,6 +114,11 @@ class TrainingData:
     sample_ids: np.ndarray
     owner_ids: np.ndarray
     blob: str
+    sample_keys: np.ndarray | None = None  # (n,) str: the caller's string ids, if it gave some
+
+    def key_of(self, row: int) -> str:
+        """The sample key of ``row``, or "" for a model whose samples have none."""
+        return "" if self.sample_keys is None else str(self.sample_keys[row])
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -256,6 +261,7 @@ class Engine:
         """Version 1 of a new model (``created_by``: train or import), its data, checkpoints
         and audit event (``action``), in one commit."""
         blobs = self.store.blobs
+        keys = train_set.sample_keys
         weights_blob = blobs.put(weights_io.model_to_bytes(model))
         checkpoints_blob = blobs.put(weights_io.checkpoints_to_bytes(checkpoints))
         train_blob = blobs.put(_shard_bytes(train_set))
@@ -284,9 +290,14 @@ class Engine:
             tx.insert_samples(
                 name,
                 [
-                    (int(s), str(o), int(lab))
-                    for s, o, lab in zip(
-                        train_set.sample_ids, train_set.owner_ids, train_set.labels, strict=True
+                    (int(s), str(o), int(lab), None if keys is None else str(keys[i]))
+                    for i, (s, o, lab) in enumerate(
+                        zip(
+                            train_set.sample_ids,
+                            train_set.owner_ids,
+                            train_set.labels,
+                            strict=True,
+                        )
                     )
                 ],
             )
@@ -449,12 +460,14 @@ class Engine:
         arrays = weights_io.arrays_from_file(self.store.blobs.verified_path(row.train_blob))
         ids = np.asarray(arrays["sample_ids"])
         owners = self.store.owners_of(row.name, ids.tolist())
+        keys = self.store.keys_of(row.name, ids.tolist())
         data = TrainingData(
             torch.from_numpy(arrays["features"]),
             torch.from_numpy(arrays["labels"]),
             ids,
             np.array([owners[int(i)] for i in ids], dtype=str),
             row.train_blob,
+            np.array([keys[int(i)] for i in ids], dtype=str) if keys else None,
         )
         with self._lock:
             self._data_cache[row.name] = data

@@ -175,6 +175,7 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             request.request_id,
             options,
             actor_of(context),
+            sample_keys=list(request.sample_keys),
         )
         return self._operation(row.request_id)
 
@@ -304,7 +305,11 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
                 pb.NeighborList(
                     neighbors=[
                         pb.Neighbor(
-                            sample_id=h.sample_id, owner_id=h.owner_id, label=h.label, score=h.score
+                            sample_id=h.sample_id,
+                            owner_id=h.owner_id,
+                            label=h.label,
+                            score=h.score,
+                            sample_key=h.sample_key,
                         )
                         for h in row
                     ]

@@ -44,6 +44,7 @@ from expunge.server.forget.retrain import RetrainPayload, apply_retrain
 from expunge.server.index.service import IndexService
 from expunge.server.roles import require_effect
 from expunge.server.state import weights as weights_io
+from expunge.server.state.datasets import MAX_SAMPLE_KEY_CHARS
 from expunge.server.state.store import (
     ForgetCommit,
     JournalEntry,
@@ -95,19 +96,34 @@ class ForgetService:
         request_id: str,
         options: UnlearningOptions,
         actor: str,
+        sample_keys: list[str] | None = None,
     ) -> RequestRow:
-        """Validate, check idempotency, resolve ids, journal durably; return the request row."""
+        """Validate, check idempotency, resolve ids, journal durably; return the request row.
+
+        ``sample_keys``: string sample ids of a model imported with them; each names the
+        integer id the server gave it (an unknown one is NOT_FOUND)."""
         require_effect("forget", actor)
         check_request_id(request_id)
         name = parse_model_name(model)
-        if not sample_ids and not owner_ids:
-            raise invalid_field("sample_ids", "name at least one sample id or owner id to forget")
-        if len(sample_ids) + len(owner_ids) > MAX_IDS_PER_REQUEST:
+        keys = sample_keys or []
+        if not sample_ids and not owner_ids and not keys:
+            raise invalid_field(
+                "sample_ids", "name at least one sample id, sample key or owner id to forget"
+            )
+        if len(sample_ids) + len(owner_ids) + len(keys) > MAX_IDS_PER_REQUEST:
             raise invalid_field(
                 "sample_ids", f"at most {MAX_IDS_PER_REQUEST} ids per request; split it"
             )
         if any(not o for o in owner_ids):
             raise invalid_field("owner_ids", "owner ids must be non-empty strings")
+        if any(not k or len(k) > MAX_SAMPLE_KEY_CHARS for k in keys):
+            raise invalid_field(
+                "sample_keys",
+                f"sample keys must be non-empty strings of at most {MAX_SAMPLE_KEY_CHARS} "
+                "characters",
+            )
+        if keys:
+            sample_ids = [*sample_ids, *self._resolve_keys(name, keys)]
         payload = ForgetPayload(
             name, tuple(sorted(set(sample_ids))), tuple(sorted(set(owner_ids))), options
         )
@@ -209,6 +225,18 @@ class ForgetService:
         return JournalEntry(
             request_id, payload["model"], kind, digest, {**payload, "actor": actor}, actor, audit
         )
+
+    def _resolve_keys(self, model: str, keys: list[str]) -> list[int]:
+        """The sample ids ``keys`` name (held or forgotten); NOT_FOUND lists unknown ones."""
+        self.engine.model_row(model)  # NOT_FOUND for an unknown model, before any key
+        found = self.engine.store.sample_ids_for_keys(model, sorted(set(keys)))
+        unknown = [k for k in keys if k not in found]
+        if unknown:
+            more = " ..." if len(unknown) > 20 else ""
+            raise NotFound(
+                f"unknown sample keys {unknown[:20]}{more} in models/{model}; nothing was applied"
+            )
+        return [found[k] for k in keys]
 
     def _check_known(self, payload: ForgetPayload) -> None:
         """Unknown ids are NOT_FOUND (listing them) and nothing is applied; forgotten ones are fine."""

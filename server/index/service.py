@@ -77,6 +77,7 @@ class NeighborHit:
     owner_id: str
     label: int
     score: float
+    sample_key: str = ""  # the caller's string id, when the model's samples have them
 
 
 class IndexService:
@@ -450,7 +451,11 @@ class IndexService:
                     continue
                 row_hits.append(
                     NeighborHit(
-                        int(sid), str(data.owner_ids[where]), int(data.labels[where]), float(score)
+                        int(sid),
+                        str(data.owner_ids[where]),
+                        int(data.labels[where]),
+                        float(score),
+                        data.key_of(where),
                     )
                 )
             hits.append(row_hits)

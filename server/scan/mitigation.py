@@ -241,6 +241,9 @@ class Mitigator:
         ids = [int(data.sample_ids[m.index]) for m in plan.members]
         common: dict[str, object] = {
             "sample_ids": ids,
+            "sample_keys": [data.key_of(m.index) for m in plan.members]
+            if data.sample_keys is not None
+            else [],
             "dry_run": dry_run,
             "applied": False,
             "targets": plan.targets,

@@ -561,6 +561,7 @@ class ScanService:
                 implicated = [
                     {
                         "sample_id": int(data.sample_ids[i]),
+                        "sample_key": data.key_of(i),
                         "owner_id": str(data.owner_ids[i]),
                         "label": int(data.labels[i]),
                         "influence": float(influences[i]),

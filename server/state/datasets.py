@@ -37,6 +37,8 @@ BUILTIN_DATASETS = ("digits", "breast_cancer", "wine")
 PARQUET_COLUMNS = {"sample_id": "sample_ids", "owner_id": "owner_ids", "label": "labels"}
 # Rows decoded at a time, so the file's arrays never exist whole beside the result's.
 PARQUET_BATCH_ROWS = 65_536
+# A string sample id's longest form (a UUID is 36; a path-like key may be longer).
+MAX_SAMPLE_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class Dataset:
     sample_ids: np.ndarray  # (n,) int64, unique
     owner_ids: np.ndarray  # (n,) str
     num_classes: int
+    # (n,) str, unique: the caller's own string ids (UUIDs), when it named samples so; the
+    # server then numbers them 0..n-1 (``sample_ids``) and answers to both.
+    sample_keys: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -61,6 +66,7 @@ class Dataset:
             self.sample_ids[rows],
             self.owner_ids[rows],
             self.num_classes,
+            None if self.sample_keys is None else self.sample_keys[rows],
         )
 
 
@@ -86,8 +92,14 @@ def validate(
             raise invalid_field(name, f"expected shape ({n},) to match features, got {arr.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise invalid_field("labels", f"expected an integer dtype, got {labels.dtype}")
-    if not np.issubdtype(sample_ids.dtype, np.integer):
-        raise invalid_field("sample_ids", f"expected an integer dtype, got {sample_ids.dtype}")
+    keys = None
+    if sample_ids.dtype.kind in "US":
+        keys = _sample_keys(sample_ids)
+        sample_ids = np.arange(n, dtype=np.int64)
+    elif not np.issubdtype(sample_ids.dtype, np.integer):
+        raise invalid_field(
+            "sample_ids", f"expected integers or strings (e.g. UUIDs), got {sample_ids.dtype}"
+        )
     classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if labels.min() < 0 or labels.max() >= classes:
         raise invalid_field(
@@ -112,7 +124,30 @@ def validate(
         sample_ids.astype(np.int64),
         owners,
         classes,
+        keys,
     )
+
+
+def _sample_keys(values: np.ndarray) -> np.ndarray:
+    """String sample ids, checked: non-empty, at most ``MAX_SAMPLE_KEY_CHARS``, unique."""
+    keys = values.astype(str)
+    lengths = np.char.str_len(keys)
+    if (lengths == 0).any():
+        rows = np.flatnonzero(lengths == 0)[:5].tolist()
+        raise invalid_field("sample_ids", f"empty string sample ids at rows {rows}")
+    if (lengths > MAX_SAMPLE_KEY_CHARS).any():
+        row = int(np.argmax(lengths > MAX_SAMPLE_KEY_CHARS))
+        raise invalid_field(
+            "sample_ids",
+            f"string sample ids are at most {MAX_SAMPLE_KEY_CHARS} characters; row {row} has "
+            f"{int(lengths[row])}",
+        )
+    unique, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():
+        raise invalid_field(
+            "sample_ids", f"duplicate sample ids, e.g. {unique[counts > 1][:5].tolist()}"
+        )
+    return keys
 
 
 def load_npz(path: Path) -> Dataset:
@@ -159,8 +194,14 @@ def _parquet_layout(schema: Any, size: int) -> list[str]:
     import pyarrow as pa
 
     sample_id = _one_column(schema, "sample_id").type
-    if not pa.types.is_integer(sample_id) or pa.types.is_uint64(sample_id):
-        raise InvalidArgument(f"column 'sample_id' must be int64 or narrower, got {sample_id}")
+    if pa.types.is_dictionary(sample_id):
+        sample_id = sample_id.value_type
+    textual = pa.types.is_string(sample_id) or pa.types.is_large_string(sample_id)
+    if not textual and (not pa.types.is_integer(sample_id) or pa.types.is_uint64(sample_id)):
+        raise InvalidArgument(
+            f"column 'sample_id' must be int64 or narrower, or strings (e.g. UUIDs); got "
+            f"{sample_id}"
+        )
     label = _one_column(schema, "label").type
     if not pa.types.is_integer(label):
         raise InvalidArgument(f"column 'label' must be an integer type, got {label}")
@@ -221,6 +262,15 @@ def _feature_rows(column: Any, size: int, first_row: int) -> np.ndarray:
     return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), size)
 
 
+def _id_column(column: Any, pa: Any) -> np.ndarray:
+    """An id column as numpy: integers as they are, strings (dictionary-encoded or not) as str."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.to_numpy(zero_copy_only=False).astype(str)
+    return column.to_numpy(zero_copy_only=False)
+
+
 def load_parquet(path: Path, input_shape: tuple[int, ...]) -> Dataset:
     """Load a Parquet file (the module's layouts) into features ``(n, *input_shape)``.
 
@@ -239,7 +289,7 @@ def load_parquet(path: Path, input_shape: tuple[int, ...]) -> Dataset:
         n = parquet.metadata.num_rows
         features = np.empty((n, size), dtype=np.float32)
         labels = np.empty(n, dtype=np.int64)
-        sample_ids = np.empty(n, dtype=np.int64)
+        ids: list[np.ndarray] = []
         owners: list[np.ndarray] = []
         start = 0
         batches = parquet.iter_batches(
@@ -253,11 +303,8 @@ def load_parquet(path: Path, input_shape: tuple[int, ...]) -> Dataset:
                     if nulls:
                         raise InvalidArgument(f"column {name!r} has {nulls} null values")
                 labels[start:stop] = batch.column("label").to_numpy()
-                sample_ids[start:stop] = batch.column("sample_id").to_numpy()
-                owner = batch.column("owner_id")
-                if pa.types.is_dictionary(owner.type):
-                    owner = owner.dictionary_decode()
-                owners.append(owner.to_numpy(zero_copy_only=False).astype(str))
+                ids.append(_id_column(batch.column("sample_id"), pa))
+                owners.append(_id_column(batch.column("owner_id"), pa).astype(str))
                 if feature_columns == ["features"]:
                     features[start:stop] = _feature_rows(batch.column("features"), size, start)
                 else:
@@ -267,6 +314,7 @@ def load_parquet(path: Path, input_shape: tuple[int, ...]) -> Dataset:
         except (pa.ArrowException, OSError) as exc:
             raise InvalidArgument(f"not a readable Parquet file: {exc}") from exc
     owner_ids = np.concatenate(owners) if owners else np.empty(0, dtype=str)
+    sample_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
     feature_name = "column 'features'" if feature_columns == ["features"] else "feature columns"
     try:
         return validate(features.reshape(n, *input_shape), labels, sample_ids, owner_ids)

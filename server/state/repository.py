@@ -16,6 +16,7 @@ The directory holds ``expunge.toml`` and the files it names, all inside the dire
 
     [data]                           # .npz or .parquet (``datasets.load_parquet``'s columns)
     train = "train.npz"              # features, labels, sample_ids, owner_ids: every row trained on
+                                     # (sample_ids: integers, or strings such as UUIDs)
     test = "test.npz"                # required: held-out rows, see ``TEST_SET_NEEDED``
 
     [training]                       # optional: TrainConfig fields; without it, no exact retrain
@@ -34,9 +35,11 @@ Every error names the file and the field (a Parquet file's: the column).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import Checkpoint, TrainConfig
@@ -132,7 +135,7 @@ def _dataset(root: Path, key: str, value: object, spec: ArchitectureSpec) -> Dat
             f"{path.name} ([data] {key})",
             f"{reach} class {data.num_classes - 1}; the model has {spec.num_classes} classes",
         )
-    return Dataset(data.features, data.labels, data.sample_ids, data.owner_ids, spec.num_classes)
+    return replace(data, num_classes=spec.num_classes)
 
 
 def _weights(path: Path, spec: ArchitectureSpec, trusted: dict[str, str], where: str) -> bytes:
@@ -215,6 +218,8 @@ def read_repository(directory: Path, trusted_factories: dict[str, str]) -> Model
         raise _fail(f"{MANIFEST} [data] test", TEST_SET_NEEDED)
     train = _dataset(root, "train", data["train"], spec)
     test = _dataset(root, "test", data["test"], spec)
+    if test.sample_keys is not None:  # numbered after the training rows, never beside them
+        test = replace(test, sample_ids=np.arange(len(train), len(train) + len(test)))
     for name, part in (("train", train), ("test", test)):
         if part.input_shape != spec.input_shape:
             raise _fail(

@@ -30,7 +30,11 @@ def _table(npz: Path, layout: str) -> pa.Table:
         features, labels = arrays["features"], arrays["labels"]
         sample_ids, owner_ids = arrays["sample_ids"], arrays["owner_ids"]
     n, size = features.shape
-    columns: dict[str, pa.Array] = {"sample_id": pa.array(sample_ids, pa.int64())}
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array(sample_ids.tolist(), pa.string())
+        if sample_ids.dtype.kind == "U"
+        else pa.array(sample_ids, pa.int64())
+    }
     if layout == "fixed_size_list":
         columns["features"] = pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), size)
     elif layout == "list":
@@ -74,6 +78,27 @@ def test_each_parquet_layout_reads_as_the_npz_does(
             np.testing.assert_array_equal(getattr(have, field), getattr(want, field))
             assert getattr(have, field).dtype == getattr(want, field).dtype
         assert have.num_classes == want.num_classes
+
+
+def test_string_sample_ids_read_from_parquet_as_from_npz(tmp_path: Path) -> None:
+    """UUID-like sample ids, in a string column, become the same keys as in an .npz."""
+    keyed = tmp_path / "keyed"
+    _write_repository(keyed, training=False, checkpoints=False)
+    for part in ("train", "test"):
+        with np.load(keyed / f"{part}.npz") as data:
+            arrays = dict(data)
+        arrays["sample_ids"] = np.array([f"{part}-{i:05d}" for i in arrays["sample_ids"]])
+        np.savez(keyed / f"{part}.npz", **arrays)
+    expected = read_repository(keyed, {})
+    got = read_repository(_parquet_twin(keyed, tmp_path / "parquet", "list"), {})
+    for name in ("train", "test"):
+        want, have = getattr(expected, name), getattr(got, name)
+        assert want.sample_keys is not None and have.sample_keys is not None
+        np.testing.assert_array_equal(have.sample_keys, want.sample_keys)
+        np.testing.assert_array_equal(have.sample_ids, want.sample_ids)
+    # Training rows are numbered 0..n-1, held-out rows after them.
+    assert expected.train.sample_ids.tolist() == list(range(455))
+    assert expected.test.sample_ids[0] == 455
 
 
 def test_a_parquet_repository_uploads_and_imports_as_its_npz_twin(
@@ -124,7 +149,7 @@ def test_a_bad_parquet_file_is_refused_naming_the_file_and_column(
         ),
         (
             lambda t: _set(t, "sample_id", pa.array(np.arange(n, dtype=np.uint64))),
-            r"column 'sample_id' must be int64 or narrower, got uint64",
+            r"column 'sample_id' must be int64 or narrower, or strings \(e.g. UUIDs\); got uint64",
         ),
         (
             lambda t: _set(t, "owner_id", pa.array(np.arange(n))),

@@ -96,9 +96,31 @@ def test_migrating_schema_1_erases_the_unsalted_owner_digests(tmp_path: Path) ->
     db.close()
     store = Store(tmp_path)
     try:
-        assert store.schema_version == 2
+        assert store.schema_version == SCHEMA_VERSION  # migrated through every step
         assert store.query("SELECT owner_sha256 FROM forgotten")[0][0] == ""
         assert store.forgotten_sample_ids("digits") == {7}
     finally:
         store.close()
     assert unsalted.encode() not in (tmp_path / "expunge.db").read_bytes()
+
+
+def test_migrating_schema_2_adds_sample_keys_and_keeps_integer_ids(tmp_path: Path) -> None:
+    import sqlite3
+
+    from expunge.server.state.store.schema import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / "expunge.db")
+    db.executescript(MIGRATIONS[0])
+    db.executescript(MIGRATIONS[1])
+    db.execute("INSERT INTO samples VALUES ('digits', 3, 'u1', 0)")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.schema_version == 3
+        assert store.owners_of("digits", [3]) == {3: "u1"}
+        assert store.keys_of("digits", [3]) == {}  # a model named by integers has no keys
+        assert store.sample_ids_for_keys("digits", ["3"]) == {}
+    finally:
+        store.close()

@@ -260,18 +260,20 @@ class ForgetOptions(_message.Message):
     def __init__(self, parameter_budget: _Optional[int] = ..., selection: _Optional[str] = ..., hessian: _Optional[str] = ..., newton_iterations: _Optional[int] = ..., damping: _Optional[float] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., correct_non_convergence: _Optional[bool] = ...) -> None: ...
 
 class ForgetRequest(_message.Message):
-    __slots__ = ("model", "sample_ids", "owner_ids", "request_id", "options")
+    __slots__ = ("model", "sample_ids", "owner_ids", "request_id", "options", "sample_keys")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     OWNER_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
     model: str
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     owner_ids: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     options: ForgetOptions
-    def __init__(self, model: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., owner_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., options: _Optional[_Union[ForgetOptions, _Mapping]] = ...) -> None: ...
+    sample_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., owner_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., options: _Optional[_Union[ForgetOptions, _Mapping]] = ..., sample_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Certificate(_message.Message):
     __slots__ = ("residual_norm_selected", "residual_norm_all", "noise_scale", "budget_total", "budget_used", "budget_remaining", "budget_exhausted", "convex", "statement")
@@ -540,7 +542,7 @@ class ScanRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., estimator: _Optional[str] = ..., max_implicated: _Optional[int] = ..., mitigate: _Optional[bool] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class ImplicatedSample(_message.Message):
-    __slots__ = ("sample_id", "owner_id", "label", "influence", "z", "class_outlier_z", "reason")
+    __slots__ = ("sample_id", "owner_id", "label", "influence", "z", "class_outlier_z", "reason", "sample_key")
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -548,6 +550,7 @@ class ImplicatedSample(_message.Message):
     Z_FIELD_NUMBER: _ClassVar[int]
     CLASS_OUTLIER_Z_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_KEY_FIELD_NUMBER: _ClassVar[int]
     sample_id: int
     owner_id: str
     label: int
@@ -555,10 +558,11 @@ class ImplicatedSample(_message.Message):
     z: float
     class_outlier_z: float
     reason: str
-    def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., influence: _Optional[float] = ..., z: _Optional[float] = ..., class_outlier_z: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    sample_key: str
+    def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., influence: _Optional[float] = ..., z: _Optional[float] = ..., class_outlier_z: _Optional[float] = ..., reason: _Optional[str] = ..., sample_key: _Optional[str] = ...) -> None: ...
 
 class Mitigation(_message.Message):
-    __slots__ = ("operation", "new_version", "predicted_label_after", "prediction_changed", "test_accuracy_before", "test_accuracy_after", "applied", "dry_run", "sample_ids", "targets", "targets_affected", "control_affected", "target_score_after", "p_value_after", "decision", "clean_analogues", "clean_analogues_affected")
+    __slots__ = ("operation", "new_version", "predicted_label_after", "prediction_changed", "test_accuracy_before", "test_accuracy_after", "applied", "dry_run", "sample_ids", "targets", "targets_affected", "control_affected", "target_score_after", "p_value_after", "decision", "clean_analogues", "clean_analogues_affected", "sample_keys")
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LABEL_AFTER_FIELD_NUMBER: _ClassVar[int]
@@ -576,6 +580,7 @@ class Mitigation(_message.Message):
     DECISION_FIELD_NUMBER: _ClassVar[int]
     CLEAN_ANALOGUES_FIELD_NUMBER: _ClassVar[int]
     CLEAN_ANALOGUES_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
     operation: str
     new_version: int
     predicted_label_after: int
@@ -593,7 +598,8 @@ class Mitigation(_message.Message):
     decision: str
     clean_analogues: int
     clean_analogues_affected: int
-    def __init__(self, operation: _Optional[str] = ..., new_version: _Optional[int] = ..., predicted_label_after: _Optional[int] = ..., prediction_changed: _Optional[bool] = ..., test_accuracy_before: _Optional[float] = ..., test_accuracy_after: _Optional[float] = ..., applied: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., targets: _Optional[int] = ..., targets_affected: _Optional[int] = ..., control_affected: _Optional[int] = ..., target_score_after: _Optional[float] = ..., p_value_after: _Optional[float] = ..., decision: _Optional[str] = ..., clean_analogues: _Optional[int] = ..., clean_analogues_affected: _Optional[int] = ...) -> None: ...
+    sample_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, operation: _Optional[str] = ..., new_version: _Optional[int] = ..., predicted_label_after: _Optional[int] = ..., prediction_changed: _Optional[bool] = ..., test_accuracy_before: _Optional[float] = ..., test_accuracy_after: _Optional[float] = ..., applied: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., targets: _Optional[int] = ..., targets_affected: _Optional[int] = ..., control_affected: _Optional[int] = ..., target_score_after: _Optional[float] = ..., p_value_after: _Optional[float] = ..., decision: _Optional[str] = ..., clean_analogues: _Optional[int] = ..., clean_analogues_affected: _Optional[int] = ..., sample_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScanResult(_message.Message):
     __slots__ = ("index", "predicted_label", "target_score", "threshold", "flagged", "counterfactual_drop", "implicated", "mitigation", "model_version", "p_value", "influence_p_value", "group_outlier_z", "control_drop", "drop_threshold", "decision")
@@ -670,16 +676,18 @@ class NeighborsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., mode: _Optional[str] = ..., filter_label: _Optional[bool] = ..., label: _Optional[int] = ...) -> None: ...
 
 class Neighbor(_message.Message):
-    __slots__ = ("sample_id", "owner_id", "label", "score")
+    __slots__ = ("sample_id", "owner_id", "label", "score", "sample_key")
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_KEY_FIELD_NUMBER: _ClassVar[int]
     sample_id: int
     owner_id: str
     label: int
     score: float
-    def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    sample_key: str
+    def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., score: _Optional[float] = ..., sample_key: _Optional[str] = ...) -> None: ...
 
 class NeighborList(_message.Message):
     __slots__ = ("neighbors",)

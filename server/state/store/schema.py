@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # A request in one of these states has ended; its payload keeps no plain identifiers.
 FINAL_REQUEST_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -90,5 +90,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE versions ADD COLUMN held_reason TEXT;
     ALTER TABLE versions ADD COLUMN weights_pruned INTEGER NOT NULL DEFAULT 0;
     UPDATE forgotten SET owner_sha256 = '';
+    """,
+    # 2 -> 3: sample keys (a repository's string sample ids, e.g. UUIDs) beside the integer
+    # ids the server assigns them; a forgotten sample's key is kept by keyed digest only.
+    """
+    ALTER TABLE samples ADD COLUMN sample_key TEXT;
+    CREATE UNIQUE INDEX samples_by_key ON samples(model, sample_key);
+    ALTER TABLE forgotten ADD COLUMN key_sha256 TEXT;
+    CREATE INDEX forgotten_by_key ON forgotten(model, key_sha256);
     """,
 ]

@@ -164,6 +164,47 @@ class Store:
                 found[int(row[0])] = str(row[1])
         return found
 
+    def keys_of(self, model: str, sample_ids: list[int]) -> dict[int, str]:
+        """The sample keys of those of ``sample_ids`` that have one (a keyed repository)."""
+        found: dict[int, str] = {}
+        for start in range(0, len(sample_ids), 500):
+            chunk = sample_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.query(
+                f"SELECT sample_id, sample_key FROM samples WHERE model = ? "
+                f"AND sample_key IS NOT NULL AND sample_id IN ({marks})",
+                (model, *chunk),
+            ):
+                found[int(row[0])] = str(row[1])
+        return found
+
+    def sample_ids_for_keys(self, model: str, keys: list[str]) -> dict[str, int]:
+        """The sample id of each of ``keys`` that ``model`` holds or has forgotten."""
+        found: dict[str, int] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.query(
+                f"SELECT sample_key, sample_id FROM samples WHERE model = ? "
+                f"AND sample_key IN ({marks})",
+                (model, *chunk),
+            ):
+                found[str(row[0])] = int(row[1])
+        missing = [k for k in keys if k not in found]
+        if missing:
+            by_digest = {self.identifiers.digest("sample_key", k): k for k in missing}
+            digests = list(by_digest)
+            for start in range(0, len(digests), 500):
+                chunk = digests[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self.query(
+                    f"SELECT key_sha256, sample_id FROM forgotten WHERE model = ? "
+                    f"AND key_sha256 IN ({marks})",
+                    (model, *chunk),
+                ):
+                    found[by_digest[str(row[0])]] = int(row[1])
+        return found
+
     def sample_ids(self, model: str) -> list[int]:
         """Every present sample id of ``model``, ascending."""
         rows = self.query(

@@ -91,9 +91,18 @@ class Transaction:
         """Delete the rows (overwritten: secure_delete) and remember each sample as
         forgotten, its owner by keyed digest only."""
         removed = sorted(owner_by_sample)
+        key_digest: dict[int, str] = {}
         for start in range(0, len(removed), 500):
             chunk = removed[start : start + 500]
             marks = ",".join("?" * len(chunk))
+            keyed = self._db.execute(
+                f"SELECT sample_id, sample_key FROM samples WHERE model = ? "
+                f"AND sample_key IS NOT NULL AND sample_id IN ({marks})",
+                (model, *chunk),
+            ).fetchall()
+            key_digest.update(
+                {int(sid): self._identifiers.digest("sample_key", key) for sid, key in keyed}
+            )
             self._db.execute(
                 f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})",
                 (model, *chunk),
@@ -104,10 +113,17 @@ class Transaction:
             for owner in set(owner_by_sample.values())
         }
         self._db.executemany(
-            "INSERT INTO forgotten (model, sample_id, owner_sha256, request_id, version) "
-            "VALUES (?,?,?,?,?)",
+            "INSERT INTO forgotten (model, sample_id, owner_sha256, request_id, version, "
+            "key_sha256) VALUES (?,?,?,?,?,?)",
             [
-                (model, sid, owner_digest[owner_by_sample[sid]], request_id, version)
+                (
+                    model,
+                    sid,
+                    owner_digest[owner_by_sample[sid]],
+                    request_id,
+                    version,
+                    key_digest.get(sid),
+                )
                 for sid in removed
             ],
         )
@@ -194,10 +210,12 @@ class Transaction:
             ),
         )
 
-    def insert_samples(self, model: str, rows: list[tuple[int, str, int]]) -> None:
+    def insert_samples(self, model: str, rows: list[tuple[int, str, int, str | None]]) -> None:
+        """(sample id, owner id, label, sample key or None) per training sample."""
         self._db.executemany(
-            "INSERT INTO samples (model, sample_id, owner_id, label) VALUES (?,?,?,?)",
-            [(model, sid, owner, label) for sid, owner, label in rows],
+            "INSERT INTO samples (model, sample_id, owner_id, label, sample_key) "
+            "VALUES (?,?,?,?,?)",
+            [(model, sid, owner, label, key) for sid, owner, label, key in rows],
         )
 
     def set_request_state(
