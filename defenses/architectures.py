@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .task import attach_task, builtin_task
+
 ARCHITECTURES = ("logreg", "mlp", "cnn", "resnet")
 
 
@@ -25,6 +27,11 @@ class ArchitectureSpec:
     hidden: tuple[int, ...] = field(default=(32,), metadata={"help": "MLP hidden widths"})
     activation: str = field(default="tanh", metadata={"help": "tanh or relu (MLP)"})
     channels: int = field(default=8, metadata={"help": "CNN/ResNet base channels"})
+    loss: str = field(
+        default="cross_entropy",
+        metadata={"help": "the training loss: cross_entropy, or a trusted factory's Task"},
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "cross_entropy's, in [0, 1)"})
 
     def __post_init__(self) -> None:
         # Names outside ARCHITECTURES are allowed: a server may map them to trusted factories.
@@ -37,6 +44,10 @@ class ArchitectureSpec:
             )
         if self.activation not in ("tanh", "relu"):
             raise ValueError("activation must be 'tanh' or 'relu'")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must lie in [0, 1)")
+        if self.label_smoothing and self.loss != "cross_entropy":
+            raise ValueError("label_smoothing applies to the cross_entropy loss only")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -46,6 +57,8 @@ class ArchitectureSpec:
             "hidden": list(self.hidden),
             "activation": self.activation,
             "channels": self.channels,
+            "loss": self.loss,
+            "label_smoothing": self.label_smoothing,
         }
 
     @classmethod
@@ -57,6 +70,8 @@ class ArchitectureSpec:
             hidden=tuple(int(v) for v in data.get("hidden", (32,))),  # type: ignore[attr-defined]
             activation=str(data.get("activation", "tanh")),
             channels=int(data.get("channels", 8)),  # type: ignore[call-overload]
+            loss=str(data.get("loss", "cross_entropy")),
+            label_smoothing=float(data.get("label_smoothing", 0.0)),  # type: ignore[arg-type]
         )
 
 
@@ -101,7 +116,10 @@ def build_model(spec: ArchitectureSpec, seed: int = 0) -> nn.Module:
         model = _build(spec)
     finally:
         torch.random.set_rng_state(generator_state)
-    return model
+    task = builtin_task(spec.loss, spec.label_smoothing)
+    if task is None:
+        raise ValueError(f"loss {spec.loss!r} is not built in; a server may trust a factory")
+    return attach_task(model, task)
 
 
 def _build(spec: ArchitectureSpec) -> nn.Module:

@@ -74,24 +74,24 @@ def _logits(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Te
 def per_sample_losses(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
 ) -> torch.Tensor:
-    """Cross-entropy of each sample: ``(n, *shape)``, ``(n,)`` -> ``(n,)``; empty in, empty out."""
+    """The training loss of each sample: ``(n, *shape)``, ``(n,)`` -> ``(n,)``; empty in, empty out."""
     if len(inputs) == 0:
         return torch.zeros(0, dtype=next(model.parameters()).dtype)
     logits = _logits(model, inputs, batch_size)
-    return sample_loss(logits, labels.to(device=logits.device, dtype=torch.long))
+    return sample_loss(model, logits, labels.to(device=logits.device, dtype=torch.long))
 
 
 def losses_and_hits(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batched pass: each sample's cross-entropy ``(n,)`` and whether the arg-max
+    """One batched pass: each sample's training loss ``(n,)`` and whether the arg-max
     prediction is its label ``(n,)`` bool; empty in, empty out."""
     if len(inputs) == 0:
         empty = torch.zeros(0, dtype=next(model.parameters()).dtype)
         return empty, empty.bool()
     logits = _logits(model, inputs, batch_size)
     targets = labels.to(device=logits.device, dtype=torch.long)
-    return sample_loss(logits, targets), logits.argmax(dim=1) == targets
+    return sample_loss(model, logits, targets), logits.argmax(dim=1) == targets
 
 
 def mean_loss(
@@ -212,7 +212,7 @@ def measure_set(
     logits = _logits(model, inputs, batch_size)
     labels = labels.to(device=logits.device, dtype=torch.long)
     correct = float((logits.argmax(dim=1) == labels).double().mean())
-    return SetMeasurement(sample_loss(logits, labels), correct)
+    return SetMeasurement(sample_loss(model, logits, labels), correct)
 
 
 def deletion_metrics(

@@ -12,10 +12,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .task import task_of
 
-def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample: logits ``(B, C)``, labels ``(B,)`` -> ``(B,)``."""
-    return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+def sample_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``model``'s training loss per sample (its ``Task``; cross-entropy by default):
+    logits ``(B, C)``, labels ``(B,)`` -> ``(B,)``."""
+    return task_of(model).sample_loss(logits, labels)
 
 
 def named_parameter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -44,10 +47,11 @@ def per_sample_gradients(
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     varying = {n: params[n] for n in names}
     fixed = {n: t for n, t in params.items() if n not in varying}
+    task = task_of(model)
 
     def loss_of(var: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, ({**fixed, **var}, buffers), (x.unsqueeze(0),))
-        return sample_loss(out, y.unsqueeze(0)).squeeze(0)
+        return task.sample_loss(out, y.unsqueeze(0)).squeeze(0)
 
     per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}

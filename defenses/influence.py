@@ -58,6 +58,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .gradients import flatten_gradients, per_sample_gradients, predicted_labels, sample_loss
+from .task import task_of
 from .training import Checkpoint
 
 __all__ = [
@@ -296,7 +297,7 @@ def _hessian_product(
 
     def loss_sum(var: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, ({**fixed, **var}, buffers), (x,))
-        return sample_loss(out, y).sum()
+        return sample_loss(model, out, y).sum()
 
     def product(
         vector: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
@@ -557,10 +558,8 @@ def _representer_scores(
         features, logits = _features_and_logits(
             model, layer, train_x[start:stop], config.batch_size
         )
-        # dL/dlogits of cross-entropy is softmax - one-hot; 2 * lambda = weight_decay.
-        residual = torch.softmax(logits, dim=1)
-        rows = torch.arange(features.shape[0], device=residual.device)
-        residual[rows, train_y[start:stop]] -= 1.0
+        # dL/dlogits (cross-entropy: softmax - one-hot); 2 * lambda = weight_decay.
+        residual = task_of(model).logit_gradient(logits, train_y[start:stop])
         alpha = -residual / (config.weight_decay * n)
         alpha_for_test = alpha[:, test_labels].T  # (n_test, chunk)
         if renormalise:

@@ -393,7 +393,9 @@ def select_markov_blanket(
     with _probing(model) as probe:
         activations = probe.run(copies, config.batch_size)
         unit_map = probe.parameter_map()
-    loss = sample_loss(activations.outputs, copy_labels.to(activations.outputs.device).long())
+    loss = sample_loss(
+        model, activations.outputs, copy_labels.to(activations.outputs.device).long()
+    )
     values = activations.values
     varying = values.amax(dim=0) > values.amin(dim=0)
     names = [n for n, keep in zip(activations.names, varying.tolist(), strict=True) if keep]

@@ -40,6 +40,7 @@ from torch import nn
 from .lcodec import LcodecSelection
 from .newton import NewtonConfig, NewtonResult, newton_cg_update
 from .selection import ParameterSelection
+from .task import task_of
 
 __all__ = [
     "CandidatePool",
@@ -275,7 +276,8 @@ def select_by_newton_direction(
         full_gradient=full_gradient,
     )
     scores = direction.delta
-    if logits_layer is not None:
+    # The gauge holds only for a loss of the softmax alone (cross-entropy's family).
+    if logits_layer is not None and task_of(model).shift_invariant:
         scores = softmax_gauge(model, scores, logits_layer)
     candidates = unit_slices = None
     eligible = total

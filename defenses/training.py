@@ -101,7 +101,7 @@ def objective(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, weight_decay: float
 ) -> torch.Tensor:
     """J(theta) on the given data: mean loss + (weight_decay/2) |theta|^2 (a scalar)."""
-    loss = sample_loss(model(inputs), labels).mean()
+    loss = sample_loss(model, model(inputs), labels).mean()
     l2 = sum((p * p).sum() for p in model.parameters())
     return loss + 0.5 * weight_decay * l2
 
@@ -167,7 +167,7 @@ def _train(
                 group["lr"] = lr
             batch = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = sample_loss(model(inputs[batch]), labels[batch]).mean()
+            loss = sample_loss(model, model(inputs[batch]), labels[batch]).mean()
             loss.backward()
             optimizer.step()
             step += 1

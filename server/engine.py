@@ -22,6 +22,7 @@ from torch import nn
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.evaluate import SetMeasurement, measure_set
+from expunge.defenses.gradients import sample_loss
 from expunge.defenses.training import Checkpoint, TrainConfig, train
 from expunge.server.device import resolve_device, synchronize
 from expunge.server.errors import (
@@ -662,7 +663,7 @@ def _timed_training_estimate(
         rows = slice((step * batch) % max(len(x) - batch, 1), None)
         xb, yb = x[rows][:batch].to(device), y[rows][:batch].to(device)
         optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(scratch(xb), yb).backward()
+        sample_loss(scratch, scratch(xb), yb).mean().backward()
         optimiser.step()
         synchronize(device)
         if step:

@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from ..gradients import sample_loss
 from ..selection import ParameterSelection
+from ..task import task_of
 from .config import NewtonConfig
 from .jacobian import selected_logit_jacobian
 
@@ -92,7 +93,7 @@ class RetainedObjective:
         return functional_call(self.model, (self.full_params(v), self.buffers), (x,))
 
     def loss_sum(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sample_loss(self.logits(v, x), y).sum()
+        return sample_loss(self.model, self.logits(v, x), y).sum()
 
     def _batches(self, n: int, size: int) -> Iterator[slice]:
         return (slice(i, i + size) for i in range(0, n, size))
@@ -109,7 +110,7 @@ class RetainedObjective:
             total = torch.zeros((), dtype=torch.float64, device=v.device)
             for s in self._batches(len(x), self.batch_size):
                 logits = functional_call(self.model, (params, buffers), (_wide(x[s]),))
-                total += sample_loss(logits, y[s]).sum()
+                total += sample_loss(self.model, logits, y[s]).sum()
             sq = sum(float((p**2).sum()) for p in params.values())
         return float(total) / len(x) + 0.5 * self.weight_decay * sq
 
@@ -137,7 +138,7 @@ class RetainedObjective:
             if mode == "exact":
                 self._add_exact_hessian(h, v, xb, yb)
             else:
-                self._add_gauss_newton(h, v, xb)
+                self._add_gauss_newton(h, v, xb, yb)
         h /= len(x)
         h.diagonal().add_(self.weight_decay)
         return 0.5 * (h + h.T)
@@ -182,8 +183,11 @@ class RetainedObjective:
             self._floats_per_sample = total
         return self._floats_per_sample
 
-    def _add_gauss_newton(self, h: torch.Tensor, v: torch.Tensor, xb: torch.Tensor) -> None:
-        # GN: J_z^T (diag(p) - p p^T) J_z per sample, J_z = d logits / d v; PSD by design.
+    def _add_gauss_newton(
+        self, h: torch.Tensor, v: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
+    ) -> None:
+        # GN: J_z^T M_z J_z per sample, J_z = d logits / d v, M_z the loss's PSD Hessian in
+        # the logits (cross-entropy: diag(p) - p p^T); PSD by design.
         direct = selected_logit_jacobian(
             self.model, lambda w: self.logits(w, xb), v, self.names, self.indices, xb
         )
@@ -197,11 +201,10 @@ class RetainedObjective:
             jac = vmap(jacrev(logits_one), in_dims=(None, 0))(v, xb)
             with torch.no_grad():
                 logits = self.logits(v, xb)
-        probs = torch.softmax(logits, dim=1)  # (B, C)
-        weighted = probs.unsqueeze(2) * jac  # (B, C, p)
-        mixed = weighted.sum(dim=1)  # (B, p): sum_c p_c J_c
-        flat_jac = jac.reshape(-1, jac.shape[-1])
-        h += flat_jac.T @ weighted.reshape(-1, jac.shape[-1]) - mixed.T @ mixed
+        curvature = task_of(self.model).logit_hessian(logits, yb).to(jac.dtype)  # (B, C, C)
+        weighted = torch.bmm(curvature, jac)  # (B, C, p)
+        p = jac.shape[-1]
+        h += jac.reshape(-1, p).T @ weighted.reshape(-1, p)
 
     def hvp(
         self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int

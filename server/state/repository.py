@@ -12,7 +12,9 @@ The directory holds ``expunge.toml`` and the files it names, all inside the dire
     weights = "weights.safetensors"
 
     [objective]
-    weight_decay = 1e-3              # lambda of J = mean cross-entropy + lambda/2 |theta|^2
+    weight_decay = 1e-3              # lambda of J = mean loss + lambda/2 |theta|^2
+    loss = "cross_entropy"           # the default; or a Task a trusted factory returns
+    label_smoothing = 0.0            # cross_entropy's, as in torch's
 
     [data]                           # .npz or .parquet (``datasets.load_parquet``'s columns)
     train = "train.npz"              # features, labels, sample_ids, owner_ids: every row trained on
@@ -44,7 +46,7 @@ import numpy as np
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import Checkpoint, TrainConfig
 from expunge.server.errors import ExpungeError, InvalidArgument
-from expunge.server.model_factory import build_architecture
+from expunge.server.model_factory import build_architecture, loss_task
 from expunge.server.state import weights as weights_io
 from expunge.server.state.datasets import Dataset, load_npz, load_parquet
 
@@ -117,6 +119,30 @@ def _spec(model: dict[str, Any]) -> ArchitectureSpec:
         return ArchitectureSpec.from_dict(values)
     except (TypeError, ValueError, KeyError) as exc:
         raise _fail(f"{MANIFEST} [model]", str(exc)) from exc
+
+
+def _with_loss(
+    spec: ArchitectureSpec, objective: dict[str, Any], trusted: dict[str, str]
+) -> ArchitectureSpec:
+    """``spec`` with the [objective] loss (and label_smoothing), checked to be built in or
+    a trusted factory's ``Task``."""
+    loss = objective.get("loss", "cross_entropy")
+    smoothing = objective.get("label_smoothing", 0.0)
+    if not isinstance(loss, str) or not loss:
+        raise _fail(
+            f"{MANIFEST} [objective] loss", "must be a name: cross_entropy, or a trusted Task"
+        )
+    if not isinstance(smoothing, int | float) or isinstance(smoothing, bool):
+        raise _fail(f"{MANIFEST} [objective] label_smoothing", "must be a number in [0, 1)")
+    try:
+        spec = replace(spec, loss=loss, label_smoothing=float(smoothing))
+    except ValueError as exc:
+        raise _fail(f"{MANIFEST} [objective]", str(exc)) from exc
+    try:
+        loss_task(spec, trusted)
+    except ExpungeError as exc:
+        raise _fail(f"{MANIFEST} [objective] loss", exc.message) from exc
+    return spec
 
 
 def _dataset(root: Path, key: str, value: object, spec: ArchitectureSpec) -> Dataset:
@@ -197,20 +223,17 @@ def read_repository(directory: Path, trusted_factories: dict[str, str]) -> Model
     if manifest.get("format") != FORMAT:
         raise _fail(f"{MANIFEST} format", f"must be {FORMAT!r}")
     model = _table(manifest, "model", required=True)
-    spec = _spec(model)
+    objective = _table(manifest, "objective", required=True)
+    decay = objective.get("weight_decay")
+    if not isinstance(decay, int | float) or decay < 0:
+        raise _fail(f"{MANIFEST} [objective] weight_decay", "must be a number >= 0")
+    spec = _with_loss(_spec(model), objective, trusted_factories)
     weights = _weights(
         _inside(root, "model", "weights", model.get("weights")),
         spec,
         trusted_factories,
         "[model] weights",
     )
-    objective = _table(manifest, "objective", required=True)
-    decay = objective.get("weight_decay")
-    if not isinstance(decay, int | float) or decay < 0:
-        raise _fail(f"{MANIFEST} [objective] weight_decay", "must be a number >= 0")
-    loss = objective.get("loss", "cross_entropy")
-    if loss != "cross_entropy":
-        raise _fail(f"{MANIFEST} [objective] loss", "only 'cross_entropy' is supported")
     data = _table(manifest, "data", required=True)
     if "train" not in data:
         raise _fail(f"{MANIFEST} [data] train", "is required: every row the model trained on")
