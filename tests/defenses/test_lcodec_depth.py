@@ -58,7 +58,7 @@ def test_a_forget_set_larger_than_the_copies_gets_min_copies_per_sample() -> Non
     # The response varies over one sample's own copies, not only across samples.
     model = _small_classifier()
     with torch.no_grad():
-        loss = sample_loss(model(copies).double(), (copy_ids % 3).long())
+        loss = sample_loss(model, model(copies).double(), (copy_ids % 3).long())
     for i in range(m):
         own = loss[copy_ids == i]
         assert own.numel() == 2 and bool(own[0] != own[1]), i
