@@ -126,6 +126,20 @@ def _mean(values: torch.Tensor) -> float:
     return float(values.double().mean()) if values.numel() else float("nan")
 
 
+def _measured_only(metrics: dict[str, float]) -> dict[str, float]:
+    """A version's figures without those of a set it does not have (no held-out set: the
+    test figures are absent, not NaN)."""
+    return {k: v for k, v in metrics.items() if v == v}
+
+
+def guarded_accuracy(metrics: dict[str, float]) -> tuple[float | None, str]:
+    """The accuracy a forget's collapse guard compares, and what it is: the test accuracy,
+    or for a model without a held-out set the training (retained) accuracy."""
+    if "test_accuracy" in metrics:
+        return metrics["test_accuracy"], "test accuracy"
+    return metrics.get("train_accuracy"), "training accuracy (the model has no held-out set)"
+
+
 class Engine:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -141,6 +155,7 @@ class Engine:
         # (model, version) -> that version's test-set losses and accuracy, for the "before"
         # of the next forget (versions are immutable; one per model is kept).
         self._test_measured: dict[str, tuple[int, SetMeasurement]] = {}
+        self._test_sizes: dict[str, int] = {}  # test shard digest -> its rows
         # Forgets and retrains computing now; background index work yields to them.
         self.foreground = ForegroundWork()
         # Bumped per model whenever its current version changes (forget_snapshot_cache).
@@ -335,7 +350,8 @@ class Engine:
             "train_objective": _mean(train_losses) + 0.5 * weight_decay * l2,
             "test_loss": _mean(test_losses),
         }
-        return metrics, SetMeasurement(test_losses.cpu(), metrics["test_accuracy"])
+        tested = SetMeasurement(test_losses.cpu(), metrics["test_accuracy"])
+        return _measured_only(metrics), tested
 
     @staticmethod
     def metrics_of(
@@ -345,12 +361,14 @@ class Engine:
         on the same retained subset and test set): the commit then makes no pass of its own."""
         with torch.no_grad():
             l2 = float(sum((p.double() ** 2).sum() for p in model.parameters()))
-        return {
-            "train_accuracy": measured["retained_accuracy"],
-            "test_accuracy": measured["test_accuracy"],
-            "train_objective": measured["retained_loss"] + 0.5 * weight_decay * l2,
-            "test_loss": measured["test_loss"],
-        }
+        return _measured_only(
+            {
+                "train_accuracy": measured["retained_accuracy"],
+                "test_accuracy": measured["test_accuracy"],
+                "train_objective": measured["retained_loss"] + 0.5 * weight_decay * l2,
+                "test_loss": measured["test_loss"],
+            }
+        )
 
     # Reading ---------------------------------------------------------------------------
 
@@ -507,6 +525,17 @@ class Engine:
     def data_path(self, blob: str) -> Path:
         """The file of a data shard, for a process that maps it (already verified)."""
         return self.store.blobs.path(blob)
+
+    def has_test_set(self, name: str) -> bool:
+        """Whether the model has held-out rows (one imported without them has none)."""
+        blob = self.model_row(name).test_blob
+        with self._lock:
+            known = self._test_sizes.get(blob)
+        if known is None:
+            known = len(self.test_data(name).labels)
+            with self._lock:
+                self._test_sizes[blob] = known
+        return known > 0
 
     def test_data(self, name: str) -> Dataset:
         row = self.model_row(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -148,13 +149,29 @@ def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
     if row.state == "SUCCEEDED" and row.result:
         if row.kind == "retrain":
             op.retrain_receipt.CopyFrom(
-                json_format.ParseDict(row.result, pb.RetrainReceipt(), ignore_unknown_fields=True)
+                json_format.ParseDict(
+                    _proto_json(row.result), pb.RetrainReceipt(), ignore_unknown_fields=True
+                )
             )
         else:
             op.receipt.CopyFrom(
-                json_format.ParseDict(row.result, pb.ForgetReceipt(), ignore_unknown_fields=True)
+                json_format.ParseDict(
+                    _proto_json(row.result), pb.ForgetReceipt(), ignore_unknown_fields=True
+                )
             )
     return op
+
+
+def _proto_json(value: Any) -> Any:
+    """``value`` with non-finite floats as proto3 JSON spells them ("NaN", "Infinity"):
+    a figure not measured (no held-out set) is NaN in the stored receipt."""
+    if isinstance(value, dict):
+        return {k: _proto_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_proto_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def forget_options(msg: pb.ForgetOptions) -> UnlearningOptions:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from expunge.defenses.training import Checkpoint
 
 _DEFAULTS = ForgetRecipe()
+NO_TEST_SET_NOTE = (
+    "the model has no held-out set: test figures and the membership-inference AUC are not "
+    "measured (NaN), and the accuracy guard read the retained samples"
+)
 # What a caller may ask for: the policy (auto), the exact retrain, or one update.
 OPTION_SELECTIONS = ("auto", "retrain", *SELECTIONS)
 DEFAULT_SELECTION = "auto"
@@ -319,6 +323,9 @@ def unlearn(
                 before, measure, choice, report,
             )  # fmt: skip
     outcome.receipt["retained_gradient_norm_before"] = gradient_before
+    if len(test_x) == 0:
+        notes = [outcome.receipt.get("note", ""), NO_TEST_SET_NOTE]
+        outcome.receipt["note"] = "; ".join(n for n in notes if n)
     return replace(outcome, test_after=tested[-1])
 
 
@@ -425,7 +432,7 @@ def _newton_removal(
     )
     report.phase("verifying", message="measuring the model after the update")
     after = measure(model)
-    flagged = before["test_accuracy"] - after["test_accuracy"] > 0.01
+    flagged = accuracy_cost(before, after) > 0.01
     receipt = {
         "units_selected": len(units),
         "parameters_updated": selection.num_parameters,
@@ -442,6 +449,14 @@ def _newton_removal(
         "batchnorm_recomputed": batchnorm,
     }
     return UnlearningOutcome(receipt, spent.to_dict())
+
+
+def accuracy_cost(before: dict[str, float], after: dict[str, float]) -> float:
+    """The accuracy an update cost: on the test set, or without one on the retained
+    samples the figures were measured on."""
+    key = "test_accuracy" if before["test_accuracy"] == before["test_accuracy"] else None
+    key = key or "retained_accuracy"
+    return before[key] - after[key]
 
 
 def retained_gradient_norm(
@@ -511,7 +526,7 @@ def _retrain_exactly(
         "before": before,
         "after": after,
         "step_accepted": True,
-        "accuracy_cost_flagged": before["test_accuracy"] - after["test_accuracy"] > 0.01,
+        "accuracy_cost_flagged": accuracy_cost(before, after) > 0.01,
         "note": f"exact retrain ({result.seconds:.3g} s)",
         "training_seconds": result.seconds,
         "method": {"selection": "retrain", "seed": config.seed},
@@ -600,7 +615,10 @@ def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:
             "the damped step did not lower the retained objective within the trust region; the smallest safe step was applied"
         )
     if flagged:
-        notes.append("the update cost more than one point of test accuracy (applied, not skipped)")
+        notes.append(
+            "the update cost more than one point of accuracy (test, or retained without a "
+            "held-out set; applied, not skipped)"
+        )
     if exhausted:
         notes.append(
             "the certificate budget is spent: request an exact retrain (RetrainModel; expunge retrain <model>)"

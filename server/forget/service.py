@@ -18,7 +18,7 @@ import torch
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
-from expunge.server.engine import Engine, parse_model_name
+from expunge.server.engine import Engine, guarded_accuracy, parse_model_name
 from expunge.server.errors import AlreadyExists, NotFound, invalid_field
 from expunge.server.faults import crash_point
 from expunge.server.forget.computation import (
@@ -166,8 +166,8 @@ class ForgetService:
     ) -> AccuracyCollapse | None:
         """None unless the update costs more test accuracy than the settings allow."""
         settings = self.engine.settings
-        parent = self.engine.version_row(model, parent_version).metrics.get("test_accuracy")
-        after = metrics.get("test_accuracy")
+        parent, measured = guarded_accuracy(self.engine.version_row(model, parent_version).metrics)
+        after, _ = guarded_accuracy(metrics)
         if parent is None or after is None:
             return None
         drop = 100.0 * (parent - after)
@@ -189,7 +189,7 @@ class ForgetService:
                 "configuration, so it cannot be retrained)"
             )
             held = (
-                f"its forget (operations/{request_id}) cost {drop:.1f} points of test accuracy, "
+                f"its forget (operations/{request_id}) cost {drop:.1f} points of {measured}, "
                 f"more than the {settings.accuracy_collapse_points:g} allowed; {then}"
             )
         return AccuracyCollapse(drop, settings.accuracy_collapse_points, policy, held, retrain_id)

@@ -446,6 +446,12 @@ class ScanService:
                 f"models/{model} has no training checkpoints; train it with `expunge train` so "
                 "the trajectory (checkpoints and learning rates) is saved"
             )
+        if not self.engine.has_test_set(model):
+            raise FailedPrecondition(
+                f"models/{model} was imported without a held-out set ([data] test), and Scan "
+                "calibrates its p-values on held-out inputs the model never trained on; "
+                "import it again with one"
+            )
         return estimator
 
     def scan(

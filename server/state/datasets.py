@@ -55,6 +55,17 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @classmethod
+    def empty(cls, input_shape: tuple[int, ...], num_classes: int) -> Dataset:
+        """No rows: a model imported without a held-out set has this as its test set."""
+        return cls(
+            np.zeros((0, *input_shape), dtype=np.float32),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=str),
+            num_classes,
+        )
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.features.shape[1:])

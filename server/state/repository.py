@@ -19,7 +19,7 @@ The directory holds ``expunge.toml`` and the files it names, all inside the dire
     [data]                           # .npz or .parquet (``datasets.load_parquet``'s columns)
     train = "train.npz"              # features, labels, sample_ids, owner_ids: every row trained on
                                      # (sample_ids: integers, or strings such as UUIDs)
-    test = "test.npz"                # required: held-out rows, see ``TEST_SET_NEEDED``
+    test = "test.npz"                # optional held-out rows; without: ``WITHOUT_TEST_SET``
 
     [training]                       # optional: TrainConfig fields; without it, no exact retrain
     epochs = 30
@@ -57,11 +57,12 @@ SPEC_FIELDS = tuple(f.name for f in fields(ArchitectureSpec))
 DATA_SUFFIXES = (".npz", ".parquet")
 # Why [data] test cannot be left out: rows the model trained on would flatter every figure
 # below, and carving some off the training set would measure on rows it has seen.
-TEST_SET_NEEDED = (
-    "is required: a held-out set the model never trained on, on which the server measures "
-    "every version (test accuracy and loss; each forget's accuracy-collapse guard and "
-    "membership-inference AUC; each retrain's receipt) and calibrates Scan's p-values; "
-    "hold rows out before training and name their file here"
+# What a repository without [data] test gives up (the import says so; nothing is carved
+# from the training rows, whose figures would flatter the model).
+WITHOUT_TEST_SET = (
+    "no held-out set: test accuracy and loss, each forget's membership-inference AUC and "
+    "Scan (whose p-values are calibrated on held-out inputs) are unavailable, and each "
+    "forget's accuracy-collapse guard reads the retained training samples instead"
 )
 
 
@@ -73,7 +74,7 @@ class ModelRepository:
     weights: bytes  # safetensors of the final model, checked against the architecture
     weight_decay: float
     train: Dataset
-    test: Dataset
+    test: Dataset  # empty without [data] test (``WITHOUT_TEST_SET``)
     training: TrainConfig | None  # None: exact retrain is refused
     checkpoints: list[Checkpoint]  # empty: none were imported
 
@@ -237,10 +238,12 @@ def read_repository(directory: Path, trusted_factories: dict[str, str]) -> Model
     data = _table(manifest, "data", required=True)
     if "train" not in data:
         raise _fail(f"{MANIFEST} [data] train", "is required: every row the model trained on")
-    if "test" not in data:
-        raise _fail(f"{MANIFEST} [data] test", TEST_SET_NEEDED)
     train = _dataset(root, "train", data["train"], spec)
-    test = _dataset(root, "test", data["test"], spec)
+    test = (
+        _dataset(root, "test", data["test"], spec)
+        if "test" in data
+        else Dataset.empty(spec.input_shape, spec.num_classes)
+    )
     if test.sample_keys is not None:  # numbered after the training rows, never beside them
         test = replace(test, sample_ids=np.arange(len(train), len(train) + len(test)))
     for name, part in (("train", train), ("test", test)):

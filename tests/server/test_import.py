@@ -191,8 +191,9 @@ def test_a_bad_repository_is_refused_naming_the_file_and_field(tmp_path: Path) -
     _refused(tmp_path, "no expunge.toml")
     (repo / "expunge.toml").write_text(manifest.replace('"train.npz"', '"../train.npz"'))
     _refused(repo, r"\[data\] train: '../train.npz' lies outside the repository")
-    (repo / "expunge.toml").write_text(manifest.replace('test = "test.npz"\n', ""))
-    _refused(repo, r"\[data\] test: is required")
+    # Without [data] train there is nothing to serve ([data] test is optional).
+    (repo / "expunge.toml").write_text(manifest.replace('train = "train.npz"\n', ""))
+    _refused(repo, r"\[data\] train: is required")
     (repo / "expunge.toml").write_text(manifest.replace("hidden = [16]", "hidden = [8]"))
     _refused(repo, r"weights.safetensors \(\[model\] weights\): weights do not fit")
     (repo / "expunge.toml").write_text(manifest.replace("weight_decay = 0.001", ""))
@@ -260,9 +261,9 @@ def test_import_model_uploads_a_repository_to_a_running_server_which_indexes_it(
             with pytest.raises(AlreadyExistsError):
                 client.import_model(repo, "cancer")
             (repo / "expunge.toml").write_text(
-                (repo / "expunge.toml").read_text().replace('test = "test.npz"\n', "")
+                (repo / "expunge.toml").read_text().replace('train = "train.npz"\n', "")
             )
-            with pytest.raises(InvalidArgumentError, match=r"\[data\] test: is required"):
+            with pytest.raises(InvalidArgumentError, match=r"\[data\] train: is required"):
                 client.import_model(repo, "other")
             (repo / "big.npz").write_bytes(b"\0" * 2_500_000)
             with pytest.raises(ResourceExhaustedError, match="max_import_bytes"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,23 +229,52 @@ def test_parquet_without_pyarrow_says_to_install_the_server_extra(
     read_repository(npz_repo, {})  # .npz needs no pyarrow
 
 
-def test_a_repository_without_a_test_set_is_refused_saying_what_the_test_set_is_for(
+def test_a_repository_without_a_test_set_imports_and_says_what_is_not_measured(
     npz_repo: Path, tmp_path: Path
 ) -> None:
-    # No held-out set is carved from the training rows: measured on rows the model trained
-    # on, accuracy, the forget's membership AUC and Scan's calibration would all mislead.
+    # No held-out set is carved from the training rows (measured on rows the model trained
+    # on, every figure would flatter it): the test figures are absent, Scan is refused,
+    # and the forget's accuracy guard reads the retained samples.
+    import math
+
+    from expunge.client import FailedPreconditionError
+    from expunge.server.forget.computation import NO_TEST_SET_NOTE
+
     repo = tmp_path / "repo"
     shutil.copytree(npz_repo, repo)
     manifest = (repo / "expunge.toml").read_text()
     (repo / "expunge.toml").write_text(manifest.replace('test = "test.npz"\n', ""))
-    with pytest.raises(InvalidArgument) as refused:
-        read_repository(repo, {})
-    message = refused.value.message
-    assert message.startswith("expunge.toml [data] test: is required: a held-out set")
-    assert "accuracy-collapse guard" in message and "Scan's p-values" in message
+    assert len(read_repository(repo, {}).test) == 0
     state = tmp_path / "state"
-    assert cli_main(["import", str(repo), "--name", "x", "--state-dir", str(state)]) == 1
-    assert not state.exists()  # refused before anything was stored
+    assert cli_main(["import", str(repo), "--name", "x", "--state-dir", str(state)]) == 0
+    running = start(Settings(state_dir=state, port=0))
+    try:
+        engine = running.engine  # type: ignore[attr-defined]
+        metrics = engine.version_row("x", 1).metrics
+        assert "test_accuracy" not in metrics and "test_loss" not in metrics
+        assert metrics["train_accuracy"] > 0.8
+        with Client(running.target, timeout=600) as client:
+            features = engine.training_data("x").features[:2].numpy()
+            with pytest.raises(FailedPreconditionError, match="without a held-out set"):
+                list(client.scan("x", features))
+            with pytest.raises(FailedPreconditionError, match="without a held-out set"):
+                client.estimate_scan("x", features)
+            owner = str(engine.training_data("x").owner_ids[0])
+            op = client.forget("x", owner_ids=[owner], selection="all", wait=True)
+            assert op.state == "SUCCEEDED" and op.receipt is not None
+            assert NO_TEST_SET_NOTE in op.receipt.note
+            assert math.isnan(op.receipt.after.test_accuracy)
+            assert math.isnan(op.receipt.after.mia_auc)
+            assert op.receipt.after.retained_accuracy > 0.8
+            new = engine.version_row("x", op.receipt.new_version).metrics
+            assert "test_accuracy" not in new and new["train_accuracy"] > 0.8
+            deadline = time.monotonic() + 120
+            while client.get_model("x").index.state != "READY":  # it needs no test set
+                assert time.monotonic() < deadline, "index never became READY"
+                time.sleep(0.1)
+            assert all(len(row) == 3 for row in client.neighbors("x", features, 3).neighbors)
+    finally:
+        running.stop(0)
 
     (repo / "expunge.toml").write_text(manifest.replace('"test.npz"', '"test.csv"'))
     (repo / "test.csv").write_text("1,2,3\n")
@@ -252,3 +282,24 @@ def test_a_repository_without_a_test_set_is_refused_saying_what_the_test_set_is_
         InvalidArgument, match=r"\[data\] test: 'test.csv': only \('.npz', '.parquet'\)"
     ):
         read_repository(repo, {})
+
+
+def test_without_a_held_out_set_the_accuracy_guard_reads_the_training_accuracy() -> None:
+    from expunge.server.engine import guarded_accuracy
+    from expunge.server.forget.computation import accuracy_cost
+
+    assert guarded_accuracy({"train_accuracy": 0.9, "test_accuracy": 0.8}) == (
+        0.8,
+        "test accuracy",
+    )
+    accuracy, what = guarded_accuracy({"train_accuracy": 0.9})
+    assert accuracy == 0.9 and "no held-out set" in what
+    nan = float("nan")
+    before = {"test_accuracy": nan, "retained_accuracy": 0.95}
+    assert accuracy_cost(before, {"test_accuracy": nan, "retained_accuracy": 0.9}) == pytest.approx(
+        0.05
+    )
+    measured = {"test_accuracy": 0.9, "retained_accuracy": 0.95}
+    assert accuracy_cost(measured, {"test_accuracy": 0.7, "retained_accuracy": 0.95}) == (
+        pytest.approx(0.2)
+    )
