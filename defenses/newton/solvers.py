@@ -220,34 +220,73 @@ def apply_update(model: nn.Module, selection: ParameterSelection, result: Newton
 # --------------------------------------------------------------------------- Newton-CG
 
 
-def _conjugate_gradient(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    iterations: int,
-    rtol: float,
-) -> torch.Tensor | None:
-    """Solve A x = b for symmetric A; None when A shows non-positive curvature."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    d = r.clone()
-    rs = float(r @ r)
-    stop = (rtol**2) * rs
-    for _ in range(iterations):
-        if rs <= stop:
-            break
-        ad = matvec(d)
-        curvature = float(d @ ad)
-        if curvature <= 0:
-            # The damping does not make the system positive definite: the "solution"
-            # would point uphill, so ask Levenberg-Marquardt for more damping.
+class _ShiftedKrylov:
+    """Every damped system (H + mu I) x = b from one Lanczos run of ``iterations``
+    Hessian-vector products (multi-shift CG).
+
+    The Krylov space of H + mu I from b is the same for every mu, so the CG iterate for
+    each mu is Q^T (T + mu I)^{-1} |b| e1, with Q the Lanczos basis and T the tridiagonal
+    projection of H on it. Levenberg-Marquardt, which raises mu tenfold after a refused
+    step, then pays O(k^2) per try instead of k more Hessian-vector products: on the
+    CIFAR-shaped CNN's ranking step that was 2.75 s of a 14.5 s forget. CG's refusal of
+    non-positive curvature is T + mu I not positive definite (CG's pivots are those of its
+    LDL^T factors). The basis is fully reorthogonalised (k is small), and a run that
+    reaches an invariant subspace stops there (CG's early exit)."""
+
+    def __init__(
+        self,
+        hvp: Callable[[torch.Tensor], torch.Tensor],
+        b: torch.Tensor,
+        iterations: int,
+        rtol: float,
+    ) -> None:
+        self.b = b
+        self.norm = float(b.norm())
+        basis: list[torch.Tensor] = []
+        alphas: list[float] = []
+        betas: list[float] = []
+        if self.norm > 0:
+            q = b / self.norm
+            previous, beta = torch.zeros_like(b), 0.0
+            for _ in range(iterations):
+                basis.append(q)
+                w = hvp(q)
+                alpha = float(q @ w)
+                w = w - alpha * q - beta * previous
+                stacked = torch.stack(basis)
+                w = w - stacked.T @ (stacked @ w)  # full reorthogonalisation
+                alphas.append(alpha)
+                beta = float(w.norm())
+                if beta <= rtol * max(abs(alpha), 1.0):
+                    break
+                betas.append(beta)
+                previous, q = q, w / beta
+        m = len(alphas)
+        self.basis = torch.stack(basis[:m]) if m else b.new_zeros(0, b.numel())
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        off = torch.tensor(betas[: max(m - 1, 0)], dtype=torch.float64)
+        if m > 1:
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        self.t = t
+        self.smallest = float(torch.linalg.eigvalsh(t)[0]) if m else math.inf
+
+    def solve(self, mu: float) -> torch.Tensor | None:
+        if self.norm == 0:
+            return torch.zeros_like(self.b)
+        if self.smallest + mu <= 0:
             return None
-        alpha = rs / curvature
-        x += alpha * d
-        r -= alpha * ad
-        rs_new = float(r @ r)
-        d = r + (rs_new / rs) * d
-        rs = rs_new
-    return x
+        rhs = torch.zeros(self.t.shape[0], dtype=torch.float64)
+        rhs[0] = self.norm
+        y = torch.linalg.solve(self.t + mu * torch.eye(self.t.shape[0], dtype=torch.float64), rhs)
+        return self.basis.T @ y.to(self.basis)
+
+    def curvature(self, step: torch.Tensor) -> float | None:
+        """step^T H step = y^T T y for a step in the basis' span (None otherwise)."""
+        y = (self.basis @ step).double()
+        inside = float((self.basis.T @ y.to(self.basis) - step).norm())
+        if inside > 1e-6 * max(float(step.norm()), 1e-30):
+            return None
+        return float(y @ (self.t @ y))
 
 
 def newton_cg_update(
@@ -296,10 +335,22 @@ def newton_cg_update(
         hx, hy = _subsample(rx, ry, config.hessian_samples, config.seed)
         hvp = objective.hvp(v0, hx, hy, config.hessian_batch)
 
+        # One Krylov basis per gradient: the damping tries of an iteration share it.
+        krylov: list[tuple[torch.Tensor, _ShiftedKrylov]] = []
+
+        def shifted(gradient: torch.Tensor) -> _ShiftedKrylov:
+            if not krylov or krylov[-1][0] is not gradient:
+                krylov[:] = [
+                    (gradient, _ShiftedKrylov(hvp, -gradient, config.cg_iterations, 1e-10))
+                ]
+            return krylov[-1][1]
+
         def solve(gradient: torch.Tensor, mu: float) -> torch.Tensor | None:
-            return _conjugate_gradient(
-                lambda d: hvp(d) + mu * d, -gradient, config.cg_iterations, 1e-10
-            )
+            return shifted(gradient).solve(mu)
+
+        def curvature(step: torch.Tensor) -> float:
+            known = krylov[-1][1].curvature(step) if krylov else None
+            return known if known is not None else float(step.double() @ hvp(step).double())
 
         scale = 1.0
         if config.damping == 0:
@@ -316,7 +367,7 @@ def newton_cg_update(
             rx,
             ry,
             config,
-            lambda step: float(step.double() @ hvp(step).double()),
+            curvature,
             offset,
         )
         residual = float(objective.gradient(v, rx, ry).norm())
