@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -411,14 +412,12 @@ class ForgetService:
             weights = weights_io.model_to_bytes(model)
             weights_blob = store.blobs.put(weights)
             crash_point("forget_after_weights")
-            shard = weights_io.arrays_to_bytes(
-                {
-                    "features": data.features[keep].numpy(),
-                    "labels": data.labels[keep].numpy(),
-                    "sample_ids": data.sample_ids[~mask],
-                }
-            )
-            train_blob = store.blobs.put(shard)
+            shard = {
+                "features": data.features[keep].numpy(),
+                "labels": data.labels[keep].numpy(),
+                "sample_ids": data.sample_ids[~mask],
+            }
+            train_blob = store.blobs.put_file(partial(weights_io.write_arrays, shard))
             checkpoints_blob = (
                 store.blobs.put(weights_io.checkpoints_to_bytes(outcome.checkpoints))
                 if outcome.checkpoints is not None

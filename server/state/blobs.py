@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from expunge.server.errors import FailedPrecondition
@@ -30,6 +30,9 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Blobs this process wrote or has hashed: ``verified_path`` need not hash them again
+        # (a forget's new 600 MB shard was hashed once to be named, again to be mapped).
+        self._verified: set[str] = set()
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or not set(digest) <= _HEX:
@@ -42,6 +45,41 @@ class BlobStore:
         target = self.path(digest)
         if target.exists():
             return digest
+        self._write(target, data)
+        self._verified.add(digest)
+        return digest
+
+    def put_file(self, write: Callable[[Path], None]) -> str:
+        """Store the file ``write(path)`` creates, hashed by streaming it, never held in
+        memory whole (a forget's training shard); return its digest (idempotent)."""
+        staging = self.root / "tmp"
+        staging.mkdir(exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=staging)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            crash_point("blob_mid_write")
+            hasher = hashlib.sha256()
+            with tmp.open("rb") as handle:
+                for piece in iter(lambda: handle.read(1 << 22), b""):
+                    hasher.update(piece)
+                os.fsync(handle.fileno())
+            digest = hasher.hexdigest()
+            target = self.path(digest)
+            if target.exists():
+                tmp.unlink()
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
+                fsync_directory(target.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._verified.add(digest)
+        return digest
+
+    def _write(self, target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
         try:
@@ -57,7 +95,6 @@ class BlobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         fsync_directory(target.parent)
-        return digest
 
     def get(self, digest: str, verify: bool = True) -> bytes:
         """Read a blob; with ``verify`` a corrupted file is refused, never used."""
@@ -72,6 +109,8 @@ class BlobStore:
         """The blob's file, its hash checked by streaming it (never held whole): for a
         caller that memory-maps it instead of reading it."""
         path = self.path(digest)
+        if digest in self._verified:
+            return path
         hasher = hashlib.sha256()
         with path.open("rb") as handle:
             for piece in iter(lambda: handle.read(1 << 22), b""):
@@ -80,6 +119,7 @@ class BlobStore:
             raise FailedPrecondition(
                 f"stored artefact {digest[:12]} is corrupt (hash mismatch); restore it from backup"
             )
+        self._verified.add(digest)
         return path
 
     def exists(self, digest: str) -> bool:

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
+from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 from torch import nn
@@ -116,6 +117,11 @@ def checkpoints_from_bytes(data: bytes) -> list[Checkpoint]:
 
 def arrays_to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return bytes(np_save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}))
+
+
+def write_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """``arrays_to_bytes`` written straight to ``path`` (the same bytes, never one buffer)."""
+    np_save_file({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}, str(path))
 
 
 _NUMPY_DTYPES = {

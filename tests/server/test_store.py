@@ -124,3 +124,30 @@ def test_migrating_schema_2_adds_sample_keys_and_keeps_integer_ids(tmp_path: Pat
         assert store.sample_ids_for_keys("digits", ["3"]) == {}
     finally:
         store.close()
+
+
+def test_a_blob_written_from_a_file_has_the_digest_of_its_bytes(tmp_path: Path) -> None:
+    """``put_file`` (a forget's shard, never one buffer) names the same bytes as ``put``."""
+    import numpy as np
+
+    from expunge.server.state import weights as weights_io
+
+    arrays = {"features": np.arange(12, dtype=np.float32).reshape(3, 4), "labels": np.arange(3)}
+    blobs = BlobStore(tmp_path)
+    from_file = blobs.put_file(lambda path: weights_io.write_arrays(arrays, path))
+    assert from_file == blobs.put(weights_io.arrays_to_bytes(arrays))
+    assert blobs.get(from_file) == weights_io.arrays_to_bytes(arrays)
+    assert blobs.digests() == [from_file]
+    # Written or hashed once, it is not hashed again when mapped: a later corruption on disk
+    # is caught by the next process that maps it.
+    assert BlobStore(tmp_path).verified_path(from_file) == blobs.path(from_file)
+    blobs.path(from_file).write_bytes(b"corrupt")
+    from expunge.server.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="corrupt"):
+        BlobStore(tmp_path).verified_path(from_file)
+    # A crash before the rename leaves only a temp file, which garbage collection removes.
+    stray = tmp_path / "tmp" / ".tmp-crashed"
+    stray.write_bytes(b"half a shard")
+    blobs.collect_garbage([from_file])
+    assert not stray.exists() and blobs.digests() == [from_file]
