@@ -443,7 +443,14 @@ def _newton_removal(
         "damping": result.damping,
         "step_accepted": result.accepted,
         "accuracy_cost_flagged": flagged,
-        "note": _note(result.accepted, flagged, certificate.budget_exhausted),
+        "note": _note(
+            result.accepted,
+            flagged,
+            certificate.budget_exhausted,
+            "test accuracy"
+            if before["test_accuracy"] == before["test_accuracy"]
+            else "retained accuracy (no held-out set)",
+        ),
         "method": recipe.method(total_params, result.iterations, chosen.candidates),
         "policy": choice.receipt(),
         "batchnorm_recomputed": batchnorm,
@@ -608,17 +615,14 @@ def choose_parameters(
     return ChosenParameters(chosen.selection, chosen.candidates)
 
 
-def _note(accepted: bool, flagged: bool, exhausted: bool) -> str:
+def _note(accepted: bool, flagged: bool, exhausted: bool, measured: str) -> str:
     notes = []
     if not accepted:
         notes.append(
             "the damped step did not lower the retained objective within the trust region; the smallest safe step was applied"
         )
     if flagged:
-        notes.append(
-            "the update cost more than one point of accuracy (test, or retained without a "
-            "held-out set; applied, not skipped)"
-        )
+        notes.append(f"the update cost more than one point of {measured} (applied, not skipped)")
     if exhausted:
         notes.append(
             "the certificate budget is spent: request an exact retrain (RetrainModel; expunge retrain <model>)"

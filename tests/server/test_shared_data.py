@@ -12,6 +12,7 @@ import torch
 from expunge.server.errors import FailedPrecondition
 from expunge.server.forget.compute_process import ForgetData, UnlearningJob
 from expunge.server.state import weights as weights_io
+from expunge.server.state.blobs import BlobStore
 from expunge.server.state.store import Store
 
 
@@ -63,7 +64,8 @@ def test_a_corrupt_shard_is_refused_before_it_is_mapped(tmp_path: Path) -> None:
         data[-1] ^= 1
         path.chmod(0o644)
         path.write_bytes(bytes(data))
+        # This process wrote and hashed it; the next one to map it hashes it first.
         with pytest.raises(FailedPrecondition, match="corrupt"):
-            store.blobs.verified_path(digest)
+            BlobStore(store.blobs.root).verified_path(digest)
     finally:
         store.close()
