@@ -13,22 +13,10 @@ from expunge.defenses.architectures import ArchitectureSpec, build_model
 from expunge.defenses.newton import NewtonConfig, newton_update
 from expunge.defenses.newton.objective import RetainedObjective, _parameters
 from expunge.defenses.selection import ParameterSelection
-from expunge.defenses.task import AutogradTask, CrossEntropy, Task, attach_task, task_of
+from expunge.defenses.task import CrossEntropy, Task, attach_task, task_of
+from tests.server.losses import SquaredLogits
 
 WD = 1e-2
-
-
-class SquaredLogits(AutogradTask):
-    """l = |z - onehot(y)|^2 / 2: convex in the logits, Hessian I, not shift invariant."""
-
-    name = "squared_logits"
-    convex_in_logits = True
-
-    def sample_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # No one_hot: it branches on the data, which per-sample gradients (vmap) refuse.
-        classes = torch.arange(logits.shape[1], device=logits.device)
-        target = (classes == labels.unsqueeze(1)).to(logits.dtype)
-        return 0.5 * ((logits - target) ** 2).sum(dim=1)
 
 
 def _autograd_derivatives(task: Task, z: torch.Tensor, y: torch.Tensor) -> tuple:

@@ -153,56 +153,47 @@ class Store:
         return int(self.query("SELECT COUNT(*) FROM forgotten WHERE model = ?", (model,))[0][0])
 
     def owners_of(self, model: str, sample_ids: list[int]) -> dict[int, str]:
-        found: dict[int, str] = {}
-        for start in range(0, len(sample_ids), 500):
-            chunk = sample_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.query(
-                f"SELECT sample_id, owner_id FROM samples WHERE model = ? AND sample_id IN ({marks})",
-                (model, *chunk),
-            ):
-                found[int(row[0])] = str(row[1])
-        return found
+        rows = self._chunked(
+            "SELECT sample_id, owner_id FROM samples WHERE model = ? AND sample_id IN ({marks})",
+            model,
+            sample_ids,
+        )
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def _chunked(self, sql: str, model: str, values: list[Any]) -> list[sqlite3.Row]:
+        """``sql`` (``{marks}``: one chunk's placeholders) over ``values`` 500 at a time."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            rows += self.query(sql.format(marks=",".join("?" * len(chunk))), (model, *chunk))
+        return rows
 
     def keys_of(self, model: str, sample_ids: list[int]) -> dict[int, str]:
         """The sample keys of those of ``sample_ids`` that have one (a keyed repository)."""
-        found: dict[int, str] = {}
-        for start in range(0, len(sample_ids), 500):
-            chunk = sample_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.query(
-                f"SELECT sample_id, sample_key FROM samples WHERE model = ? "
-                f"AND sample_key IS NOT NULL AND sample_id IN ({marks})",
-                (model, *chunk),
-            ):
-                found[int(row[0])] = str(row[1])
-        return found
+        rows = self._chunked(
+            "SELECT sample_id, sample_key FROM samples WHERE model = ? "
+            "AND sample_key IS NOT NULL AND sample_id IN ({marks})",
+            model,
+            sample_ids,
+        )
+        return {int(r[0]): str(r[1]) for r in rows}
 
     def sample_ids_for_keys(self, model: str, keys: list[str]) -> dict[str, int]:
         """The sample id of each of ``keys`` that ``model`` holds or has forgotten."""
-        found: dict[str, int] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.query(
-                f"SELECT sample_key, sample_id FROM samples WHERE model = ? "
-                f"AND sample_key IN ({marks})",
-                (model, *chunk),
-            ):
-                found[str(row[0])] = int(row[1])
-        missing = [k for k in keys if k not in found]
-        if missing:
-            by_digest = {self.identifiers.digest("sample_key", k): k for k in missing}
-            digests = list(by_digest)
-            for start in range(0, len(digests), 500):
-                chunk = digests[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self.query(
-                    f"SELECT key_sha256, sample_id FROM forgotten WHERE model = ? "
-                    f"AND key_sha256 IN ({marks})",
-                    (model, *chunk),
-                ):
-                    found[by_digest[str(row[0])]] = int(row[1])
+        held = self._chunked(
+            "SELECT sample_key, sample_id FROM samples WHERE model = ? AND sample_key IN ({marks})",
+            model,
+            keys,
+        )
+        found = {str(r[0]): int(r[1]) for r in held}
+        by_digest = {self.identifiers.digest("sample_key", k): k for k in keys if k not in found}
+        forgotten = self._chunked(
+            "SELECT key_sha256, sample_id FROM forgotten WHERE model = ? "
+            "AND key_sha256 IN ({marks})",
+            model,
+            list(by_digest),
+        )
+        found.update({by_digest[str(r[0])]: int(r[1]) for r in forgotten})
         return found
 
     def sample_ids(self, model: str) -> list[int]:
