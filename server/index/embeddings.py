@@ -11,7 +11,8 @@ another trajectory, or a new layer choice embeds everything again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -108,32 +109,7 @@ class EmbeddingCache:
         """Embeddings of ``data`` (features, labels, ids) at ``version``: cached, updated in
         the final block, or embedded whole. ``pause``: a background caller's (see
         ``Pause``); a caller without one counts as waiting for the result."""
-        if pause is None:
-            with self._guard:
-                self._waiting[model] = self._waiting.get(model, 0) + 1
-        try:
-            return self._get(model, version, key, embedder, data, progress, stopping, pause)
-        finally:
-            if pause is None:
-                with self._guard:
-                    self._waiting[model] -= 1
-
-    def _someone_waits(self, model: str) -> bool:
-        with self._guard:
-            return self._waiting.get(model, 0) > 0
-
-    def _get(
-        self,
-        model: str,
-        version: int,
-        key: EmbeddingKey,
-        embedder: GradientEmbedder,
-        data: tuple[torch.Tensor, torch.Tensor, np.ndarray],
-        progress: Progress | None,
-        stopping: threading.Event | None,
-        pause: Pause | None,
-    ) -> TrainingEmbeddings:
-        with self._lock(model):
+        with self._waiting_for(model, counts=pause is None), self._lock(model):
             with self._guard:
                 started = self._generation.get(model, 0)
             latest = self.peek(model)
@@ -153,6 +129,23 @@ class EmbeddingCache:
                 kept = _pruned(result, self._allowed[model]) if changed else result
                 self._latest[model] = kept
             return result
+
+    @contextmanager
+    def _waiting_for(self, model: str, counts: bool) -> Iterator[None]:
+        """Count a caller that waits for ``model``'s embedding (see ``_someone_waits``)."""
+        if counts:
+            with self._guard:
+                self._waiting[model] = self._waiting.get(model, 0) + 1
+        try:
+            yield
+        finally:
+            if counts:
+                with self._guard:
+                    self._waiting[model] -= 1
+
+    def _someone_waits(self, model: str) -> bool:
+        with self._guard:
+            return self._waiting.get(model, 0) > 0
 
 
 def _pruned(embeddings: TrainingEmbeddings, ids: np.ndarray) -> TrainingEmbeddings:
