@@ -11,6 +11,7 @@ itself waiting for that embedding (a scan): then pausing would only delay the ca
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -46,8 +47,9 @@ class ForegroundWork:
         self, stopping: threading.Event | None = None, unless: Callable[[], bool] | None = None
     ) -> float:
         """Wait while foreground work runs; return early once ``stopping`` is set or
-        ``unless()`` holds. Returns the seconds waited."""
-        waited = 0.0
+        ``unless()`` holds. Returns the seconds waited (0.0: it did not wait)."""
+        started = time.monotonic()
+        waited = False
         with self._changed:
             while self._running > 0:
                 if stopping is not None and stopping.is_set():
@@ -55,5 +57,5 @@ class ForegroundWork:
                 if unless is not None and unless():
                     break
                 self._changed.wait(_RECHECK_S)
-                waited += _RECHECK_S
-        return waited
+                waited = True
+        return time.monotonic() - started if waited else 0.0

@@ -6,6 +6,7 @@ worker and the scan counterfactual calls it with ``commit`` left to no one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -447,9 +448,7 @@ def _newton_removal(
             result.accepted,
             flagged,
             certificate.budget_exhausted,
-            "test accuracy"
-            if before["test_accuracy"] == before["test_accuracy"]
-            else "retained accuracy (no held-out set)",
+            _guarding_accuracy(before)[1],
         ),
         "method": recipe.method(total_params, result.iterations, chosen.candidates),
         "policy": choice.receipt(),
@@ -458,11 +457,17 @@ def _newton_removal(
     return UnlearningOutcome(receipt, spent.to_dict())
 
 
+def _guarding_accuracy(before: dict[str, float]) -> tuple[str, str]:
+    """The accuracy that guards an update, and its name: the test set's, or for a model
+    without a held-out set the retained samples' the figures were measured on."""
+    if math.isfinite(before["test_accuracy"]):
+        return "test_accuracy", "test accuracy"
+    return "retained_accuracy", "retained accuracy (no held-out set)"
+
+
 def accuracy_cost(before: dict[str, float], after: dict[str, float]) -> float:
-    """The accuracy an update cost: on the test set, or without one on the retained
-    samples the figures were measured on."""
-    key = "test_accuracy" if before["test_accuracy"] == before["test_accuracy"] else None
-    key = key or "retained_accuracy"
+    """The accuracy an update cost (``_guarding_accuracy``)."""
+    key, _ = _guarding_accuracy(before)
     return before[key] - after[key]
 
 
