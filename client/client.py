@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -255,7 +255,7 @@ class Client:
         wait: bool = False,
         on_progress: Callable[[t.Operation], None] | None = None,
         parameter_budget: int = 0,
-        selection: str = "",
+        selection: t.Selection = "",
         hessian: str = "",
         newton_iterations: int = 0,
         damping: float = 0.0,
@@ -352,6 +352,29 @@ class Client:
         request = pb.CancelOperationRequest(name=_op(name))
         return wire.operation(self._call(self._stub.CancelOperation, request, timeout))
 
+    def list_operations(
+        self,
+        model: str = "",
+        states: Sequence[t.OperationState] = (),
+        limit: int | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> list[t.Operation]:
+        """Forget and retrain operations, newest first, across pages.
+
+        ``model`` narrows them to one model, ``states`` to those states (e.g. ``("PENDING",
+        "RUNNING")`` for the work still to finish); ``limit`` stops after that many.
+        """
+        request = wire.list_operations_request(model and _model(model), states, page_size)
+        operations: list[t.Operation] = []
+        while limit is None or len(operations) < limit:
+            reply = self._call(self._stub.ListOperations, request, timeout)
+            operations += [wire.operation(o) for o in reply.operations]
+            if not reply.next_page_token:
+                break
+            request.page_token = reply.next_page_token
+        return operations if limit is None else operations[:limit]
+
     # Scanning and neighbours -----------------------------------------------------------------
 
     def scan(
@@ -359,7 +382,7 @@ class Client:
         model: str,
         inputs: np.ndarray,
         *,
-        estimator: str = "",
+        estimator: t.Estimator | Literal[""] = "",
         max_implicated: int = 0,
         mitigate: bool = False,
         request_id: str | None = None,
@@ -411,7 +434,7 @@ class Client:
         self,
         model: str,
         inputs: np.ndarray,
-        estimator: str = "",
+        estimator: t.Estimator | Literal[""] = "",
         timeout: float | None = None,
         *,
         mitigate: bool = False,

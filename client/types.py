@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
+
+# The values the server takes for each option; the CLI offers the same choices.
+OperationState = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+# How to forget: "auto" (or "") lets the server choose and say why in the receipt.
+Selection = Literal["", "auto", "retrain", "lcodec_cg", "lcodec", "cg", "all", "output"]
+# Scan's influence estimator.
+Estimator = Literal["gas", "lgas", "tracincp", "gas+tracincp"]
+OPERATION_STATES: tuple[str, ...] = get_args(OperationState)
+SELECTIONS: tuple[str, ...] = get_args(Selection)
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
 @dataclass(frozen=True)
@@ -187,6 +198,8 @@ class Operation:
     receipt: ForgetReceipt | None
     model: str
     retrain_receipt: RetrainReceipt | None = None  # kind "retrain", once it succeeded
+    create_time: str = ""  # RFC 3339, UTC
+    update_time: str = ""
 
 
 @dataclass(frozen=True)

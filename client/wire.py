@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -11,6 +12,7 @@ import numpy as np
 from expunge.v1 import expunge_pb2 as pb
 
 from . import types as t
+from .types import OPERATION_STATES
 
 _Mirror = TypeVar("_Mirror")
 
@@ -156,6 +158,21 @@ def operation(msg: pb.Operation) -> t.Operation:
         if msg.HasField("retrain_receipt")
         else None,
         model=msg.model,
+        create_time=msg.create_time,
+        update_time=msg.update_time,
+    )
+
+
+def list_operations_request(
+    model: str, states: Sequence[str], page_size: int
+) -> pb.ListOperationsRequest:
+    unknown = sorted(set(states) - set(OPERATION_STATES))
+    if unknown:
+        raise ValueError(f"unknown operation states {unknown}; use {list(OPERATION_STATES)}")
+    return pb.ListOperationsRequest(
+        model=model,
+        states=[pb.Operation.State.Value(s) for s in states],  # type: ignore[misc]
+        page_size=page_size,
     )
 
 

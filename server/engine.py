@@ -39,7 +39,7 @@ from expunge.server.settings import Settings
 from expunge.server.state import weights as weights_io
 from expunge.server.state.datasets import Dataset, train_test_split
 from expunge.server.state.repository import ModelRepository
-from expunge.server.state.store import ModelRow, Store, VersionRow, utc_now
+from expunge.server.state.store import ModelRow, RequestRow, Store, VersionRow, utc_now
 
 log = logging.getLogger("expunge.server.engine")
 
@@ -651,6 +651,18 @@ class Engine:
         size, after = parse_page(page_size, page_token)
         rows = self.store.audit_events(parse_model_name(model) if model else None, after, size + 1)
         token = str(rows[size - 1].id) if len(rows) > size else ""
+        return rows[:size], token
+
+    def operations(
+        self, model: str, states: list[str], page_size: int, page_token: str
+    ) -> tuple[list[RequestRow], str]:
+        """A page of journalled operations, newest first; the token is the last one's seq."""
+        name = parse_model_name(model) if model else None
+        if name:
+            self.model_row(name)
+        size, before = parse_page(page_size, page_token)
+        rows = self.store.requests_page(name, states, before, size + 1)
+        token = str(rows[size - 1].seq) if len(rows) > size else ""
         return rows[:size], token
 
     def on_version_change(self, listener: Callable[[str], None]) -> None:

@@ -25,6 +25,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "GetOperation": frozenset({"forget"}),
     "WatchOperation": frozenset({"forget"}),
     "CancelOperation": frozenset({"forget"}),
+    "ListOperations": frozenset({"forget"}),
     "RetrainModel": frozenset({"forget"}),
     "Scan": frozenset({"scan"}),
     "EstimateScan": frozenset({"scan"}),

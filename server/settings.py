@@ -13,6 +13,8 @@ from expunge.server.forget.policy import PolicySettings
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ACCURACY_COLLAPSE_POLICIES = ("retrain", "hold", "serve")
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,26 @@ class Settings:
     )
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
+    metrics_port: int = field(
+        default=-1,
+        metadata={"help": "Prometheus /metrics over HTTP on this port; -1: off, 0: a free port"},
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "the metrics endpoint's bind address (plain HTTP: loopback by default)"},
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(
+        default="text", metadata={"help": "text, or json: one JSON object per line"}
+    )
 
     def __post_init__(self) -> None:
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, not {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {self.log_format!r}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be -1 (off), 0 (a free port) or a port number")
         if self.device not in DEVICE_SETTINGS:
             raise ValueError(f"device must be one of {DEVICE_SETTINGS}, not {self.device!r}")
         if self.on_accuracy_collapse not in ACCURACY_COLLAPSE_POLICIES:
@@ -301,6 +321,17 @@ _PATHS = {"state_dir", "data_root", "tls_cert", "tls_key", "tls_client_ca"}
 
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
+    """``value`` as the type of the setting's default; ValueError naming the setting."""
+    try:
+        return _coerced(name, value, current)
+    except ValueError as exc:
+        kind = type(current).__name__ if current is not None else "value"
+        raise ValueError(
+            f"setting {name} (env EXPUNGE_{name.upper()}): expected {kind}, got {value!r}"
+        ) from exc
+
+
+def _coerced(name: str, value: Any, current: Any) -> Any:
     if name in _PATHS:
         return Path(value) if value not in (None, "") else None
     if isinstance(current, bool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,20 @@ _STATES = {
     "FAILED": pb.Operation.FAILED,
     "CANCELLED": pb.Operation.CANCELLED,
 }
+
+
+def journal_states(states: Iterable[int]) -> list[str]:
+    """The journal states an Operation.State filter names (RUNNING is APPLYING there)."""
+    by_proto = {value: name for name, value in _STATES.items()}
+    chosen: list[str] = []
+    for state in states:
+        if state not in by_proto:
+            raise invalid_field(
+                "states",
+                f"unknown state {state}; use PENDING, RUNNING, SUCCEEDED, FAILED or CANCELLED",
+            )
+        chosen.append(by_proto[state])
+    return chosen
 
 
 def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:

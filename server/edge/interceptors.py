@@ -25,7 +25,9 @@ from expunge.v1 import expunge_pb2
 SERVICE = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"]
 
 # Calls whose answers reveal training-set membership: rate-limited per token.
-MEMBERSHIP_REVEALING = frozenset({"Scan", "Neighbors", "Forget", "GetOperation", "WatchOperation"})
+MEMBERSHIP_REVEALING = frozenset(
+    {"Scan", "Neighbors", "Forget", "GetOperation", "WatchOperation", "ListOperations"}
+)
 # Standard services anyone on the channel may call.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

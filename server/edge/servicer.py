@@ -209,6 +209,21 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
                 yield op
 
     @handles_errors
+    def ListOperations(
+        self, request: pb.ListOperationsRequest, context: grpc.ServicerContext
+    ) -> pb.ListOperationsResponse:
+        states = conv.journal_states(request.states)
+        rows, token = self.engine.operations(
+            request.model, states, request.page_size, request.page_token
+        )
+        return pb.ListOperationsResponse(
+            operations=[
+                conv.operation_to_proto(r, self.forget.jobs.progress(r.request_id)[0]) for r in rows
+            ],
+            next_page_token=token,
+        )
+
+    @handles_errors
     def CancelOperation(
         self, request: pb.CancelOperationRequest, context: grpc.ServicerContext
     ) -> pb.Operation:

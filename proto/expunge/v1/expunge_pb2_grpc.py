@@ -84,6 +84,11 @@ class ExpungeStub:
                 request_serializer=expunge_dot_v1_dot_expunge__pb2.CancelOperationRequest.SerializeToString,
                 response_deserializer=expunge_dot_v1_dot_expunge__pb2.Operation.FromString,
                 _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/expunge.v1.Expunge/ListOperations',
+                request_serializer=expunge_dot_v1_dot_expunge__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=expunge_dot_v1_dot_expunge__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
         self.RetrainModel = channel.unary_unary(
                 '/expunge.v1.Expunge/RetrainModel',
                 request_serializer=expunge_dot_v1_dot_expunge__pb2.RetrainModelRequest.SerializeToString,
@@ -183,6 +188,13 @@ class ExpungeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOperations(self, request, context):
+        """Forget and retrain operations, newest first: to find running work or a lost name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RetrainModel(self, request, context):
         """Exact retrain from scratch on the current (retained) training data, queued behind
         pending forgets: a new version and a fresh noise budget, for when it is spent.
@@ -278,6 +290,11 @@ def add_ExpungeServicer_to_server(servicer, server):
                     servicer.CancelOperation,
                     request_deserializer=expunge_dot_v1_dot_expunge__pb2.CancelOperationRequest.FromString,
                     response_serializer=expunge_dot_v1_dot_expunge__pb2.Operation.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=expunge_dot_v1_dot_expunge__pb2.ListOperationsRequest.FromString,
+                    response_serializer=expunge_dot_v1_dot_expunge__pb2.ListOperationsResponse.SerializeToString,
             ),
             'RetrainModel': grpc.unary_unary_rpc_method_handler(
                     servicer.RetrainModel,
@@ -580,6 +597,33 @@ class Expunge:
             '/expunge.v1.Expunge/CancelOperation',
             expunge_dot_v1_dot_expunge__pb2.CancelOperationRequest.SerializeToString,
             expunge_dot_v1_dot_expunge__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expunge.v1.Expunge/ListOperations',
+            expunge_dot_v1_dot_expunge__pb2.ListOperationsRequest.SerializeToString,
+            expunge_dot_v1_dot_expunge__pb2.ListOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

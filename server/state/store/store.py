@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -387,6 +387,27 @@ class Store:
     def requests_in_state(self, *states: str) -> list[RequestRow]:
         marks = ",".join("?" * len(states))
         rows = self.query(f"SELECT * FROM requests WHERE state IN ({marks}) ORDER BY seq", states)
+        return [request_row(r) for r in rows]
+
+    def requests_page(
+        self, model: str | None, states: Sequence[str], before_seq: int, limit: int
+    ) -> list[RequestRow]:
+        """Requests newest first, with ``seq < before_seq`` (0: from the newest)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if model:
+            clauses.append("model = ?")
+            params.append(model)
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        if before_seq:
+            clauses.append("seq < ?")
+            params.append(before_seq)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        rows = self.query(
+            f"SELECT * FROM requests {where}ORDER BY seq DESC LIMIT ?", (*params, limit)
+        )
         return [request_row(r) for r in rows]
 
     # Audit ------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import Client
-from .errors import ExpungeError
-from .types import Operation
+from ..client import Client
+from ..errors import ExpungeError
+from ..types import Operation
 
 SERVER_HINT = "this command needs the server extra: pip install 'expunge[server]'"
 # Exit codes: 0 done; 1 the server or the operation answered with an error; 2 usage (and
