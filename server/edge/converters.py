@@ -120,7 +120,7 @@ _STATES = {
 
 def journal_states(states: Iterable[int]) -> list[str]:
     """The journal states an Operation.State filter names (RUNNING is APPLYING there)."""
-    by_proto = {value: name for name, value in _STATES.items()}
+    by_proto: dict[int, str] = {int(value): name for name, value in _STATES.items()}
     chosen: list[str] = []
     for state in states:
         if state not in by_proto:
