@@ -9,6 +9,8 @@ import grpc
 
 @dataclass(frozen=True)
 class FieldViolation:
+    """One bad request field (``inputs[3]``, ``options.selection``) and what is wrong with it."""
+
     field: str
     description: str
 
@@ -85,7 +87,11 @@ _BY_CODE: dict[grpc.StatusCode, type[ExpungeError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> ExpungeError:
-    """Wrap a grpc.RpcError, unpacking BadRequest field violations when present."""
+    """Wrap a grpc.RpcError, unpacking BadRequest field violations when present.
+
+    Works for the blocking client's errors and for grpc.aio's ``AioRpcError`` alike: both
+    carry the code, details and the trailing metadata the rich status travels in.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
     violations: tuple[FieldViolation, ...] = ()

@@ -11,11 +11,17 @@ import numpy as np
 OperationState = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
 # How to forget: "auto" (or "") lets the server choose and say why in the receipt.
 Selection = Literal["", "auto", "retrain", "lcodec_cg", "lcodec", "cg", "all", "output"]
+# The Hessian of a Newton update: "" is the server's default (exact).
+Hessian = Literal["", "exact", "gauss_newton"]
 # Scan's influence estimator.
 Estimator = Literal["gas", "lgas", "tracincp", "gas+tracincp"]
+# Neighbors: the training samples that most support each input's prediction, or oppose it.
+NeighborMode = Literal["proponents", "opponents"]
 OPERATION_STATES: tuple[str, ...] = get_args(OperationState)
 SELECTIONS: tuple[str, ...] = get_args(Selection)
+HESSIANS: tuple[str, ...] = get_args(Hessian)
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+NEIGHBOR_MODES: tuple[str, ...] = get_args(NeighborMode)
 
 
 @dataclass(frozen=True)

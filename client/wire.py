@@ -230,6 +230,17 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
     )
 
 
+def scan_estimate(msg: pb.ScanEstimate) -> t.ScanEstimate:
+    return _fields(t.ScanEstimate, msg)
+
+
+def neighbor_lists(msg: pb.NeighborsResponse) -> list[list[t.Neighbor]]:
+    return [
+        [t.Neighbor(n.sample_id, n.owner_id, n.label, n.score, n.sample_key) for n in lst.neighbors]
+        for lst in msg.results
+    ]
+
+
 def audit_event(msg: pb.AuditEvent) -> t.AuditEvent:
     return t.AuditEvent(
         msg.id, msg.time, msg.actor, msg.action, msg.resource, json.loads(msg.details_json or "{}")

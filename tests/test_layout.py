@@ -77,7 +77,7 @@ def test_importing_every_defenses_module_loads_no_grpc() -> None:
 
 def test_client_does_not_import_torch() -> None:
     code = (
-        "import sys, expunge.client, expunge.client.cli\n"
+        "import sys, expunge.client, expunge.client.aio, expunge.client.cli\n"
         "assert 'torch' not in sys.modules, 'client imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -103,13 +103,26 @@ def test_the_defenses_facade_resolves_every_public_name() -> None:
         assert getattr(defenses, name) is not None, name
 
 
-def test_the_client_exports_every_exception_it_can_raise() -> None:
-    import expunge.client as client
-    from expunge.client import errors
+def test_the_client_exports_every_public_name_of_its_errors_and_types() -> None:
+    """Every exception, result dataclass, option Literal and tuple of option values, and
+    both clients, import from ``expunge.client``."""
+    import typing
 
-    raised = {
-        name
-        for name, value in vars(errors).items()
-        if isinstance(value, type) and issubclass(value, errors.ExpungeError)
-    }
-    assert raised <= set(client.__all__), raised - set(client.__all__)
+    import expunge.client as client
+    from expunge.client import errors, types
+
+    public = {"Client", "AsyncClient"}
+    for module in (errors, types):
+        for name, value in vars(module).items():
+            defined_here = getattr(value, "__module__", None) == module.__name__
+            if name.startswith("_") or not (
+                (isinstance(value, type) and defined_here)
+                or typing.get_origin(value) is typing.Literal
+                or (name.isupper() and isinstance(value, tuple))
+            ):
+                continue
+            public.add(name)
+    assert {"FieldViolation", "DeadlineExceededError", "AbortedError"} <= public
+    assert {"Selection", "Estimator", "NeighborMode", "OPERATION_STATES"} <= public
+    assert public <= set(client.__all__), public - set(client.__all__)
+    assert all(getattr(client, name) is not None for name in client.__all__)

@@ -21,6 +21,7 @@ Nulls are refused. Loader errors name the column; the caller names the file.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,12 +170,20 @@ def load_npz(path: Path) -> Dataset:
                 k for k in ("features", "labels", "sample_ids", "owner_ids") if k not in data
             ]
             if missing:
-                raise InvalidArgument(f"the .npz lacks arrays {missing}")
+                raise InvalidArgument(
+                    f"the .npz lacks arrays {missing} (it has {sorted(data.files)})"
+                )
             arrays = {k: data[k] for k in ("features", "labels", "sample_ids", "owner_ids")}
-    except ValueError as exc:  # object arrays would need pickle: refused
+    except FileNotFoundError as exc:
+        raise InvalidArgument("no such file") from exc
+    except ValueError as exc:  # object arrays, or a file that is no archive, need pickle
+        if "Object arrays" not in str(exc):
+            raise InvalidArgument("not an .npz archive (numpy.savez writes one)") from exc
         raise InvalidArgument(
             "the .npz holds object arrays, which need pickle and are refused; store owner ids as strings"
         ) from exc
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise InvalidArgument(f"not a readable .npz file ({exc})") from exc
     return validate(**arrays)
 
 
