@@ -4,7 +4,9 @@
 directory, starts the server in this process, and measures Predict, GetOperation and
 Forget acknowledgement at 1, 16, 32 and 64 requests in flight, then drives Predict past
 ``max_concurrent_rpcs`` and checks that the only errors are RESOURCE_EXHAUSTED while
-health keeps answering. Every loop is bounded in time and count.
+health keeps answering. Every loop is bounded in time and count. The server serves
+Prometheus metrics; their request counts and latency-histogram counts are scraped before
+and after the measurements, and the differences are reported with them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
@@ -37,6 +41,57 @@ class LoadResult:
     rps: float
     p50_ms: float
     p99_ms: float
+
+
+@dataclass(frozen=True)
+class MetricDeltas:
+    """How much the server's own counters moved during the measurements."""
+
+    requests: dict[tuple[str, str], float]  # (method, code) -> expunge_rpc_requests_total
+    latency_counts: dict[str, float]  # method -> expunge_rpc_latency_seconds_count
+    # method -> expunge_rpc_arrived_total: more than answered when grpcio itself refused
+    # calls past its thread limit (RESOURCE_EXHAUSTED without a handler)
+    arrived: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    results: list[LoadResult]
+    metrics: MetricDeltas
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample the metrics endpoint serves, by name and sorted labels."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_deltas(
+    before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    after: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+) -> MetricDeltas:
+    requests: dict[tuple[str, str], float] = {}
+    latency: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        moved = value - before.get((name, labels), 0.0)
+        if not moved:
+            continue
+        label = dict(labels)
+        if name == "expunge_rpc_requests_total":
+            requests[(label["method"], label["code"])] = moved
+        elif name == "expunge_rpc_latency_seconds_count":
+            latency[label["method"]] = moved
+        elif name == "expunge_rpc_arrived_total":
+            arrived[label["method"]] = moved
+    return MetricDeltas(
+        dict(sorted(requests.items())), dict(sorted(latency.items())), dict(sorted(arrived.items()))
+    )
 
 
 async def drive(name: str, make_call, in_flight: int, seconds: float) -> LoadResult:  # type: ignore[no-untyped-def]
@@ -126,18 +181,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     args = parser.parse_args()
-    results = measure(args.seconds)
+    report = measure(args.seconds)
     print(
         f"{'call':<28}{'in flight':>10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  errors"
     )
-    for r in results:
+    for r in report.results:
         print(
             f"{r.name:<28}{r.in_flight:>10}{r.requests:>10}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}  {r.errors}"
         )
+    print("\nserver metrics moved during the run (expunge_rpc_requests_total by method and code):")
+    for (method, code), moved in report.metrics.requests.items():
+        print(f"  {method:<32}{code:<22}{moved:>10.0f}")
+    print("expunge_rpc_latency_seconds_count and expunge_rpc_arrived_total by method:")
+    for method, moved in report.metrics.latency_counts.items():
+        arrived = report.metrics.arrived.get(method, 0.0)
+        print(f"  {method:<32}{moved:>10.0f}{arrived:>10.0f} arrived")
 
 
-def measure(seconds: float) -> list[LoadResult]:
-    """Train a demo model, serve it in a subprocess, drive it; return every measurement."""
+def measure(seconds: float) -> LoadReport:
+    """Train a demo model, serve it in a subprocess, drive it; return every measurement and
+    how far the server's own request and latency counters moved meanwhile."""
     from benchmarks.processes import free_port, serve, wait_serving
     from expunge.server.settings import Settings
     from expunge.server.training_job import train_model
@@ -153,19 +216,22 @@ def measure(seconds: float) -> list[LoadResult]:
         store = Store(root)
         ids = store.sample_ids("digits")
         store.close()
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         # The server runs in its own process so the load generator does not share its GIL.
-        server = serve(root, port)
+        server = serve(root, port, EXPUNGE_METRICS_PORT=str(metrics_port))
         try:
             target = f"127.0.0.1:{port}"
             if not wait_serving(target, server, timeout=60):
                 raise RuntimeError("server did not start")
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             inputs = builtin("digits").features[:1]
+            before = scrape(metrics_url)
             results = asyncio.run(run(target, seconds, ids, inputs))
+            after = scrape(metrics_url)
         finally:
             server.terminate()
             server.wait(30)
-    return results
+    return LoadReport(results, metric_deltas(before, after))
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ def main() -> None:
         )
     from benchmarks import load
 
-    load_results = load.measure(args.seconds)
+    load_results = load.measure(args.seconds).results
     for r in load_results:
         print(
             f"{r.name:<28}{r.in_flight:>6}{r.rps:>10.0f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {r.errors}"

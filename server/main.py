@@ -27,6 +27,14 @@ from expunge.server.scan.settings import ScanSettings
 from expunge.server.settings import LOOPBACK_HOSTS, Settings
 from expunge.server.state.store import Store
 from expunge.server.state.upload import UPLOADS, clear_uploads
+from expunge.server.telemetry.calls import CallTelemetry
+from expunge.server.telemetry.logs import configure_logging
+from expunge.server.telemetry.metrics import (
+    MetricsEndpoint,
+    ServedState,
+    ServerMetrics,
+    serve_metrics,
+)
 from expunge.v1 import expunge_pb2, expunge_pb2_grpc
 
 log = logging.getLogger("expunge.server")
@@ -53,11 +61,22 @@ class RunningServer:
     health: health.HealthServicer
     settings: Settings
     interceptor: AuthInterceptor
+    metrics: ServerMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None  # None: metrics_port is -1 (off)
 
     @property
     def target(self) -> str:
         host = self.settings.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` was bound to (a free one for ``metrics_port = 0``)."""
+        return self.metrics_endpoint.port if self.metrics_endpoint else None
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics_endpoint.url if self.metrics_endpoint else None
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -89,8 +108,16 @@ class RunningServer:
             # A build stops at its next shard; its thread is a daemon.
             index_stopped = self.forget.index.stop(timeout=left())
         stopped = self.forget.close(timeout=left())
+        # Scrapes read the store: the endpoint goes before it closes.
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         if stopped:
             self.engine.store.close()
+        log.info(
+            "stopped%s",
+            "" if stopped and index_stopped else " (work still running was abandoned)",
+            extra={"event": "shutdown", "clean": stopped and index_stopped},
+        )
         return stopped and index_stopped
 
 
@@ -108,12 +135,29 @@ def configure_torch(settings: Settings) -> None:
 
 
 def start(settings: Settings) -> RunningServer:
-    """Open the store, bind, and start serving; returns once the port is bound."""
+    """Open the store, bind, and start serving; returns once the port is bound.
+
+    It logs (``expunge.server``) but leaves the logging configuration to the caller:
+    ``serve()`` configures it from the settings, tests and embedding applications their own.
+    """
     if settings.host not in LOOPBACK_HOSTS and not settings.uses_tls:
         raise InsecureBindRefused(
             f"refusing to bind {settings.host} without TLS: training-set membership is sensitive. "
             "Set tls_cert and tls_key, or bind 127.0.0.1."
         )
+    log.info(
+        "starting on %s:%d (state in %s)",
+        settings.host,
+        settings.port,
+        settings.state_dir,
+        extra={
+            "event": "start",
+            "host": settings.host,
+            "port": settings.port,
+            "state_dir": str(settings.state_dir),
+            "metrics_port": settings.metrics_port,
+        },
+    )
     configure_torch(settings)
     # The writer lock comes first: a refused second server reads nothing.
     store = Store(settings.state_dir)
@@ -123,11 +167,12 @@ def start(settings: Settings) -> RunningServer:
         engine = Engine(store, settings)
         index = IndexService(engine) if settings.build_index else None
         compute = ComputeProcess(settings.torch_threads) if settings.forget_in_subprocess else None
-        forget = ForgetService(engine, index, compute)
+        metrics = ServerMetrics()
+        forget = ForgetService(engine, index, compute, metrics)
         if compute is not None:
             compute.start()
         threading.Thread(target=engine.preload, name="preload", daemon=True).start()
-        return _start_on(store, engine, forget, index, settings)
+        return _start_on(store, engine, forget, index, settings, metrics)
     except BaseException:
         if forget is not None:
             forget.close(timeout=5.0)
@@ -141,6 +186,42 @@ def _start_on(
     forget: ForgetService,
     index: IndexService | None,
     settings: Settings,
+    metrics: ServerMetrics,
+) -> RunningServer:
+    endpoint = _serve_metrics(metrics, settings)
+    try:
+        return _start_serving(store, engine, forget, index, settings, metrics, endpoint)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
+
+
+def _serve_metrics(metrics: ServerMetrics, settings: Settings) -> MetricsEndpoint | None:
+    """The ``/metrics`` endpoint, or None when ``metrics_port`` is -1 (off)."""
+    if settings.metrics_port < 0:
+        return None
+    host = settings.metrics_host
+    address = (
+        f"[{host}]:{settings.metrics_port}" if ":" in host else f"{host}:{settings.metrics_port}"
+    )
+    try:
+        return serve_metrics(metrics.registry, host, settings.metrics_port)
+    except OSError as exc:
+        raise PortInUse(
+            f"cannot serve metrics on {address} ({exc.strerror or exc}); "
+            "stop what listens there or choose another --metrics-port"
+        ) from exc
+
+
+def _start_serving(
+    store: Store,
+    engine: Engine,
+    forget: ForgetService,
+    index: IndexService | None,
+    settings: Settings,
+    metrics: ServerMetrics,
+    endpoint: MetricsEndpoint | None,
 ) -> RunningServer:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -153,8 +234,13 @@ def _start_on(
     # a saturated service; the interceptor refuses service calls beyond the limit.
     threads = max(settings.workers, settings.max_concurrent_rpcs + HEALTH_RESERVE)
     interceptor = AuthInterceptor(
-        settings.token_sha256_roles, settings.rate_limit_per_s, settings.max_concurrent_rpcs
+        settings.token_sha256_roles,
+        settings.rate_limit_per_s,
+        settings.max_concurrent_rpcs,
+        CallTelemetry(metrics),
     )
+    concurrency = interceptor.concurrency
+    metrics.watch(ServedState(store, index, settings.forget_budget, lambda: concurrency.in_flight))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=options,
@@ -178,6 +264,7 @@ def _start_on(
                     shared_proponents=settings.scan_shared_proponents,
                     mitigation_rule=settings.scan_mitigation_rule,
                 ),
+                metrics,
             ),
         ),
         server,
@@ -207,7 +294,9 @@ def _start_on(
         port = _bind(lambda: server.add_secure_port(address, credentials), address)
     else:
         port = _bind(lambda: server.add_insecure_port(address), address)
-    running = RunningServer(server, port, engine, forget, health_servicer, settings, interceptor)
+    running = RunningServer(
+        server, port, engine, forget, health_servicer, settings, interceptor, metrics, endpoint
+    )
     # Health says NOT_SERVING until interrupted requests are requeued and stray blobs collected.
     running.set_serving(False)
     server.start()
@@ -216,12 +305,27 @@ def _start_on(
         store.blobs.collect_garbage(store.referenced_blobs())
     forget.jobs.start()
     if waiting:
-        log.info("redoing %d journalled forget requests before serving", waiting)
+        log.info(
+            "redoing %d journalled forget requests before serving",
+            waiting,
+            extra={"event": "recovery", "requests": waiting},
+        )
         forget.jobs.wait_idle(timeout=settings.recovery_timeout_s)
     if index is not None:
         index.start()
     running.set_serving(True)
-    log.info("serving on %s (state in %s)", running.target, settings.state_dir)
+    log.info(
+        "serving on %s (state in %s)",
+        running.target,
+        settings.state_dir,
+        extra={
+            "event": "ready",
+            "target": running.target,
+            "metrics_url": running.metrics_url,
+            "tls": settings.uses_tls,
+            "authentication": interceptor.enabled,
+        },
+    )
     return running
 
 
@@ -244,18 +348,29 @@ def _port_in_use_message(address: str) -> str:
 
 
 def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT: health goes NOT_SERVING at once, then drain for the grace period."""
+    """Run until SIGTERM/SIGINT: health goes NOT_SERVING at once, then drain for the grace period.
+
+    Logging of the ``expunge`` loggers is configured from ``log_level`` and ``log_format``.
+    """
+    configure_logging(settings.log_level, settings.log_format)
     running = start(settings)
     stopped = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %d: draining for %.1f s", signum, settings.grace_period_s)
+        log.info(
+            "signal %d: draining for %.1f s",
+            signum,
+            settings.grace_period_s,
+            extra={"event": "draining", "signal": signum, "grace_s": settings.grace_period_s},
+        )
         running.set_serving(False)
         stopped.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"expunge: serving on {running.target}", flush=True)
+    if running.metrics_url is not None:
+        print(f"expunge: metrics on {running.metrics_url}", flush=True)
     # The kernel may deliver SIGTERM to any thread; Python runs the handler only when the
     # main thread next executes bytecode, so an untimed wait here can sleep through it
     # (py-spy showed a server parked in stopped.wait() a minute after SIGTERM).
@@ -266,7 +381,11 @@ def serve(settings: Settings) -> None:
         # redoes it at the next start, as after a SIGKILL. Skip interpreter finalization:
         # a daemon thread still in torch code would be unwound through C++ and abort the
         # process instead of letting it exit.
-        log.warning("work still running after %.1f s: exiting without it", settings.grace_period_s)
+        log.warning(
+            "work still running after %.1f s: exiting without it",
+            settings.grace_period_s,
+            extra={"event": "exit_abandoning_work", "grace_s": settings.grace_period_s},
+        )
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -230,11 +230,17 @@ class Settings:
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
     metrics_port: int = field(
         default=-1,
-        metadata={"help": "Prometheus /metrics over HTTP on this port; -1: off, 0: a free port"},
+        metadata={
+            "help": "Prometheus /metrics over plain HTTP, without TLS or authentication, on "
+            "this port; -1: off, 0: a free port"
+        },
     )
     metrics_host: str = field(
         default="127.0.0.1",
-        metadata={"help": "the metrics endpoint's bind address (plain HTTP: loopback by default)"},
+        metadata={
+            "help": "the metrics endpoint's bind address, used as given: anyone who can reach "
+            "it reads the metrics (model names, call counts), so it is loopback by default"
+        },
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(

@@ -19,7 +19,8 @@ from typing import Any
 
 import grpc
 
-from expunge.server.roles import METHOD_ROLES, ROLES, UNAUTHENTICATED_ACTOR, actor_name
+from expunge.server.roles import METHOD_ROLES, ROLES, UNAUTHENTICATED_ACTOR, actor_name, role_of
+from expunge.server.telemetry.calls import CallObserver, CallTelemetry, ObservedCall
 from expunge.v1 import expunge_pb2
 
 SERVICE = expunge_pb2.DESCRIPTOR.services_by_name["Expunge"]
@@ -30,6 +31,10 @@ MEMBERSHIP_REVEALING = frozenset(
 )
 # Standard services anyone on the channel may call.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# The role label of a call refused before a token named one.
+UNIDENTIFIED = "unidentified"
+# The method label of a call to no method of the service (bounded: clients choose paths).
+UNKNOWN_METHOD = "unknown"
 
 _actor = threading.local()
 
@@ -111,13 +116,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Bearer-token authentication with roles; tokens are stored and compared as SHA-256 digests.
 
     It also bounds the service calls in flight (health and reflection are exempt, so a
-    saturated server still answers its health checks).
+    saturated server still answers its health checks), and reports every call it lets
+    through or refuses to ``telemetry`` (metrics and the access log) when it ends.
     """
 
     def __init__(
-        self, token_roles: dict[str, str], rate_per_s: float, max_in_flight: int = 1 << 30
+        self,
+        token_roles: dict[str, str],
+        rate_per_s: float,
+        max_in_flight: int = 1 << 30,
+        telemetry: CallTelemetry | None = None,
     ) -> None:
         check_rules_cover_service()
+        self.telemetry = telemetry
         self.concurrency = ConcurrencyLimiter(max_in_flight)
         bad = sorted({r for r in token_roles.values() if r not in ROLES})
         if bad:
@@ -145,35 +156,57 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         method_path = details.method
         if method_path.startswith(OPEN_SERVICES):
-            return _guarded(continuation(details), method_path, None)
+            # Health checks and reflection: counted under their full name, logged at DEBUG.
+            opened = UNAUTHENTICATED_ACTOR if not self.enabled else UNIDENTIFIED
+            observe = self._observer(method_path.lstrip("/"), opened, quiet=True)
+            return _guarded(continuation(details), method_path, None, observe)
         prefix = f"/{SERVICE.full_name}/"
         method = method_path[len(prefix) :] if method_path.startswith(prefix) else None
+        label = method if method in METHOD_ROLES else UNKNOWN_METHOD
         if not self.enabled:
-            return _guarded(continuation(details), method_path, self._slot(UNAUTHENTICATED_ACTOR))
+            observe = self._observer(label, UNAUTHENTICATED_ACTOR)
+            return _guarded(
+                continuation(details), method_path, self._slot(UNAUTHENTICATED_ACTOR), observe
+            )
         if method is None or method not in METHOD_ROLES:
-            return _deny(grpc.StatusCode.PERMISSION_DENIED, "no rule allows this method")
+            return _deny(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "no rule allows this method",
+                self._observer(label, UNIDENTIFIED),
+            )
         role, digest = self._role_of(tuple(details.invocation_metadata or ()))
         if role is None:
             return _deny(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown bearer token: send 'authorization: Bearer <token>'",
+                self._observer(label, UNIDENTIFIED),
             )
+        observe = self._observer(label, role)
         if role != "admin" and role not in METHOD_ROLES[method]:
             allowed = sorted(METHOD_ROLES[method] | {"admin"})
             return _deny(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"role '{role}' may not call {method}; it needs one of {allowed}",
+                observe,
             )
         actor = actor_name(role, digest)
         if method in MEMBERSHIP_REVEALING and not self.limiter.allow(actor):
             return _deny(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit of {self.limiter.rate:g} membership-revealing calls per second for this token; retry shortly",
+                observe,
             )
-        return _guarded(continuation(details), method_path, self._slot(actor))
+        return _guarded(continuation(details), method_path, self._slot(actor), observe)
 
     def _slot(self, actor: str) -> _Slot:
         return _Slot(self.concurrency, actor)
+
+    def _observer(self, method: str, actor: str, quiet: bool = False) -> CallObserver | None:
+        """How a call of ``method`` by ``actor`` is observed; None without telemetry."""
+        if self.telemetry is None:
+            return None
+        role = role_of(actor) or actor  # an unauthenticated actor is its own label
+        return self.telemetry.observer(method, role, quiet)
 
 
 @dataclass(frozen=True)
@@ -198,9 +231,15 @@ class _Slot:
             self.limiter.release()
 
 
-def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _deny(
+    code: grpc.StatusCode, message: str, observe: CallObserver | None = None
+) -> grpc.RpcMethodHandler:
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+        with _observed(observe, context):
+            context.abort(code, message)
+
+    if observe is not None:
+        observe.arrived()
 
     # No deserializer: the body is never parsed for a call that is refused anyway.
     return grpc.unary_unary_rpc_method_handler(abort)
@@ -236,9 +275,18 @@ def _refuse_malformed(request: Any, context: grpc.ServicerContext, method: str) 
         )
 
 
-def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
+def _observed(
+    observe: CallObserver | None, context: grpc.ServicerContext
+) -> AbstractContextManager[ObservedCall | None]:
+    return observe(context) if observe is not None else nullcontext()
+
+
+def _guarded(
+    handler: Any, method: str, slot: _Slot | None, observe: CallObserver | None = None
+) -> Any:
     """The handler with malformed bodies answered INVALID_ARGUMENT and, with ``slot``, its
-    body run while holding a place among the calls in flight.
+    body run while holding a place among the calls in flight; with ``observe``, the body
+    (a stream's whole iteration) is observed once, whichever way it ends.
 
     The place is taken inside the behaviour, which grpcio runs only once the request has
     been read, so a call that ends earlier (unparsable, oversize, cancelled, past its
@@ -246,24 +294,31 @@ def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
     body can end.
     """
     if handler is None:
-        return None
+        return None  # no such method: grpcio answers UNIMPLEMENTED, unobserved
+    if observe is not None:
+        observe.arrived()
 
     def held(context: grpc.ServicerContext) -> AbstractContextManager[None]:
         return slot.held(context) if slot is not None else nullcontext()
 
     def unary_request(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            _refuse_malformed(request, context, method)
-            with held(context):
-                return behavior(request, context)
+            with _observed(observe, context) as call:
+                _refuse_malformed(request, context, method)
+                with held(context):
+                    response = behavior(request, context)
+                if call is not None:
+                    call.answered(response)
+                return response
 
         return run
 
     def unary_request_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            _refuse_malformed(request, context, method)
-            with held(context):
-                yield from behavior(request, context)
+            with _observed(observe, context):
+                _refuse_malformed(request, context, method)
+                with held(context):
+                    yield from behavior(request, context)
 
         return run
 
@@ -274,14 +329,18 @@ def _guarded(handler: Any, method: str, slot: _Slot | None) -> Any:
 
     def stream_request(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            with held(context):
-                return behavior(checked_requests(requests, context), context)
+            with _observed(observe, context) as call:
+                with held(context):
+                    response = behavior(checked_requests(requests, context), context)
+                if call is not None:
+                    call.answered(response)
+                return response
 
         return run
 
     def stream_request_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            with held(context):
+            with _observed(observe, context), held(context):
                 yield from behavior(checked_requests(requests, context), context)
 
         return run

@@ -43,7 +43,12 @@ def to_status(error: ExpungeError) -> grpc.Status:
 
 def _internal(context: grpc.ServicerContext, exc: BaseException) -> None:
     incident = uuid.uuid4().hex[:12]
-    log.exception("internal error %s", incident, exc_info=exc)
+    log.exception(
+        "internal error %s",
+        incident,
+        exc_info=exc,
+        extra={"event": "internal_error", "incident": incident},
+    )
     context.abort(
         grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details"
     )

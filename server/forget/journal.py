@@ -89,12 +89,18 @@ IDLE_EXIT_S = 2.0
 # apply(request, reporter) commits the result itself (inside its final transaction,
 # which must also set the request SUCCEEDED) and returns nothing.
 ApplyFunction = Callable[[RequestRow, ProgressReporter], None]
+# on_ended(kind, state, seconds): a request the worker ran ended SUCCEEDED, FAILED or
+# CANCELLED after ``seconds`` from its first start (redos included).
+EndedFunction = Callable[[str, str, float], None]
 
 
 class JobRunner:
-    def __init__(self, store: Store, apply: ApplyFunction) -> None:
+    def __init__(
+        self, store: Store, apply: ApplyFunction, on_ended: EndedFunction | None = None
+    ) -> None:
         self.store = store
         self.apply = apply
+        self.on_ended = on_ended
         self._lock = threading.Condition()
         self._live_state: dict[str, _Live] = {}
         self._wake = threading.Event()
@@ -103,6 +109,7 @@ class JobRunner:
         self._busy = threading.Event()
         self._thread: threading.Thread | None = None
         self._redos: dict[str, int] = {}
+        self._first_started: dict[str, float] = {}
 
     # Lifecycle ---------------------------------------------------------------------
 
@@ -173,58 +180,70 @@ class JobRunner:
     def _process(self, request: RequestRow) -> None:
         live = self._live(request.request_id)
         if live.cancel.is_set():
-            self._finish(
-                request.request_id, CANCELLED, ("CANCELLED", "cancelled before it started")
-            )
+            self._finish(request, CANCELLED, ("CANCELLED", "cancelled before it started"))
             return
         with self.store.transaction() as tx:
             started = tx.start_request(request.request_id)
         if not started:  # cancelled between the queue read and here
             self._set_progress(request.request_id, Progress("done"))
             return
+        self._first_started.setdefault(request.request_id, time.monotonic())
         self._set_progress(request.request_id, Progress("starting"))
         try:
             self.apply(replace(request, state=APPLYING), ProgressReporter(self, request.request_id))
             self._redos.pop(request.request_id, None)
             self._set_progress(request.request_id, Progress("done"))
+            self._ended(request, SUCCEEDED)
         except ShuttingDown:
             return
         except (Redo, VersionMoved) as exc:
-            self._redo(request.request_id, str(exc))
+            self._redo(request, str(exc))
         except Cancelled as exc:
-            self._finish(request.request_id, CANCELLED, ("CANCELLED", exc.message))
+            self._finish(request, CANCELLED, ("CANCELLED", exc.message))
         except ExpungeError as exc:
-            self._finish(request.request_id, FAILED, (exc.code, exc.message))
+            self._finish(request, FAILED, (exc.code, exc.message))
         except Exception:
             if self._stopping.is_set():
                 return  # shutting down: leave it APPLYING, to be redone at the next start
             log.exception("forget %s failed", request.request_id)
             self._finish(
-                request.request_id,
-                FAILED,
-                ("INTERNAL", "the update failed; the server log has details"),
+                request, FAILED, ("INTERNAL", "the update failed; the server log has details")
             )
 
-    def _redo(self, request_id: str, reason: str) -> None:
+    def _redo(self, request: RequestRow, reason: str) -> None:
+        request_id = request.request_id
         if self._live(request_id).cancel.is_set():
-            self._finish(request_id, CANCELLED, ("CANCELLED", "cancelled before commit"))
+            self._finish(request, CANCELLED, ("CANCELLED", "cancelled before commit"))
             return
         tries = self._redos.get(request_id, 0) + 1
         if tries > MAX_REDOS:
             self._redos.pop(request_id, None)
             message = f"{reason}; gave up after {MAX_REDOS} tries, nothing was applied"
-            self._finish(request_id, FAILED, ("ABORTED", message))
+            self._finish(request, FAILED, ("ABORTED", message))
             return
         self._redos[request_id] = tries
-        log.info("request %s computed again (%d): %s", request_id, tries, reason)
+        log.info(
+            "request %s computed again (%d): %s",
+            request_id,
+            tries,
+            reason,
+            extra={"event": "redo", "operation": f"operations/{request_id}", "tries": tries},
+        )
         with self.store.transaction() as tx:
             tx.set_request_state(request_id, PENDING)
         self._set_progress(request_id, Progress("queued", message=reason))
 
-    def _finish(self, request_id: str, state: str, error: tuple[str, str] | None) -> None:
+    def _finish(self, request: RequestRow, state: str, error: tuple[str, str] | None) -> None:
         with self.store.transaction() as tx:
-            tx.set_request_state(request_id, state, error=error)
-        self._set_progress(request_id, Progress("done"))
+            tx.set_request_state(request.request_id, state, error=error)
+        self._set_progress(request.request_id, Progress("done"))
+        self._ended(request, state)
+
+    def _ended(self, request: RequestRow, state: str) -> None:
+        started = self._first_started.pop(request.request_id, None)
+        if self.on_ended is not None:
+            seconds = 0.0 if started is None else time.monotonic() - started
+            self.on_ended(request.kind, state, seconds)
 
     # Live state for GetOperation / WatchOperation / CancelOperation --------------------
 

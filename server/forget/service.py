@@ -9,6 +9,7 @@ audit event together.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import asdict
 from functools import partial
@@ -53,6 +54,9 @@ from expunge.server.state.store import (
     RequestRow,
     VersionRow,
 )
+from expunge.server.telemetry.metrics import ServerMetrics
+
+log = logging.getLogger("expunge.server.forget")
 
 
 class ForgetService:
@@ -63,11 +67,14 @@ class ForgetService:
         engine: Engine,
         index: IndexService | None = None,
         compute: ComputeProcess | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.index = index
         self.compute = compute  # None: compute in the worker thread
-        self.jobs = JobRunner(engine.store, self._apply)
+        self.jobs = JobRunner(
+            engine.store, self._apply, metrics.operation_ended if metrics else None
+        )
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop the worker (the request in progress may finish within ``timeout``), then the
@@ -285,7 +292,20 @@ class ForgetService:
 
     def _apply_now(self, request: RequestRow, reporter: ProgressReporter) -> None:
         if request.kind == "retrain":
-            apply_retrain(self.engine, request, reporter, environment(self.engine.device))
+            started = time.perf_counter()
+            version = apply_retrain(self.engine, request, reporter, environment(self.engine.device))
+            log.info(
+                "retrain committed: models/%s version %d",
+                request.model,
+                version,
+                extra={
+                    "event": "retrain_committed",
+                    "model": request.model,
+                    "operation": f"operations/{request.request_id}",
+                    "new_version": version,
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
             return
         started = time.perf_counter()
         payload = ForgetPayload.from_dict(request.payload)
@@ -321,6 +341,7 @@ class ForgetService:
                 request.payload.get("actor", "anonymous"),
                 {"request_id": request.request_id, "already_forgotten": len(already), "removed": 0},
             )
+            _log_committed(request, payload.model, row.current_version, "none", 0, 0, started)
             return
 
         if mask.all():
@@ -508,7 +529,45 @@ class ForgetService:
             crash_point("forget_after_commit")
             store.blobs.collect_garbage(store.referenced_blobs())
             store.checkpoint_wal()
+        _log_committed(
+            request,
+            payload.model,
+            new_version,
+            str(receipt.get("policy", {}).get("path", "")),
+            len(removed_ids),
+            len(removed_owners),
+            started,
+        )
         if outcome.test_after is not None:  # the next forget's "before" on the test set
             engine.keep_test_measurement(payload.model, new_version, outcome.test_after)
         # Listeners (the index's re-embed, scan's solver cache) follow from here.
         engine.forget_snapshot_cache(payload.model)
+
+
+def _log_committed(
+    request: RequestRow,
+    model: str,
+    version: int,
+    path: str,
+    samples: int,
+    owners: int,
+    started: float,
+) -> None:
+    """The lifecycle record of a committed forget: counts only, never an id it removed."""
+    log.info(
+        "forget committed: models/%s version %d (%s, %d samples)",
+        model,
+        version,
+        path,
+        samples,
+        extra={
+            "event": "forget_committed",
+            "model": model,
+            "operation": f"operations/{request.request_id}",
+            "new_version": version,
+            "path": path,
+            "removed_samples": samples,
+            "removed_owners": owners,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )

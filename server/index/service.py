@@ -16,6 +16,7 @@ import logging
 import math
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -310,6 +311,7 @@ class IndexService:
 
     def build(self, model: str) -> IndexState:
         """Embed the training samples for the current version and persist the index."""
+        started = time.perf_counter()
         row = self.engine.model_row(model)
         version = row.current_version
         previous = self.state(model)
@@ -359,6 +361,22 @@ class IndexService:
             size=len(index),
             progress=1.0,
             embedded_parameters=key.param_names or (),
+        )
+        seconds = time.perf_counter() - started
+        log.info(
+            "index of models/%s built: %d samples, version %d, %.1f s",
+            model,
+            len(index),
+            version,
+            seconds,
+            extra={
+                "event": "index_built",
+                "model": model,
+                "version": version,
+                "size": len(index),
+                "kind": kind,
+                "seconds": round(seconds, 3),
+            },
         )
         return self.state(model)
 

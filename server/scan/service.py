@@ -71,6 +71,7 @@ from expunge.server.scan.settings import (
     ScanSettings,
 )
 from expunge.server.state.store import ArtefactRow
+from expunge.server.telemetry.metrics import ServerMetrics
 
 CALIBRATION = "scan_calibration"
 CHUNK = 32
@@ -93,10 +94,12 @@ class ScanService:
         forget: ForgetService,
         index: IndexService | None,
         settings: ScanSettings | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.index = index  # GAS scores from its training embeddings when it has them
         self.settings = settings or ScanSettings()
+        self.metrics = metrics
         self.confirm = CounterfactualConfirmation(engine, self.settings)
         self.mitigator = Mitigator(
             engine,
@@ -464,6 +467,26 @@ class ScanService:
         request_id: str,
         actor: str,
         dry_run: bool = False,
+    ) -> Iterator[ScanOutcome]:
+        """One outcome per input, in order (after the mitigation, if any, was resolved)."""
+        outcomes = self._outcomes(
+            model, inputs, estimator, max_implicated, mitigate, request_id, actor, dry_run
+        )
+        for outcome in outcomes:
+            if self.metrics is not None:
+                self.metrics.input_scanned(model, outcome.flagged)
+            yield outcome
+
+    def _outcomes(
+        self,
+        model: str,
+        inputs: np.ndarray,
+        estimator: str,
+        max_implicated: int,
+        mitigate: bool,
+        request_id: str,
+        actor: str,
+        dry_run: bool,
     ) -> Iterator[ScanOutcome]:
         estimator = self.validate(model, inputs, estimator or "gas")
         if mitigate and dry_run:

@@ -389,6 +389,12 @@ class Store:
         rows = self.query(f"SELECT * FROM requests WHERE state IN ({marks}) ORDER BY seq", states)
         return [request_row(r) for r in rows]
 
+    def request_count(self, *states: str) -> int:
+        """How many requests are in one of ``states`` (the metrics' queue depth)."""
+        marks = ",".join("?" * len(states))
+        query = f"SELECT COUNT(*) FROM requests WHERE state IN ({marks})"
+        return int(self.query(query, states)[0][0])
+
     def requests_page(
         self, model: str | None, states: Sequence[str], before_seq: int, limit: int
     ) -> list[RequestRow]:
