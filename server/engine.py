@@ -51,7 +51,11 @@ def parse_model_name(name: str) -> str:
     """Accept ``digits`` or ``models/digits``; return ``digits``."""
     short = name.removeprefix("models/")
     if not MODEL_NAME.match(short):
-        raise invalid_field("model", f"{name!r} is not a model name like 'models/digits'")
+        raise invalid_field(
+            "model",
+            f"{name!r} is not a model name: a lowercase letter, then up to 62 lowercase "
+            "letters, digits or '-' (e.g. 'digits' or 'models/digits')",
+        )
     return short
 
 

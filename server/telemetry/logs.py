@@ -84,6 +84,22 @@ class _ConfiguredHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler ``configure_logging`` installs, so a second call replaces it."""
 
 
+class _CurrentStderrHandler(_ConfiguredHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when configured:
+    a stream swapped and closed since (a test's capture) is never written to."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     """Send the ``expunge`` loggers' records at ``level`` and above to ``stream`` (stderr).
 
@@ -98,7 +114,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
         raise ValueError(f"unknown log level {level!r}")
     logger = logging.getLogger(ROOT_LOGGER)
     _remove_configured(logger)
-    handler = _ConfiguredHandler(stream if stream is not None else sys.stderr)
+    handler = _ConfiguredHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(numeric)

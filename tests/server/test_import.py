@@ -220,7 +220,7 @@ def test_a_bad_repository_is_refused_naming_the_file_and_field(tmp_path: Path) -
         cli_main(
             ["import", str(tmp_path / "other"), "--name", "x", "--state-dir", str(tmp_path / "s")]
         )
-        == 1
+        == 5  # exit_codes.INVALID_ARGUMENT
     )
 
 

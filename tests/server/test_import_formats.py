@@ -215,7 +215,7 @@ def test_a_bad_parquet_file_is_refused_naming_the_file_and_column(
     (repo / "train.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(InvalidArgument, match=r"train.parquet \(\[data\] train\): not a readable"):
         read_repository(repo, {})
-    assert cli_main(["import", str(repo), "--name", "x", "--state-dir", str(tmp_path / "s")]) == 1
+    assert cli_main(["import", str(repo), "--name", "x", "--state-dir", str(tmp_path / "s")]) == 5
 
 
 def test_parquet_without_pyarrow_says_to_install_the_server_extra(

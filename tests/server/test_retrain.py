@@ -81,7 +81,7 @@ def test_cli_retrains_with_progress(server: object, capsys: pytest.CaptureFixtur
     out, err = capsys.readouterr()
     assert "operations/cli-r: SUCCEEDED" in out
     assert "version 1 -> 2: retrained on" in out and "noise budget reset to" in out
-    assert err.rstrip().rsplit("\r", 1)[-1].startswith("done")
+    assert err.rstrip().splitlines()[-1] == "operations/cli-r: SUCCEEDED done"
 
 
 def test_a_spent_budget_is_said_and_a_retrain_restores_it(state_dir: Path) -> None:
