@@ -237,7 +237,7 @@ def _start_serving(
         settings.token_sha256_roles,
         settings.rate_limit_per_s,
         settings.max_concurrent_rpcs,
-        CallTelemetry(metrics),
+        CallTelemetry(metrics, access_log=settings.access_log),
     )
     concurrency = interceptor.concurrency
     metrics.watch(ServedState(store, index, settings.forget_budget, lambda: concurrency.in_flight))

@@ -4,6 +4,7 @@ one line on stderr and an exit code from exit_codes (no traceback)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -42,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command in SERVER_COMMANDS and argv is None:
         # The server has stopped and everything is durable. Interpreter teardown with torch,
         # faiss (OpenMP) and gRPC threads loaded can abort in native destructors, which would
-        # turn a clean exit into SIGABRT; end the process directly instead.
+        # turn a clean exit into SIGABRT; end the process directly instead, once the
+        # server's log records still queued are written.
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -15,6 +15,7 @@ counted as arrived only; there is no access record for it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -28,17 +29,21 @@ import grpc
 from expunge.server.telemetry.metrics import ServerMetrics
 from expunge.v1 import expunge_pb2
 
-access_log = logging.getLogger("expunge.access")
+access_logger = logging.getLogger("expunge.access")
 REQUEST_ID_HEADER = "x-request-id"
 # A client's request id is logged only if it is short and plain (no spaces or newlines).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+# Ids this process gives calls that came without one: unique across restarts by the prefix.
+_PROCESS_PREFIX = uuid.uuid4().hex[:12]
+_CALLS = itertools.count(1)  # next() on a count is atomic under the GIL
 
 
 class CallTelemetry:
     """What every call reports to: the server's metrics and the access log."""
 
-    def __init__(self, metrics: ServerMetrics | None) -> None:
+    def __init__(self, metrics: ServerMetrics | None, access_log: bool = True) -> None:
         self.metrics = metrics
+        self.access_log = access_log
 
     def observer(self, method: str, role: str, quiet: bool = False) -> CallObserver:
         """For one call of ``method`` (the metrics' label) by ``role``; ``quiet``: its
@@ -49,7 +54,7 @@ class CallTelemetry:
         if self.metrics is not None:
             self.metrics.rpc_ended(call.method, code, seconds)
         level = logging.DEBUG if call.quiet else logging.INFO
-        if not access_log.isEnabledFor(level):
+        if not self.access_log or not access_logger.isEnabledFor(level):
             return
         fields: dict[str, Any] = {
             "event": "rpc",
@@ -62,7 +67,7 @@ class CallTelemetry:
         }
         if call.operation:
             fields["operation"] = call.operation
-        access_log.log(level, "%s %s %.1f ms", call.method, code, 1000 * seconds, extra=fields)
+        access_logger.log(level, "%s %s %.1f ms", call.method, code, 1000 * seconds, extra=fields)
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,10 @@ def final_code(context: grpc.ServicerContext, error: BaseException | None) -> st
 
 
 def request_id_of(context: grpc.ServicerContext) -> str:
-    """The client's ``x-request-id`` when it sent a plain one, else a new uuid4 (hex)."""
+    """The client's ``x-request-id`` when it sent a plain one, else a new id: this
+    process's random prefix and a counter (a uuid4 per call cost 3% of the server's time
+    under load, in os.urandom)."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return f"{_PROCESS_PREFIX}-{next(_CALLS):x}"

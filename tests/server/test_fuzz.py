@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.fuzz_messages import SERVICE, request_strategy
-from expunge.server.telemetry.logs import configure_logging, reset_logging
+from expunge.server.telemetry.logs import configure_logging, flush_logging, reset_logging
 
 BAD = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 # A stream the client broke off ends on the server at its next message or check (a watch
@@ -23,6 +23,7 @@ LATE_RECORDS_S = 15.0
 
 def access_records(log: io.StringIO, method: str) -> int:
     """Access records of ``method`` so far; every line must be one JSON object."""
+    flush_logging()
     entries = [json.loads(line) for line in log.getvalue().splitlines()]
     return sum(e["logger"] == "expunge.access" and e["method"] == method for e in entries)
 

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from expunge.client import Client, NotFoundError, PermissionDeniedError, Unauthe
 from expunge.server.edge.interceptors import token_digest
 from expunge.server.main import start
 from expunge.server.settings import Settings
-from expunge.server.telemetry.logs import configure_logging, reset_logging
+from expunge.server.telemetry.logs import configure_logging, flush_logging, reset_logging
 from expunge.v1 import expunge_pb2 as pb
 from expunge.v1 import expunge_pb2_grpc as pb_grpc
 
@@ -38,6 +39,7 @@ def captured() -> Iterator[io.StringIO]:
 
 def records(stream: io.StringIO) -> list[dict[str, Any]]:
     """Every line as a JSON object (a line that does not parse fails the test)."""
+    flush_logging()
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
@@ -68,6 +70,8 @@ def test_every_call_writes_one_access_record_and_the_lifecycle_is_logged(
     finally:
         running.stop(grace=0.5)
 
+    flush_logging()
+
     text = captured.getvalue()
     entries = records(captured)
     for entry in entries:
@@ -85,8 +89,9 @@ def test_every_call_writes_one_access_record_and_the_lifecycle_is_logged(
         assert entry["role"] == "local"
         assert entry["latency_ms"] >= 0
         assert entry["peer"].startswith(("ipv4:", "ipv6:"))
-        assert re.fullmatch(r"[0-9a-f]{32}|trace-42", entry["request_id"]), entry
+        assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+|trace-42", entry["request_id"]), entry
     assert [e["request_id"] for e in calls].count("trace-42") == 1  # the bad one was replaced
+    assert len({e["request_id"] for e in calls}) == len(calls)  # each call its own
     (forget_call,) = [e for e in calls if e["method"] == "Forget"]
     assert forget_call["operation"] == op.name
 
@@ -124,6 +129,7 @@ def test_refused_calls_are_logged_with_the_role_and_never_the_token(
                 reader.forget("digits", sample_ids=[1])
     finally:
         running.stop(grace=0.5)
+    flush_logging()
     text = captured.getvalue()
     calls = access(records(captured))
     assert [(e["method"], e["code"], e["role"]) for e in calls] == [
@@ -143,12 +149,13 @@ def test_configuring_twice_keeps_one_handler_and_text_is_one_line(
     configure_logging("DEBUG", "text", stream)
     logger = logging.getLogger("expunge")
     # (pytest adds its own capture handlers to loggers that do not propagate.)
-    ours = [h for h in logger.handlers if getattr(h, "stream", None) in (stream, captured)]
-    assert len(ours) == 1 and ours[0].stream is stream  # type: ignore[attr-defined]
+    ours = [h for h in logger.handlers if getattr(h, "_stream", None) in (stream, captured)]
+    assert len(ours) == 1 and ours[0]._stream is stream  # type: ignore[attr-defined]
     assert ours[0] not in logging.getLogger().handlers
     logging.getLogger("expunge.server").info(
         "serving", extra={"event": "ready", "target": "127.0.0.1:1", "note": "two words"}
     )
+    flush_logging()
     (line,) = stream.getvalue().splitlines()
     assert re.fullmatch(
         r"\S+Z INFO    expunge\.server: serving event=ready target=127\.0\.0\.1:1 "
@@ -158,3 +165,71 @@ def test_configuring_twice_keeps_one_handler_and_text_is_one_line(
     assert captured.getvalue() == ""  # the earlier configuration was replaced, not added to
     with pytest.raises(ValueError, match="log format"):
         configure_logging("INFO", "xml")
+
+
+def test_records_are_written_off_the_calling_thread_in_order_and_flushed_at_shutdown() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream)
+    try:
+        log = logging.getLogger("expunge.server")
+        values = {"n": 0}
+        for i in range(2000):
+            values["n"] = i
+            log.info("record %d of %s", i, values)  # an argument changed after the call
+        flush_logging()
+        lines = stream.getvalue().splitlines()
+        assert [json.loads(line)["message"] for line in lines] == [
+            f"record {i} of {{'n': {i}}}" for i in range(2000)
+        ]
+        log.info("last words", extra={"event": "shutdown"})
+    finally:
+        reset_logging()  # closes the handler, as logging.shutdown() does at exit
+    assert json.loads(stream.getvalue().splitlines()[-1])["event"] == "shutdown"
+
+
+def test_a_reader_that_stops_reading_costs_bounded_memory_and_is_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from expunge.server.telemetry import logs
+
+    monkeypatch.setattr(logs, "MAX_QUEUED_RECORDS", 10)
+    reading = threading.Event()
+
+    class StalledStream(io.StringIO):
+        def write(self, text: str) -> int:
+            reading.wait(30)
+            return super().write(text)
+
+    stream = StalledStream()
+    configure_logging("INFO", "json", stream)
+    try:
+        log = logging.getLogger("expunge.server")
+        for i in range(200):
+            log.info("record %d", i)  # never blocks, however long the reader stalls
+        reading.set()
+        flush_logging()
+        log.info("after")
+        flush_logging()
+    finally:
+        reset_logging()
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    dropped = [e for e in entries if e.get("event") == "log_records_dropped"]
+    assert dropped and all(e["level"] == "WARNING" for e in dropped)
+    kept = [e for e in entries if e["message"].startswith("record")]
+    assert len(kept) < 200
+    assert len(kept) + sum(e["count"] for e in dropped) == 200
+    assert entries[-1]["message"] == "after"
+
+
+def test_the_access_log_can_be_turned_off_while_lifecycle_records_stay(
+    state_dir: Path, captured: io.StringIO
+) -> None:
+    running = start(Settings(state_dir=state_dir, port=0, build_index=False, access_log=False))
+    try:
+        with Client(running.target, timeout=60.0, retries=0) as client:
+            client.list_models()
+    finally:
+        running.stop(grace=0.5)
+    entries = records(captured)
+    assert access(entries) == []
+    assert any(e.get("event") == "ready" for e in entries)
