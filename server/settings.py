@@ -249,7 +249,7 @@ class Settings:
     access_log: bool = field(
         default=True,
         metadata={
-            "help": "one record per RPC on expunge.access (about 10% of the throughput of "
+            "help": "one record per RPC on expunge.access (10-20% of the throughput of "
             "the cheapest calls; BENCHMARKS.md, Reliability)"
         },
     )
