@@ -54,7 +54,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q $(PIP_TOOLS)
 	$(LOCK_VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
-		--no-emit-index-url --no-emit-find-links --extra server --extra dev \
+		--no-emit-index-url --no-emit-find-links --extra server --extra ray --extra dev \
 		--output-file $(LOCK) pyproject.toml requirements/pins.in
 
 clean:

@@ -77,6 +77,9 @@ def server_logging_restored() -> Iterator[None]:
     logger = logging.getLogger("expunge")
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()  # writes what it queued while the test's capture still holds
     logger.handlers[:] = saved[0]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
