@@ -97,6 +97,13 @@ class Cancelled(ExpungeError):
     code = "CANCELLED"
 
 
+class Unavailable(ExpungeError):
+    """A service the answer depends on (the Ray cluster of the index build) cannot be
+    reached now; the same call may succeed later."""
+
+    code = "UNAVAILABLE"
+
+
 def invalid_field(field: str, description: str) -> InvalidArgument:
     """An INVALID_ARGUMENT naming one field, with the field violation attached."""
     return InvalidArgument(f"{field}: {description}", (FieldViolation(field, description),))

@@ -107,6 +107,8 @@ class RunningServer:
         if self.forget.index is not None:
             # A build stops at its next shard; its thread is a daemon.
             index_stopped = self.forget.index.stop(timeout=left())
+            # The Ray actors, and the Ray this server started or joined (a no-op locally).
+            self.forget.index.close()
         stopped = self.forget.close(timeout=left())
         # Scrapes read the store: the endpoint goes before it closes.
         if self.metrics_endpoint is not None:

@@ -15,6 +15,8 @@ ACCURACY_COLLAPSE_POLICIES = ("retrain", "hold", "serve")
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+EXECUTORS = ("local", "ray")
+RAY_MIN_OBJECT_STORE_BYTES = 75 << 20
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,45 @@ class Settings:
         default=200_000,
         metadata={"help": "training sets larger than this get an IVF index (flat: exact)"},
     )
+    index_shard_rows: int = field(
+        default=512,
+        metadata={
+            "help": "training rows embedded as one unit of the index build: the points where "
+            "a background build pauses for a forget or stops, and one Ray task each"
+        },
+    )
+    executor: str = field(
+        default="local",
+        metadata={
+            "help": "where the index build embeds the training set: local (in this process) "
+            "or ray (actors on a Ray cluster; pip install 'expunge[ray]')"
+        },
+    )
+    ray_address: str = field(
+        default="local",
+        metadata={
+            "help": "executor = ray: 'local' starts a single-node Ray for the server, bound "
+            "to loopback, with ray_workers CPUs; otherwise the cluster to join, as ray.init "
+            "takes it ('auto', 'host:port', 'ray://host:port'), whose nodes must see the "
+            "state directory at the same path"
+        },
+    )
+    ray_workers: int = field(
+        default=0,
+        metadata={"help": "embedding actors (one CPU each); 0: the cluster's CPU count"},
+    )
+    ray_task_retries: int = field(
+        default=3,
+        metadata={"help": "restarts of a lost embedding actor and retries of its tasks"},
+    )
+    ray_object_store_bytes: int = field(
+        default=512 << 20,
+        metadata={"help": "object store of the local Ray (shared memory; at least 75 MiB)"},
+    )
+    ray_connect_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "how long joining a Ray cluster may take before it is unreachable"},
+    )
     recovery_timeout_s: float = field(default=600.0, metadata={"help": "redo journal first"})
     grace_period_s: float = field(default=10.0, metadata={"help": "SIGTERM drain time"})
     metrics_port: int = field(
@@ -303,6 +344,7 @@ class Settings:
             )
         if not self.index_layers.strip():
             raise ValueError("index_layers must be 'auto', 'all' or module names")
+        self._check_executor()
         if not self.forget_auto_target_s > 0:
             raise ValueError("forget_auto_target_s must be > 0")
         if self.forget_hessian_samples < 1:
@@ -316,6 +358,20 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the default)")
+
+    def _check_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, not {self.executor!r}")
+        if self.index_shard_rows < 1:
+            raise ValueError("index_shard_rows must be >= 1")
+        if not self.ray_address.strip():
+            raise ValueError("ray_address must be 'local', 'auto' or a cluster's address")
+        if self.ray_workers < 0 or self.ray_task_retries < 0:
+            raise ValueError("ray_workers and ray_task_retries must be >= 0")
+        if self.ray_object_store_bytes < RAY_MIN_OBJECT_STORE_BYTES:
+            raise ValueError("ray_object_store_bytes must be at least 75 MiB (Ray's minimum)")
+        if not self.ray_connect_timeout_s > 0:
+            raise ValueError("ray_connect_timeout_s must be > 0")
 
     def forget_policy(self) -> PolicySettings:
         """The ``auto`` forget policy's thresholds."""

@@ -83,6 +83,22 @@ def test_client_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_server_process_never_imports_ray() -> None:
+    """The local executor needs no Ray; the Ray one imports it in its driver process only."""
+    code = (
+        "import sys, expunge.server.main\n"
+        "from expunge.server.executors import make_executor\n"
+        "from expunge.server.settings import Settings\n"
+        "make_executor(Settings())\n"
+        "assert 'ray' not in sys.modules, 'the local executor imported ray'\n"
+        "import importlib.util\n"
+        "if importlib.util.find_spec('ray') is not None:\n"
+        "    make_executor(Settings(executor='ray'))\n"
+        "    assert 'ray' not in sys.modules, 'the ray executor imported ray in the server'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
     from expunge.server.protogen import generate
 

@@ -55,7 +55,8 @@ def load_settings(config: str | None, **overrides: Any) -> Settings:
 @contextmanager
 def refusals() -> Iterator[None]:
     """Turn the server's refusals to start into exit codes: IN_USE for a state directory or
-    port held by another process; USAGE for a missing device or an unsafe bind."""
+    port held by another process; USAGE for a missing device, Ray missing for executor =
+    "ray", or an unsafe bind."""
     try:
         yield
     except Exception as exc:
@@ -64,7 +65,10 @@ def refusals() -> Iterator[None]:
         ):
             raise CommandError(str(exc), exit_codes.IN_USE) from None
         if isinstance(
-            exc, _loaded("main", "InsecureBindRefused") + _loaded("device", "DeviceUnavailable")
+            exc,
+            _loaded("main", "InsecureBindRefused")
+            + _loaded("device", "DeviceUnavailable")
+            + _loaded("executors.factory", "ExecutorUnavailable"),
         ):
             raise CommandError(str(exc)) from None
         raise

@@ -5,7 +5,9 @@ checkpoint alone. The index's checkpoints are the training trajectory plus the s
 version's weights; a forget changes only the last. So the embeddings of a new version
 keep the trajectory blocks of the rows that remain and embed one block, not all: after
 a forget on the 50k-image model that is a quarter of the work. A retrain, a rollback to
-another trajectory, or a new layer choice embeds everything again.
+another trajectory, or a new layer choice embeds everything again. The shards are embedded
+by an executor (``expunge.server.executors``): in this process, or on Ray workers that map
+the stored shard themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from expunge.defenses.embeddings import GradientEmbedder
+from expunge.server.executors import EmbeddingExecutor, EmbeddingJob, LocalExecutor, StoredShard
 
 Progress = Callable[[float], None]
 # Called between shards with "is a caller waiting for this embedding?": background work
@@ -56,8 +59,9 @@ class EmbeddingCache:
     """The latest training embeddings of each model; one computation at a time per model,
     so a scan asking while the background build embeds waits for it and reuses it."""
 
-    def __init__(self, shard_size: int = 512) -> None:
+    def __init__(self, shard_size: int = 512, executor: EmbeddingExecutor | None = None) -> None:
         self.shard_size = shard_size
+        self.executor = executor if executor is not None else LocalExecutor()
         self._latest: dict[str, TrainingEmbeddings] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -105,10 +109,12 @@ class EmbeddingCache:
         progress: Progress | None = None,
         stopping: threading.Event | None = None,
         pause: Pause | None = None,
+        stored: StoredShard | None = None,
     ) -> TrainingEmbeddings:
         """Embeddings of ``data`` (features, labels, ids) at ``version``: cached, updated in
         the final block, or embedded whole. ``pause``: a background caller's (see
-        ``Pause``); a caller without one counts as waiting for the result."""
+        ``Pause``); a caller without one counts as waiting for the result. ``stored``: the
+        file ``data`` was mapped from, for an executor whose workers map it themselves."""
         with self._waiting_for(model, counts=pause is None), self._lock(model):
             with self._guard:
                 started = self._generation.get(model, 0)
@@ -121,7 +127,8 @@ class EmbeddingCache:
             ):
                 return reusable
             between = None if pause is None else lambda: pause(lambda: self._someone_waits(model))
-            vectors = _embed(embedder, data, reusable, self.shard_size, progress, stopping, between)
+            shards = _Shards(self.executor, self.shard_size, stored)
+            vectors = _embed(embedder, data, reusable, shards, progress, stopping, between)
             labels = data[1].numpy().copy()
             result = TrainingEmbeddings(version, key, embedder, vectors, data[2].copy(), labels)
             with self._guard:
@@ -162,11 +169,20 @@ def _pruned(embeddings: TrainingEmbeddings, ids: np.ndarray) -> TrainingEmbeddin
     )
 
 
+@dataclass(frozen=True)
+class _Shards:
+    """How ``_embed`` embeds: by whom, in ranges of how many rows, from which file."""
+
+    executor: EmbeddingExecutor
+    size: int
+    stored: StoredShard | None
+
+
 def _embed(
     embedder: GradientEmbedder,
     data: tuple[torch.Tensor, torch.Tensor, np.ndarray],
     previous: TrainingEmbeddings | None,
-    shard_size: int,
+    shards: _Shards,
     progress: Progress | None,
     stopping: threading.Event | None,
     between_shards: Callable[[], object] | None = None,
@@ -174,7 +190,7 @@ def _embed(
     features, labels, ids = data
     last = len(embedder.checkpoints) - 1
     rows = _rows_of(previous.ids, ids) if previous is not None else None
-    which = [last] if rows is not None else None
+    which = (last,) if rows is not None else None
     n = len(ids)
     if rows is not None:
         assert previous is not None
@@ -182,16 +198,21 @@ def _embed(
     else:
         vectors = torch.zeros((n, embedder.dim), dtype=torch.float32)
     columns = slice(last * embedder.block_width if which else 0, embedder.dim)
-    for start in range(0, n, shard_size):
+
+    def before_each() -> None:
         if between_shards is not None:
             between_shards()
         if stopping is not None and stopping.is_set():
             raise EmbeddingStopped
-        stop = min(start + shard_size, n)
-        block = embedder.embed(features[start:stop], labels[start:stop], which)
+
+    ranges = [(start, min(start + shards.size, n)) for start in range(0, n, shards.size)]
+    job = EmbeddingJob(embedder, features, labels, which, shards.stored)
+    done = 0
+    for start, stop, block in shards.executor.embed(job, ranges, before_each):
         vectors[start:stop, columns] = block.to(vectors.dtype)
+        done += stop - start
         if progress is not None:
-            progress(stop / n)
+            progress(done / n)
     return vectors
 
 

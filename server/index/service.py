@@ -39,7 +39,13 @@ from expunge.defenses.index import (
 )
 from expunge.defenses.training import Checkpoint
 from expunge.server.engine import Engine
-from expunge.server.errors import FailedPrecondition, invalid_field
+from expunge.server.errors import FailedPrecondition, Unavailable, invalid_field
+from expunge.server.executors import (
+    EmbedderSpec,
+    EmbeddingExecutor,
+    StoredShard,
+    make_executor,
+)
 from expunge.server.index.embeddings import (
     EmbeddingCache,
     EmbeddingKey,
@@ -53,6 +59,7 @@ log = logging.getLogger("expunge.server.index")
 ARTEFACT = "gradient_index"
 PROJECTION_DIM = 128
 MAX_K = 1000
+RETRY_UNAVAILABLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class IndexState:
     progress: float = 0.0
     message: str = ""
     embedded_parameters: tuple[str, ...] = ()  # empty: every parameter
+    unavailable: bool = False  # the last build failed for want of its executor's cluster
 
 
 @dataclass
@@ -82,9 +90,16 @@ class NeighborHit:
 
 
 class IndexService:
-    def __init__(self, engine: Engine, projection_dim: int = PROJECTION_DIM) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        projection_dim: int = PROJECTION_DIM,
+        executor: EmbeddingExecutor | None = None,
+    ) -> None:
         self.engine = engine
         self.projection_dim = projection_dim
+        # Where builds embed (the executor setting); a benchmark may pass its own.
+        self.executor = executor if executor is not None else make_executor(engine.settings)
         self._lock = threading.RLock()
         self._loaded: dict[str, _Loaded] = {}
         self._states: dict[str, IndexState] = {}
@@ -93,11 +108,12 @@ class IndexService:
         # thread builds again before it ends, so no change is ever skipped.
         self._wanted: set[str] = set()
         self._threads: list[threading.Thread] = []
+        self._retried: dict[str, float] = {}  # model -> when a query last asked for a build
         self._stopping = threading.Event()
         self._index_lock = threading.Lock()  # a loaded index's mutations vs its searches
         # Training embeddings of the latest version (Scan's influences, the next build's
         # trajectory blocks) and one embedder per model, whose drawn projections it keeps.
-        self._embeddings = EmbeddingCache()
+        self._embeddings = EmbeddingCache(engine.settings.index_shard_rows, self.executor)
         self._embedders: dict[str, tuple[EmbeddingKey, GradientEmbedder]] = {}
         # Every version change (forget, retrain, rollback) reaches the index here.
         engine.on_version_change(self._follow_served_version)
@@ -138,6 +154,10 @@ class IndexService:
         for thread in threads:
             thread.join(timeout)
         return not any(thread.is_alive() for thread in threads)
+
+    def close(self) -> None:
+        """Release the executor (the Ray actors, and the cluster if it started one)."""
+        self.executor.close()
 
     def state(self, model: str, current_version: int | None = None) -> IndexState:
         """The index's state against the served version: READY only if it embeds that version."""
@@ -254,6 +274,15 @@ class IndexService:
             # served weights copied) is built only when something must be embedded.
             return cached
         key, embedder = self._embedder(model, version)
+        stored = StoredShard(
+            str(self.engine.data_path(data.blob)),
+            EmbedderSpec(
+                self.engine.model_row(model).spec,
+                dict(self.engine.settings.trusted_factories),
+                embedder.checkpoints,
+                embedder.config,
+            ),
+        )
 
         def report(fraction: float) -> None:
             self._set_state(model, progress=fraction)
@@ -269,6 +298,7 @@ class IndexService:
             self._stopping if progress else None,
             # A background build yields the cores to a forget computing meanwhile.
             self._yield_to_foreground if progress else None,
+            stored,
         )
 
     def _yield_to_foreground(self, someone_waits: Callable[[], bool]) -> float:
@@ -303,11 +333,41 @@ class IndexService:
                 self._wanted.discard(model)
             try:
                 self.build(model)
+            except Unavailable as exc:
+                # Its cluster is unreachable or lost: said without a trace; the next
+                # Neighbors call asks for another try (``_retry_build``).
+                log.warning(
+                    "building the index of %s failed: %s",
+                    model,
+                    exc.message,
+                    extra={"event": "index_build_unavailable", "model": model},
+                )
+                self._failed(model, exc.message, unavailable=True)
             except Exception:
                 log.exception("building the index of %s failed", model)
-                self._set_state(model, state="ABSENT" if model not in self._loaded else "STALE")
+                self._failed(model, None, unavailable=False)
         with self._lock:
             self._building.discard(model)
+
+    def _failed(self, model: str, message: str | None, unavailable: bool) -> None:
+        """A build failed: the index keeps what it had (a loaded one serves, stale).
+        ``message``: what callers are told, or None to leave the state's as it is."""
+        with self._lock:
+            loaded = model in self._loaded
+        said = {} if message is None else {"message": message}
+        self._set_state(
+            model, state="STALE" if loaded else "ABSENT", unavailable=unavailable, **said
+        )
+
+    def _retry_build(self, model: str) -> None:
+        """Build again unless a build runs or the last try is recent."""
+        now = time.monotonic()
+        with self._lock:
+            recent = now - self._retried.get(model, -math.inf) < RETRY_UNAVAILABLE_S
+            if model in self._building or recent:
+                return
+            self._retried[model] = now
+        self.build_in_background(model)
 
     def build(self, model: str) -> IndexState:
         """Embed the training samples for the current version and persist the index."""
@@ -361,6 +421,8 @@ class IndexService:
             size=len(index),
             progress=1.0,
             embedded_parameters=key.param_names or (),
+            message="",
+            unavailable=False,
         )
         seconds = time.perf_counter() - started
         log.info(
@@ -438,6 +500,12 @@ class IndexService:
         with self._lock:
             loaded = self._loaded.get(model)
         state = self.state(model, row.current_version)
+        if state.unavailable:
+            # The last build found no cluster: a query asks again (at most every
+            # RETRY_UNAVAILABLE_S); a loaded index answers meanwhile, stale.
+            self._retry_build(model)
+        if loaded is None and state.unavailable:
+            raise Unavailable(f"the gradient index of models/{model} is absent: {state.message}")
         if loaded is None:
             detail = f": {state.message}" if state.message else "; retry shortly"
             raise FailedPrecondition(
