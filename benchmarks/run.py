@@ -1,7 +1,7 @@
 """Every benchmark, one after the other: ``python -m benchmarks.run`` (``make bench``).
 
 Each writes its own ``benchmarks/results/<name>.json``; the first that fails stops the run.
-Together they take about an hour and a half on a 2-core CPU (the reliability run alone holds a
+Together they take about two and a half hours on a 2-core CPU (the reliability run alone holds a
 10-minute soak and 100 server restarts).
 """
 
@@ -15,6 +15,7 @@ MODULES = (
     "benchmarks.forget_bench",
     "benchmarks.scan_bench",
     "benchmarks.scale_bench",
+    "benchmarks.scaleout_bench",
     "benchmarks.estimator_bench",
     "benchmarks.reliability",
 )

@@ -144,9 +144,17 @@ def compare(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     return {
         "neighbor_ids_identical": reference["neighbor_ids"] == other["neighbor_ids"],
         "neighbor_score_max_abs_diff": float(np.max(np.abs(ref_scores - scores))),
+        "neighbor_score_max_rel_diff": _relative(ref_scores, scores),
         "scan_score_max_abs_diff": float(np.max(np.abs(scan_ref - scan))),
+        "scan_score_max_rel_diff": _relative(scan_ref, scan),
         "scan_flags_identical": reference["scan_flagged"] == other["scan_flagged"],
     }
+
+
+def _relative(reference: np.ndarray, other: np.ndarray) -> float:
+    """Largest difference over the reference's largest magnitude (scores have no fixed scale)."""
+    scale = float(np.max(np.abs(reference))) or 1.0
+    return float(np.max(np.abs(reference - other))) / scale
 
 
 def main() -> None:
