@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,22 @@ import torch
 torch.set_num_threads(1)
 
 DEMO_EPOCHS = 8
+
+
+@pytest.fixture(autouse=True)
+def server_logging_restored() -> Iterator[None]:
+    """A test that runs `expunge serve` in this process configures the server's log (to
+    whatever stderr is at the time); put the ``expunge`` logger back as it was, so later
+    tests' records do not end up on the terminal."""
+    logger = logging.getLogger("expunge")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()  # writes what it queued while the test's capture still holds
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import argparse
 from ..types import SELECTIONS
 from .connection import open_client
 from .failures import CommandError
-from .following import DEFAULT_WAIT_TIMEOUT_S, WAIT_TIMEOUT_HELP, submitted
+from .following import add_wait_timeout, submitted
 from .model_choice import choose_model
 from .output import Outcome
 from .subcommands import Subparsers, add_command
@@ -57,13 +57,7 @@ def _operation_arguments(p: argparse.ArgumentParser) -> None:
         help="print the operation's name and exit 0 once accepted; follow it later with "
         "'expunge operations watch NAME'",
     )
-    p.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=DEFAULT_WAIT_TIMEOUT_S,
-        metavar="SECONDS",
-        help=WAIT_TIMEOUT_HELP,
-    )
+    add_wait_timeout(p)
 
 
 def register(sub: Subparsers) -> None:

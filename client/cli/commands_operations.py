@@ -7,7 +7,7 @@ from typing import cast
 
 from ..types import OPERATION_STATES, OperationState
 from .connection import open_client
-from .following import DEFAULT_WAIT_TIMEOUT_S, WAIT_TIMEOUT_HELP, finished, follow
+from .following import add_wait_timeout, finished, follow
 from .output import Outcome, table
 from .receipts import operation_lines, state_line
 from .subcommands import Subparsers, add_command, add_group, non_negative_int
@@ -91,13 +91,7 @@ def register(sub: Subparsers) -> None:
         cmd_watch,
     )
     p.add_argument("name", help=name_help)
-    p.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=DEFAULT_WAIT_TIMEOUT_S,
-        metavar="SECONDS",
-        help=WAIT_TIMEOUT_HELP,
-    )
+    add_wait_timeout(p)
 
     p = add_command(
         group,

@@ -23,6 +23,17 @@ WAIT_TIMEOUT_HELP = (
 )
 
 
+def add_wait_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--wait-timeout``: how long a command follows an operation before it stops."""
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=WAIT_TIMEOUT_HELP,
+    )
+
+
 def watch_command(args: argparse.Namespace, name: str) -> str:
     return f"{command_prefix(args)} operations watch {name}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import shutil
@@ -68,21 +67,6 @@ def wait_index_ready(target: str) -> None:
         while client.get_model("digits").index.state != "READY":
             assert time.monotonic() < deadline, "the gradient index never became ready"
             time.sleep(0.2)
-
-
-@pytest.fixture(autouse=True)
-def server_logging_restored() -> Iterator[None]:
-    """`expunge serve` run in this process points the server's log at the captured stderr;
-    put the ``expunge`` logger back as it was, so later tests do not write to a closed one."""
-    logger = logging.getLogger("expunge")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()  # writes what it queued while the test's capture still holds
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 @pytest.fixture

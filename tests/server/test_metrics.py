@@ -5,16 +5,15 @@ from __future__ import annotations
 import shutil
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import prometheus_client
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 
+from benchmarks.load import scrape
 from expunge.client import (
     Client,
     NotFoundError,
@@ -28,17 +27,6 @@ from expunge.server.settings import Settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 INDEX_STATES = ("ABSENT", "BUILDING", "READY", "STALE")
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of the endpoint, by name and sorted labels."""
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
