@@ -247,6 +247,8 @@ class ExpungeServicer(pb_grpc.ExpungeServicer):
             actor_of(context),
             request.dry_run,
         ):
+            if self.scans.metrics is not None:
+                self.scans.metrics.input_scanned(model, outcome.flagged)
             result = pb.ScanResult(
                 index=outcome.index,
                 predicted_label=outcome.predicted_label,

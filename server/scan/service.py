@@ -469,25 +469,6 @@ class ScanService:
         dry_run: bool = False,
     ) -> Iterator[ScanOutcome]:
         """One outcome per input, in order (after the mitigation, if any, was resolved)."""
-        outcomes = self._outcomes(
-            model, inputs, estimator, max_implicated, mitigate, request_id, actor, dry_run
-        )
-        for outcome in outcomes:
-            if self.metrics is not None:
-                self.metrics.input_scanned(model, outcome.flagged)
-            yield outcome
-
-    def _outcomes(
-        self,
-        model: str,
-        inputs: np.ndarray,
-        estimator: str,
-        max_implicated: int,
-        mitigate: bool,
-        request_id: str,
-        actor: str,
-        dry_run: bool,
-    ) -> Iterator[ScanOutcome]:
         estimator = self.validate(model, inputs, estimator or "gas")
         if mitigate and dry_run:
             raise invalid_field(
