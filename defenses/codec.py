@@ -37,6 +37,9 @@ __all__ = ["FociResult", "codec", "codec_scores", "foci", "standardized"]
 # Elements of the (chunk, n, n) float64 distance workspace: 16 MiB, about what stays in
 # cache; larger blocks measured no faster per candidate (n = 1000, one core).
 _CHUNK_ELEMENTS = 1 << 21
+# Nearest samples under the chosen set that a conditional step's search starts from
+# (``_pruned_step_scores``); steps over at most twice as many samples search whole rows.
+_PRUNE_NEIGHBOURS = 32
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,9 @@ def _step_scores(
 ) -> torch.Tensor:
     """T of each remaining column ``(len(remaining),)``, given the chosen set's distances
     ``dist_s`` and neighbours ``near_s`` (None: the unconditional first step)."""
+    n = columns.shape[0]
+    if dist_s is not None and near_s is not None and n > 2 * _PRUNE_NEIGHBOURS:
+        return _pruned_step_scores(response, columns, remaining, dist_s, near_s)
     chunk = workspace.shape[0]
     scores = torch.empty(len(remaining), dtype=torch.float64)
     for start in range(0, len(remaining), chunk):
@@ -238,6 +244,70 @@ def _step_scores(
             numerator, denominator = _conditional_terms(response.ranks, near_s, near)
         scores[start : start + len(block)] = numerator.double() / max(int(denominator), 1)
     return scores
+
+
+def _pruned_step_scores(
+    response: _Response,
+    columns: torch.Tensor,
+    remaining: list[int],
+    dist_s: torch.Tensor,
+    near_s: torch.Tensor,
+) -> torch.Tensor:
+    """``_step_scores`` of a conditional step, the same values, from each row's
+    ``_PRUNE_NEIGHBOURS`` nearest samples under the chosen set instead of all ``n``.
+
+    A candidate only adds a square to ``dist_s``, so no sample outside row ``i``'s K
+    nearest under the chosen set can come nearer than the (K+1)-th's distance there. Where
+    the best of the K is strictly below that bound, it and every sample tied with it are
+    among the K, and the tie rule picks the same winner; the other rows are searched
+    whole. Each distance is the same sum as ``_candidate_distances`` forms, so the
+    neighbours, and the scores, are bit-identical.
+    """
+    n = columns.shape[0]
+    k = _PRUNE_NEIGHBOURS
+    masked = dist_s.clone()
+    masked.diagonal().fill_(float("inf"))
+    values, order = torch.topk(masked, k + 1, dim=1, largest=False, sorted=True)
+    base, order, bound = values[:, :k], order[:, :k], values[:, k]
+    order_keys = response.keys.gather(1, order)  # (n, k)
+    chunk = max(1, _CHUNK_ELEMENTS // (n * k))
+    scores = torch.empty(len(remaining), dtype=torch.float64)
+    for start in range(0, len(remaining), chunk):
+        block = columns[:, remaining[start : start + chunk]].T  # (c, n)
+        gaps = block[:, order] - block.unsqueeze(-1)  # (c, n, k): z_j - z_i
+        dist = gaps.mul_(gaps).add_(base)
+        nearest, _ = dist.min(dim=-1)
+        tied = dist == nearest.unsqueeze(-1)
+        pick = torch.where(tied, order_keys, 2.0).argmin(dim=-1)
+        near = order.expand(len(block), -1, -1).gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+        unsure = (nearest >= bound).nonzero(as_tuple=True)
+        if unsure[0].numel():
+            near[unsure] = _nearest_in_rows(block, dist_s, response.keys, *unsure)
+        numerator, denominator = _conditional_terms(response.ranks, near_s, near)
+        scores[start : start + len(block)] = numerator.double() / max(int(denominator), 1)
+    return scores
+
+
+def _nearest_in_rows(
+    block: torch.Tensor,
+    dist_s: torch.Tensor,
+    keys: torch.Tensor,
+    cand: torch.Tensor,
+    row: torch.Tensor,
+) -> torch.Tensor:
+    """Nearest other sample of row ``row[m]`` under candidate ``cand[m]`` added to
+    ``dist_s``, over all ``n`` samples: ``(m,)`` indices, as ``_nearest`` picks them."""
+    winners = torch.empty(len(row), dtype=torch.long)
+    step = max(1, _CHUNK_ELEMENTS // block.shape[1])
+    for start in range(0, len(row), step):
+        c, i = cand[start : start + step], row[start : start + step]
+        gaps = block[c] - block[c, i].unsqueeze(-1)  # (m, n): z_j - z_i
+        dist = gaps.mul_(gaps).add_(dist_s[i])
+        dist[torch.arange(len(i)), i] = float("inf")
+        nearest = dist.min(dim=-1).values
+        tied = dist == nearest.unsqueeze(-1)
+        winners[start : start + step] = torch.where(tied, keys[i], 2.0).argmin(dim=-1)
+    return winners
 
 
 def _response(y: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict
-from functools import partial
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,13 @@ import torch
 
 from expunge.defenses.architectures import ArchitectureSpec
 from expunge.defenses.training import TrainConfig
-from expunge.server.engine import Engine, guarded_accuracy, parse_model_name
+from expunge.server.engine import (
+    Engine,
+    ModelSnapshot,
+    TrainingData,
+    guarded_accuracy,
+    parse_model_name,
+)
 from expunge.server.errors import AlreadyExists, NotFound, invalid_field
 from expunge.server.faults import crash_point
 from expunge.server.forget.computation import (
@@ -43,6 +48,7 @@ from expunge.server.forget.requests import (
     would_empty,
 )
 from expunge.server.forget.retrain import RetrainPayload, apply_retrain
+from expunge.server.forget.shard_staging import StagedShard
 from expunge.server.index.service import IndexService
 from expunge.server.roles import require_effect
 from expunge.server.state import weights as weights_io
@@ -50,6 +56,7 @@ from expunge.server.state.datasets import MAX_SAMPLE_KEY_CHARS
 from expunge.server.state.store import (
     ForgetCommit,
     JournalEntry,
+    ModelRow,
     RequestIdTaken,
     RequestRow,
     VersionRow,
@@ -347,7 +354,32 @@ class ForgetService:
         if mask.all():
             # Earlier forgets left only what this one names (submit checked the rest).
             raise would_empty(payload.model, len(mask))
-        snapshot = engine.snapshot(payload.model)
+        resolved = _ResolvedForget(
+            request, payload, row, data, mask, engine.snapshot(payload.model),
+            removed_ids, removed_owners, named, started,
+        )  # fmt: skip
+        # The shard without the forgotten rows is written while the update computes.
+        with StagedShard(
+            store.blobs,
+            {
+                "features": data.features.numpy(),
+                "labels": data.labels.numpy(),
+                "sample_ids": data.sample_ids,
+            },
+            ~mask,
+        ) as new_shard:
+            self._compute_and_commit(resolved, reporter, new_shard)
+
+    def _compute_and_commit(
+        self, resolved: _ResolvedForget, reporter: ProgressReporter, new_shard: StagedShard
+    ) -> None:
+        """Run the update (in the compute process when there is one) and commit it."""
+        engine, store = self.engine, self.engine.store
+        request, payload, row, data, mask = (
+            resolved.request, resolved.payload, resolved.row, resolved.data, resolved.mask,
+        )  # fmt: skip
+        snapshot, started, named = resolved.snapshot, resolved.started, resolved.named
+        removed_ids, removed_owners = resolved.removed_ids, resolved.removed_owners
         spec = ArchitectureSpec.from_dict(row.spec)
         config = TrainConfig.from_dict(row.train_config)
         model = copy.deepcopy(snapshot.module)
@@ -433,12 +465,7 @@ class ForgetService:
             weights = weights_io.model_to_bytes(model)
             weights_blob = store.blobs.put(weights)
             crash_point("forget_after_weights")
-            shard = {
-                "features": data.features[keep].numpy(),
-                "labels": data.labels[keep].numpy(),
-                "sample_ids": data.sample_ids[~mask],
-            }
-            train_blob = store.blobs.put_file(partial(weights_io.write_arrays, shard))
+            train_blob = new_shard.adopt()
             checkpoints_blob = (
                 store.blobs.put(weights_io.checkpoints_to_bytes(outcome.checkpoints))
                 if outcome.checkpoints is not None
@@ -542,6 +569,23 @@ class ForgetService:
             engine.keep_test_measurement(payload.model, new_version, outcome.test_after)
         # Listeners (the index's re-embed, scan's solver cache) follow from here.
         engine.forget_snapshot_cache(payload.model)
+
+
+@dataclass(frozen=True)
+class _ResolvedForget:
+    """A forget request resolved against the served version: what its computation and
+    its commit read."""
+
+    request: RequestRow
+    payload: ForgetPayload
+    row: ModelRow
+    data: TrainingData
+    mask: np.ndarray  # (n,) bool over the training shard's rows: those forgotten
+    snapshot: ModelSnapshot
+    removed_ids: list[int]
+    removed_owners: list[str]
+    named: NamedIdentifiers
+    started: float  # perf_counter when the worker took the request
 
 
 def _log_committed(

@@ -11,13 +11,24 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from expunge.server.errors import FailedPrecondition
 from expunge.server.faults import crash_point
 
 _HEX = set("0123456789abcdef")
+STAGING_DIR = "tmp"
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """A file written and fsynced under a temporary name, with the digest of its bytes."""
+
+    path: Path
+    digest: str
 
 
 def sha256_hex(data: bytes) -> str:
@@ -33,6 +44,9 @@ class BlobStore:
         # Blobs this process wrote or has hashed: ``verified_path`` need not hash them again
         # (a forget's new 600 MB shard was hashed once to be named, again to be mapped).
         self._verified: set[str] = set()
+        # Files ``stage`` is writing or has written and not yet adopted or discarded.
+        self._staged: set[str] = set()  # their names in STAGING_DIR
+        self._staging_lock = threading.Lock()
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or not set(digest) <= _HEX:
@@ -49,35 +63,54 @@ class BlobStore:
         self._verified.add(digest)
         return digest
 
-    def put_file(self, write: Callable[[Path], None]) -> str:
-        """Store the file ``write(path)`` creates, hashed by streaming it, never held in
-        memory whole (a forget's training shard); return its digest (idempotent)."""
-        staging = self.root / "tmp"
+    def stage(self, produce: Callable[[Callable[[memoryview], object]], None]) -> StagedBlob:
+        """Write the bytes ``produce(sink)`` streams to a temporary file, hashing them as
+        they pass (never held whole, never read back), and fsync it. Nothing references it
+        until ``adopt`` names it; ``discard`` drops it. Garbage collection spares it while
+        it is staged (a forget stages its shard beside the computation, outside the lock)."""
+        staging = self.root / STAGING_DIR
         staging.mkdir(exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".tmp-", dir=staging)
-        os.close(fd)
         tmp = Path(name)
+        with self._staging_lock:
+            self._staged.add(tmp.name)
+        hasher = hashlib.sha256()
         try:
-            write(tmp)
-            crash_point("blob_mid_write")
-            hasher = hashlib.sha256()
-            with tmp.open("rb") as handle:
-                for piece in iter(lambda: handle.read(1 << 22), b""):
+            with os.fdopen(fd, "wb") as handle:
+
+                def sink(piece: memoryview) -> None:
                     hasher.update(piece)
+                    handle.write(piece)
+
+                produce(sink)
+                crash_point("blob_mid_write")
+                handle.flush()
                 os.fsync(handle.fileno())
-            digest = hasher.hexdigest()
-            target = self.path(digest)
-            if target.exists():
-                tmp.unlink()
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, target)
-                fsync_directory(target.parent)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.discard(StagedBlob(tmp, ""))
             raise
-        self._verified.add(digest)
-        return digest
+        return StagedBlob(tmp, hasher.hexdigest())
+
+    def adopt(self, staged: StagedBlob) -> str:
+        """Name a staged file by its digest, durably; return the digest (idempotent: an
+        existing blob of the same bytes is kept and the staged copy dropped)."""
+        target = self.path(staged.digest)
+        if target.exists():
+            staged.path.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged.path, target)
+            fsync_directory(target.parent)
+        with self._staging_lock:
+            self._staged.discard(staged.path.name)
+        self._verified.add(staged.digest)
+        return staged.digest
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Drop a staged file that will not be adopted."""
+        staged.path.unlink(missing_ok=True)
+        with self._staging_lock:
+            self._staged.discard(staged.path.name)
 
     def _write(self, target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +173,9 @@ class BlobStore:
             if not sub.is_dir():
                 continue
             for f in sub.iterdir():
+                with self._staging_lock:
+                    if sub.name == STAGING_DIR and f.name in self._staged:
+                        continue
                 if f.name.startswith(".tmp-") or (sub.name + f.name) not in keep:
                     f.unlink(missing_ok=True)
                     removed += 1

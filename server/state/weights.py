@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
-from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 from torch import nn
@@ -119,15 +119,61 @@ def arrays_to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return bytes(np_save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}))
 
 
-def write_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
-    """``arrays_to_bytes`` written straight to ``path`` (the same bytes, never one buffer)."""
-    np_save_file({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}, str(path))
+def stream_kept_rows(
+    arrays: dict[str, np.ndarray], keep: np.ndarray, sink: Callable[[memoryview], object]
+) -> None:
+    """Stream ``arrays_to_bytes({name: array[keep]})`` into ``sink``, block by block.
+
+    ``arrays`` share their first dimension ``n`` and ``keep`` is an ``(n,)`` bool mask. The
+    bytes are exactly those of the arrays' subset, but no array's subset is ever held whole
+    (a forget's 600 MB shard from a mapped file), and each block's gather holds the GIL
+    for milliseconds, so a server streaming it keeps answering calls.
+    """
+    kept = int(np.count_nonzero(keep))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name in _safetensors_order(arrays):
+        array = arrays[name]
+        if array.shape[0] != keep.shape[0]:
+            raise ValueError(f"{name} has {array.shape[0]} rows, the mask {keep.shape[0]}")
+        shape = [kept, *(int(d) for d in array.shape[1:])]
+        size = math.prod(shape) * array.dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[np.dtype(array.dtype)],
+            "shape": shape,
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    sink(memoryview(len(text).to_bytes(8, "little")))
+    sink(memoryview(text))
+    for name in header:
+        array = arrays[name]
+        row_bytes = max(1, math.prod(array.shape[1:]) * array.dtype.itemsize)
+        step = max(1, STREAM_BLOCK_BYTES // row_bytes)
+        for start in range(0, array.shape[0], step):
+            block = np.ascontiguousarray(array[start : start + step][keep[start : start + step]])
+            if block.size:
+                sink(block.data.cast("B"))
+
+
+def _safetensors_order(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The order safetensors lays tensors out in (by dtype, then name), read from its own
+    header for one-row stand-ins, so ``stream_kept_rows`` never has to restate the rule."""
+    stand_ins = {name: np.zeros((1,), dtype=a.dtype) for name, a in arrays.items()}
+    data = np_save(stand_ins)
+    size = int.from_bytes(data[:8], "little")
+    return [k for k in json.loads(data[8 : 8 + size]) if k != "__metadata__"]
 
 
 _NUMPY_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
     "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
+_SAFETENSORS_NAMES = {np.dtype(dtype): name for name, dtype in _NUMPY_DTYPES.items()}
+# Bytes gathered at a time when a shard is streamed (``stream_kept_rows``).
+STREAM_BLOCK_BYTES = 4 << 20
 
 
 def arrays_from_file(path: Path) -> dict[str, np.ndarray]:

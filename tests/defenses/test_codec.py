@@ -233,3 +233,43 @@ def test_foci_validates_its_inputs() -> None:
     with pytest.raises(ValueError):
         foci(x[:, 0], x[:10], 2)
     assert foci(x[:, 0], x, 0) == FociResult((), (), False, 0)
+
+
+@pytest.mark.parametrize("neighbours", [1, 2, 5])
+@pytest.mark.parametrize("ties", [False, True])
+def test_pruned_conditional_steps_equal_brute_force(
+    neighbours: int, ties: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conditional steps searched from each row's few nearest samples under the chosen set
+    (most rows then need the whole-row fallback on a tie grid) pick exactly the oracle's."""
+    from expunge.defenses import codec as codec_module
+
+    monkeypatch.setattr(codec_module, "_PRUNE_NEIGHBOURS", neighbours)
+    n, p = 24, 6
+    columns = _sample(n, p, 21 + neighbours, ties)
+    y = columns[:, 0] - columns[:, 4] * columns[:, 2] + 0.5 * _sample(n, 1, 22, False)[:, 0]
+    result = foci(
+        y, columns, max_selected=p, seed=5, stop_when_nonpositive=False, standardize=False
+    )
+    selected, scores = _oracle_foci(y.tolist(), _rows(columns), p, seed=5)
+    assert list(result.selected) == selected
+    assert list(result.scores) == scores
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_pruned_scores_are_bit_identical_to_whole_rows(
+    ties: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At L-CODEC's sizes (hundreds of copies, many units) the pruned search returns the
+    very scores the whole-row search does, conditioned on a few chosen columns."""
+    from expunge.defenses import codec as codec_module
+    from expunge.defenses.codec import codec_scores
+
+    n = 300
+    columns = _sample(n, 40, 31, ties)
+    y = columns[:, 1] + columns[:, 7] * columns[:, 9] + 0.3 * _sample(n, 1, 32, False)[:, 0]
+    given = columns[:, [1, 7]]
+    pruned = codec_scores(y, columns, seed=2, given=given)
+    monkeypatch.setattr(codec_module, "_PRUNE_NEIGHBOURS", n)  # whole rows
+    whole = codec_scores(y, columns, seed=2, given=given)
+    assert torch.equal(pruned, whole)

@@ -152,3 +152,29 @@ def test_checkpoints_serialise_to_the_same_bytes_every_time_and_v1_still_reads()
         },
     )
     assert [c.step for c in weights_io.checkpoints_from_bytes(legacy)] == [0, 10, 20]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 100, 4 << 20])
+def test_streamed_kept_rows_are_the_bytes_of_the_subset(
+    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stream_kept_rows`` writes exactly ``arrays_to_bytes`` of the kept rows, whatever
+    the block size, dtype mix and names (safetensors orders tensors by dtype, then name)."""
+    monkeypatch.setattr(weights_io, "STREAM_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(3)
+    n = 37
+    arrays = {
+        "features": rng.normal(size=(n, 3, 2, 2)).astype(np.float32),
+        "labels": rng.integers(0, 5, n),
+        "sample_ids": np.arange(100, 100 + n, dtype=np.int64),
+        "a_float64": rng.normal(size=(n,)),
+        "z_int32": rng.integers(0, 9, (n, 2)).astype(np.int32),
+        "flags": rng.random(n) > 0.5,
+    }
+    for keep in (rng.random(n) > 0.3, np.ones(n, dtype=bool), np.eye(1, n, 5, dtype=bool)[0]):
+        written = bytearray()
+        weights_io.stream_kept_rows(arrays, keep, written.extend)
+        expected = weights_io.arrays_to_bytes({k: a[keep] for k, a in arrays.items()})
+        assert bytes(written) == expected
+    with pytest.raises(ValueError, match="rows"):
+        weights_io.stream_kept_rows({"labels": np.arange(3)}, np.ones(4, bool), lambda _: None)

@@ -126,28 +126,51 @@ def test_migrating_schema_2_adds_sample_keys_and_keeps_integer_ids(tmp_path: Pat
         store.close()
 
 
-def test_a_blob_written_from_a_file_has_the_digest_of_its_bytes(tmp_path: Path) -> None:
-    """``put_file`` (a forget's shard, never one buffer) names the same bytes as ``put``."""
+def test_a_staged_blob_has_the_digest_of_its_bytes_and_survives_collection_until_named(
+    tmp_path: Path,
+) -> None:
+    """``stage`` (a forget's shard, streamed, never one buffer) names the same bytes as
+    ``put``; garbage collection spares it while staged; ``adopt`` names it."""
     import numpy as np
 
     from expunge.server.state import weights as weights_io
 
     arrays = {"features": np.arange(12, dtype=np.float32).reshape(3, 4), "labels": np.arange(3)}
+    keep = np.ones(3, dtype=bool)
     blobs = BlobStore(tmp_path)
-    from_file = blobs.put_file(lambda path: weights_io.write_arrays(arrays, path))
-    assert from_file == blobs.put(weights_io.arrays_to_bytes(arrays))
-    assert blobs.get(from_file) == weights_io.arrays_to_bytes(arrays)
-    assert blobs.digests() == [from_file]
+    staged = blobs.stage(lambda sink: weights_io.stream_kept_rows(arrays, keep, sink))
+    assert staged.path.exists() and blobs.digests() == []
+    blobs.collect_garbage([])  # a commit of another model, while this one is staged
+    assert staged.path.exists()
+    named = blobs.adopt(staged)
+    assert named == staged.digest == blobs.put(weights_io.arrays_to_bytes(arrays))
+    assert blobs.get(named) == weights_io.arrays_to_bytes(arrays)
+    assert blobs.digests() == [named] and not staged.path.exists()
+    # Staged again, the same bytes: adopting keeps the existing blob and drops the copy.
+    again = blobs.stage(lambda sink: weights_io.stream_kept_rows(arrays, keep, sink))
+    assert blobs.adopt(again) == named and not again.path.exists()
+    # Discarded, nothing is left.
+    dropped = blobs.stage(lambda sink: sink(memoryview(b"never named")))
+    blobs.discard(dropped)
+    assert not dropped.path.exists() and blobs.digests() == [named]
+    # A writer that fails leaves nothing staged.
+    with pytest.raises(RuntimeError):
+        blobs.stage(_failing_writer)
+    assert list((tmp_path / "tmp").iterdir()) == []
     # Written or hashed once, it is not hashed again when mapped: a later corruption on disk
     # is caught by the next process that maps it.
-    assert BlobStore(tmp_path).verified_path(from_file) == blobs.path(from_file)
-    blobs.path(from_file).write_bytes(b"corrupt")
+    assert BlobStore(tmp_path).verified_path(named) == blobs.path(named)
+    blobs.path(named).write_bytes(b"corrupt")
     from expunge.server.errors import FailedPrecondition
 
     with pytest.raises(FailedPrecondition, match="corrupt"):
-        BlobStore(tmp_path).verified_path(from_file)
+        BlobStore(tmp_path).verified_path(named)
     # A crash before the rename leaves only a temp file, which garbage collection removes.
     stray = tmp_path / "tmp" / ".tmp-crashed"
     stray.write_bytes(b"half a shard")
-    blobs.collect_garbage([from_file])
-    assert not stray.exists() and blobs.digests() == [from_file]
+    blobs.collect_garbage([named])
+    assert not stray.exists() and blobs.digests() == [named]
+
+
+def _failing_writer(sink: object) -> None:
+    raise RuntimeError("the data could not be read")
