@@ -58,9 +58,9 @@ class ForgetData:
         mask[self.forget_rows] = True
         features, labels = train["features"], np.asarray(train["labels"])
         return {
-            "forget_x": torch.from_numpy(np.ascontiguousarray(features[mask])),
+            "forget_x": torch.from_numpy(np.ascontiguousarray(features[np.flatnonzero(mask)])),
             "forget_y": torch.from_numpy(labels[mask]),
-            "retained_x": torch.from_numpy(np.ascontiguousarray(features[~mask])),
+            "retained_x": torch.from_numpy(weights_io.kept_rows(features, ~mask)),
             "retained_y": torch.from_numpy(labels[~mask]),
             "test_x": torch.from_numpy(test["features"]),
             "test_y": torch.from_numpy(np.asarray(test["labels"])),

@@ -158,6 +158,21 @@ def stream_kept_rows(
                 sink(block.data.cast("B"))
 
 
+def kept_rows(array: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``array[keep]`` as a new contiguous array, gathered block by block from a mapped
+    file: one boolean index over the whole map took 2-4x as long (a 600 MB shard: 0.9-1.5 s
+    against 0.4 s), as each block's pages are faulted in while the block is copied."""
+    out = np.empty((int(np.count_nonzero(keep)), *array.shape[1:]), dtype=array.dtype)
+    row_bytes = max(1, math.prod(array.shape[1:]) * array.dtype.itemsize)
+    step = max(1, STREAM_BLOCK_BYTES // row_bytes)
+    filled = 0
+    for start in range(0, array.shape[0], step):
+        block = array[start : start + step][keep[start : start + step]]
+        out[filled : filled + len(block)] = block
+        filled += len(block)
+    return out
+
+
 def _safetensors_order(arrays: dict[str, np.ndarray]) -> list[str]:
     """The order safetensors lays tensors out in (by dtype, then name), read from its own
     header for one-row stand-ins, so ``stream_kept_rows`` never has to restate the rule."""

@@ -178,3 +178,17 @@ def test_streamed_kept_rows_are_the_bytes_of_the_subset(
         assert bytes(written) == expected
     with pytest.raises(ValueError, match="rows"):
         weights_io.stream_kept_rows({"labels": np.arange(3)}, np.ones(4, bool), lambda _: None)
+
+
+def test_kept_rows_of_a_mapped_file_equal_the_boolean_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights_io, "STREAM_BLOCK_BYTES", 64)  # many blocks, some empty
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(50, 2, 3)).astype(np.float32)
+    (tmp_path / "shard").write_bytes(weights_io.arrays_to_bytes({"features": features}))
+    mapped = weights_io.arrays_from_file(tmp_path / "shard")["features"]
+    keep = rng.random(50) > 0.4
+    keep[10:30] = False
+    gathered = weights_io.kept_rows(mapped, keep)
+    assert gathered.flags.c_contiguous and np.array_equal(gathered, features[keep])
