@@ -198,6 +198,111 @@ def write_repository(
     (root / "expunge.toml").write_text("\n".join(lines) + "\n")
 
 
+class _Server:
+    """``expunge serve`` for one case in its own process, with the case's trusted factory."""
+
+    def __init__(self, workdir: Path, case: Case, settings: str = "") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.config = workdir / "server.toml"
+        self.config.write_text(
+            f'[server]\ntrusted_factories = {{ {case.name} = "benchmarks.scale_models:{case.name}" }}\n'
+            f'state_dir = "{workdir / "state"}"\n'
+            "max_import_bytes = 8589934592\n"
+            # Both cores (the default, 1, keeps a server beside other work): set, not tuned.
+            "torch_threads = 2\n" + settings
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        """Start it and wait until it serves; return its address."""
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        with (self.workdir / "server.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "expunge.client.cli", "serve", "--config",
+                 str(self.config), "--port", str(port)],
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )  # fmt: skip
+        if not wait_serving(target, self.process):
+            raise RuntimeError(f"the server did not start; see {self.workdir / 'server.log'}")
+        return target
+
+    def peak_mib(self) -> float:
+        return _peak_mib(self.process.pid) if self.process else math.nan
+
+    def compute_peak_mib(self) -> float:
+        """The compute process's peak (the server's only child that computes)."""
+        if self.process is None:
+            return math.nan
+        return max([_peak_mib(c) for c in _children(self.process.pid)] or [math.nan])
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def memory_line(
+    case: Case,
+    workdir: Path,
+    model: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    arrays: dict[str, dict[str, np.ndarray]],
+    path: str,
+) -> dict[str, Any]:
+    """The compute process's peak against the data's size: the same model imported with
+    all of its training rows and with the first quarter, each into a fresh server without
+    an index, forgetting its largest owner by ``path`` (the full case's own forget's);
+    the line through the two peaks splits the peak into a part per byte of data (the
+    slope) and the model's working set (the intercept)."""
+    points = []
+    for share in (1.0, 0.25):
+        rows = slice(0, round(len(arrays["train"]["labels"]) * share))
+        train = {k: v[rows] for k, v in arrays["train"].items()}
+        root = workdir / f"memory-{share}"
+        write_repository(
+            root / "repository", model, states, train, arrays["test"], case.recipe, case.name
+        )
+        data_mib = sum(a.nbytes for a in (*train.values(), *arrays["test"].values())) / 2**20
+        server = _Server(root, case, "build_index = false\n")
+        try:
+            with Client(server.start(), timeout=3600) as client:
+                client.import_model(root / "repository", "memory")
+                owners, counts = np.unique(train["owner_ids"], return_counts=True)
+                op = client.forget(
+                    "memory", owner_ids=[str(owners[np.argmax(counts)])], selection=path,
+                    wait=True, wait_timeout=3600,
+                )  # fmt: skip
+                assert op.receipt is not None, op
+            points.append(
+                {
+                    "data_mib": data_mib,
+                    "compute_peak_mib": server.compute_peak_mib(),
+                    "profile": op.receipt.policy.profile,
+                    "forget_s": op.receipt.seconds,
+                }
+            )
+        finally:
+            server.stop()
+        print(f"memory at {share:.0%} of the rows: {points[-1]}", flush=True)
+    (full, part) = points
+    slope = (full["compute_peak_mib"] - part["compute_peak_mib"]) / (
+        full["data_mib"] - part["data_mib"]
+    )
+    return {
+        "points": points,
+        "path": path,
+        "peak_mib_per_data_mib": slope,
+        "working_set_mib": full["compute_peak_mib"] - slope * full["data_mib"],
+    }
+
+
 def _peak_mib(pid: int) -> float:
     """A process's peak resident memory (VmHWM), in MiB; NaN once it is gone."""
     try:
@@ -325,23 +430,7 @@ def run(case: Case, workdir: Path) -> dict[str, Any]:
     write_repository(repository, model, states, arrays["train"], arrays["test"], recipe, case.name)
     data_bytes = sum(a.nbytes for part in arrays.values() for a in part.values())
 
-    config = workdir / "server.toml"
-    config.write_text(
-        f'[server]\ntrusted_factories = {{ {case.name} = "benchmarks.scale_models:{case.name}" }}\n'
-        f'state_dir = "{workdir / "state"}"\n'
-        "max_import_bytes = 8589934592\n"
-        # Both cores (the default, 1, keeps a server beside other work): set, not tuned.
-        "torch_threads = 2\n"
-    )
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = (workdir / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "expunge.client.cli", "serve", "--config", str(config),
-         "--port", str(port)],
-        env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )  # fmt: skip
+    server = _Server(workdir / "main", case)
     result: dict[str, Any] = {
         "case": case.name,
         "training_samples": n_train,
@@ -353,8 +442,7 @@ def run(case: Case, workdir: Path) -> dict[str, Any]:
         "recipe": recipe.__dict__,
     }
     try:
-        if not wait_serving(target, server):
-            raise RuntimeError(f"the server did not start; see {workdir / 'server.log'}")
+        target = server.start()
         with Client(target, timeout=3600) as client:
             started = time.perf_counter()
             info = client.import_model(repository, name)
@@ -426,17 +514,14 @@ def run(case: Case, workdir: Path) -> dict[str, Any]:
                 nothing = forgotten
             result["forgets"] = forgets
 
-        result["server_peak_mib"] = _peak_mib(server.pid)
-        result["compute_peak_mib"] = max(
-            [_peak_mib(c) for c in _children(server.pid)] or [math.nan]
-        )
+        result["server_peak_mib"] = server.peak_mib()
+        result["compute_peak_mib"] = server.compute_peak_mib()
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop()
+    if case.references:
+        result["memory_line"] = memory_line(
+            case, workdir, model, states, arrays, result["forgets"][0]["path"]
+        )
     result["seconds"] = time.perf_counter() - began
     return result
 
