@@ -130,6 +130,9 @@ def _preload() -> None:
     # which the first forget paid (most of the expensive case's 2.5 s; BENCHMARKS.md).
     torch.func.grad(lambda w: (w * w).sum())(torch.ones(2))
     torch.func.vmap(torch.func.grad(lambda w: (w * w).sum()))(torch.ones(2, 2))
+    # Forward mode (Hessian-vector products, the Jacobian's check) scripts torch's jvp
+    # decompositions on its first use: 0.3-0.5 s that the first forget paid (py-spy).
+    torch.func.jvp(lambda w: (w * w).sum(), (torch.ones(2),), (torch.ones(2),))
 
 
 def _child_main(conn: Connection, parent: int, threads: int) -> None:

@@ -279,11 +279,16 @@ class ForgetService:
     def _check_leaves_data(self, payload: ForgetPayload) -> None:
         """A forget must leave training data: the update needs the retained objective."""
         store = self.engine.store
-        named = store.present_sample_ids(payload.model, list(payload.sample_ids))
-        for owner in payload.owner_ids:
-            named |= store.sample_ids_of_owner(payload.model, owner)
+        owners = set(payload.owner_ids)
+        # Named samples: the owners' (counted), and the named ids of other owners.
+        present = store.present_sample_ids(payload.model, list(payload.sample_ids))
+        named = sum(store.owner_sample_count(payload.model, owner) for owner in owners)
+        named += sum(
+            1 for owner in store.owners_of(payload.model, sorted(present)).values()
+            if owner not in owners
+        )  # fmt: skip
         remaining = store.sample_count(payload.model)
-        if named and len(named) >= remaining:
+        if named and named >= remaining:
             raise would_empty(payload.model, remaining)
 
     def _training_cost(self, model: str) -> TrainingCost:

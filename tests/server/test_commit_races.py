@@ -93,8 +93,16 @@ def test_forgetting_every_remaining_sample_is_refused_up_front(
     before = client.get_model("digits")
     with pytest.raises(FailedPreconditionError, match=r"remove all \d+ remaining training samples"):
         client.forget("digits", owner_ids=owners, request_id="everything")
-    # Every owner but one, plus a sample of that one, still leaves data: accepted.
-    op = client.forget("digits", owner_ids=owners[1:], request_id="most", wait=True)
+    # Every owner but one, each named twice (by owner and by every sample id), still
+    # leaves data: accepted (a sample named twice counts once).
+    db = sqlite3.connect(state_dir / "expunge.db")
+    theirs = [
+        r[0] for r in db.execute("SELECT sample_id FROM samples WHERE owner_id != ?", (owners[0],))
+    ]
+    db.close()
+    op = client.forget(
+        "digits", owner_ids=owners[1:], sample_ids=theirs, request_id="most", wait=True
+    )
     assert op.state == "SUCCEEDED"
     remaining = client.get_model("digits").num_training_samples
     assert 0 < remaining < before.num_training_samples

@@ -239,11 +239,13 @@ class Store:
             found |= {int(r[0]) for r in rows}
         return found
 
-    def sample_ids_of_owner(self, model: str, owner_id: str) -> set[int]:
+    def owner_sample_count(self, model: str, owner_id: str) -> int:
+        """How many samples ``owner_id`` has in ``model`` (counted on the owner index alone:
+        fetching a large owner's ids took 0.2 s for 24k samples)."""
         rows = self.query(
-            "SELECT sample_id FROM samples WHERE model = ? AND owner_id = ?", (model, owner_id)
+            "SELECT COUNT(*) FROM samples WHERE model = ? AND owner_id = ?", (model, owner_id)
         )
-        return {int(r[0]) for r in rows}
+        return int(rows[0][0])
 
     def owner_known(self, model: str, owner_id: str) -> bool:
         """The owner has samples in ``model``, or had some that were forgotten."""
