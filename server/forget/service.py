@@ -1,7 +1,8 @@
 """Forget: validate and journal a request, then (in the worker) select, update, verify, commit.
 
-The update runs on a scratch copy of the current model; nothing becomes visible
-until one SQLite transaction writes the new version, the rewritten data shard,
+The update runs on a scratch copy of the current model, while the data shard without
+the forgotten rows is staged beside it; nothing becomes visible until one SQLite
+transaction writes the new version, names the rewritten data shard, and writes
 the removed sample rows, the forgotten-id ledger, the request's receipt and the
 audit event together.
 """

@@ -3,7 +3,9 @@
 A blob is written to a temporary file in the same directory, fsynced, renamed to
 its SHA-256 name and the directory fsynced; only then may a database transaction
 reference it. A crash mid-write leaves at most an unreferenced temp file, which
-``collect_garbage`` removes.
+``collect_garbage`` removes. A large blob may be staged first (``stage``: written and
+fsynced under a temporary name in ``tmp/`` while other work runs) and named later
+(``adopt``); collection spares what this process has staged.
 """
 
 from __future__ import annotations
