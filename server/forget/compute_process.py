@@ -58,7 +58,7 @@ class ForgetData:
         mask[self.forget_rows] = True
         features, labels = train["features"], np.asarray(train["labels"])
         return {
-            "forget_x": torch.from_numpy(np.ascontiguousarray(features[np.flatnonzero(mask)])),
+            "forget_x": torch.from_numpy(np.ascontiguousarray(features[mask])),
             "forget_y": torch.from_numpy(labels[mask]),
             "retained_x": torch.from_numpy(weights_io.kept_rows(features, ~mask)),
             "retained_y": torch.from_numpy(labels[~mask]),

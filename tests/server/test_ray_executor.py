@@ -121,38 +121,39 @@ def test_ray_builds_the_same_index_as_the_local_executor(
         ]
 
 
-def _start_build(index: IndexService) -> tuple[threading.Thread, list[BaseException]]:
-    """``index.build("digits")`` in a thread, returned once some ranges are embedded."""
+def _start_rebuild(
+    on_ray: RunningServer,
+) -> tuple[IndexService, threading.Thread, list[BaseException]]:
+    """Once the server's own index is READY: a second service on the same engine and
+    executor (it starts with no embeddings, so its build embeds everything again, as a
+    benchmark times a build), building in a thread, returned once some ranges are in."""
+    assert on_ray.forget.index is not None
+    with Client(on_ray.target, timeout=60) as client:
+        _wait_ready(client)
+    rebuild = IndexService(on_ray.engine, executor=on_ray.forget.index.executor)
     failures: list[BaseException] = []
 
     def build() -> None:
         try:
-            index.build("digits")
+            rebuild.build("digits")
         except BaseException as exc:
             failures.append(exc)
 
     builder = threading.Thread(target=build)
     builder.start()
     deadline = time.monotonic() + 60
-    while index.state("digits").progress == 0.0:
+    while rebuild.state("digits").progress == 0.0:
         assert time.monotonic() < deadline and builder.is_alive(), failures
         time.sleep(0.005)
-    return builder, failures
+    return rebuild, builder, failures
 
 
 def test_a_worker_killed_mid_build_is_restarted_and_the_build_completes_the_same(
     on_ray: RunningServer, in_process: Built
 ) -> None:
-    index = on_ray.forget.index
-    assert index is not None
-    with Client(on_ray.target, timeout=60) as client:
-        _wait_ready(client)
-    executor = index.executor
+    rebuild, builder, failures = _start_rebuild(on_ray)
+    executor = rebuild.executor
     before = executor.worker_pids()  # type: ignore[attr-defined]
-    # A second service on the same engine and executor starts with no embeddings: its
-    # build embeds everything again (how a benchmark times a build, too).
-    rebuild = IndexService(on_ray.engine, executor=executor)
-    builder, failures = _start_build(rebuild)
     # Foreground work pauses the background build between ranges: the kill lands mid-build.
     with on_ray.engine.foreground.running():
         time.sleep(0.5)
@@ -171,13 +172,9 @@ def test_a_worker_killed_mid_build_is_restarted_and_the_build_completes_the_same
 def test_a_lost_cluster_fails_the_build_and_the_next_build_starts_a_new_one(
     on_ray: RunningServer, in_process: Built
 ) -> None:
-    index = on_ray.forget.index
-    assert index is not None
+    rebuild, builder, failures = _start_rebuild(on_ray)
+    executor = rebuild.executor
     with Client(on_ray.target, timeout=60) as client:
-        _wait_ready(client)
-        executor = index.executor
-        rebuild = IndexService(on_ray.engine, executor=executor)
-        builder, failures = _start_build(rebuild)
         with on_ray.engine.foreground.running():  # paused mid-build, as above
             time.sleep(0.5)
             # Ray ends its driver when the cluster is lost: here, the driver process.
