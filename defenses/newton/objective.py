@@ -8,6 +8,7 @@ shares (dtype/device, seeded subsamples, out-of-place steps on a parameter dict)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -188,6 +189,47 @@ class RetainedObjective:
     ) -> None:
         # GN: J_z^T M_z J_z per sample, J_z = d logits / d v, M_z the loss's PSD Hessian in
         # the logits (cross-entropy: diag(p) - p p^T); PSD by design.
+        jac, logits = self._logit_jacobian(v, xb)
+        curvature = task_of(self.model).logit_hessian(logits, yb).to(jac.dtype)  # (B, C, C)
+        weighted = torch.bmm(curvature, jac)  # (B, C, p)
+        p = jac.shape[-1]
+        h += jac.reshape(-1, p).T @ weighted.reshape(-1, p)
+
+    def gauss_newton_factor(
+        self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """F ``(r, p)`` with the Gauss-Newton H_S of J on (x, y) equal to F^T F + lambda I.
+
+        Each sample contributes the rows L_z^T J_z / sqrt(n), L_z L_z^T = M_z (the
+        loss's Hessian in the logits), less the directions in which every sample's M_z
+        vanishes (cross-entropy's uniform shift): r is at most n times the outputs. When
+        r < p the solver works in this r-dimensional space (``solvers``).
+        """
+        v = v.detach()
+        roots, jacobians = [], []
+        for s in self._batches(len(x), batch):
+            jac, logits = self._logit_jacobian(v, x[s])
+            curvature = task_of(self.model).logit_hessian(logits, y[s]).to(jac.dtype)
+            eigenvalues, eigenvectors = torch.linalg.eigh(curvature)  # ascending, (B, C)
+            roots.append((eigenvalues.clamp_min(0.0), eigenvectors))
+            jacobians.append(jac)
+        eigenvalues = torch.cat([e for e, _ in roots])
+        # A direction is dropped only where it is null for every sample, to the rounding
+        # of the largest curvature (eigh's own error): H changes by less than float32's
+        # resolution of its entries.
+        floor = eigenvalues.shape[1] * torch.finfo(eigenvalues.dtype).eps * eigenvalues.max()
+        null = (eigenvalues <= floor).all(dim=0)
+        dropped = int(null.to(torch.int64).cumprod(0).sum())  # leading null directions
+        rows = []
+        for (values, vectors), jac in zip(roots, jacobians, strict=True):
+            root = vectors[:, :, dropped:] * values[:, None, dropped:].sqrt()  # (B, C, k)
+            rows.append(torch.bmm(root.transpose(1, 2), jac).reshape(-1, jac.shape[-1]))
+        return torch.cat(rows) / math.sqrt(len(x))
+
+    def _logit_jacobian(
+        self, v: torch.Tensor, xb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """d logits / d v ``(B, C, p)`` and the logits ``(B, C)`` on one batch."""
         direct = selected_logit_jacobian(
             self.model, lambda w: self.logits(w, xb), v, self.names, self.indices, xb
         )
@@ -201,10 +243,7 @@ class RetainedObjective:
             jac = vmap(jacrev(logits_one), in_dims=(None, 0))(v, xb)
             with torch.no_grad():
                 logits = self.logits(v, xb)
-        curvature = task_of(self.model).logit_hessian(logits, yb).to(jac.dtype)  # (B, C, C)
-        weighted = torch.bmm(curvature, jac)  # (B, C, p)
-        p = jac.shape[-1]
-        h += jac.reshape(-1, p).T @ weighted.reshape(-1, p)
+        return jac, logits
 
     def hvp(
         self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from expunge.server.forget.computation import UnlearningOptions
 from expunge.server.forget.journal import Progress
 from expunge.server.state.store import AuditRow, RequestRow, VersionRow
 from expunge.v1 import expunge_pb2 as pb
+
+_M = TypeVar("_M", pb.ForgetReceipt, pb.RetrainReceipt)
 
 # Tensor dtypes the API accepts, by their wire name.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -134,7 +136,6 @@ def journal_states(states: Iterable[int]) -> list[str]:
 
 def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
     """A journalled request and its live progress as an Operation."""
-    from google.protobuf import json_format
     from google.rpc import code_pb2
 
     state = _STATES[row.state]
@@ -163,18 +164,43 @@ def operation_to_proto(row: RequestRow, progress: Progress) -> pb.Operation:
         )
     if row.state == "SUCCEEDED" and row.result:
         if row.kind == "retrain":
-            op.retrain_receipt.CopyFrom(
-                json_format.ParseDict(
-                    _proto_json(row.result), pb.RetrainReceipt(), ignore_unknown_fields=True
-                )
-            )
+            op.retrain_receipt.CopyFrom(_receipt_proto(row.result, pb.RetrainReceipt()))
         else:
-            op.receipt.CopyFrom(
-                json_format.ParseDict(
-                    _proto_json(row.result), pb.ForgetReceipt(), ignore_unknown_fields=True
-                )
-            )
+            op.receipt.CopyFrom(_receipt_proto(row.result, pb.ForgetReceipt()))
     return op
+
+
+def _receipt_proto(result: dict[str, Any], message: _M) -> _M:
+    """The stored receipt as ``message`` (fields it does not know are left out).
+
+    Its top-level lists of strings (the keyed digests: 24k for one large owner) are
+    copied in whole: json_format converts and checks them one element at a time, 80 ms of
+    a 1 s forget's answer.
+    """
+    fields = message.DESCRIPTOR.fields_by_name
+    strings = {
+        key: value
+        for key, value in result.items()
+        if key in fields
+        and _repeated_string(fields[key])
+        and isinstance(value, list)
+        and all(isinstance(item, str) for item in value)
+    }
+    from google.protobuf import json_format
+
+    rest = {key: value for key, value in result.items() if key not in strings}
+    json_format.ParseDict(_proto_json(rest), message, ignore_unknown_fields=True)
+    for key, value in strings.items():
+        getattr(message, key).extend(value)
+    return message
+
+
+def _repeated_string(field: Any) -> bool:
+    # upb's descriptors (protobuf >= 6) have is_repeated and no label.
+    repeated = (
+        field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    )
+    return bool(repeated and field.type == field.TYPE_STRING)
 
 
 def _proto_json(value: Any) -> Any:

@@ -13,7 +13,8 @@ approximate paths' come from a cost model in units of one sample's forward and b
 pass, derived from the same record: Hessian columns cost a pass per (sample, column), the
 eigendecomposition ``EIGH_S_PER_CUBE`` p^3 (a Gauss-Newton H's Cholesky factorisation
 ``CHOLESKY_S_PER_CUBE`` p^3), each pass over the objective data one unit per
-sample, plus a fixed overhead per forget. The constants were measured on the development
+sample, plus a fixed overhead per forget. A Gauss-Newton H with fewer factor rows than
+parameters is priced as the solver takes it, in the sample space. The constants were measured on the development
 models (digits logistic regression, MLP and CNN; BENCHMARKS.md); the benchmark reports
 estimate beside measurement on every case.
 """
@@ -36,6 +37,12 @@ CHOLESKY_S_PER_CUBE = 1e-11  # torch.linalg.cholesky, float32, one thread (0.8e-
 GAUSS_NEWTON_S_PER_SQUARE = 6e-10  # per sample and p^2 entry (measured 5-7e-10)
 GAUSS_NEWTON_PASSES = 100  # jacobian of the logits per sample, in forward-backward units
 HESSIAN_COPIES = 3  # H, its eigenvectors and the solver's workspace
+# A Gauss-Newton H with fewer factor rows r (samples x outputs) than parameters p is solved
+# in the sample space (solvers.py): F F^T in float64 (twice float32's time per entry) and
+# an r x r Cholesky factorisation in float64 per damping. Its memory per factor entry: F,
+# its float64 copy and the Jacobians it is formed from; plus the r x r matrices.
+LOW_RANK_FLOAT64_COST = 2.0
+LOW_RANK_BYTES_PER_ENTRY = 16
 LCODEC_PASSES = 400  # perturbed copies' forward passes and FOCI, in forward-backward units
 # What a forget costs besides its computation (receipt metrics, child process hand-off,
 # commit), measured through the client on the development cases (BENCHMARKS.md): about
@@ -137,6 +144,8 @@ def estimate_costs(
 ) -> CostEstimates:
     """Cost model of the approximate paths (module docstring); ``evaluated``: samples the
     receipt's metrics pass over (forget, retained and test sets)."""
+    from expunge.defenses.newton.solvers import LOW_RANK_SHARE
+
     p = sum(q.numel() for q in model.parameters())
     classes = _output_width(model)
     objective_n = min(recipe.objective_samples or retained, retained)
@@ -144,14 +153,32 @@ def estimate_costs(
     # Per Newton iteration: a gradient and about two float64 values; plus the gradient norm
     # before, the residuals after and the receipt's two metric passes.
     common = ((3 * recipe.newton_iterations + 3) * objective_n + 2 * evaluated) * unit_s
+    rows = hessian_n * classes  # the Gauss-Newton factor's rows, at most
+
+    def low_rank(k: int) -> bool:
+        return recipe.hessian == "gauss_newton" and rows < LOW_RANK_SHARE * k
 
     def hessian(k: int) -> float:
         if recipe.hessian == "exact":
             return hessian_n * k * unit_s
-        return hessian_n * (k * k * GAUSS_NEWTON_S_PER_SQUARE + classes * 10 * unit_s)
+        jacobian = classes * 10 * unit_s
+        if low_rank(k):
+            return hessian_n * (
+                k * rows * LOW_RANK_FLOAT64_COST * GAUSS_NEWTON_S_PER_SQUARE + jacobian
+            )
+        return hessian_n * (k * k * GAUSS_NEWTON_S_PER_SQUARE + jacobian)
 
     def solve(k: int) -> float:
-        return (EIGH_S_PER_CUBE if recipe.hessian == "exact" else CHOLESKY_S_PER_CUBE) * k**3
+        if recipe.hessian == "exact":
+            return EIGH_S_PER_CUBE * k**3
+        if low_rank(k):
+            return LOW_RANK_FLOAT64_COST * CHOLESKY_S_PER_CUBE * rows**3
+        return CHOLESKY_S_PER_CUBE * k**3
+
+    def hessian_bytes(k: int) -> int:
+        if low_rank(k):
+            return LOW_RANK_BYTES_PER_ENTRY * rows * k + HESSIAN_COPIES * rows * rows * 8
+        return HESSIAN_COPIES * k * k * 4
 
     # The selection's size is known only after the ranking: priced at its largest.
     budget = recipe.largest_selection(p)
@@ -169,7 +196,7 @@ def estimate_costs(
         + common
         + retained * unit_s
         + APPROXIMATE_OVERHEAD_S,
-        hessian_bytes=HESSIAN_COPIES * p * p * 4,
+        hessian_bytes=hessian_bytes(p),
         seconds_per_sample=unit_s,
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -442,6 +443,10 @@ class ForgetService:
             # A string crosses the process boundary; the child computes there too.
             "device": str(engine.device),
         }
+        # The keyed digests (24k HMACs for one large owner) do not depend on the update.
+        digesting = ThreadPoolExecutor(1, thread_name_prefix="expunge-receipt-digests")
+        digests = digesting.submit(named.receipt_fields)
+        digesting.shutdown(wait=False)
         if self.compute is None:
             outcome = unlearn(
                 model=model,
@@ -487,7 +492,7 @@ class ForgetService:
                 **outcome.receipt,
                 "new_version": new_version,
                 "parent_version": row.current_version,
-                **named.receipt_fields(),
+                **digests.result(),
                 "weights_sha256": weights_blob,
                 "environment": environment(engine.device),
                 "seconds": time.perf_counter() - started,

@@ -702,3 +702,61 @@ def test_the_gauss_newton_solver_factors_each_damping_and_refuses_a_singular_one
     singular = torch.zeros(6, 6, dtype=torch.float64)
     solve_singular, *_ = _positive_semidefinite_solver(singular)
     assert solve_singular(g, 0.0) is None
+
+
+def test_the_low_rank_gauss_newton_solver_equals_the_dense_one() -> None:
+    from expunge.defenses.newton.solvers import _low_rank_solver, _positive_semidefinite_solver
+
+    generator = torch.Generator().manual_seed(1)
+    f = torch.randn(5, 12, generator=generator, dtype=torch.float64)  # r = 5 < p = 12
+    g = torch.randn(12, generator=generator, dtype=torch.float64)
+    wd = 1e-3
+    h = f.T @ f + wd * torch.eye(12, dtype=torch.float64)
+    low, low_curvature, low_min, low_scale = _low_rank_solver(f, wd)
+    dense, _, _, dense_scale = _positive_semidefinite_solver(h)
+    assert math.isnan(low_min) and low_scale == pytest.approx(dense_scale, rel=1e-12)
+    for mu in (0.0, 1e-3, 0.1, 10.0):
+        step, expected = low(g, mu), dense(g, mu)
+        assert step is not None and expected is not None
+        assert _rel(step, expected) < 1e-9, mu
+        assert low_curvature(step) == pytest.approx(float(step @ h @ step), rel=1e-12)
+    # Neither weight decay nor damping: H has rank 5 of 12, so no step (mu is raised).
+    undamped, *_ = _low_rank_solver(f, 0.0)
+    assert undamped(g, 0.0) is None
+
+
+def test_the_gauss_newton_factor_reproduces_the_hessian_less_the_softmax_shift(rough_mlp) -> None:
+    from expunge.defenses.newton.objective import RetainedObjective
+
+    model, x, y = rough_mlp
+    everything = ParameterSelection.everything(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    objective = RetainedObjective(model, params, everything, MLP_WD, 1024)
+    rows = x[:30], y[:30]
+    factor = objective.gauss_newton_factor(objective.v0, *rows, batch=16)
+    # Cross-entropy's Hessian in the logits is null along the uniform shift: 9 rows a sample.
+    assert factor.shape == (30 * 9, objective.v0.numel())
+    hessian = objective.hessian(objective.v0, *rows, "gauss_newton", 16)
+    rebuilt = factor.T @ factor + MLP_WD * torch.eye(objective.v0.numel(), dtype=factor.dtype)
+    assert _rel(rebuilt, hessian) < 1e-10
+
+
+def test_a_gauss_newton_step_with_fewer_factor_rows_than_parameters_is_the_damped_solve(
+    rough_mlp,
+) -> None:
+    model, x, y = rough_mlp
+    everything = ParameterSelection.everything(model)  # p = 2,410
+    f, k = slice(0, 10), slice(10, 50)  # 40 retained samples: at most 400 factor rows
+    result = newton_update(
+        model, everything, x[f], y[f], x[k], y[k], MLP_WD, NewtonConfig(hessian="gauss_newton")
+    )
+    j, logits, v = _slice_objective(model, everything, x[k], y[k], MLP_WD)
+    g = torch.autograd.functional.jacobian(j, v)
+    jac = torch.autograd.functional.jacobian(logits, v, vectorize=True)  # (n, C, p)
+    p = torch.softmax(logits(v), dim=1)
+    curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    h = torch.einsum("ncp,ncd,ndq->pq", jac, curvature, jac) / len(p)
+    h += MLP_WD * torch.eye(len(v), dtype=v.dtype)
+    expected = -torch.linalg.solve(h + result.damping * torch.eye(len(v), dtype=v.dtype), g)
+    assert result.iterations == 1
+    assert _rel(result.delta, expected) < 1e-8

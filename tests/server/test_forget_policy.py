@@ -57,6 +57,25 @@ def test_auto_prefers_the_exact_retrain_then_newton_all_then_the_targeted_update
     assert receipt["estimated_retrain_s"] == 100.0 and receipt["estimated_newton_all_s"] == 2.0
 
 
+def test_a_gauss_newton_hessian_of_few_samples_is_priced_in_the_sample_space() -> None:
+    from expunge.defenses.recipe import ForgetRecipe
+    from expunge.server.forget.policy import estimate_costs
+
+    model = build_model(ArchitectureSpec("mlp", (64,), 10, hidden=(256,)), seed=0)
+    p = sum(q.numel() for q in model.parameters())  # 19,210
+    few = ForgetRecipe(selection="all", hessian="gauss_newton", hessian_samples=64)
+    rows = 64 * 10
+    sample_space = estimate_costs(model, few, 10_000, 12_000, 1e-6, 100.0)
+    assert sample_space.hessian_bytes == 16 * rows * p + 3 * rows * rows * 8  # about 0.2 GB
+    exact = estimate_costs(
+        model, ForgetRecipe(selection="all", hessian_samples=64), 10_000, 12_000, 1e-6, 100.0
+    )
+    assert exact.hessian_bytes == 3 * p * p * 4  # the p x p matrix: 4.4 GB
+    # So Newton on every parameter fits the default 1 GiB budget only in the sample space.
+    assert sample_space.hessian_bytes <= PolicySettings().hessian_memory_bytes < exact.hessian_bytes
+    assert sample_space.newton_all_s < exact.newton_all_s
+
+
 def test_the_default_forget_is_an_exact_retrain_when_it_is_cheap(state_dir: Path) -> None:
     running = start(Settings(state_dir=state_dir, port=0, build_index=False))
     try:
