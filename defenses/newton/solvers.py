@@ -27,6 +27,7 @@ from .objective import (
     _with_step,
     retained_gradient_from_full,
 )
+from .sample_space import LOW_RANK_SHARE, factor_rows, sample_space_solver
 
 __all__ = [
     "apply_block_updates",
@@ -94,10 +95,10 @@ def _newton_on_block(
     hx, hy = _subsample(rx, ry, config.hessian_samples, config.seed)
     if (
         config.hessian == "gauss_newton"
-        and _factor_rows(objective, hx) < LOW_RANK_SHARE * v0.numel()
+        and factor_rows(objective, hx) < LOW_RANK_SHARE * v0.numel()
     ):
         factor = objective.gauss_newton_factor(v0, hx, hy, config.hessian_batch)
-        solve, curvature, min_eig, scale = _low_rank_solver(factor, weight_decay)
+        solve, curvature, min_eig, scale = sample_space_solver(factor, weight_decay)
     else:
         h = objective.hessian(v0, hx, hy, config.hessian, config.hessian_batch)
         if config.hessian == "gauss_newton":
@@ -170,64 +171,6 @@ def _positive_semidefinite_solver(h: torch.Tensor) -> tuple[Solver, Curvature, f
         return float(step.double() @ (h @ step).double())
 
     return solve, curvature, math.nan, float(h.diagonal().abs().max())
-
-
-# The Gauss-Newton step is solved in the sample space when the factor has fewer rows than
-# this share of the parameters: measured on one thread with three dampings, the float64
-# sample space and the float32 parameter space take the same time at r = 0.7 p (p = 2,000:
-# 0.21 s each; at r = 0.4 p 0.06 s against 0.22 s).
-LOW_RANK_SHARE = 0.7
-
-
-def _factor_rows(objective: RetainedObjective, x: torch.Tensor) -> int:
-    """The most rows the Gauss-Newton factor of ``x`` can have: samples times outputs."""
-    with torch.no_grad():
-        outputs = objective.logits(objective.v0, x[:1]).reshape(1, -1).shape[1]
-    return len(x) * outputs
-
-
-def _low_rank_solver(
-    f: torch.Tensor, weight_decay: float
-) -> tuple[Solver, Curvature, float, float]:
-    """The Gauss-Newton solver when H = F^T F + lambda I has far fewer factor rows r than
-    parameters p (``LOW_RANK_SHARE``): the same steps, solved in the r-dimensional sample
-    space.
-
-    Woodbury: (F^T F + d I)^{-1} g = (g - F^T (F F^T + d I)^{-1} F g) / d with
-    d = lambda + mu, so each mu is one Cholesky factorisation of an r x r matrix, and the
-    p x p Hessian is never formed (on a 2,502-parameter MLP with 256 samples of 6 classes,
-    r = 1,280: a quarter of the Gram matrix's work and an eighth of each factorisation's).
-    F F^T, the r x r system and the correction are in float64: the correction cancels
-    most of g / d in the directions the data constrains, which would magnify float32's
-    rounding of F F^T by up to |F| / sqrt(d) beyond the dense path's. d = 0 (no weight decay, no
-    damping) leaves H singular (rank r < p): None, so Levenberg-Marquardt raises mu, as
-    the dense factorisation's failure would.
-    """
-    wide = f.double()
-    gram = wide @ wide.T
-    identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    factors: dict[float, torch.Tensor | None] = {}
-
-    def solve(gradient: torch.Tensor, mu: float) -> torch.Tensor | None:
-        d = weight_decay + mu
-        if d <= 0:
-            return None
-        if mu not in factors:
-            factor, info = torch.linalg.cholesky_ex(gram + d * identity)
-            factors[mu] = factor if int(info) == 0 else None
-        factor = factors[mu]
-        if factor is None:
-            return None
-        g = gradient.double()
-        inner = torch.cholesky_solve((wide @ g).unsqueeze(1), factor).squeeze(1)
-        return (-(g - wide.T @ inner) / d).to(gradient.dtype)
-
-    def curvature(step: torch.Tensor) -> float:
-        s = step.double()
-        return float((wide @ s).square().sum() + weight_decay * s.square().sum())
-
-    diagonal = f.square().sum(dim=0) + weight_decay
-    return solve, curvature, math.nan, float(diagonal.abs().max())
 
 
 def newton_update(

@@ -37,11 +37,11 @@ CHOLESKY_S_PER_CUBE = 1e-11  # torch.linalg.cholesky, float32, one thread (0.8e-
 GAUSS_NEWTON_S_PER_SQUARE = 6e-10  # per sample and p^2 entry (measured 5-7e-10)
 GAUSS_NEWTON_PASSES = 100  # jacobian of the logits per sample, in forward-backward units
 HESSIAN_COPIES = 3  # H, its eigenvectors and the solver's workspace
-# A Gauss-Newton H with fewer factor rows r (samples x outputs) than parameters p is solved
-# in the sample space (solvers.py): F F^T in float64 (twice float32's time per entry) and
-# an r x r Cholesky factorisation in float64 per damping. Its memory per factor entry: F,
-# its float64 copy and the Jacobians it is formed from; plus the r x r matrices.
-LOW_RANK_FLOAT64_COST = 2.0
+# A Gauss-Newton H with far fewer factor rows r (samples x outputs) than parameters p is
+# solved in the sample space (defenses/newton/sample_space.py): F F^T and an r x r Cholesky
+# factorisation per damping, in float32, refined in float64. Its memory per factor entry:
+# F, its float64 copy and the Jacobians it is formed from; plus the r x r matrices (in
+# float64 should refinement stall).
 LOW_RANK_BYTES_PER_ENTRY = 16
 LCODEC_PASSES = 400  # perturbed copies' forward passes and FOCI, in forward-backward units
 # What a forget costs besides its computation (receipt metrics, child process hand-off,
@@ -144,7 +144,7 @@ def estimate_costs(
 ) -> CostEstimates:
     """Cost model of the approximate paths (module docstring); ``evaluated``: samples the
     receipt's metrics pass over (forget, retained and test sets)."""
-    from expunge.defenses.newton.solvers import LOW_RANK_SHARE
+    from expunge.defenses.newton.sample_space import LOW_RANK_SHARE
 
     p = sum(q.numel() for q in model.parameters())
     classes = _output_width(model)
@@ -158,22 +158,18 @@ def estimate_costs(
     def low_rank(k: int) -> bool:
         return recipe.hessian == "gauss_newton" and rows < LOW_RANK_SHARE * k
 
+    def width(k: int) -> int:
+        return rows if low_rank(k) else k  # the Gram matrix's side
+
     def hessian(k: int) -> float:
         if recipe.hessian == "exact":
             return hessian_n * k * unit_s
-        jacobian = classes * 10 * unit_s
-        if low_rank(k):
-            return hessian_n * (
-                k * rows * LOW_RANK_FLOAT64_COST * GAUSS_NEWTON_S_PER_SQUARE + jacobian
-            )
-        return hessian_n * (k * k * GAUSS_NEWTON_S_PER_SQUARE + jacobian)
+        return hessian_n * (k * width(k) * GAUSS_NEWTON_S_PER_SQUARE + classes * 10 * unit_s)
 
     def solve(k: int) -> float:
         if recipe.hessian == "exact":
             return EIGH_S_PER_CUBE * k**3
-        if low_rank(k):
-            return LOW_RANK_FLOAT64_COST * CHOLESKY_S_PER_CUBE * rows**3
-        return CHOLESKY_S_PER_CUBE * k**3
+        return CHOLESKY_S_PER_CUBE * width(k) ** 3
 
     def hessian_bytes(k: int) -> int:
         if low_rank(k):

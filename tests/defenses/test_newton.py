@@ -705,14 +705,15 @@ def test_the_gauss_newton_solver_factors_each_damping_and_refuses_a_singular_one
 
 
 def test_the_low_rank_gauss_newton_solver_equals_the_dense_one() -> None:
-    from expunge.defenses.newton.solvers import _low_rank_solver, _positive_semidefinite_solver
+    from expunge.defenses.newton.sample_space import sample_space_solver
+    from expunge.defenses.newton.solvers import _positive_semidefinite_solver
 
     generator = torch.Generator().manual_seed(1)
     f = torch.randn(5, 12, generator=generator, dtype=torch.float64)  # r = 5 < p = 12
     g = torch.randn(12, generator=generator, dtype=torch.float64)
     wd = 1e-3
     h = f.T @ f + wd * torch.eye(12, dtype=torch.float64)
-    low, low_curvature, low_min, low_scale = _low_rank_solver(f, wd)
+    low, low_curvature, low_min, low_scale = sample_space_solver(f, wd)
     dense, _, _, dense_scale = _positive_semidefinite_solver(h)
     assert math.isnan(low_min) and low_scale == pytest.approx(dense_scale, rel=1e-12)
     for mu in (0.0, 1e-3, 0.1, 10.0):
@@ -721,7 +722,7 @@ def test_the_low_rank_gauss_newton_solver_equals_the_dense_one() -> None:
         assert _rel(step, expected) < 1e-9, mu
         assert low_curvature(step) == pytest.approx(float(step @ h @ step), rel=1e-12)
     # Neither weight decay nor damping: H has rank 5 of 12, so no step (mu is raised).
-    undamped, *_ = _low_rank_solver(f, 0.0)
+    undamped, *_ = sample_space_solver(f, 0.0)
     assert undamped(g, 0.0) is None
 
 

@@ -92,17 +92,22 @@ class Transaction:
         forgotten, its owner by keyed digest only."""
         removed = sorted(owner_by_sample)
         key_digest: dict[int, str] = {}
+        # Only a model imported with string sample keys has any to look up (by index).
+        keyed_model = self._db.execute(
+            "SELECT 1 FROM samples WHERE model = ? AND sample_key IS NOT NULL LIMIT 1", (model,)
+        ).fetchone()
         for start in range(0, len(removed), 500):
             chunk = removed[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            keyed = self._db.execute(
-                f"SELECT sample_id, sample_key FROM samples WHERE model = ? "
-                f"AND sample_key IS NOT NULL AND sample_id IN ({marks})",
-                (model, *chunk),
-            ).fetchall()
-            key_digest.update(
-                {int(sid): self._identifiers.digest("sample_key", key) for sid, key in keyed}
-            )
+            if keyed_model is not None:
+                keyed = self._db.execute(
+                    f"SELECT sample_id, sample_key FROM samples WHERE model = ? "
+                    f"AND sample_key IS NOT NULL AND sample_id IN ({marks})",
+                    (model, *chunk),
+                ).fetchall()
+                key_digest.update(
+                    {int(sid): self._identifiers.digest("sample_key", key) for sid, key in keyed}
+                )
             self._db.execute(
                 f"DELETE FROM samples WHERE model = ? AND sample_id IN ({marks})",
                 (model, *chunk),
