@@ -118,12 +118,45 @@ def test_migrating_schema_2_adds_sample_keys_and_keeps_integer_ids(tmp_path: Pat
     db.close()
     store = Store(tmp_path)
     try:
-        assert store.schema_version == 3
+        assert store.schema_version == SCHEMA_VERSION  # through 3 to the latest
         assert store.owners_of("digits", [3]) == {3: "u1"}
         assert store.keys_of("digits", [3]) == {}  # a model named by integers has no keys
         assert store.sample_ids_for_keys("digits", ["3"]) == {}
     finally:
         store.close()
+
+
+def test_migrating_schema_3_keeps_only_keyed_rows_in_the_key_indexes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from expunge.server.state.store.schema import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / "expunge.db")
+    for script in MIGRATIONS[:3]:
+        db.executescript(script)
+    db.execute("INSERT INTO samples VALUES ('keyed', 1, 'u1', 0, 'a-uuid')")
+    db.execute("INSERT INTO samples VALUES ('plain', 1, 'u1', 0, NULL)")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "expunge.db")
+    try:
+        sql = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+        assert "WHERE sample_key IS NOT NULL" in sql["samples_by_key"]
+        assert "WHERE key_sha256 IS NOT NULL" in sql["forgotten_by_key"]
+        # Keys stay unique per model, NULLs are many, and lookups by key use the index.
+        db.execute("INSERT INTO samples VALUES ('plain', 2, 'u1', 0, NULL)")
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("INSERT INTO samples VALUES ('keyed', 2, 'u2', 0, 'a-uuid')")
+        for query in (
+            "SELECT sample_id FROM samples WHERE model = 'keyed' AND sample_key IN ('a-uuid')",
+            "SELECT sample_id FROM forgotten WHERE model = 'keyed' AND key_sha256 IN ('x')",
+        ):
+            plan = " ".join(str(row[-1]) for row in db.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert "_by_key" in plan, plan
+    finally:
+        db.close()
 
 
 def test_a_staged_blob_has_the_digest_of_its_bytes_and_survives_collection_until_named(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # A request in one of these states has ended; its payload keeps no plain identifiers.
 FINAL_REQUEST_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -98,5 +98,15 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX samples_by_key ON samples(model, sample_key);
     ALTER TABLE forgotten ADD COLUMN key_sha256 TEXT;
     CREATE INDEX forgotten_by_key ON forgotten(model, key_sha256);
+    """,
+    # 3 -> 4: the key indexes hold keyed rows only. A model named by integers has no keys,
+    # and every row it forgets (24k for one large owner) left and entered them as NULLs:
+    # 0.04 s of a 0.2 s commit. Lookups by key (=, IN, IS NOT NULL) imply the condition.
+    """
+    DROP INDEX samples_by_key;
+    CREATE UNIQUE INDEX samples_by_key ON samples(model, sample_key)
+        WHERE sample_key IS NOT NULL;
+    DROP INDEX forgotten_by_key;
+    CREATE INDEX forgotten_by_key ON forgotten(model, key_sha256) WHERE key_sha256 IS NOT NULL;
     """,
 ]
