@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .batching import samples_per_pass
 from .gradients import sample_loss
 
 __all__ = [
@@ -59,13 +60,15 @@ def inference(model: nn.Module) -> Iterator[None]:
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Outputs ``(n, C)`` of ``model`` on ``inputs`` ``(n, *shape)``, in batches."""
+    """Outputs ``(n, C)`` of ``model`` on ``inputs`` ``(n, *shape)``, in batches of at most
+    ``batch_size`` and at most ``batching.PASS_BYTES`` of activations."""
     reference = next(model.parameters())
     x = inputs.to(reference.device)
     if x.is_floating_point():
         x = x.to(reference.dtype)
     with inference(model):
-        parts = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        size = samples_per_pass(model, x, batch_size, reference.element_size()) if len(x) else 1
+        parts = [model(x[i : i + size]) for i in range(0, len(x), size)]
     if not parts:
         raise ValueError("need at least one input")
     return torch.cat(parts)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
+from ..batching import activation_floats, samples_per_pass
 from ..gradients import sample_loss
 from ..selection import ParameterSelection
 from ..task import task_of
@@ -74,7 +75,6 @@ class RetainedObjective:
         self.indices = [selection.indices[n].to(params[n].device) for n in self.names]
         self.sizes = [int(idx.numel()) for idx in self.indices]
         self.v0 = selection.gather(params)
-        self._floats_per_sample: int | None = None
 
     def full_params(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every parameter, with the selected entries taken from ``v`` (differentiable)."""
@@ -109,7 +109,8 @@ class RetainedObjective:
             params = {k: _wide(t) for k, t in self.full_params(v).items()}
             buffers = {k: _wide(t) for k, t in self.buffers.items()}
             total = torch.zeros((), dtype=torch.float64, device=v.device)
-            for s in self._batches(len(x), self.batch_size):
+            size = samples_per_pass(self.model, x, self.batch_size, bytes_per_float=8)
+            for s in self._batches(len(x), size):
                 logits = functional_call(self.model, (params, buffers), (_wide(x[s]),))
                 total += sample_loss(self.model, logits, y[s]).sum()
             sq = sum(float((p**2).sum()) for p in params.values())
@@ -119,7 +120,8 @@ class RetainedObjective:
         """sum_i grad_S l(z_i) ``(p,)`` (no regulariser)."""
         gradient_of = grad(self.loss_sum)
         total = torch.zeros_like(v)
-        for s in self._batches(len(x), self.batch_size):
+        size = samples_per_pass(self.model, x, self.batch_size, v.element_size())
+        for s in self._batches(len(x), size):
             total += gradient_of(v.detach(), x[s], y[s])
         return total
 
@@ -165,24 +167,7 @@ class RetainedObjective:
 
     def activation_floats(self, example: torch.Tensor) -> int:
         """Floats one sample's forward pass produces (inputs and every leaf module's outputs)."""
-        if self._floats_per_sample is None:
-            total = int(example[:1].numel())
-
-            def count(module: nn.Module, inputs: object, output: object) -> None:
-                nonlocal total
-                outputs = output if isinstance(output, (tuple, list)) else (output,)
-                total += sum(int(o.numel()) for o in outputs if isinstance(o, torch.Tensor))
-
-            leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
-            hooks = [m.register_forward_hook(count) for m in leaves]
-            try:
-                with torch.no_grad():
-                    self.logits(self.v0, example[:1])
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            self._floats_per_sample = total
-        return self._floats_per_sample
+        return activation_floats(self.model, example)
 
     def _add_gauss_newton(
         self, h: torch.Tensor, v: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
