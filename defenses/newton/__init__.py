@@ -29,8 +29,10 @@ construction: the caller passes the data retained *now*, so n is decremented eac
 
 Modules: ``config`` (``NewtonConfig``, ``NewtonResult``), ``objective`` (J and J', their
 gradients, Hessian and Hessian-vector products on a selection), ``damping``
-(Levenberg-Marquardt, trust region and acceptance), ``solvers`` (direct damped solve,
-Newton-CG, block-coordinate Newton, ``apply_update``).
+(Levenberg-Marquardt, trust region and acceptance), ``sample_space`` (a Gauss-Newton
+H_S = F^T F + lambda I solved through F's r x r Gram matrix when r is well below the
+selection's size), ``solvers`` (direct damped solve, Newton-CG, block-coordinate Newton,
+``apply_update``).
 """
 
 from .config import HESSIAN_MODES, NewtonConfig, NewtonResult
