@@ -38,9 +38,12 @@ def activation_floats(model: nn.Module, example: torch.Tensor) -> int:
         if shape in known:
             return known[shape]
     total = int(example[:1].numel())
+    measuring = threading.get_ident()
 
     def count(module: nn.Module, inputs: object, output: object) -> None:
         nonlocal total
+        if threading.get_ident() != measuring:  # another thread's pass on a shared model
+            return
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         total += sum(int(o.numel()) for o in outputs if isinstance(o, torch.Tensor))
 
