@@ -3,9 +3,10 @@
 ``newton_update`` solves the damped system on a selection directly: an exact H_S through
 one eigendecomposition, a Gauss-Newton H_S through a Cholesky factorisation per damping,
 in the sample space when its factor has far fewer rows than S has entries
-(``sample_space``); ``newton_cg_update`` uses conjugate gradients on Hessian-vector products over every
-parameter; ``block_coordinate_newton`` takes successive direct steps on blocks. None of them
-modifies the model: ``apply_update`` / ``apply_block_updates`` write the steps.
+(``sample_space``); ``newton_cg_update`` uses conjugate gradients on Hessian-vector
+products over every parameter; ``block_coordinate_newton`` takes successive direct steps
+on blocks. None of them modifies the model: ``apply_update`` / ``apply_block_updates``
+write the steps.
 """
 
 from __future__ import annotations

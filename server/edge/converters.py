@@ -177,6 +177,8 @@ def _receipt_proto(result: dict[str, Any], message: _M) -> _M:
     copied in whole: json_format converts and checks them one element at a time, 80 ms of
     a 1 s forget's answer.
     """
+    from google.protobuf import json_format
+
     fields = message.DESCRIPTOR.fields_by_name
     strings = {
         key: value
@@ -186,8 +188,6 @@ def _receipt_proto(result: dict[str, Any], message: _M) -> _M:
         and isinstance(value, list)
         and all(isinstance(item, str) for item in value)
     }
-    from google.protobuf import json_format
-
     rest = {key: value for key, value in result.items() if key not in strings}
     json_format.ParseDict(_proto_json(rest), message, ignore_unknown_fields=True)
     for key, value in strings.items():

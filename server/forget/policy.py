@@ -13,10 +13,10 @@ approximate paths' come from a cost model in units of one sample's forward and b
 pass, derived from the same record: Hessian columns cost a pass per (sample, column), the
 eigendecomposition ``EIGH_S_PER_CUBE`` p^3 (a Gauss-Newton H's Cholesky factorisation
 ``CHOLESKY_S_PER_CUBE`` p^3), each pass over the objective data one unit per
-sample, plus a fixed overhead per forget. A Gauss-Newton H with fewer factor rows than
-parameters is priced as the solver takes it, in the sample space. The constants were measured on the development
-models (digits logistic regression, MLP and CNN; BENCHMARKS.md); the benchmark reports
-estimate beside measurement on every case.
+sample, plus a fixed overhead per forget. A Gauss-Newton H with far fewer factor rows than
+parameters is priced as the solver takes it, in the sample space. The constants were
+measured on the development models (digits logistic regression, MLP and CNN;
+BENCHMARKS.md); the benchmark reports estimate beside measurement on every case.
 """
 
 from __future__ import annotations
