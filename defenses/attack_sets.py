@@ -26,6 +26,8 @@ the calibration inputs) it is uniform, whatever the model.
 ``attack_set`` names the training samples to remove for a set of confirmed targets: the
 union of each target's top proponents, and of the samples ``shared_proponents`` finds the
 targets of one class leaning on together, each member with the reasons it was named.
+``cluster_members`` completes it from the training side: a backdoor's poisons beyond every
+target's top proponents still sit with the named ones, apart from the rest of their class.
 Everything here is pure computation on tensors/arrays; the confirmation (retraining or
 a Newton removal without the set, against an equal-size random control) is the
 caller's.
@@ -51,9 +53,12 @@ __all__ = [
     "COMBINATIONS",
     "AttackSetMember",
     "ClassShape",
+    "ClusterSpace",
     "attack_set",
     "class_outlier_z",
     "class_shapes",
+    "cluster_members",
+    "cluster_space",
     "combined_p_values",
     "conformal_p_values",
     "group_direction_z",
@@ -61,7 +66,13 @@ __all__ = [
     "random_control",
     "shared_proponents",
     "top_proponents",
+    "with_cluster",
 ]
+
+# Input features wider than this are randomly projected to it before a class's covariance
+# is formed for ``cluster_members`` (Johnson-Lindenstrauss: distances and the discriminant
+# survive; a 3,072-wide image's covariance per class would not fit the purpose).
+CLUSTER_DIMENSIONS = 256
 
 
 def conformal_p_values(clean_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -263,11 +274,19 @@ class AttackSetMember:
     influence_z: float  # its largest standardised influence over those inputs
     class_outlier_z: float
     shared_z: float = math.nan  # combined z over the inputs of its class (shared_proponents)
+    cluster_z: float = math.nan  # joined by cluster_members: its smallest z over the spaces
 
     def reason(self) -> str:
         inputs = ", ".join(str(t) for t in self.targets[:5]) + (
             " ..." if len(self.targets) > 5 else ""
         )
+        if self.best_rank == 0:  # not a top proponent: joined by cluster_members
+            return (
+                f"not a top proponent: sits with the set's members of its class (z at least "
+                f"{self.cluster_z:.2f} along their direction, in the model's representation "
+                f"and in the input features), named for input(s) {inputs}; class-outlier z "
+                f"{self.class_outlier_z:.2f}"
+            )
         shared = (
             f"; shared: combined influence z {self.shared_z:.2f} over the inputs of its class"
             if math.isfinite(self.shared_z)
@@ -367,3 +386,124 @@ def attack_set(
         )
     ordered = sorted(members.values(), key=lambda m: (m.best_rank, -len(m.targets), m.index))
     return ordered
+
+
+class ClusterSpace(NamedTuple):
+    """Training samples in one feature space for ``cluster_members``: ``features`` ``(n, d)``
+    float64 and each class's ``ClassShape``."""
+
+    features: torch.Tensor
+    shapes: dict[int, ClassShape]
+
+
+def cluster_space(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> ClusterSpace:
+    """``features`` ``(n, *shape)`` flattened, projected to ``CLUSTER_DIMENSIONS`` by a
+    seeded Gaussian matrix when wider, with every class's shape."""
+    flat = features.reshape(len(features), -1).double()
+    if flat.shape[1] > CLUSTER_DIMENSIONS:
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(
+            flat.shape[1], CLUSTER_DIMENSIONS, generator=generator, dtype=torch.float64
+        )
+        flat = flat @ projection / math.sqrt(CLUSTER_DIMENSIONS)
+    return ClusterSpace(flat, class_shapes(flat, labels))
+
+
+def _along_group(space: ClusterSpace, label: int, group: torch.Tensor) -> dict[int, float]:
+    """Robust z of each member of class ``label`` along the group's Fisher direction in its
+    class (as ``group_direction_z``), centred and scaled on the class's other members."""
+    shape = space.shapes.get(label)
+    if shape is None:
+        return {}
+    difference = space.features[group].mean(dim=0) - shape.centre
+    if not float(difference.norm()) > 0:
+        return {}
+    direction = torch.cholesky_solve(difference.unsqueeze(1), shape.factor).squeeze(1)
+    projections = ((space.features[shape.members] - shape.centre) @ direction).numpy()
+    others = ~np.isin(shape.members.numpy(), group.numpy())
+    if others.sum() < 2:
+        return {}
+    middle = float(np.median(projections[others]))
+    scale = MAD_CONSISTENCY * float(np.median(np.abs(projections[others] - middle)))
+    if not scale > 0 or not math.isfinite(scale):
+        return {}
+    z = (projections - middle) / scale
+    return dict(zip(shape.members.tolist(), z.tolist(), strict=True))
+
+
+def cluster_members(
+    spaces: Sequence[ClusterSpace],
+    labels: torch.Tensor,
+    named: torch.Tensor,
+    family_error: float = 0.05,
+    min_z: float = 3.0,
+    min_group: int = 3,
+    max_rounds: int = 10,
+) -> dict[int, float]:
+    """Training samples that sit with an attack set's named members in their class.
+
+    ``spaces``: the training samples in each feature space (``cluster_space``; the server
+    passes the model's penultimate representations and the input features); ``labels``
+    ``(n,)``; ``named`` ``(k,)``: the set's rows. For each label with at least
+    ``min_group`` named members, every other member of the class gets its robust z along
+    the named members' Fisher direction against the class (centred and scaled on the
+    class's unnamed members), in every space; it joins when each z passes Bonferroni's cut
+    over the class (``family_error`` for the class if the z were standard normal, never
+    below ``min_z``). Both spaces must agree: on the development attacks the
+    representation alone also took the clean near-duplicates of targeted poisoning's
+    targets. The joined samples are named in turn and the direction refitted, until no
+    sample joins (three rounds at most on the development attacks; ``max_rounds`` bounds
+    it). Returns ``{row: its smallest z over the spaces when it joined}``.
+    """
+    if not spaces:
+        return {}
+    group = {int(i) for i in named.tolist()}
+    joined: dict[int, float] = {}
+    for _ in range(max_rounds):
+        added: dict[int, float] = {}
+        rows = torch.tensor(sorted(group), dtype=torch.long)
+        for label in torch.unique(labels[rows]).tolist() if rows.numel() else []:
+            members = rows[labels[rows] == label]
+            if members.numel() < min_group:
+                continue
+            size = int((labels == label).sum())
+            cut = max(min_z, NormalDist().inv_cdf(1.0 - family_error / size))
+            per_space = [_along_group(space, int(label), members) for space in spaces]
+            if any(not z for z in per_space):
+                continue
+            for row in per_space[0]:
+                if row in group:
+                    continue
+                smallest = min(z[row] for z in per_space)
+                if smallest >= cut:
+                    added[row] = smallest
+        if not added:
+            break
+        joined.update(added)
+        group.update(added)
+    return joined
+
+
+def with_cluster(
+    members: list[AttackSetMember],
+    joined: Mapping[int, float],
+    labels: torch.Tensor,
+    outlier_z: torch.Tensor,
+) -> list[AttackSetMember]:
+    """``members`` followed by the ``cluster_members`` they brought in (strongest first),
+    each naming the inputs behind the members of its class."""
+    targets_of: dict[int, set[int]] = {}
+    for member in members:
+        targets_of.setdefault(int(labels[member.index]), set()).update(member.targets)
+    extra = [
+        AttackSetMember(
+            row,
+            tuple(sorted(targets_of.get(int(labels[row]), set()))),
+            0,
+            math.nan,
+            float(outlier_z[row]),
+            cluster_z=z,
+        )
+        for row, z in sorted(joined.items(), key=lambda item: (-item[1], item[0]))
+    ]
+    return members + extra

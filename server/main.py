@@ -264,6 +264,7 @@ def _start_serving(
                     outlier_space=settings.scan_outlier_space,
                     combination=settings.scan_combination,
                     shared_proponents=settings.scan_shared_proponents,
+                    cluster_completion=settings.scan_cluster_completion,
                     mitigation_rule=settings.scan_mitigation_rule,
                 ),
                 metrics,

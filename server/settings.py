@@ -140,6 +140,13 @@ class Settings:
             "class lean on together (combined influence z; see BENCHMARKS.md)"
         },
     )
+    scan_cluster_completion: bool = field(
+        default=True,
+        metadata={
+            "help": "Scan's attack set also takes the samples that sit with its members in "
+            "their class, in the representation and the input features (see BENCHMARKS.md)"
+        },
+    )
     scan_mitigation_rule: str = field(
         default="majority",
         metadata={

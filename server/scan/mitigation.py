@@ -4,7 +4,12 @@ The attack set is the union of the flagged inputs' top proponents that stand out
 test side (influence z) or the training side (class-outlier z), and, with the
 ``shared_proponents`` option, of the samples the flagged inputs of one class lean on
 together (their Stouffer-combined influence z past a class-wide Bonferroni cut: a
-backdoor's poisons beyond any one input's top 10) (``attack_sets``). Its removal (a
+backdoor's poisons beyond any one input's top 10) (``attack_sets``). With cluster
+completion (the default) it then takes the samples of its classes that sit with its
+members along their direction in both the representation and the input features
+(``cluster_members``): the poisons no flagged input ranked in its top 10. The widening
+never decides: it is tried only on a confirmed set and kept only when its own removal
+changes at least as many flagged inputs and passes its own random control. Its removal (a
 retrain or Newton removal on a scratch copy, as the per-input confirmation) is measured
 against two controls: an equal-size random set with the same labels, and the matched
 control, the set the same rule names for the clean calibration inputs that look most
@@ -21,16 +26,19 @@ reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from expunge.defenses.attack_sets import (
     AttackSetMember,
+    ClusterSpace,
     attack_set,
+    cluster_members,
     random_control,
     shared_proponents,
+    with_cluster,
 )
 from expunge.server.engine import Engine
 from expunge.server.errors import FailedPrecondition
@@ -61,6 +69,24 @@ class Suspect:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A confirmed set widened by ``cluster_members``, and its own confirmation."""
+
+    added: int  # samples that joined
+    affected: int  # flagged inputs the widened set's removal changes
+    control_affected: int  # ... that its equal-size random control's removal changes
+    kept: bool  # it changes at least as many as the confirmed set, and passes the control
+
+    def sentence(self) -> str:
+        verdict = "forgetting the widened set" if self.kept else "keeping the confirmed set"
+        return (
+            f"; {self.added} more samples sit with its members in their class (representation "
+            f"and input features): removing the widened set changes {self.affected} flagged "
+            f"inputs, its random control {self.control_affected}: {verdict}"
+        )
+
+
+@dataclass(frozen=True)
 class MitigationPlan:
     members: list[AttackSetMember]
     targets: int
@@ -71,6 +97,8 @@ class MitigationPlan:
     rule: str = "majority"
     analogues: int = 0  # clean calibration inputs in the matched control
     analogues_affected: int = 0  # ... that removing their own rule-named set changes
+    # The confirmed set widened by cluster_members; members include the widening where kept.
+    completion: Completion | None = None
 
     def decision(self) -> str:
         if not self.members:
@@ -92,12 +120,15 @@ class MitigationPlan:
             f"{self.analogues_affected} of them"
             + (" (allowed below half the flagged share)" if self.rule == "matched" else "")
         )
+        completion = self.completion
+        named = len(self.members) - (completion.added if completion and completion.kept else 0)
         return (
-            f"attack set of {len(self.members)} samples (the union of the flagged inputs' top "
+            f"attack set of {named} samples (the union of the flagged inputs' top "
             f"{self.size} proponents that stand out); removing it changes {self.affected} of "
-            f"{self.targets} flagged inputs (needed {needed}); removing {len(self.members)} "
+            f"{self.targets} flagged inputs (needed {needed}); removing {named} "
             f"random samples with the same labels changes {self.control_affected} (allowed "
             f"below a quarter of {self.affected}){matched}: {verdict}"
+            + (self.completion.sentence() if self.completion is not None else "")
         )
 
 
@@ -118,6 +149,7 @@ class Mitigator:
         size: int,
         shared: bool = False,
         rule: str = "majority",
+        cluster: Callable[[str], Sequence[ClusterSpace]] | None = None,
     ) -> None:
         self.engine = engine
         self.forget = forget  # mitigation submits through it and awaits the outcome
@@ -126,6 +158,9 @@ class Mitigator:
         self.size = size  # top-k proponents per suspect that may join the attack set
         self.shared = shared  # samples the suspects of one class lean on together join too
         self.rule = rule  # majority or matched (module docstring)
+        # The current version's training samples in the spaces cluster_members compares
+        # them in (None: the set is not completed from the training side).
+        self.cluster = cluster
 
     def plan(
         self,
@@ -172,6 +207,13 @@ class Mitigator:
             confirmed = corroborated and 2 * clean_affected * len(suspects) < affected * max(
                 len(clean), 1
             )
+        completion = None
+        if confirmed:
+            completion = self._complete(model, suspects, members, affected, calibration, outliers)
+            if completion is not None and completion.kept:
+                members = with_cluster(
+                    members, self._joined(model, members), torch.as_tensor(data.labels), outliers
+                )
         return MitigationPlan(
             members,
             len(suspects),
@@ -182,7 +224,43 @@ class Mitigator:
             self.rule,
             len(clean),
             clean_affected,
+            completion,
         )
+
+    def _joined(self, model: str, members: list[AttackSetMember]) -> dict[int, float]:
+        """``cluster_members`` of a named set (empty without cluster completion)."""
+        if self.cluster is None or not members:
+            return {}
+        labels = torch.as_tensor(self.engine.training_data(model).labels)
+        named = torch.tensor([m.index for m in members], dtype=torch.long)
+        return cluster_members(self.cluster(model), labels, named)
+
+    def _complete(
+        self,
+        model: str,
+        suspects: list[Suspect],
+        members: list[AttackSetMember],
+        affected: int,
+        calibration: Calibration,
+        outliers: torch.Tensor,
+    ) -> Completion | None:
+        """The confirmed set widened by the samples that sit with it in their class, kept
+        only when its removal changes at least as many flagged inputs and its own random
+        control passes. The widening never decides a mitigation: a set is forgotten only
+        when the narrow one was confirmed. Deciding on the widened set would have forgotten
+        60 samples of a clean synthetic model: the widening took 21 more clean samples to
+        the refused 39, whose removal then changed all 5 flagged inputs (the random control
+        none)."""
+        joined = self._joined(model, members)
+        if not joined:
+            return None
+        labels = torch.as_tensor(self.engine.training_data(model).labels)
+        removed = torch.tensor([m.index for m in members] + sorted(joined), dtype=torch.long)
+        widened = self._changed(model, suspects, removed, calibration)
+        control = random_control(labels, removed, CONTROL_SEED)
+        control_affected = self._changed(model, suspects, control, calibration)
+        kept = widened >= affected and 4 * control_affected < widened
+        return Completion(len(joined), widened, control_affected, kept)
 
     def _named(
         self, model: str, suspects: list[Suspect], outliers: torch.Tensor

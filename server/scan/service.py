@@ -36,8 +36,10 @@ import torch
 
 from expunge.defenses.attack_sets import (
     ClassShape,
+    ClusterSpace,
     class_outlier_z,
     class_shapes,
+    cluster_space,
     combined_p_values,
     conformal_p_values,
     group_direction_z,
@@ -109,12 +111,15 @@ class ScanService:
             self.settings.proponents_per_target,
             self.settings.shared_proponents,
             self.settings.mitigation_rule,
+            self._cluster_spaces if self.settings.cluster_completion else None,
         )
         self._cache_lock = threading.Lock()
         # (model, version, component) -> clean calibration scores of one component score.
         self._clean: dict[tuple[str, int, str], np.ndarray] = {}
         # model -> (version, its training side: representations, class-outlier z, shapes).
         self._outliers: dict[str, tuple[int, TrainingSide]] = {}
+        # model -> (version, its training samples in cluster_members' two spaces).
+        self._clusters: dict[str, tuple[int, tuple[ClusterSpace, ...]]] = {}
 
     # Influence -------------------------------------------------------------------------
 
@@ -182,6 +187,25 @@ class ScanService:
         with self._cache_lock:
             self._outliers[model] = (snapshot.version, side)
         return side
+
+    def _cluster_spaces(self, model: str) -> tuple[ClusterSpace, ...]:
+        """The current version's training samples in the model's representation and in the
+        input features (``cluster_members``), computed once per version when a plan needs
+        them."""
+        snapshot = self.engine.snapshot(model)
+        with self._cache_lock:
+            cached = self._clusters.get(model)
+        if cached is not None and cached[0] == snapshot.version:
+            return cached[1]
+        data = self.engine.training_data(model)
+        labels = torch.as_tensor(data.labels)
+        spaces = (
+            cluster_space(self._training_side(model).representations, labels),
+            cluster_space(torch.as_tensor(data.features), labels),
+        )
+        with self._cache_lock:
+            self._clusters[model] = (snapshot.version, spaces)
+        return spaces
 
     def _class_outlier_z(
         self, representations: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
@@ -722,7 +746,8 @@ class ScanService:
         confirmation_s = expected * confirm_s
         mitigation_s = 0.0
         if mitigate or dry_run:  # the attack set's removal, its random and matched controls
-            mitigation_s = 3 * confirm_s
+            # (and the widened set's removal and control, with cluster completion)
+            mitigation_s = (5 if settings.cluster_completion else 3) * confirm_s
         if mitigate:  # the forget, then the rescan against the new version's reference
             metrics = self.engine.version_row(model, 0).metrics
             forget_s = max(float(metrics.get("training_seconds", 0.0)), confirm_s)

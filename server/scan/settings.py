@@ -103,6 +103,15 @@ class ScanSettings:
             "clean samples on a clean model: BENCHMARKS.md)"
         },
     )
+    cluster_completion: bool = field(
+        default=True,
+        metadata={
+            "help": "the attack set also takes the samples of its classes that sit with "
+            "its members, past a class-wide Bonferroni cut along their direction in both "
+            "the representation and the input features (attack_sets.cluster_members; "
+            "chosen on the development attacks: BENCHMARKS.md)"
+        },
+    )
     combination: str = field(
         default="fisher",
         metadata={

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from expunge.defenses.attack_sets import (
+    CLUSTER_DIMENSIONS,
+    AttackSetMember,
     attack_set,
     class_outlier_z,
     class_shapes,
+    cluster_members,
+    cluster_space,
     combined_p_values,
     conformal_p_values,
     group_direction_z,
@@ -20,6 +24,7 @@ from expunge.defenses.attack_sets import (
     random_control,
     shared_proponents,
     top_proponents,
+    with_cluster,
 )
 from expunge.defenses.targets import qn_scale
 
@@ -228,3 +233,85 @@ def test_shared_proponents_are_stouffer_combined_per_predicted_label() -> None:
     assert "combined influence z" in joined.reason()
     plain = next(i for i in (1, 2) if i not in shared)
     assert math.isnan(by_index[plain].shared_z) and "combined" not in by_index[plain].reason()
+
+
+def _planted(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two classes of 200 in 6 dimensions; 20 members of class 1 share a shift along
+    axis 2 (a trigger), the rest are Gaussian."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, 6, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    x[200:220, 2] += 8.0
+    return x, labels, torch.arange(200, 220)
+
+
+def test_cluster_members_against_an_explicit_computation() -> None:
+    x, labels, planted = _planted(11)
+    named = planted[:8]
+    space = cluster_space(x, labels)
+    joined = cluster_members([space], labels, named, max_rounds=1)
+    rows = x[200:].numpy()
+    centre = rows.mean(axis=0)
+    covariance = np.cov(rows, rowvar=False)
+    covariance += np.eye(6) * 1e-6 * np.trace(covariance) / 6
+    direction = np.linalg.solve(covariance, x[named].numpy().mean(axis=0) - centre)
+    projected = (rows - centre) @ direction
+    others = np.ones(200, dtype=bool)
+    others[:8] = False
+    middle = np.median(projected[others])
+    scale = 1.4826 * np.median(np.abs(projected[others] - middle))
+    cut = max(3.0, NormalDist().inv_cdf(1 - 0.05 / 200))
+    z = (projected - middle) / scale
+    expected = {200 + i: float(z[i]) for i in range(8, 200) if z[i] >= cut}
+    assert expected.keys() == joined.keys()
+    for row, value in expected.items():
+        assert joined[row] == pytest.approx(value, rel=1e-9)
+
+
+def test_cluster_members_complete_a_planted_group_and_nothing_else() -> None:
+    x, labels, planted = _planted(12)
+    spaces = [cluster_space(x, labels), cluster_space(x * 3.0 + 1.0, labels)]
+    joined = cluster_members(spaces, labels, planted[:6])
+    assert set(joined) == set(planted[6:].tolist())  # the rest of the group, no clean member
+    # A random group of clean members has no direction to complete: the cut is
+    # Bonferroni's over the class at 5%, so about 2 of 40 such groups take anyone.
+    generator = torch.Generator().manual_seed(0)
+    completed = sum(
+        bool(cluster_members(spaces, labels, torch.randperm(180, generator=generator)[:10] + 220))
+        for _ in range(40)
+    )
+    assert completed <= 5
+
+
+def test_cluster_members_need_every_space_and_enough_named_members() -> None:
+    x, labels, planted = _planted(13)
+    blind = x.clone()
+    blind[200:220, 2] -= 8.0  # in this space the group is not planted
+    both = [cluster_space(x, labels), cluster_space(blind, labels)]
+    assert cluster_members(both, labels, planted[:6]) == {}
+    assert cluster_members([both[0]], labels, planted[:2]) == {}  # below min_group
+    assert cluster_members([], labels, planted[:6]) == {}
+
+
+def test_cluster_space_projects_wide_inputs_deterministically() -> None:
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(30, 3, 16, 16, generator=generator)
+    labels = torch.tensor([0, 1] * 15)
+    first = cluster_space(images, labels, seed=2)
+    assert first.features.shape == (30, CLUSTER_DIMENSIONS)
+    assert torch.equal(first.features, cluster_space(images, labels, seed=2).features)
+    narrow = cluster_space(images[:, :1, :4, :4], labels)
+    assert torch.equal(narrow.features, images[:, :1, :4, :4].reshape(30, -1).double())
+    assert set(first.shapes) == {0, 1}
+
+
+def test_with_cluster_appends_the_joined_samples_with_their_reason() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1, 1])
+    outlier_z = torch.arange(6, dtype=torch.float64)
+    members = [AttackSetMember(2, (7,), 1, 4.0, 2.0), AttackSetMember(3, (8, 7), 2, 3.5, 3.0)]
+    out = with_cluster(members, {5: 4.2, 4: 6.0}, labels, outlier_z)
+    assert out[:2] == members
+    assert [m.index for m in out[2:]] == [4, 5]  # strongest first
+    assert out[2].targets == (7, 8) and out[2].best_rank == 0 and out[2].cluster_z == 6.0
+    assert "not a top proponent" in out[2].reason() and "6.00" in out[2].reason()
+    assert "top-1 proponent" in members[0].reason()
