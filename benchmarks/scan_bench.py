@@ -456,6 +456,10 @@ def _plan_counts(plan: Any) -> dict[str, int]:
         "control_affected",
         "clean_analogues",
         "clean_analogues_affected",
+        "completion_added",
+        "completion_affected",
+        "completion_control_affected",
+        "completion_kept",
     )
     return {f"plan_{name}": int(getattr(plan, name)) if plan is not None else 0 for name in fields}
 

@@ -242,6 +242,10 @@ class Mitigation:
     clean_analogues: int = 0  # clean calibration inputs in the matched control
     clean_analogues_affected: int = 0  # ... that removing their own rule-named set changes
     sample_keys: tuple[str, ...] = ()  # the attack set's string ids, when it has them
+    completion_added: int = 0  # samples cluster completion added to the confirmed set
+    completion_affected: int = 0  # flagged inputs the widened set's removal changes
+    completion_control_affected: int = 0  # ... that its random control's removal changes
+    completion_kept: bool = False  # the widened set is the one forgotten (or would be)
 
 
 @dataclass(frozen=True)

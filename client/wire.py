@@ -217,6 +217,10 @@ def scan_result(msg: pb.ScanResult) -> t.ScanResult:
             m.clean_analogues,
             m.clean_analogues_affected,
             tuple(m.sample_keys),
+            m.completion_added,
+            m.completion_affected,
+            m.completion_control_affected,
+            m.completion_kept,
         )
         if msg.HasField("mitigation")
         else None,

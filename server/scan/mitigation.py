@@ -132,6 +132,18 @@ class MitigationPlan:
         )
 
 
+def _completion_fields(completion: Completion | None) -> dict[str, object]:
+    """The Mitigation message's completion fields (zeros where nothing was widened)."""
+    if completion is None:
+        return {}
+    return {
+        "completion_added": completion.added,
+        "completion_affected": completion.affected,
+        "completion_control_affected": completion.control_affected,
+        "completion_kept": completion.kept,
+    }
+
+
 def _affected(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor, drop: float) -> int:
     rows = torch.arange(len(labels))
     fell = before[rows, labels] - after[rows, labels] >= drop
@@ -329,6 +341,7 @@ class Mitigator:
             "control_affected": plan.control_affected,
             "clean_analogues": plan.analogues,
             "clean_analogues_affected": plan.analogues_affected,
+            **_completion_fields(plan.completion),
             "decision": plan.decision(),
         }
         after: dict[int, tuple[int, float, float]] = {}

@@ -413,6 +413,43 @@ def test_shared_proponents_widen_the_planned_attack_set_and_say_why(
     assert poison[sorted(widened.sample_ids)].mean() >= 0.9
 
 
+def test_cluster_completion_widens_a_confirmed_set_with_the_poisons_it_missed(
+    backdoored_state: Path, attack: AttackedDataset, tmp_path: Path
+) -> None:
+    # Cluster completion (the default): a confirmed set also takes the samples that sit
+    # with its members in their class; the widened set is planned only when its own
+    # removal changes at least as many flagged inputs and passes its own random control.
+    targets = attack.target_x.numpy().astype(np.float32)
+    plans = {}
+    for completion in (False, True):
+        state = tmp_path / f"state-{completion}"
+        shutil.copytree(backdoored_state, state)
+        settings = Settings(
+            state_dir=state, port=0, build_index=False, scan_cluster_completion=completion
+        )
+        running = start(settings)
+        try:
+            with Client(running.target, timeout=600) as client:
+                results = list(client.scan("bd", targets, dry_run=True))
+                plans[completion] = next(r for r in results if r.flagged).mitigation
+        finally:
+            running.stop(0)
+    narrow, widened = plans[False], plans[True]
+    assert narrow is not None and widened is not None and "confirmed" in narrow.decision
+    assert narrow.completion_added == 0 and not narrow.completion_kept
+    assert widened.completion_added > 0, "the premise: the top proponents missed poisons"
+    assert widened.completion_kept, widened.decision
+    assert widened.completion_affected >= widened.targets_affected
+    assert 4 * widened.completion_control_affected < widened.completion_affected
+    assert set(narrow.sample_ids) < set(widened.sample_ids)
+    added = sorted(set(widened.sample_ids) - set(narrow.sample_ids))
+    assert len(added) == widened.completion_added
+    assert f"{widened.completion_added} more samples sit with its members" in widened.decision
+    poison = attack.poison_mask.numpy()
+    assert poison[added].all()  # every sample it added is a poison
+    assert poison[sorted(widened.sample_ids)].sum() > poison[sorted(narrow.sample_ids)].sum()
+
+
 def test_the_matched_control_applies_the_attack_set_rule_to_the_most_moved_clean_inputs(
     scan_server: object, attack: AttackedDataset
 ) -> None:

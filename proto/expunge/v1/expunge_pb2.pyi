@@ -582,7 +582,7 @@ class ImplicatedSample(_message.Message):
     def __init__(self, sample_id: _Optional[int] = ..., owner_id: _Optional[str] = ..., label: _Optional[int] = ..., influence: _Optional[float] = ..., z: _Optional[float] = ..., class_outlier_z: _Optional[float] = ..., reason: _Optional[str] = ..., sample_key: _Optional[str] = ...) -> None: ...
 
 class Mitigation(_message.Message):
-    __slots__ = ("operation", "new_version", "predicted_label_after", "prediction_changed", "test_accuracy_before", "test_accuracy_after", "applied", "dry_run", "sample_ids", "targets", "targets_affected", "control_affected", "target_score_after", "p_value_after", "decision", "clean_analogues", "clean_analogues_affected", "sample_keys")
+    __slots__ = ("operation", "new_version", "predicted_label_after", "prediction_changed", "test_accuracy_before", "test_accuracy_after", "applied", "dry_run", "sample_ids", "targets", "targets_affected", "control_affected", "target_score_after", "p_value_after", "decision", "clean_analogues", "clean_analogues_affected", "sample_keys", "completion_added", "completion_affected", "completion_control_affected", "completion_kept")
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LABEL_AFTER_FIELD_NUMBER: _ClassVar[int]
@@ -601,6 +601,10 @@ class Mitigation(_message.Message):
     CLEAN_ANALOGUES_FIELD_NUMBER: _ClassVar[int]
     CLEAN_ANALOGUES_AFFECTED_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_ADDED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_CONTROL_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_KEPT_FIELD_NUMBER: _ClassVar[int]
     operation: str
     new_version: int
     predicted_label_after: int
@@ -619,7 +623,11 @@ class Mitigation(_message.Message):
     clean_analogues: int
     clean_analogues_affected: int
     sample_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, operation: _Optional[str] = ..., new_version: _Optional[int] = ..., predicted_label_after: _Optional[int] = ..., prediction_changed: _Optional[bool] = ..., test_accuracy_before: _Optional[float] = ..., test_accuracy_after: _Optional[float] = ..., applied: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., targets: _Optional[int] = ..., targets_affected: _Optional[int] = ..., control_affected: _Optional[int] = ..., target_score_after: _Optional[float] = ..., p_value_after: _Optional[float] = ..., decision: _Optional[str] = ..., clean_analogues: _Optional[int] = ..., clean_analogues_affected: _Optional[int] = ..., sample_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    completion_added: int
+    completion_affected: int
+    completion_control_affected: int
+    completion_kept: bool
+    def __init__(self, operation: _Optional[str] = ..., new_version: _Optional[int] = ..., predicted_label_after: _Optional[int] = ..., prediction_changed: _Optional[bool] = ..., test_accuracy_before: _Optional[float] = ..., test_accuracy_after: _Optional[float] = ..., applied: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., sample_ids: _Optional[_Iterable[int]] = ..., targets: _Optional[int] = ..., targets_affected: _Optional[int] = ..., control_affected: _Optional[int] = ..., target_score_after: _Optional[float] = ..., p_value_after: _Optional[float] = ..., decision: _Optional[str] = ..., clean_analogues: _Optional[int] = ..., clean_analogues_affected: _Optional[int] = ..., sample_keys: _Optional[_Iterable[str]] = ..., completion_added: _Optional[int] = ..., completion_affected: _Optional[int] = ..., completion_control_affected: _Optional[int] = ..., completion_kept: _Optional[bool] = ...) -> None: ...
 
 class ScanResult(_message.Message):
     __slots__ = ("index", "predicted_label", "target_score", "threshold", "flagged", "counterfactual_drop", "implicated", "mitigation", "model_version", "p_value", "influence_p_value", "group_outlier_z", "control_drop", "drop_threshold", "decision")
