@@ -8,7 +8,8 @@ its estimate is at most ``approximate_time_share`` of the retrain's; otherwise t
 update. Every estimate goes into the receipt, chosen or not.
 
 Estimates are in seconds on this machine. The retrain's comes from the model's last
-measured training time, scaled by the samples it will train on (``TrainingCost``). The
+measured training time, scaled by the samples it will train on (``TrainingCost``), plus
+the passes the path makes besides training (the gradient norms and the receipt's metrics). The
 approximate paths' come from a cost model in units of one sample's forward and backward
 pass, derived from the same record: Hessian columns cost a pass per (sample, column), the
 eigendecomposition ``EIGH_S_PER_CUBE`` p^3 (a Gauss-Newton H's Cholesky factorisation
@@ -183,8 +184,12 @@ def estimate_costs(
         recipe.ranking_newton_iterations * (recipe.ranking_cg_iterations * 3 * ranking_n)
         + LCODEC_PASSES
     ) * unit_s
+    # The retrain path's own passes besides training: the served model's gradient norm,
+    # the trained model's residual on every retained sample and the receipt's two metric
+    # passes (a record of an imported model's timed SGD steps holds none of them).
+    retrain_passes = (objective_n + retained + 2 * evaluated) * unit_s
     return CostEstimates(
-        retrain_s=retrain_s + RETRAIN_OVERHEAD_S,
+        retrain_s=retrain_s + retrain_passes + RETRAIN_OVERHEAD_S,
         newton_all_s=hessian(p) + solve(p) + common + APPROXIMATE_OVERHEAD_S,
         targeted_s=ranking
         + hessian(budget)

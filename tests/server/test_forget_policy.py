@@ -76,6 +76,25 @@ def test_a_gauss_newton_hessian_of_few_samples_is_priced_in_the_sample_space() -
     assert sample_space.newton_all_s < exact.newton_all_s
 
 
+def test_the_retrain_estimate_counts_the_passes_the_path_makes_besides_training() -> None:
+    # Training's record (or an imported model's timed SGD steps) holds none of the retrain
+    # path's gradient norms and metric passes; the Newton paths' estimates do hold theirs.
+    from expunge.defenses.recipe import ForgetRecipe
+    from expunge.server.forget.policy import RETRAIN_OVERHEAD_S, estimate_costs
+
+    model = build_model(ArchitectureSpec("mlp", (64,), 10, hidden=(32,)), seed=0)
+    unit = 1e-4
+    whole = estimate_costs(model, ForgetRecipe(), 5_000, 6_200, unit, 40.0)
+    passes = (5_000 + 5_000 + 2 * 6_200) * unit  # norm before, residual after, two metrics
+    assert whole.retrain_s == pytest.approx(40.0 + passes + RETRAIN_OVERHEAD_S)
+    subsampled = estimate_costs(
+        model, ForgetRecipe(objective_samples=512), 5_000, 6_200, unit, 40.0
+    )
+    assert subsampled.retrain_s == pytest.approx(
+        40.0 + (512 + 5_000 + 2 * 6_200) * unit + RETRAIN_OVERHEAD_S
+    )
+
+
 def test_the_default_forget_is_an_exact_retrain_when_it_is_cheap(state_dir: Path) -> None:
     running = start(Settings(state_dir=state_dir, port=0, build_index=False))
     try:
