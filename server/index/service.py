@@ -56,6 +56,9 @@ from expunge.server.index.layers import embedded_param_names
 from expunge.server.state.store import ArtefactRow
 
 log = logging.getLogger("expunge.server.index")
+# Training samples the build embeds in this process to warm the query side (_warm_queries):
+# a few, since each costs a sample's embedding (17 ms on the CNN below).
+WARM_UP_ROWS = 4
 ARTEFACT = "gradient_index"
 PROJECTION_DIM = 128
 MAX_K = 1000
@@ -396,6 +399,7 @@ class IndexService:
         except EmbeddingStopped:
             return self.state(model)
         index = _faiss_index(embedded, kind, version)
+        self._warm_queries(model, embedded.embedder)
         store = self.engine.store
         with store.write_lock:
             # Samples forgotten while we embedded must not enter the index.
@@ -441,6 +445,20 @@ class IndexService:
             },
         )
         return self.state(model)
+
+    def _warm_queries(self, model: str, embedder: GradientEmbedder) -> None:
+        """Embed one batch of training samples in this process before the index is READY.
+
+        Neighbors and Scan embed their inputs here with the build's embedder. A build whose
+        shards were embedded elsewhere (Ray workers) leaves this process cold, and the first
+        queries paid its warm-up: 64 Neighbors queries took 5.9 s, then 1.9 s, then 1.1 s
+        against 0.9 s each after a local build (1,500 CIFAR-shaped images, 532k parameters).
+        """
+        data = self.engine.training_data(model)
+        rows = min(len(data.labels), WARM_UP_ROWS)
+        if rows:
+            x = torch.from_numpy(np.ascontiguousarray(data.features[:rows]))
+            embedder.embed(x, torch.from_numpy(np.asarray(data.labels[:rows])))
 
     # Forgetting -------------------------------------------------------------------------
 

@@ -134,3 +134,51 @@ def test_the_worker_embeds_the_stored_shard_as_the_servers_embedder(engine: Engi
     assert worker._current[1].projectors is first.projectors  # type: ignore[index]
     with pytest.raises(ShardUnreadable, match="gone"):
         worker.embed([spec], spec.digest, path + ".gone", 0, 8, None)
+
+
+class _Elsewhere:
+    """Embeds every range with a worker's own embedder, as a Ray actor would."""
+
+    def __init__(self) -> None:
+        self.worker = EmbeddingWorker()
+
+    def embed(
+        self, job: EmbeddingJob, ranges: list[tuple[int, int]], before_each: object
+    ) -> Iterator[object]:
+        from expunge.server.executors.base import EmbeddedRows
+
+        assert job.stored is not None
+        spec = job.stored.spec
+        for first, stop in ranges:
+            block = self.worker.embed([spec], spec.digest, job.stored.path, first, stop, job.which)
+            yield EmbeddedRows(first, stop, torch.from_numpy(block))
+
+    def prepare(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_build_embedded_elsewhere_warms_the_serving_embedder_before_ready(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Queries are embedded in the serving process: a build whose rows were embedded by
+    # workers leaves it cold, so the build embeds a few rows here before the index is READY.
+    from expunge.server.index.service import WARM_UP_ROWS
+
+    calls: list[tuple[int, int]] = []
+    original = GradientEmbedder.embed
+
+    def recording(self: GradientEmbedder, inputs: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append((id(self), len(inputs)))
+        return original(self, inputs, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GradientEmbedder, "embed", recording)
+    index = IndexService(engine, executor=_Elsewhere())  # type: ignore[arg-type]
+    assert index.build("digits").state == "READY"
+    serving = index._loaded["digits"].embedder
+    here = [rows for owner, rows in calls if owner == id(serving)]
+    assert here == [WARM_UP_ROWS]  # the warm-up, and nothing else of the build
+    n = len(engine.training_data("digits").labels)
+    assert sum(rows for owner, rows in calls if owner != id(serving)) == n  # the workers'
