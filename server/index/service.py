@@ -63,6 +63,9 @@ ARTEFACT = "gradient_index"
 PROJECTION_DIM = 128
 MAX_K = 1000
 RETRY_UNAVAILABLE_S = 5.0
+# A build that found no cluster tries again on its own after RETRY_UNAVAILABLE_S, then
+# doubling waits up to this: a cluster that comes back gets its index without a query.
+RETRY_UNAVAILABLE_MAX_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,7 @@ class IndexService:
             self._threads.append(thread)
 
     def _build_guarded(self, model: str) -> None:
+        wait = RETRY_UNAVAILABLE_S
         while not self._stopping.is_set():
             with self._lock:
                 if model not in self._wanted:
@@ -337,15 +341,21 @@ class IndexService:
             try:
                 self.build(model)
             except Unavailable as exc:
-                # Its cluster is unreachable or lost: said without a trace; the next
-                # Neighbors call asks for another try (``_retry_build``).
+                # Its cluster is unreachable or lost: said without a trace, and tried
+                # again after a wait that doubles each time (a stop ends the wait).
                 log.warning(
-                    "building the index of %s failed: %s",
+                    "building the index of %s failed: %s; trying again in %.0f s",
                     model,
                     exc.message,
+                    wait,
                     extra={"event": "index_build_unavailable", "model": model},
                 )
                 self._failed(model, exc.message, unavailable=True)
+                if self._stopping.wait(wait):
+                    break
+                wait = min(2 * wait, RETRY_UNAVAILABLE_MAX_S)
+                with self._lock:
+                    self._wanted.add(model)
             except Exception:
                 log.exception("building the index of %s failed", model)
                 self._failed(model, None, unavailable=False)
@@ -363,7 +373,8 @@ class IndexService:
         )
 
     def _retry_build(self, model: str) -> None:
-        """Build again unless a build runs or the last try is recent."""
+        """Build again unless a build runs (or waits to try again) or the last try is
+        recent."""
         now = time.monotonic()
         with self._lock:
             recent = now - self._retried.get(model, -math.inf) < RETRY_UNAVAILABLE_S
@@ -519,8 +530,9 @@ class IndexService:
             loaded = self._loaded.get(model)
         state = self.state(model, row.current_version)
         if state.unavailable:
-            # The last build found no cluster: a query asks again (at most every
-            # RETRY_UNAVAILABLE_S); a loaded index answers meanwhile, stale.
+            # The last build found no cluster: its thread tries again on its own; a query
+            # asks for a try where no thread is left (at most every RETRY_UNAVAILABLE_S).
+            # A loaded index answers meanwhile, stale.
             self._retry_build(model)
         if loaded is None and state.unavailable:
             raise Unavailable(f"the gradient index of models/{model} is absent: {state.message}")

@@ -182,3 +182,61 @@ def test_a_build_embedded_elsewhere_warms_the_serving_embedder_before_ready(
     assert here == [WARM_UP_ROWS]  # the warm-up, and nothing else of the build
     n = len(engine.training_data("digits").labels)
     assert sum(rows for owner, rows in calls if owner != id(serving)) == n  # the workers'
+
+
+class _ClusterDownTwice(LocalExecutor):
+    """Unreachable for the first two builds, then embeds here."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def embed(self, job: EmbeddingJob, ranges: list[tuple[int, int]], before_each: object):  # type: ignore[no-untyped-def,override]
+        from expunge.server.errors import Unavailable
+
+        self.attempts += 1
+        if self.attempts <= 2:
+            raise Unavailable("the Ray cluster at test:1 is unreachable (down)")
+        return super().embed(job, ranges, before_each)  # type: ignore[arg-type]
+
+
+def test_a_build_that_found_no_cluster_tries_again_on_its_own(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from expunge.server.index import service
+
+    monkeypatch.setattr(service, "RETRY_UNAVAILABLE_S", 0.05)
+    executor = _ClusterDownTwice()
+    index = IndexService(engine, executor=executor)  # type: ignore[arg-type]
+    try:
+        index.build_in_background("digits")
+        deadline = time.monotonic() + 60
+        seen_unavailable = False
+        while (state := index.state("digits")).state != "READY":
+            seen_unavailable |= state.unavailable and "unreachable" in state.message
+            assert time.monotonic() < deadline, state
+            time.sleep(0.01)
+        assert executor.attempts == 3 and seen_unavailable  # no query asked for the retries
+        assert not index.state("digits").unavailable
+    finally:
+        index.stop()
+
+
+def test_a_stop_ends_the_wait_before_the_next_try(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from expunge.server.index import service
+
+    monkeypatch.setattr(service, "RETRY_UNAVAILABLE_S", 3600.0)
+    executor = _ClusterDownTwice()
+    index = IndexService(engine, executor=executor)  # type: ignore[arg-type]
+    index.build_in_background("digits")
+    deadline = time.monotonic() + 60
+    while not index.state("digits").unavailable:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert index.stop(timeout=30)  # the waiting thread ended: it did not sit out the hour
+    assert executor.attempts == 1
