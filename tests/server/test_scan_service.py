@@ -7,6 +7,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -383,28 +384,41 @@ def test_the_outlier_space_setting_measures_class_outlier_z_where_it_says(
         load_settings(env={}, scan_outlier_space="pixels")
 
 
+def _dry_run_plans(
+    backdoored_state: Path, targets: np.ndarray, tmp_path: Path, **variants: dict[str, Any]
+) -> dict[str, Any]:
+    """Each variant's mitigation plan of a dry run on a copy of the backdoored state,
+    served with the variant's settings."""
+    plans = {}
+    for name, overrides in variants.items():
+        state = tmp_path / f"state-{name}"
+        shutil.copytree(backdoored_state, state)
+        running = start(Settings(state_dir=state, port=0, build_index=False, **overrides))
+        try:
+            with Client(running.target, timeout=600) as client:
+                results = list(client.scan("bd", targets, dry_run=True))
+                assert client.get_model("bd").current_version == 1
+                plans[name] = next(r for r in results if r.flagged).mitigation
+        finally:
+            running.stop(0)
+    return plans
+
+
 def test_shared_proponents_widen_the_planned_attack_set_and_say_why(
     backdoored_state: Path, attack: AttackedDataset, tmp_path: Path
 ) -> None:
     # scan_shared_proponents: the plan also names the samples the flagged inputs of one
     # class lean on together; the default plan's members stay (the members' reasons are
-    # checked in tests/defenses/test_attack_sets.py).
+    # checked in tests/defenses/test_attack_sets.py). Cluster completion off in both.
     targets = attack.target_x.numpy().astype(np.float32)
-    plans = {}
-    for shared in (False, True):
-        state = tmp_path / f"state-{shared}"
-        shutil.copytree(backdoored_state, state)
-        running = start(
-            Settings(state_dir=state, port=0, build_index=False, scan_shared_proponents=shared)
-        )
-        try:
-            with Client(running.target, timeout=600) as client:
-                results = list(client.scan("bd", targets, dry_run=True))
-                assert client.get_model("bd").current_version == 1
-                plans[shared] = next(r for r in results if r.flagged)
-        finally:
-            running.stop(0)
-    plain, widened = plans[False].mitigation, plans[True].mitigation
+    plans = _dry_run_plans(
+        backdoored_state,
+        targets,
+        tmp_path,
+        plain={"scan_shared_proponents": False, "scan_cluster_completion": False},
+        shared={"scan_shared_proponents": True, "scan_cluster_completion": False},
+    )
+    plain, widened = plans["plain"], plans["shared"]
     assert plain is not None and widened is not None
     assert set(plain.sample_ids) <= set(widened.sample_ids)
     added = set(widened.sample_ids) - set(plain.sample_ids)
@@ -420,21 +434,14 @@ def test_cluster_completion_widens_a_confirmed_set_with_the_poisons_it_missed(
     # with its members in their class; the widened set is planned only when its own
     # removal changes at least as many flagged inputs and passes its own random control.
     targets = attack.target_x.numpy().astype(np.float32)
-    plans = {}
-    for completion in (False, True):
-        state = tmp_path / f"state-{completion}"
-        shutil.copytree(backdoored_state, state)
-        settings = Settings(
-            state_dir=state, port=0, build_index=False, scan_cluster_completion=completion
-        )
-        running = start(settings)
-        try:
-            with Client(running.target, timeout=600) as client:
-                results = list(client.scan("bd", targets, dry_run=True))
-                plans[completion] = next(r for r in results if r.flagged).mitigation
-        finally:
-            running.stop(0)
-    narrow, widened = plans[False], plans[True]
+    plans = _dry_run_plans(
+        backdoored_state,
+        targets,
+        tmp_path,
+        narrow={"scan_cluster_completion": False},
+        widened={"scan_cluster_completion": True},
+    )
+    narrow, widened = plans["narrow"], plans["widened"]
     assert narrow is not None and widened is not None and "confirmed" in narrow.decision
     assert narrow.completion_added == 0 and not narrow.completion_kept
     assert widened.completion_added > 0, "the premise: the top proponents missed poisons"
