@@ -73,6 +73,7 @@ __all__ = [
 # is formed for ``cluster_members`` (Johnson-Lindenstrauss: distances and the discriminant
 # survive; a 3,072-wide image's covariance per class would not fit the purpose).
 CLUSTER_DIMENSIONS = 256
+PROJECTION_ROWS = 4096  # rows projected at once
 
 
 def conformal_p_values(clean_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -399,13 +400,20 @@ class ClusterSpace(NamedTuple):
 def cluster_space(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> ClusterSpace:
     """``features`` ``(n, *shape)`` flattened, projected to ``CLUSTER_DIMENSIONS`` by a
     seeded Gaussian matrix when wider, with every class's shape."""
-    flat = features.reshape(len(features), -1).double()
+    flat = features.reshape(len(features), -1)
     if flat.shape[1] > CLUSTER_DIMENSIONS:
         generator = torch.Generator().manual_seed(seed)
-        projection = torch.randn(
-            flat.shape[1], CLUSTER_DIMENSIONS, generator=generator, dtype=torch.float64
+        projection = torch.randn(flat.shape[1], CLUSTER_DIMENSIONS, generator=generator)
+        projection /= math.sqrt(CLUSTER_DIMENSIONS)
+        # In float32 blocks of rows: a float64 copy of 50,000 CIFAR images would be 1.2 GB.
+        flat = torch.cat(
+            [
+                (flat[start : start + PROJECTION_ROWS].float() @ projection).double()
+                for start in range(0, len(flat), PROJECTION_ROWS)
+            ]
         )
-        flat = flat @ projection / math.sqrt(CLUSTER_DIMENSIONS)
+    else:
+        flat = flat.double()
     return ClusterSpace(flat, class_shapes(flat, labels))
 
 
