@@ -28,8 +28,8 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from expunge.defenses.targets import (
 )
 from expunge.defenses.training import TrainConfig
 from expunge.server.device import module_on
-from expunge.server.engine import Engine
+from expunge.server.engine import Engine, ModelSnapshot
 from expunge.server.errors import FailedPrecondition, invalid_field
 from expunge.server.forget.service import ForgetService
 from expunge.server.index.service import IndexService
@@ -76,6 +76,7 @@ from expunge.server.state.store import ArtefactRow
 from expunge.server.telemetry.metrics import ServerMetrics
 
 CALIBRATION = "scan_calibration"
+Cached = TypeVar("Cached")
 CHUNK = 32
 
 
@@ -164,48 +165,57 @@ class ScanService:
     def _weight_decay(self, model: str) -> float:
         return TrainConfig.from_dict(self.engine.model_row(model).train_config).weight_decay
 
+    def _per_version(
+        self,
+        cache: dict[str, tuple[int, Cached]],
+        model: str,
+        compute: Callable[[ModelSnapshot], Cached],
+    ) -> Cached:
+        """``compute(snapshot)`` of the current version, kept in ``cache`` until it moves."""
+        snapshot = self.engine.snapshot(model)
+        with self._cache_lock:
+            cached = cache.get(model)
+        if cached is not None and cached[0] == snapshot.version:
+            return cached[1]
+        value = compute(snapshot)
+        with self._cache_lock:
+            cache[model] = (snapshot.version, value)
+        return value
+
     def _training_side(self, model: str) -> TrainingSide:
         """The current version's training samples as the training-side evidence sees them,
         computed once per version."""
-        snapshot = self.engine.snapshot(model)
-        with self._cache_lock:
-            cached = self._outliers.get(model)
-        if cached is not None and cached[0] == snapshot.version:
-            return cached[1]
-        data = self.engine.training_data(model)
-        # One pass over the training set, on the engine's device; the result is on the CPU.
-        representations = penultimate_features(
-            module_on(snapshot.module, self.engine.device), data.features
-        )
-        side = TrainingSide(
-            representations,
-            self._class_outlier_z(representations, data.features, data.labels),
-            class_shapes(representations, data.labels)
-            if self.settings.training_evidence == "direction"
-            else None,
-        )
-        with self._cache_lock:
-            self._outliers[model] = (snapshot.version, side)
-        return side
+
+        def compute(snapshot: ModelSnapshot) -> TrainingSide:
+            data = self.engine.training_data(model)
+            # One pass over the training set, on the engine's device; the result is on the CPU.
+            representations = penultimate_features(
+                module_on(snapshot.module, self.engine.device), data.features
+            )
+            return TrainingSide(
+                representations,
+                self._class_outlier_z(representations, data.features, data.labels),
+                class_shapes(representations, data.labels)
+                if self.settings.training_evidence == "direction"
+                else None,
+            )
+
+        return self._per_version(self._outliers, model, compute)
 
     def _cluster_spaces(self, model: str) -> tuple[ClusterSpace, ...]:
         """The current version's training samples in the model's representation and in the
         input features (``cluster_members``), computed once per version when a plan needs
         them."""
-        snapshot = self.engine.snapshot(model)
-        with self._cache_lock:
-            cached = self._clusters.get(model)
-        if cached is not None and cached[0] == snapshot.version:
-            return cached[1]
-        data = self.engine.training_data(model)
-        labels = torch.as_tensor(data.labels)
-        spaces = (
-            cluster_space(self._training_side(model).representations, labels),
-            cluster_space(torch.as_tensor(data.features), labels),
-        )
-        with self._cache_lock:
-            self._clusters[model] = (snapshot.version, spaces)
-        return spaces
+
+        def compute(_: ModelSnapshot) -> tuple[ClusterSpace, ...]:
+            data = self.engine.training_data(model)
+            labels = torch.as_tensor(data.labels)
+            return (
+                cluster_space(self._training_side(model).representations, labels),
+                cluster_space(torch.as_tensor(data.features), labels),
+            )
+
+        return self._per_version(self._clusters, model, compute)
 
     def _class_outlier_z(
         self, representations: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
