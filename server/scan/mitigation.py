@@ -72,10 +72,14 @@ class Suspect:
 class Completion:
     """A confirmed set widened by ``cluster_members``, and its own confirmation."""
 
-    added: int  # samples that joined
+    joined: dict[int, float]  # training row -> its z when it joined (cluster_members)
     affected: int  # flagged inputs the widened set's removal changes
     control_affected: int  # ... that its equal-size random control's removal changes
     kept: bool  # it changes at least as many as the confirmed set, and passes the control
+
+    @property
+    def added(self) -> int:
+        return len(self.joined)
 
     def sentence(self) -> str:
         verdict = "forgetting the widened set" if self.kept else "keeping the confirmed set"
@@ -223,9 +227,8 @@ class Mitigator:
         if confirmed:
             completion = self._complete(model, suspects, members, affected, calibration, outliers)
             if completion is not None and completion.kept:
-                members = with_cluster(
-                    members, self._joined(model, members), torch.as_tensor(data.labels), outliers
-                )
+                labels = torch.as_tensor(data.labels)
+                members = with_cluster(members, completion.joined, labels, outliers)
         return MitigationPlan(
             members,
             len(suspects),
@@ -238,14 +241,6 @@ class Mitigator:
             clean_affected,
             completion,
         )
-
-    def _joined(self, model: str, members: list[AttackSetMember]) -> dict[int, float]:
-        """``cluster_members`` of a named set (empty without cluster completion)."""
-        if self.cluster is None or not members:
-            return {}
-        labels = torch.as_tensor(self.engine.training_data(model).labels)
-        named = torch.tensor([m.index for m in members], dtype=torch.long)
-        return cluster_members(self.cluster(model), labels, named)
 
     def _complete(
         self,
@@ -263,16 +258,19 @@ class Mitigator:
         60 samples of a clean synthetic model: the widening took 21 more clean samples to
         the refused 39, whose removal then changed all 5 flagged inputs (the random control
         none)."""
-        joined = self._joined(model, members)
-        if not joined:
+        if self.cluster is None or not members:
             return None
         labels = torch.as_tensor(self.engine.training_data(model).labels)
-        removed = torch.tensor([m.index for m in members] + sorted(joined), dtype=torch.long)
+        named = [m.index for m in members]
+        joined = cluster_members(self.cluster(model), labels, torch.tensor(named))
+        if not joined:
+            return None
+        removed = torch.tensor(named + sorted(joined), dtype=torch.long)
         widened = self._changed(model, suspects, removed, calibration)
         control = random_control(labels, removed, CONTROL_SEED)
         control_affected = self._changed(model, suspects, control, calibration)
         kept = widened >= affected and 4 * control_affected < widened
-        return Completion(len(joined), widened, control_affected, kept)
+        return Completion(joined, widened, control_affected, kept)
 
     def _named(
         self, model: str, suspects: list[Suspect], outliers: torch.Tensor
