@@ -225,17 +225,35 @@ def group_direction_z(
     shape = (shapes or class_shapes(representations, labels)).get(int(label))
     if shape is None or group.numel() == 0:
         return 0.0
-    difference = representations[group].double().mean(dim=0) - shape.centre
-    if not float(difference.norm()) > 0:
+    direction = _fisher_direction(representations, shape, group)
+    if direction is None:
         return 0.0
-    direction = torch.cholesky_solve(difference.unsqueeze(1), shape.factor).squeeze(1)
     projections = ((representations[shape.members].double() - shape.centre) @ direction).numpy()
-    middle = float(np.median(projections))
-    scale = MAD_CONSISTENCY * float(np.median(np.abs(projections - middle)))
-    if not scale > 0 or not math.isfinite(scale):
+    spread = _median_and_mad(projections)
+    if spread is None:
         return 0.0
+    middle, scale = spread
     group_projection = ((representations[group].double() - shape.centre) @ direction).numpy()
     return float((np.median(group_projection) - middle) / scale)
+
+
+def _fisher_direction(
+    features: torch.Tensor, shape: ClassShape, group: torch.Tensor
+) -> torch.Tensor | None:
+    """``S^-1 (group mean - class mean)`` ``(d,)`` float64; None for a group at the mean."""
+    difference = features[group].double().mean(dim=0) - shape.centre
+    if not float(difference.norm()) > 0:
+        return None
+    return torch.cholesky_solve(difference.unsqueeze(1), shape.factor).squeeze(1)
+
+
+def _median_and_mad(values: np.ndarray) -> tuple[float, float] | None:
+    """The median and the normal-consistent MAD scale; None without spread."""
+    middle = float(np.median(values))
+    scale = MAD_CONSISTENCY * float(np.median(np.abs(values - middle)))
+    if not scale > 0 or not math.isfinite(scale):
+        return None
+    return middle, scale
 
 
 def group_outlier_z(outlier_z: torch.Tensor, members: torch.Tensor) -> float:
@@ -423,18 +441,15 @@ def _along_group(space: ClusterSpace, label: int, group: torch.Tensor) -> dict[i
     shape = space.shapes.get(label)
     if shape is None:
         return {}
-    difference = space.features[group].mean(dim=0) - shape.centre
-    if not float(difference.norm()) > 0:
+    direction = _fisher_direction(space.features, shape, group)
+    if direction is None:
         return {}
-    direction = torch.cholesky_solve(difference.unsqueeze(1), shape.factor).squeeze(1)
     projections = ((space.features[shape.members] - shape.centre) @ direction).numpy()
     others = ~np.isin(shape.members.numpy(), group.numpy())
-    if others.sum() < 2:
+    spread = _median_and_mad(projections[others]) if others.sum() >= 2 else None
+    if spread is None:
         return {}
-    middle = float(np.median(projections[others]))
-    scale = MAD_CONSISTENCY * float(np.median(np.abs(projections[others] - middle)))
-    if not scale > 0 or not math.isfinite(scale):
-        return {}
+    middle, scale = spread
     z = (projections - middle) / scale
     return dict(zip(shape.members.tolist(), z.tolist(), strict=True))
 
